@@ -1,0 +1,64 @@
+"""PyTorch eager backend: diffusers' modules on a device and dtype, with fastsd's attention kernels."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from . import register_backend
+
+log = logging.getLogger("fastsd")
+
+
+@register_backend("torch")
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, model, config):
+        self.device = torch.device(config.device)
+        self.dtype = config.torch_dtype
+        # fp16 VAEs overflow into NaN at SD sizes (diffusers' force_upcast); keep the VAE in fp32 then.
+        self.vae_dtype = torch.float32 if self.dtype == torch.float16 and config.upcast_vae else self.dtype
+        self.text_encoder = model.text_encoder.to(self.device, self.dtype)
+        self.unet_module = model.unet.to(self.device, self.dtype)
+        self.vae = model.vae.to(self.device, self.vae_dtype)
+        if model.safety_checker is not None and config.safety_checker:
+            model.safety_checker.to(self.device)
+        self.applied: list[str] = []
+        self.attention = self._install_kernels(config)
+        if config.channels_last:
+            self.unet_module.to(memory_format=torch.channels_last)
+            self.applied.append("channels_last")
+
+    def _install_kernels(self, config) -> str:
+        try:
+            from fastsd import kernels
+        except ImportError:  # kernels are part of the package; this guards a broken install only
+            log.warning("fastsd.kernels is not importable; using diffusers' default attention")
+            return "diffusers-default"
+        if not hasattr(kernels, "install_attention"):  # TEMP while kernels land
+            return "diffusers-default"
+        name = kernels.install_attention(self.unet_module, config.attention, device=self.device, dtype=self.dtype)
+        kernels.install_attention(self.vae, name, device=self.device, dtype=self.vae_dtype)
+        if config.fused_ops:
+            self.applied += kernels.apply_fused_ops(self.unet_module, self.vae, self.device, self.dtype)
+        return name
+
+    @torch.inference_mode()
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        mask = None  # SD's text encoders take no attention mask (use_attention_mask is unset)
+        return self.text_encoder(input_ids.to(self.device), attention_mask=mask)[0]
+
+    @torch.inference_mode()
+    def unet(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.unet_module(sample.to(self.dtype), timestep, encoder_hidden_states=encoder_hidden_states.to(
+            self.dtype), return_dict=False)[0]
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents.to(self.vae_dtype), return_dict=False)[0]
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+                "vae_dtype": str(self.vae_dtype).replace("torch.", ""), "attention": self.attention,
+                "applied": self.applied}

@@ -1,0 +1,175 @@
+"""The denoising loop, backend-neutral: prompt -> tokens -> embeddings -> scheduler loop (UNet with
+classifier-free guidance batched into one call) -> VAE decode -> safety check -> PIL images.
+
+It follows diffusers' StableDiffusionPipeline step for step, so that in FP32 on the CPU it gives the
+same images for the same seeds; a backend (fastsd.backends) decides how the three networks run."""
+from __future__ import annotations
+
+import inspect
+import logging
+import random
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from diffusers.image_processor import VaeImageProcessor
+from tqdm.auto import tqdm
+
+from . import validation as check
+from .errors import FastSDError
+from .schedulers import make_scheduler, scheduler_name
+
+log = logging.getLogger("fastsd")
+
+
+class NonFiniteOutput(FastSDError):
+    """NaN or inf in latents or images: usually fp16 overflow; fp32 (or bf16) avoids it."""
+
+
+@dataclass
+class GenerationResult:
+    images: list  # PIL images, prompt-major: p0 i0, p0 i1, p1 i0, ...
+    nsfw_content_detected: list[bool]
+    seeds: list[int]
+    latents: torch.Tensor  # final latents, fp32 on the CPU (before VAE scaling)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    prompts: list[str] = field(default_factory=list)
+
+
+class Engine:
+    """Runs generation with a backend. Build one with `fastsd.optimize(model, config)`."""
+
+    def __init__(self, model, backend, config, embedding_cache_size: int = 256):
+        self.model, self.backend, self.config = model, backend, config
+        self.tokenizer = model.tokenizer
+        self.scheduler = model.scheduler  # the model's own; a named one overrides it per call
+        self.safety_checker = model.safety_checker if config.safety_checker else None
+        self.feature_extractor = model.feature_extractor
+        self.image_processor = VaeImageProcessor(vae_scale_factor=model.vae_scale_factor)
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cache_size = embedding_cache_size
+        self.cache_hits = 0
+
+    # -- text ---------------------------------------------------------------------------------------
+    def _tokenize(self, texts: list[str]) -> torch.Tensor:
+        max_len = self.tokenizer.model_max_length
+        ids = self.tokenizer(texts, padding="max_length", max_length=max_len, truncation=True,
+                             return_tensors="pt").input_ids
+        for t in texts:  # warn, as diffusers does, about text the encoder never sees
+            n = len(self.tokenizer(t, truncation=False).input_ids)
+            if n > max_len:
+                log.warning("prompt: %d tokens, longer than the %d the text encoder takes; truncated: %r",
+                            n, max_len, t[:60])
+        return ids
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        """Text embeddings [len(texts), seq, hidden], from the cache where a text was seen before."""
+        missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
+        if missing:
+            emb = self.backend.encode_text(self._tokenize(missing))
+            for t, e in zip(missing, emb):
+                self._cache[t] = e
+                if len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        self.cache_hits += len(texts) - len(missing)
+        for t in texts:
+            self._cache.move_to_end(t)
+        return torch.stack([self._cache[t] for t in texts])
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def generate(self, prompt, negative_prompt=None, *, num_images_per_prompt: int = 1,
+                 num_inference_steps: int = 50, guidance_scale=7.5, height: int | None = None,
+                 width: int | None = None, seed=None, scheduler: str | None = None,
+                 progress: bool = True, output_type: str = "pil") -> GenerationResult:
+        prompts = check.prompts(prompt)
+        negatives = check.negative_prompts(negative_prompt, len(prompts))
+        n_img = check.num_images(num_images_per_prompt)
+        steps = check.steps(num_inference_steps)
+        height = check.size("height", height if height is not None else self.model.native_size)
+        width = check.size("width", width if width is not None else self.model.native_size)
+        batch = len(prompts) * n_img
+        check.num_images(batch)
+        gscales = guidance_scale if isinstance(guidance_scale, (list, tuple)) else [guidance_scale] * len(prompts)
+        if len(gscales) != len(prompts):
+            raise check.InvalidParameter("guidance", guidance_scale, f"one number or one per prompt ({len(prompts)})")
+        gscales = [check.guidance(g) for g in gscales]
+        seeds = check.seeds(seed, batch) or [random.randrange(2**31) for _ in range(batch)]
+        sched = make_scheduler(scheduler, self.scheduler.config) if scheduler else \
+            type(self.scheduler).from_config(self.scheduler.config)  # fresh state per call
+
+        t0 = time.perf_counter()
+        timings: dict[str, float] = {}
+        device = self.backend.device
+        # guidance off at 1 or below: one UNet call per step (as diffusers decides it)
+        do_cfg = max(gscales) > 1.0 and self.model.unet.config.time_cond_proj_dim is None
+        cond = self.encode(prompts).repeat_interleave(n_img, dim=0)
+        if do_cfg:
+            uncond = self.encode(negatives).repeat_interleave(n_img, dim=0)
+            text_emb = torch.cat([uncond, cond])
+        else:
+            text_emb = cond
+        timings["text_encoder"] = time.perf_counter() - t0
+
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        latent_shape = (self.model.unet.config.in_channels, height // self.model.vae_scale_factor,
+                        width // self.model.vae_scale_factor)
+        # noise drawn on the CPU per image, as diffusers' randn_tensor does for a list of generators
+        latents = torch.cat([torch.randn((1, *latent_shape), generator=g, dtype=torch.float32)
+                             for g in generators]).to(device)
+        sched.set_timesteps(steps, device=device)
+        latents = latents * sched.init_noise_sigma
+        step_kwargs = {}
+        params = set(inspect.signature(sched.step).parameters)
+        if "eta" in params:
+            step_kwargs["eta"] = 0.0
+        if "generator" in params:
+            step_kwargs["generator"] = generators
+        g = torch.tensor([gs for gs in gscales for _ in range(n_img)], dtype=torch.float32, device=device)
+        g = g.view(-1, 1, 1, 1)
+
+        t1 = time.perf_counter()
+        for t in tqdm(sched.timesteps, desc="denoising", disable=not progress, leave=False):
+            model_in = torch.cat([latents] * 2) if do_cfg else latents
+            model_in = sched.scale_model_input(model_in, t)
+            noise = self.backend.unet(model_in, t, text_emb).float()
+            if do_cfg:
+                n_uncond, n_text = noise.chunk(2)
+                noise = n_uncond + (g if len(set(gscales)) > 1 else gscales[0]) * (n_text - n_uncond)
+            latents = sched.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+        if not torch.isfinite(latents).all():
+            raise NonFiniteOutput(f"latents became NaN/inf during denoising in {self.backend.dtype}; "
+                                  "run with --dtype fp32 (or bf16)")
+        timings["unet_loop"] = time.perf_counter() - t1
+        timings["unet_step"] = timings["unet_loop"] / max(1, len(sched.timesteps))
+
+        t2 = time.perf_counter()
+        image = self.backend.decode(latents / self.model.vae.config.scaling_factor).float()
+        timings["vae_decode"] = time.perf_counter() - t2
+        if not torch.isfinite(image).all():
+            raise NonFiniteOutput(f"the VAE decode gave NaN/inf in {self.backend.dtype}; run the VAE in fp32")
+
+        t3 = time.perf_counter()
+        image, nsfw = self._safety_check(image.cpu().clone())  # a normal tensor: the checker edits in place
+        timings["safety_checker"] = time.perf_counter() - t3
+        if output_type == "pt":
+            images = image
+        else:
+            images = self.image_processor.postprocess(image, output_type=output_type,
+                                                      do_denormalize=[not f for f in nsfw])
+        timings["total"] = time.perf_counter() - t0
+        return GenerationResult(images, nsfw, seeds, latents.float().cpu(), timings,
+                                [p for p in prompts for _ in range(n_img)])
+
+    def _safety_check(self, image: torch.Tensor):
+        if self.safety_checker is None:
+            return image, [False] * image.shape[0]
+        pil = self.image_processor.postprocess(image, output_type="pil")
+        clip_input = self.feature_extractor(pil, return_tensors="pt").pixel_values
+        sc_param = next(self.safety_checker.parameters())
+        image, flags = self.safety_checker(images=image, clip_input=clip_input.to(sc_param.device, sc_param.dtype))
+        return image, [bool(f) for f in flags]
+
+    def describe(self) -> dict:
+        return {"model": self.model.name, "source": self.model.source, "scheduler": scheduler_name(self.scheduler),
+                **self.backend.describe()}

@@ -1,0 +1,154 @@
+"""Where models come from: a preset with random weights, a hub id, a local diffusers folder, or a
+single .safetensors checkpoint (original LDM layout). Everything ends as an `SDModel` in FP32 on CPU."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
+
+from .errors import ModelLoadError
+from .presets import PRESETS, Preset, get_preset
+from .schedulers import make_scheduler
+from .tokenizer import byte_level_clip_tokenizer
+
+log = logging.getLogger("fastsd")
+
+PACKAGED_MODELS = Path(__file__).parent / "models"
+
+
+@dataclass
+class SDModel:
+    """The components of one Stable Diffusion model, as diffusers and transformers objects."""
+    name: str
+    source: str  # "random" | "hub" | "folder" | "single-file"
+    tokenizer: object
+    text_encoder: CLIPTextModel
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    scheduler: SchedulerMixin
+    safety_checker: StableDiffusionSafetyChecker | None = None
+    feature_extractor: CLIPImageProcessor | None = None
+    preset: Preset | None = None
+    path: Path | None = None  # the folder it came from, when it came from one
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def native_size(self) -> int:
+        if self.preset is not None:
+            return self.preset.size
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def components(self) -> dict[str, torch.nn.Module]:
+        parts = {"text_encoder": self.text_encoder, "unet": self.unet, "vae": self.vae}
+        if self.safety_checker is not None:
+            parts["safety_checker"] = self.safety_checker
+        return parts
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {k: sum(p.numel() for p in m.parameters()) for k, m in self.components().items()}
+
+    def to_pipeline(self, with_safety_checker: bool = True):
+        """diffusers' own StableDiffusionPipeline over these very modules (the FP32 reference)."""
+        from diffusers import StableDiffusionPipeline
+        sc = self.safety_checker if with_safety_checker else None
+        return StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+            scheduler=self.scheduler, safety_checker=sc, feature_extractor=self.feature_extractor,
+            requires_safety_checker=False)
+
+
+def build_random(preset: Preset, seed: int = 0, with_safety_checker: bool = True) -> SDModel:
+    """The preset's full architecture with seeded random weights; costs what trained weights cost."""
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**preset.text_encoder)).eval()
+    unet = UNet2DConditionModel.from_config(preset.unet).eval()
+    vae = AutoencoderKL.from_config(preset.vae).eval()
+    safety = fe = None
+    if preset.safety_checker is not None and with_safety_checker:
+        cfg = CLIPConfig(vision_config=CLIPVisionConfig(**preset.safety_checker).to_dict(),
+                         projection_dim=preset.safety_checker["projection_dim"])
+        safety = StableDiffusionSafetyChecker(cfg).eval()
+        fe = CLIPImageProcessor()
+    scheduler = make_scheduler(preset.scheduler, preset.scheduler_config())
+    return SDModel(preset.name, "random", byte_level_clip_tokenizer(), text_encoder, unet, vae, scheduler,
+                   safety, fe, preset=preset)
+
+
+def _load_folder(path: Path, name: str, source: str, preset: Preset | None) -> SDModel:
+    from diffusers import StableDiffusionPipeline
+    if not (path / "model_index.json").is_file():
+        raise ModelLoadError(f"model: {path} is not a diffusers model folder (no model_index.json)")
+    try:
+        index = json.loads((path / "model_index.json").read_text())
+        if index.get("_class_name") not in (None, "StableDiffusionPipeline"):
+            raise ModelLoadError(f"model: {path} holds a {index['_class_name']}, not a StableDiffusionPipeline")
+        pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=torch.float32,
+                                                       local_files_only=True, use_safetensors=None)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # diffusers raises many types for a broken folder; say which file
+        raise ModelLoadError(f"model: cannot load {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
+    return SDModel(name, source, pipe.tokenizer, pipe.text_encoder.eval(), pipe.unet.eval(), pipe.vae.eval(),
+                   pipe.scheduler, pipe.safety_checker, pipe.feature_extractor, preset=preset, path=path)
+
+
+def _load_hub(preset_or_id: str, preset: Preset | None) -> SDModel:
+    from huggingface_hub import snapshot_download
+    hub_id = preset.hub_id if preset else preset_or_id
+    try:
+        # never download implicitly: weights come from the local cache or not at all
+        folder = snapshot_download(hub_id, local_files_only=True)
+    except Exception as e:
+        hint = "; build it with --random-weights" if preset else ""
+        raise ModelLoadError(
+            f"model: {preset_or_id!r} ({hub_id}) is not in the local Hugging Face cache and fastsd does not "
+            f"download weights implicitly; download it with `huggingface-cli download {hub_id}` or pass a "
+            f"local folder{hint}") from e
+    return _load_folder(Path(folder), preset.name if preset else hub_id, "hub", preset)
+
+
+def load_model(spec: str, *, random_weights: bool = False, seed: int = 0, allow_pickle: bool = False,
+               config: str | None = None, safety_checker: bool = True) -> SDModel:
+    """Load `spec`: a preset name, a hub id, a local diffusers folder or a single checkpoint file.
+
+    random_weights: build the preset's architecture (spec must be a preset) with seeded weights.
+    allow_pickle: allow `.ckpt` pickles (loaded with weights_only=True); off by default.
+    config: for a single checkpoint file, the preset whose architecture it has (auto-detected if None).
+    """
+    preset = get_preset(spec)
+    path = Path(spec).expanduser()
+    if random_weights:
+        if preset is None:
+            raise ModelLoadError(f"model: --random-weights needs a preset name; got {spec!r}; "
+                                 f"presets: {', '.join(PRESETS)}")
+        return build_random(preset, seed, with_safety_checker=safety_checker)
+    if preset is not None and preset.local_path is not None:
+        model = _load_folder(preset.local_path, preset.name, "packaged", preset)
+    elif preset is not None and preset.hub_id is None:
+        model = build_random(preset, seed, with_safety_checker=safety_checker)  # tiny: random by design
+    elif path.is_dir():
+        model = _load_folder(path, path.name, "folder", None)
+    elif path.suffix in (".safetensors", ".ckpt", ".pt", ".bin", ".pth"):
+        if not path.is_file():
+            raise ModelLoadError(f"model: checkpoint file {path} does not exist")
+        from .single_file import load_single_file
+        model = load_single_file(path, allow_pickle=allow_pickle, config=config)
+    elif preset is not None or ("/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1):
+        model = _load_hub(spec, preset)
+    else:
+        raise ModelLoadError(f"model: {spec!r} is neither a preset ({', '.join(PRESETS)}), an existing folder, "
+                             f"a .safetensors file nor a hub id (owner/name)")
+    if not safety_checker:
+        model.safety_checker = None
+    return model

@@ -1,0 +1,76 @@
+"""The one entry point to the engine: `optimize(model, OptimizeConfig(...)) -> Engine`.
+
+Defaults are the highest precision and the plainest path (FP32, torch, the model's own attention
+maths through SDPA); every speed-up is a flag the user turns on, and `fastsd verify` measures it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from .backends import backend_names, lookup_backend
+from .engine import Engine
+from .errors import InvalidParameter
+from .loading import SDModel, load_model
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ATTENTION = ("auto", "sdpa", "math", "triton", "xformers")
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    backend: str = "torch"  # torch | onnxruntime
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    dtype: str = "fp32"  # fp32 | fp16 | bf16
+    attention: str = "auto"  # auto | sdpa | math | triton | xformers
+    fused_ops: bool = False  # Triton GroupNorm+SiLU, GEGLU, fused QKV where they help
+    channels_last: bool = False
+    cuda_graphs: bool = False
+    upcast_vae: bool = True  # fp16 runs the VAE in fp32 (it overflows in fp16)
+    safety_checker: bool = True
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def validated(self) -> "OptimizeConfig":
+        if self.backend not in backend_names():
+            raise InvalidParameter("backend", self.backend, ", ".join(backend_names()))
+        if self.dtype not in DTYPES:
+            raise InvalidParameter("dtype", self.dtype, ", ".join(DTYPES))
+        if self.attention not in ATTENTION:
+            raise InvalidParameter("attention", self.attention, ", ".join(ATTENTION))
+        dev = self.device
+        if not (dev == "cpu" or dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit())):
+            raise InvalidParameter("device", dev, "cpu, cuda or cuda:N")
+        if dev.startswith("cuda"):
+            n = torch.cuda.device_count()
+            if n == 0:
+                raise InvalidParameter("device", dev, "cpu (no CUDA device is visible here)")
+            if ":" in dev and int(dev[5:]) >= n:
+                raise InvalidParameter("device", dev, f"cuda:0..cuda:{n - 1}")
+        return self
+
+
+def as_model(model) -> SDModel:
+    """An SDModel from an SDModel, a diffusers StableDiffusionPipeline, or a model spec string."""
+    if isinstance(model, SDModel):
+        return model
+    if isinstance(model, str):
+        return load_model(model)
+    if all(hasattr(model, a) for a in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")):
+        return SDModel(type(model).__name__, "pipeline", model.tokenizer, model.text_encoder, model.unet,
+                       model.vae, model.scheduler, getattr(model, "safety_checker", None),
+                       getattr(model, "feature_extractor", None))
+    raise InvalidParameter("model", type(model).__name__, "an SDModel, a StableDiffusionPipeline or a model name")
+
+
+def optimize(model, config: OptimizeConfig | None = None, **flags) -> Engine:
+    """Build the engine for `model` (its modules are moved and changed in place: the engine owns them)."""
+    unknown = set(flags) - {f.name for f in fields(OptimizeConfig)}
+    if unknown:
+        raise InvalidParameter("optimize flags", sorted(unknown), ", ".join(f.name for f in fields(OptimizeConfig)))
+    config = replace(config or OptimizeConfig(), **flags).validated()
+    sd = as_model(model)
+    backend = lookup_backend(config.backend)(sd, config)
+    return Engine(sd, backend, config)

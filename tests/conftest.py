@@ -1,0 +1,30 @@
+import copy
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(1)  # tiny models gain nothing from more; avoids oversubscribing a shared machine
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+
+
+@pytest.fixture(scope="session")
+def _tiny():
+    from fastsd.loading import build_random
+    from fastsd.presets import TINY
+    return build_random(TINY, seed=0)
+
+
+@pytest.fixture
+def tiny(_tiny):
+    """A fresh tiny model (random weights, SD architecture) that a test may hand to `optimize`."""
+    return copy.deepcopy(_tiny)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(_tiny, tmp_path_factory):
+    """The tiny model written by diffusers' save_pretrained: a real local diffusers folder."""
+    path = tmp_path_factory.mktemp("models") / "tiny-sd"
+    _tiny.to_pipeline().save_pretrained(path, safe_serialization=True)
+    return path

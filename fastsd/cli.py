@@ -10,19 +10,15 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import FastSDError, InvalidParameter
+# Library chatter (torchvision missing, dtype-cast notices) is not for CLI users; set before any import.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+from .errors import FastSDError, InvalidParameter  # noqa: E402
 
 # Feature areas add their own subcommands: module -> `register(subparsers, parents)`.
 EXTRA_COMMANDS = ["fastsd.export.cli", "fastsd.bench.cli", "fastsd.serving.cli"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-
-
-def _quiet_libraries():
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    import diffusers
-    import transformers
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
 
 
 # -- shared options --------------------------------------------------------------------------------
@@ -98,7 +94,7 @@ def cmd_generate(args) -> int:
     config = optimize_config(args)
     engine = optimize(load_for(args), config)
     result = engine.generate(prompts, args.negative, num_images_per_prompt=args.num_images,
-                             num_inference_steps=args.steps or 50, guidance_scale=args.guidance,
+                             num_inference_steps=50 if args.steps is None else args.steps, guidance_scale=args.guidance,
                              height=args.height, width=args.width, seed=args.seed, scheduler=args.scheduler,
                              progress=not args.quiet)
     judge = _judge_for(engine)
@@ -135,7 +131,7 @@ def cmd_verify(args) -> int:
     config = optimize_config(args)
     report, engine, result, _ = verify(load_for(args), config, prompts=args.prompt or None,
                                        negative_prompt=args.negative, num_images_per_prompt=args.num_images,
-                                       steps=args.steps or 25, guidance=args.guidance, height=args.height,
+                                       steps=25 if args.steps is None else args.steps, guidance=args.guidance, height=args.height,
                                        width=args.width, seed=args.seed if args.seed is not None else 0,
                                        scheduler=args.scheduler, progress=not args.quiet)
     tol = report["tolerance"]
@@ -169,8 +165,9 @@ def cmd_models(args) -> int:
 
         def m(k):
             return f"{counts[k] / 1e6:.2f}M" if k in counts else "-"
+        origin = p.hub_id or ("(packaged)" if p.local_path else "(none: random by design)")
         print(f"{p.name:<12} {p.size:>5} {p.prediction_type:<13} {p.scheduler:<6} {m('text_encoder'):>9} "
-              f"{m('unet'):>9} {m('vae'):>8} {m('safety_checker'):>8}  {p.hub_id or ("(packaged)" if p.local_path else "(none: random by design)")}")
+              f"{m('unet'):>9} {m('vae'):>8} {m('safety_checker'):>8}  {origin}")
     return 0
 
 
@@ -215,7 +212,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format="%(name)s: %(message)s")
-    _quiet_libraries()
     try:
         return args.func(args)
     except FastSDError as e:

@@ -22,6 +22,7 @@ def verify(model: SDModel, config: OptimizeConfig, *, prompts=None, negative_pro
     negatives = check.negative_prompts(negative_prompt, len(prompts))
     height = check.size("height", height or model.native_size)
     width = check.size("width", width or model.native_size)
+    steps = check.steps(steps)
     count = len(prompts) * check.num_images(num_images_per_prompt)
     seeds = check.seeds(seed, count)
     ref_images, ref_latents, ref_nsfw, ref_s = run_reference(

@@ -1,19 +1,24 @@
 """fastsd: a fast Stable Diffusion inference engine that proves, per run, how far it is from FP32."""
-from importlib import import_module
+import logging as _logging
+
+
+class _DropNoise(_logging.Filter):
+    """Two library notices that are wrong for fastsd: transformers asks for torchvision (its PIL image
+    processor is what we want), and diffusers warns about casting models that have no fp32-only parts."""
+    NOISE = ("requires torchvision", "should be kept in float32: []")
+
+    def filter(self, record):
+        return not any(n in record.getMessage() for n in self.NOISE)
+
+
+_logging.getLogger("transformers.utils.import_utils").addFilter(_DropNoise())
+_logging.getLogger("diffusers.models.modeling_utils").addFilter(_DropNoise())
+
+from .engine import Engine, GenerationResult  # noqa: E402
+from .errors import FastSDError, InvalidParameter, ModelLoadError  # noqa: E402
+from .loading import SDModel, load_model  # noqa: E402
+from .optimize import OptimizeConfig, optimize  # noqa: E402  (binds the function over the submodule)
 
 __version__ = "0.1.0"
-
-# Imported on first use, so `fastsd --help` and `import fastsd.cli` stay light (no torch/diffusers).
-_EXPORTS = {
-    "Engine": "engine", "GenerationResult": "engine",
-    "FastSDError": "errors", "InvalidParameter": "errors", "ModelLoadError": "errors",
-    "SDModel": "loading", "load_model": "loading",
-    "OptimizeConfig": "optimize", "optimize": "optimize",
-}
-__all__ = [*_EXPORTS, "__version__"]
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module 'fastsd' has no attribute {name!r}")
+__all__ = ["Engine", "GenerationResult", "FastSDError", "InvalidParameter", "ModelLoadError", "SDModel",
+           "load_model", "OptimizeConfig", "optimize", "__version__"]

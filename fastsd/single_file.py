@@ -40,7 +40,7 @@ def detect_preset(sd: dict[str, torch.Tensor]) -> str:
                              "it is not a Stable Diffusion checkpoint in the original layout")
     if _V2_KEY in sd and sd[_V2_KEY].shape[-1] == 1024:
         return "sd-2-base"
-    blocks = {int(k.split(".")[2]) for k in sd if k.startswith(_UNET_PREFIX + "input_blocks.")}
+    blocks = {int(k.split(".")[3]) for k in sd if k.startswith(_UNET_PREFIX + "input_blocks.")}
     return "small-sd" if len(blocks) == 8 else "sd-1.5"
 
 
@@ -59,17 +59,20 @@ def load_single_file(path: Path, allow_pickle: bool = False, config: str | None 
     if preset is None:
         raise ModelLoadError(f"config: unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     try:
-        with torch.device("meta"):
-            unet = UNet2DConditionModel(**preset.unet)
-            vae = AutoencoderKL(**preset.vae)
-            text_encoder = CLIPTextModel(CLIPTextConfig(**preset.text_encoder))
+        with torch.device("meta"):  # no time spent on random init that the checkpoint replaces
+            unet = UNet2DConditionModel.from_config(preset.unet)
+            vae = AutoencoderKL.from_config(preset.vae)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**preset.text_encoder))  # has non-persistent buffers
         unet.load_state_dict(convert_ldm_unet_checkpoint(sd, unet.config), strict=True, assign=True)
         vae.load_state_dict(convert_ldm_vae_checkpoint(sd, vae.config), strict=True, assign=True)
         if preset.text_encoder["hidden_size"] == 1024:
             te_sd = convert_open_clip_checkpoint(text_encoder, sd)
         else:
             te_sd = convert_ldm_clip_checkpoint(sd)
-        te_sd.pop("text_model.embeddings.position_ids", None)
+        # transformers 5 names CLIPTextModel weights without the "text_model." prefix that 4.x used
+        want_prefix = next(iter(text_encoder.state_dict())).startswith("text_model.")
+        te_sd = {(k if want_prefix or not k.startswith("text_model.") else k[len("text_model."):]): v
+                 for k, v in te_sd.items() if not k.endswith("position_ids")}
         missing, unexpected = text_encoder.load_state_dict(te_sd, strict=False, assign=True)
         if [k for k in missing if "position_ids" not in k]:
             raise RuntimeError(f"missing text encoder weights: {missing[:3]}")

@@ -63,8 +63,30 @@ def optimize_config(args):
                           fused_ops=args.fused_ops, safety_checker=not args.no_safety_checker).validated()
 
 
+def check_generation_args(args) -> None:
+    """Everything a user can get wrong about a generation, checked before a model is loaded."""
+    from . import validation as check
+    from .schedulers import SCHEDULERS
+    for p in getattr(args, "prompt", None) or []:
+        check.prompts(p)
+    if args.steps is not None:
+        check.steps(args.steps)
+    check.guidance(args.guidance)
+    check.num_images(args.num_images)
+    for name in ("height", "width"):
+        if getattr(args, name) is not None:
+            check.size(name, getattr(args, name))
+    if args.seed is not None:
+        check.seeds(args.seed, 1)
+    if args.scheduler is not None and args.scheduler not in SCHEDULERS:
+        raise InvalidParameter("scheduler", args.scheduler, ", ".join(SCHEDULERS))
+
+
 def load_for(args):
     from .loading import load_model
+    if args.backend == "onnxruntime":  # --model is an ONNX export folder (fastsd export)
+        from .export import load_onnx_model
+        return load_onnx_model(args.model)
     return load_model(args.model, random_weights=args.random_weights, allow_pickle=args.allow_pickle,
                       config=args.config, safety_checker=not args.no_safety_checker)
 
@@ -91,6 +113,7 @@ def cmd_generate(args) -> int:
     from .optimize import optimize
     prompts = args.prompt
     paths = output_paths(args.out, len(prompts) * max(1, args.num_images if isinstance(args.num_images, int) else 1))
+    check_generation_args(args)
     config = optimize_config(args)
     engine = optimize(load_for(args), config)
     result = engine.generate(prompts, args.negative, num_images_per_prompt=args.num_images,
@@ -128,12 +151,17 @@ def _fmt_psnr(v: float) -> str:
 
 def cmd_verify(args) -> int:
     from .verify import verify
+    check_generation_args(args)
     config = optimize_config(args)
-    report, engine, result, _ = verify(load_for(args), config, prompts=args.prompt or None,
+    model, engine_model = load_for(args), None
+    if args.backend == "onnxruntime":  # the export runs in the engine; the model it came from is the reference
+        from .export import reference_model
+        model, engine_model = reference_model(model, safety_checker=not args.no_safety_checker), model
+    report, engine, result, _ = verify(model, config, prompts=args.prompt or None,
                                        negative_prompt=args.negative, num_images_per_prompt=args.num_images,
                                        steps=25 if args.steps is None else args.steps, guidance=args.guidance, height=args.height,
                                        width=args.width, seed=args.seed if args.seed is not None else 0,
-                                       scheduler=args.scheduler, progress=not args.quiet)
+                                       scheduler=args.scheduler, progress=not args.quiet, engine_model=engine_model)
     tol = report["tolerance"]
     print(f"fastsd verify: {report['model']}  {engine.describe()}")
     print(f"  {report['steps']} steps, guidance {report['guidance']}, {report['width']}x{report['height']}, "
@@ -212,6 +240,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format="%(name)s: %(message)s")
+    if getattr(args, "quiet", False):  # also the loaders' own progress bars
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+        diffusers_logging.disable_progress_bar()
+        transformers_logging.disable_progress_bar()
     try:
         return args.func(args)
     except FastSDError as e:

@@ -28,6 +28,13 @@ class OptimizeConfig:
     cuda_graphs: bool = False
     upcast_vae: bool = True  # fp16 runs the VAE in fp32 (it overflows in fp16)
     safety_checker: bool = True
+    # dtype="bf16" on the CPU: the measured CPU recipe (README, "CPU fast path"): UNet and VAE with bf16
+    # weights in channels_last, the text encoder kept in fp32 (cheap, and its error would reach every step).
+    # False: plain bf16 everywhere, as on a GPU.
+    cpu_recipe: bool = True
+    # torch.compile (inductor) of the UNet; on the CPU with weight freezing. The first call of each shape
+    # compiles (minutes on the CPU); later calls are faster.
+    compile: bool = False
 
     @property
     def torch_dtype(self) -> torch.dtype:

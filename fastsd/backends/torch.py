@@ -19,16 +19,34 @@ class TorchBackend:
         self.dtype = config.torch_dtype
         # fp16 VAEs overflow into NaN at SD sizes (diffusers' force_upcast); keep the VAE in fp32 then.
         self.vae_dtype = torch.float32 if self.dtype == torch.float16 and config.upcast_vae else self.dtype
-        self.text_encoder = model.text_encoder.to(self.device, self.dtype)
+        # the CPU recipe (bf16 on the CPU, see OptimizeConfig.cpu_recipe): the text encoder stays in fp32
+        self.cpu_recipe = self.device.type == "cpu" and self.dtype == torch.bfloat16 and config.cpu_recipe
+        self.text_dtype = torch.float32 if self.cpu_recipe else self.dtype
+        self.text_encoder = model.text_encoder.to(self.device, self.text_dtype)
         self.unet_module = model.unet.to(self.device, self.dtype)
         self.vae = model.vae.to(self.device, self.vae_dtype)
         if model.safety_checker is not None and config.safety_checker:
             model.safety_checker.to(self.device)
         self.applied: list[str] = []
         self.attention = self._install_kernels(config)
-        if config.channels_last:
+        if config.channels_last or self.cpu_recipe:
             self.unet_module.to(memory_format=torch.channels_last)
             self.applied.append("channels_last")
+        if self.cpu_recipe:  # measured: channels_last makes the bf16 VAE decode ~20% faster on the CPU
+            self.vae.to(memory_format=torch.channels_last)
+            self.applied.append("cpu_recipe(text encoder fp32, VAE channels_last)")
+        if config.compile:
+            self._compile()
+
+    def _compile(self):
+        """torch.compile the UNet; on the CPU inductor freezes the weights (constant-folds them and
+        pre-packs them for oneDNN). Measured on 2 Zen 4 cores, bf16: UNet step -12% CPU time after
+        1-4 minutes of compile per shape; the VAE decoder gained nothing, so it stays eager."""
+        if self.device.type == "cpu":
+            import torch._inductor.config as inductor_config
+            inductor_config.freezing = True
+        self.unet_module = torch.compile(self.unet_module)
+        self.applied.append("compile" + ("(freezing)" if self.device.type == "cpu" else ""))
 
     def _install_kernels(self, config) -> str:
         try:
@@ -60,5 +78,6 @@ class TorchBackend:
 
     def describe(self) -> dict:
         return {"backend": self.name, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
-                "vae_dtype": str(self.vae_dtype).replace("torch.", ""), "attention": self.attention,
+                "vae_dtype": str(self.vae_dtype).replace("torch.", ""),
+                "text_encoder_dtype": str(self.text_dtype).replace("torch.", ""), "attention": self.attention,
                 "applied": self.applied}

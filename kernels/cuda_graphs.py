@@ -1,0 +1,147 @@
+"""CUDA graphs for the UNet call, one graph per input shape, in a bounded LRU cache.
+
+A CUDA graph replays a fixed sequence of kernels on fixed memory: inputs must be copied into the
+static tensors the graph was captured with, and a different batch size or resolution needs its own
+graph. `CUDAGraphRunner` keys graphs by (batch, height, width, dtype) (plus the text length and
+embedding width of encoder_hidden_states, which also fix shapes), captures a new graph on a miss
+instead of failing, and evicts the least recently used graph beyond `max_graphs`.
+
+Capture follows torch.cuda.CUDAGraph's documented recipe: allocate static inputs, warm up on a side
+stream (so lazy initialisation, cuDNN autotuning and allocator growth happen outside the capture),
+capture under `torch.cuda.graph`, then per call `copy_` the new inputs into the static ones and
+`replay()`. Each graph has its own private memory pool, freed when the graph is evicted.
+
+The output tensor of a replay is overwritten by the next replay of the same graph, so by default the
+runner returns a clone (`clone_output=True`); pass False to get the static output when the caller
+consumes it before the next call.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+logger = logging.getLogger("fastsd.kernels")
+
+UNetFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def available(device=None) -> tuple[bool, str]:
+    """(True, reason) when CUDA graphs can be captured on `device` (default: the current CUDA device)."""
+    if device is not None:
+        device = torch.device(device)
+        if device.type != "cuda":
+            return False, f"CUDA graphs need a CUDA device, not {device.type}"
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        return False, (f"CUDA graphs need a CUDA device; torch.cuda.is_available() is False "
+                       f"(torch {torch.__version__}, {build})")
+    if not hasattr(torch.cuda, "CUDAGraph"):
+        return False, f"torch {torch.__version__} has no torch.cuda.CUDAGraph"
+    return True, f"CUDA graphs on {torch.cuda.get_device_name(device)}"
+
+
+@dataclass
+class CapturedGraph:
+    """What a capture function returns: the static inputs to copy into, a replay callable, and the
+    static output that replay() refreshes."""
+    static_inputs: tuple[torch.Tensor, ...]
+    replay: Callable[[], None]
+    static_output: torch.Tensor
+    graph: Any = None  # the torch.cuda.CUDAGraph, kept alive with its memory pool
+
+
+def capture_cuda_graph(fn: UNetFn, example_inputs: tuple[torch.Tensor, ...], warmup: int = 3) -> CapturedGraph:
+    """Capture `fn(*static_inputs)` in a torch.cuda.CUDAGraph (the documented recipe)."""
+    static_inputs = tuple(t.clone() for t in example_inputs)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(warmup):
+            fn(*static_inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        static_output = fn(*static_inputs)
+    return CapturedGraph(static_inputs, graph.replay, static_output, graph)
+
+
+def unet_callable(unet) -> UNetFn:
+    """Adapt a diffusers UNet2DConditionModel to fn(sample, timestep, encoder_hidden_states) -> noise."""
+    def fn(sample, timestep, encoder_hidden_states):
+        return unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+    return fn
+
+
+class CUDAGraphRunner:
+    """Run `unet_fn(sample, timestep, encoder_hidden_states) -> noise` through cached CUDA graphs.
+
+    unet_fn: the UNet call (a diffusers UNet module is adapted with `unet_callable`).
+    max_graphs: LRU bound on cached graphs (each holds its own activation memory).
+    capture_fn: `(fn, example_inputs) -> CapturedGraph`; defaults to `capture_cuda_graph`. Tests inject
+        a CPU stand-in to exercise the cache logic.
+    """
+
+    def __init__(self, unet_fn, *, max_graphs: int = 4, capture_fn: Optional[Callable] = None,
+                 clone_output: bool = True, device=None):
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be >= 1, got {max_graphs}")
+        if isinstance(unet_fn, torch.nn.Module):
+            unet_fn = unet_callable(unet_fn)
+        if capture_fn is None:
+            ok, reason = available(device)
+            if not ok:
+                raise RuntimeError(f"CUDAGraphRunner unavailable: {reason}")
+            capture_fn = capture_cuda_graph
+        self.fn = unet_fn
+        self.max_graphs = max_graphs
+        self.capture_fn = capture_fn
+        self.clone_output = clone_output
+        self._graphs: OrderedDict[tuple, CapturedGraph] = OrderedDict()
+        self.captures = 0
+        self.evictions = 0
+        self.replays = 0
+
+    @staticmethod
+    def key(sample: torch.Tensor, encoder_hidden_states: torch.Tensor) -> tuple:
+        b, _, h, w = sample.shape
+        return (b, h, w, sample.dtype, tuple(encoder_hidden_states.shape[1:]), encoder_hidden_states.dtype)
+
+    def cached_keys(self) -> list[tuple]:
+        return list(self._graphs)
+
+    def _timestep(self, timestep, sample: torch.Tensor) -> torch.Tensor:
+        # A graph has one static timestep tensor: normalise to float32 of shape (batch,) on the device.
+        t = torch.as_tensor(timestep, device=sample.device)
+        return t.to(torch.float32).reshape(-1).expand(sample.shape[0]).contiguous()
+
+    def __call__(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        t = self._timestep(timestep, sample)
+        key = self.key(sample, encoder_hidden_states)
+        entry = self._graphs.get(key)
+        if entry is None:
+            while len(self._graphs) >= self.max_graphs:
+                old_key, old = self._graphs.popitem(last=False)
+                self.evictions += 1
+                logger.info("CUDA graph cache full (%d): evicted %s", self.max_graphs, old_key)
+                del old
+            logger.info("capturing a CUDA graph for %s", key)
+            entry = self.capture_fn(self.fn, (sample, t, encoder_hidden_states))
+            self._graphs[key] = entry
+            self.captures += 1
+        else:
+            self._graphs.move_to_end(key)
+        for static, new in zip(entry.static_inputs, (sample, t, encoder_hidden_states)):
+            static.copy_(new)
+        entry.replay()
+        self.replays += 1
+        out = entry.static_output
+        return out.clone() if self.clone_output else out
+
+    def clear(self) -> None:
+        self._graphs.clear()

@@ -1,0 +1,124 @@
+"""`triton`: fastsd's own FlashAttention forward kernel (see triton_attention_kernel.py).
+
+Available when triton is installed and either the device is CUDA (compiled kernel) or the tensors are
+on CPU with TRITON_INTERPRET=1 set before the kernel module is first imported (the Triton interpreter:
+correct but slow, for tests; `auto` never picks it on CPU). Availability is decided by running a tiny
+call, and cached per (device, dtype).
+
+The kernel keeps scores, the running max/sum and the output accumulator in fp32 for every input dtype,
+so `upcast` costs nothing here. It takes no attention mask and head dims up to 256; for anything else
+the attention processor falls back to `sdpa`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import threading
+
+import torch
+
+from .registry import AttentionBackend
+
+_probe_cache: dict[tuple, tuple[bool, str]] = {}
+_probe_lock = threading.Lock()
+
+
+def clear_probe_cache() -> None:
+    with _probe_lock:
+        _probe_cache.clear()
+
+
+def _kernel_module():
+    return importlib.import_module(".triton_attention_kernel", __package__)
+
+
+def triton_status(device: torch.device) -> tuple[bool, str]:
+    """Whether Triton kernels can launch for tensors on `device` (no dtype-specific check)."""
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed (pip install 'fastsd[triton]')"
+    env_interp = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False, "CUDA device requested but torch.cuda.is_available() is False"
+        if env_interp:
+            return False, "TRITON_INTERPRET=1 is set: Triton would interpret, not compile, on this GPU"
+        return True, "compiled Triton kernels on CUDA"
+    if device.type == "cpu":
+        if not env_interp:
+            return False, ("Triton has no CPU backend (only nvidia/amd drivers ship); set TRITON_INTERPRET=1 "
+                           "to run its kernels in the interpreter (tests only, very slow)")
+        return True, "Triton interpreter on CPU tensors (TRITON_INTERPRET=1): for tests, very slow"
+    return False, f"Triton kernels do not run on {device.type} tensors"
+
+
+def triton_attention(q, k, v, *, scale: float, attn_mask=None, upcast: bool = False) -> torch.Tensor:
+    if attn_mask is not None:
+        raise ValueError("the triton attention kernel takes no attention mask")
+    return _kernel_module().flash_attention(q, k, v, scale=scale)
+
+
+def _supports(q, k, v, attn_mask):
+    if attn_mask is not None:
+        return False, "attention masks are not supported by the triton kernel"
+    if q.shape[-1] > 256:
+        return False, f"head dim {q.shape[-1]} > 256"
+    if q.device.type == "cpu" and q.dtype == torch.float64:
+        return False, "float64"
+    return True, ""
+
+
+def _check(device: torch.device, dtype: torch.dtype):
+    ok, reason = triton_status(device)
+    if not ok:
+        return False, reason
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False, f"the triton attention kernel takes fp16, bf16 or fp32, not {dtype}"
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(idx)
+        if major < 8:
+            return False, f"bf16 tl.dot needs compute capability 8.0+, this GPU is {major}.{minor}"
+    key = (device.type, device.index, dtype)
+    with _probe_lock:
+        if key in _probe_cache:
+            return _probe_cache[key]
+    result = _probe(device, dtype, reason)
+    with _probe_lock:
+        _probe_cache[key] = result
+    return result
+
+
+def _probe(device: torch.device, dtype: torch.dtype, reason: str):
+    try:
+        mod = _kernel_module()
+    except Exception as exc:
+        return False, f"triton kernel module failed to import: {type(exc).__name__}: {exc}"
+    if device.type == "cpu" and not mod.INTERPRETED:
+        return False, ("TRITON_INTERPRET=1 was not set when fastsd.kernels.triton_attention_kernel was first "
+                       "imported, so its kernels were built for a GPU; set it before importing")
+    if device.type == "cuda" and mod.INTERPRETED:
+        return False, "the triton kernels were imported in interpreter mode (TRITON_INTERPRET=1)"
+    try:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        q = torch.randn(1, 1, 5, 8, generator=g).to(device=device, dtype=dtype)
+        out = mod.flash_attention(q, q, q, scale=8 ** -0.5)
+        ref = torch.softmax((q.float() @ q.float().transpose(-1, -2)) * 8 ** -0.5, -1) @ q.float()
+        err = (out.float() - ref).abs().max().item()
+        if not err < 5e-2:
+            return False, f"triton attention probe call gave wrong results (max error {err:.3g})"
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return False, f"triton attention probe call failed: {type(exc).__name__}: {first}"
+    return True, reason
+
+
+BACKEND = AttentionBackend(
+    name="triton",
+    fn=triton_attention,
+    check=_check,
+    description="fastsd FlashAttention forward kernel in Triton",
+    fp32_softmax=True,
+    supports=_supports,
+)

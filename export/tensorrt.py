@@ -1,0 +1,127 @@
+"""What a TensorRT build needs (trt_profiles.json, BUILD_TENSORRT.md with trtexec lines), and the build
+itself through TensorRT's Python API where the `tensorrt` package is installed."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from .errors import TensorRTBuildFailed, TensorRTMissing
+from .graphs import graph_specs
+from .layout import GRAPH
+
+ENGINE = "model.plan"
+WORKSPACE_BYTES = 8 << 30
+
+
+def have_tensorrt() -> bool:
+    return importlib.util.find_spec("tensorrt") is not None
+
+
+def require_tensorrt() -> None:
+    if not have_tensorrt():
+        raise TensorRTMissing(
+            "--tensorrt: the `tensorrt` Python package is not installed here (it needs an NVIDIA GPU and NVIDIA's "
+            "wheels); export without --tensorrt and build the engines on the GPU machine with the trtexec lines "
+            "in BUILD_TENSORRT.md")
+
+
+def dynamic_inputs(profiles: dict, comp: str, static: bool) -> list[str]:
+    """Inputs with a dynamic axis (the only ones a TensorRT profile may set)."""
+    if static:
+        return []
+    axes = graph_specs(False)[comp].dynamic_axes
+    return [name for name in profiles[comp] if name in axes]
+
+
+def _dims(shape) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def trtexec_line(comp: str, profile: dict, dynamic: list[str], fp16: bool) -> str:
+    parts = ["trtexec", f"--onnx={comp}/{GRAPH}", f"--saveEngine={comp}/{ENGINE}"]
+    for point in ("min", "opt", "max"):
+        if dynamic:
+            shapes = ",".join(f"{name}:{_dims(profile[name][point])}" for name in dynamic)
+            parts.append(f"--{point}Shapes={shapes}")
+    if fp16:
+        parts.append("--fp16")
+    return " \\\n    ".join(parts)
+
+
+def build_markdown(profiles: dict, *, dtype: str, static: bool, optimize: bool, model_name: str) -> str:
+    fp16 = dtype == "fp16"
+    lines = [f"# Building TensorRT engines for this export ({model_name}, {dtype})", "",
+             "Run from this folder on the machine with the GPU the engines are for (an engine is tied to its GPU "
+             "and TensorRT version). The shape ranges are those in `trt_profiles.json`; each `*Shapes` flag names "
+             "the graph's dynamic inputs only (static ones, such as the UNet's `timestep` [1], need none).", ""]
+    if optimize:
+        lines += ["This export was made with `--optimize`: `model.onnx` and `model.gpu.onnx` hold onnxruntime "
+                  "contrib ops (fused attention, LayerNorm, GELU) that TensorRT's ONNX parser does not know. Build "
+                  "TensorRT engines from an export made without `--optimize`.", ""]
+    if fp16:
+        lines += ["The graphs are fp16 with fp32 inputs and outputs; `--fp16` lets TensorRT keep fp16 kernels.", ""]
+    else:
+        lines += ["The graphs are fp32; add `--fp16` to let TensorRT choose fp16 kernels (check the result "
+                  "with `fastsd verify`).", ""]
+    lines += ["```sh"]
+    for comp, profile in profiles.items():
+        lines += [trtexec_line(comp, profile, dynamic_inputs(profiles, comp, static), fp16), ""]
+    lines[-1] = "```"
+    lines += ["", "Or let fastsd build them with TensorRT's Python API (where the `tensorrt` package is installed):",
+              "`fastsd export ... --tensorrt` writes `<graph>/model.plan` the same way.",
+              "", "ONNX Runtime's TensorRT execution provider builds (and caches) its engines itself from "
+              "`model.onnx`: `fastsd generate --backend onnxruntime --model DIR` uses it where installed.", ""]
+    return "\n".join(lines)
+
+
+def build_engines(out: Path, profiles: dict, *, static: bool, fp16: bool, progress: bool = True) -> dict:
+    """Parse each graph with TensorRT's OnnxParser and build a serialized engine with one optimization
+    profile (min/opt/max per dynamic input); writes `<graph>/model.plan` via a temporary name."""
+    require_tensorrt()
+    import tensorrt as trt
+    from tqdm.auto import tqdm
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    built = {}
+    for comp, profile in tqdm(list(profiles.items()), desc="tensorrt", disable=not progress, leave=False):
+        builder = trt.Builder(logger)
+        flags = 0
+        explicit = getattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH", None)
+        if explicit is not None and int(trt.__version__.split(".")[0]) < 10:  # implicit in TensorRT 10
+            flags |= 1 << int(explicit)
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, logger)
+        graph = out / comp / GRAPH
+        if not parser.parse_from_file(str(graph)):  # by path: external data is found beside it
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise TensorRTBuildFailed(f"tensorrt: cannot parse {graph}: {errors[:300]}")
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+        if fp16 and hasattr(trt.BuilderFlag, "FP16"):
+            config.set_flag(trt.BuilderFlag.FP16)
+        dynamic = set(dynamic_inputs(profiles, comp, static))
+        if dynamic:
+            opt_profile = builder.create_optimization_profile()
+            for i in range(network.num_inputs):
+                name = network.get_input(i).name
+                if name in dynamic:
+                    p = profile[name]
+                    opt_profile.set_shape(name, p["min"], p["opt"], p["max"])
+            config.add_optimization_profile(opt_profile)
+        engine = builder.build_serialized_network(network, config)
+        if engine is None:
+            raise TensorRTBuildFailed(f"tensorrt: building the engine for {graph} failed (see TensorRT's log above)")
+        target = out / comp / ENGINE
+        tmp = target.with_name(f".{ENGINE}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(memoryview(engine))
+            os.replace(tmp, target)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            from .writer import write_failure
+            raise write_failure(e, str(target)) from e
+        built[comp] = {"engine": f"{comp}/{ENGINE}", "bytes": target.stat().st_size,
+                       "tensorrt": trt.__version__}
+    return built

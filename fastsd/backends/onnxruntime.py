@@ -1,0 +1,191 @@
+"""ONNX Runtime backend: runs the graphs of an ONNX export (`fastsd export`) inside the engine's loop.
+
+The model is what `fastsd.export.load_onnx_model(DIR)` returns: tokenizer and scheduler, and in place of
+the torch modules objects that carry `.config` and the graph paths. Providers: TensorRT, then CUDA, where
+this onnxruntime build has them, else CPU (FASTSD_ORT_PROVIDERS=Name,Name overrides the order);
+`describe()` reports the providers each session actually got, which is what counts (onnxruntime-gpu
+falls back to CPU quietly when CUDA libraries are missing). Tensors stay on the CPU on the engine's side.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+import torch
+
+from . import register_backend
+from ..errors import InvalidParameter, ModelLoadError
+
+log = logging.getLogger("fastsd")
+
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+       "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+def _import_ort():
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ModelLoadError("backend onnxruntime: the onnxruntime package is not installed "
+                             "(pip install 'fastsd[onnx]'; one of onnxruntime or onnxruntime-gpu, never both)") from None
+    return ort
+
+
+def choose_providers(ort) -> list[str]:
+    available = ort.get_available_providers()
+    wanted = os.environ.get("FASTSD_ORT_PROVIDERS")
+    if wanted:
+        names = [p.strip() for p in wanted.split(",") if p.strip()]
+        bad = [p for p in names if p not in available]
+        if bad:
+            raise InvalidParameter("FASTSD_ORT_PROVIDERS", wanted, ", ".join(available))
+        return names
+    return [p for p in GPU_PROVIDERS if p in available] + ["CPUExecutionProvider"]
+
+
+class _Graph:
+    """One InferenceSession and what the engine needs to feed it."""
+
+    def __init__(self, ort, name: str, path, providers: list[str], provider_options: list[dict], threads: int):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.log_severity_level = 3
+        self.name, self.path = name, path
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=providers, provider_options=provider_options)
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise ModelLoadError(f"model: onnxruntime cannot load {path}: {type(e).__name__}: "
+                                 f"{str(e).splitlines()[0][:300]}") from e
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.providers = self.session.get_providers()
+
+    def dtype(self, name: str):
+        return _NP.get(self.inputs[name].type, np.float32)
+
+    def rank(self, name: str) -> int:
+        return len(self.inputs[name].shape)
+
+    def fixed_batch(self) -> int | None:
+        """The batch a static graph was exported for (None when the batch axis is dynamic)."""
+        for i in self.inputs.values():
+            if i.name != "timestep" and i.shape and isinstance(i.shape[0], int):
+                return i.shape[0]
+        return None
+
+    def run(self, feed: dict[str, np.ndarray], batched: tuple[str, ...]) -> list[np.ndarray]:
+        b = self.fixed_batch()
+        n = feed[batched[0]].shape[0]
+        try:
+            if b is None or b == n or n % b:
+                return self.session.run(None, feed)
+            # a static-batch graph: run the engine's batch in slices of the exported size
+            parts = [self.session.run(None, {k: (v[s:s + b] if k in batched else v) for k, v in feed.items()})
+                     for s in range(0, n, b)]
+            return [np.concatenate(p) for p in zip(*parts)]
+        except Exception as e:
+            msg = str(e)
+            if "dimension" in msg.lower() or "shape" in msg.lower():
+                want = {k: i.shape for k, i in self.inputs.items()}
+                got = {k: list(v.shape) for k, v in feed.items()}
+                raise InvalidParameter("shape", got, f"the shapes {self.path} was exported for: {want} (export "
+                                       "without --static, or with a --resolution/--batch range that covers it; "
+                                       "sizes must divide by the UNet's down-sampling)") from None
+            raise
+
+
+@register_backend("onnxruntime")
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, model, config):
+        ort = _import_ort()
+        paths = (getattr(model, "extra", None) or {}).get("onnx")
+        if not paths:
+            raise ModelLoadError(
+                f"model: {model.name} is a PyTorch model; --backend onnxruntime runs an ONNX export folder: write "
+                f"one with `fastsd export --model {model.name} --out DIR`, then pass --model DIR "
+                "(in Python: fastsd.export.load_onnx_model(DIR))")
+        for need in ("text_encoder", "unet", "vae_decoder"):
+            if need not in paths:
+                raise ModelLoadError(f"model: the export at {model.path} has no {need} graph")
+        info = model.extra.get("export") or {}
+        exported = info.get("dtype", config.dtype)
+        if config.dtype != exported:
+            raise InvalidParameter("dtype", config.dtype, f"{exported} (the dtype {model.path} was exported in; pass "
+                                   f"--dtype {exported}, or re-export with --dtype {config.dtype})")
+        self.export_dtype = exported
+        self.dtype = torch.float16 if exported == "fp16" else torch.float32
+        self.device = torch.device("cpu")  # the engine's tensors; onnxruntime moves them to its provider
+        self.folder = model.path
+        self.providers = choose_providers(ort)
+        gpu = any(p in GPU_PROVIDERS for p in self.providers)
+        threads = torch.get_num_threads()
+        self.threads = threads
+        profiles = self._profiles()
+        self.graphs: dict[str, _Graph] = {}
+        for comp in ("text_encoder", "unet", "vae_decoder"):
+            p = paths[comp]
+            path = p["gpu"] if gpu and p.get("gpu") else p["cpu"]
+            opts = [self._provider_options(name, comp, config, profiles.get(comp)) for name in self.providers]
+            self.graphs[comp] = _Graph(ort, comp, path, self.providers, opts, threads)
+        if gpu and all(g.providers == ["CPUExecutionProvider"] for g in self.graphs.values()):
+            log.warning("onnxruntime: %s are available but every session fell back to CPUExecutionProvider "
+                        "(CUDA libraries missing?)", ", ".join(p for p in self.providers if p in GPU_PROVIDERS))
+        self.ort_version = ort.__version__
+
+    def _profiles(self) -> dict:
+        f = self.folder / "trt_profiles.json" if self.folder is not None else None
+        try:
+            return json.loads(f.read_text()) if f is not None and f.is_file() else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _provider_options(self, provider: str, comp: str, config, profile: dict | None) -> dict:
+        if provider == "TensorrtExecutionProvider":
+            opts = {"trt_engine_cache_enable": "True", "trt_fp16_enable": str(self.export_dtype == "fp16"),
+                    "trt_engine_cache_path": str(self.folder / "trt_cache" / comp)}
+            if profile:
+                dyn = {k: v for k, v in profile.items() if k != "timestep"}
+                for point in ("min", "opt", "max"):
+                    opts[f"trt_profile_{point}_shapes"] = ",".join(
+                        f"{k}:{'x'.join(map(str, v[point]))}" for k, v in dyn.items())
+            return opts
+        if provider == "CUDAExecutionProvider" and config.device.startswith("cuda:"):
+            return {"device_id": config.device.split(":")[1]}
+        return {}
+
+    # -- the three calls the engine makes -----------------------------------------------------------
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        g = self.graphs["text_encoder"]
+        ids = input_ids.cpu().numpy().astype(g.dtype("input_ids"))
+        return torch.from_numpy(np.ascontiguousarray(g.run({"input_ids": ids}, ("input_ids",))[0])).float()
+
+    def unet(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        g = self.graphs["unet"]
+        t = float(timestep.item() if torch.is_tensor(timestep) else timestep)
+        ts = np.asarray(t, dtype=g.dtype("timestep"))
+        if g.rank("timestep") == 1:
+            ts = ts.reshape(1)
+        feed = {"sample": sample.detach().cpu().numpy().astype(g.dtype("sample"), copy=False), "timestep": ts,
+                "encoder_hidden_states": encoder_hidden_states.detach().cpu().numpy().astype(
+                    g.dtype("encoder_hidden_states"), copy=False)}
+        out = g.run(feed, ("sample", "encoder_hidden_states"))[0]
+        return torch.from_numpy(np.ascontiguousarray(out)).float()
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        g = self.graphs["vae_decoder"]
+        x = latents.detach().cpu().numpy().astype(g.dtype("latent_sample"), copy=False)
+        return torch.from_numpy(np.ascontiguousarray(g.run({"latent_sample": x}, ("latent_sample",))[0])).float()
+
+    def describe(self) -> dict:
+        got = {k: g.providers for k, g in self.graphs.items()}
+        on_gpu = any(p[0] in GPU_PROVIDERS for p in got.values())
+        return {"backend": self.name, "device": "cuda" if on_gpu else "cpu", "dtype": self.export_dtype,
+                "providers": got,
+                "graphs": {k: os.path.relpath(g.path, self.folder) if self.folder else str(g.path)
+                           for k, g in self.graphs.items()},
+                "threads": self.threads, "onnxruntime": self.ort_version}

@@ -1,0 +1,107 @@
+"""The onnxruntime backend runs a fastsd export in the engine's loop and matches the FP32 diffusers reference."""
+import json
+
+import numpy as np
+import pytest
+
+from fastsd import optimize
+from fastsd.cli import main
+from fastsd.errors import InvalidParameter, ModelLoadError
+from fastsd.export import export_model, load_onnx_model, reference_model
+from fastsd.optimize import OptimizeConfig
+from fastsd.verify import verify
+
+
+@pytest.fixture(scope="module")
+def export_dir(_tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ort") / "tiny-onnx"
+    export_model(_tiny, out, components="text_encoder,unet,vae_decoder", progress=False, echo=None)
+    return out
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_verify_cli_passes_against_fp32_reference(capsys, export_dir, tmp_path):
+    report = tmp_path / "v.json"
+    code, stdout, err = run(capsys, "verify", "--backend", "onnxruntime", "--model", str(export_dir), "--steps", "4",
+                            "--json", str(report), "--quiet")
+    assert code == 0, stdout + err
+    assert "PASS" in stdout and "'backend': 'onnxruntime'" in stdout
+    data = json.loads(report.read_text())
+    assert data["passed"] and data["model"] == "tiny"
+    assert data["engine"]["providers"] == {k: ["CPUExecutionProvider"] for k in ("text_encoder", "unet", "vae_decoder")}
+    for row in data["images"]:
+        assert row["max_abs"] <= 2 and row["latent_cosine"] > 0.99999
+
+
+def test_api_verify_and_describe(export_dir):
+    onnx_model = load_onnx_model(export_dir)
+    ref = reference_model(onnx_model, safety_checker=False)
+    report, engine, result, _ = verify(ref, OptimizeConfig(backend="onnxruntime", safety_checker=False),
+                                       prompts=["a cat"], steps=3, scheduler="euler", engine_model=onnx_model)
+    assert report["passed"], report
+    d = engine.describe()
+    assert d["backend"] == "onnxruntime" and d["device"] == "cpu" and d["dtype"] == "fp32"
+    assert d["graphs"]["unet"] == "unet/model.onnx" and d["threads"] >= 1
+
+
+def test_two_resolutions_and_batches_from_one_export(export_dir, _tiny):
+    """Dynamic axes end to end: the same export at 64 and 128 px, one and three images, as the torch backend."""
+    import copy
+    ort_engine = optimize(load_onnx_model(export_dir), backend="onnxruntime")
+    torch_engine = optimize(copy.deepcopy(_tiny), backend="torch")
+    for n, size in ((1, 64), (3, 128)):
+        kw = dict(num_images_per_prompt=n, num_inference_steps=2, height=size, width=size, seed=5, progress=False,
+                  output_type="np")
+        a, b = ort_engine.generate("a cat", **kw), torch_engine.generate("a cat", **kw)
+        assert a.images.shape == (n, size, size, 3)
+        assert np.abs(a.images - b.images).max() < 1e-3
+        assert np.abs(a.latents - b.latents).max() < 1e-3
+
+
+def test_generate_cli(capsys, export_dir, tmp_path):
+    code, stdout, err = run(capsys, "generate", "a cat", "--backend", "onnxruntime", "--model", str(export_dir),
+                            "--steps", "2", "--seed", "1", "--out", str(tmp_path / "img.png"))
+    assert code == 0, err
+    assert (tmp_path / "img.png").is_file() and "'providers'" in err
+
+
+def test_fp16_export_runs_end_to_end(capsys, _tiny, tmp_path):
+    out = tmp_path / "fp16"
+    export_model(_tiny, out, components="text_encoder,unet,vae_decoder", dtype="fp16", progress=False, echo=None)
+    code, stdout, err = run(capsys, "verify", "--backend", "onnxruntime", "--model", str(out), "--dtype", "fp16",
+                            "--steps", "3", "--quiet")
+    assert code == 0, stdout + err
+    assert "tolerance (fp16)" in stdout and "PASS" in stdout
+    # asking for another dtype than the export's is a one-line error
+    code, _, err = run(capsys, "verify", "--backend", "onnxruntime", "--model", str(out), "--steps", "2", "--quiet")
+    assert code == 2 and "dtype: got 'fp32'; allowed: fp16 (the dtype" in err
+
+
+def test_static_export_runs_in_slices_and_refuses_other_sizes(_tiny, tmp_path):
+    out = tmp_path / "static"
+    export_model(_tiny, out, components="text_encoder,unet,vae_decoder", static=True, batch="1", resolution="64",
+                 progress=False, echo=None)
+    engine = optimize(load_onnx_model(out), backend="onnxruntime")
+    res = engine.generate("a cat", num_images_per_prompt=2, num_inference_steps=2, seed=0, progress=False)
+    assert len(res.images) == 2  # the UNet graph takes 2 (guidance), the VAE 1: the batch runs in slices
+    with pytest.raises(InvalidParameter, match="shapes .* was exported for"):
+        engine.generate("a cat", height=128, width=128, num_inference_steps=1, progress=False)
+
+
+def test_pytorch_model_is_refused_with_a_hint(tiny):
+    with pytest.raises(ModelLoadError, match="fastsd export --model tiny --out DIR"):
+        optimize(tiny, backend="onnxruntime")
+
+
+def test_provider_override_checked(export_dir, monkeypatch):
+    monkeypatch.setenv("FASTSD_ORT_PROVIDERS", "NoSuchExecutionProvider")
+    with pytest.raises(InvalidParameter, match="FASTSD_ORT_PROVIDERS"):
+        optimize(load_onnx_model(export_dir), backend="onnxruntime")
+    monkeypatch.setenv("FASTSD_ORT_PROVIDERS", "CPUExecutionProvider")
+    d = optimize(load_onnx_model(export_dir), backend="onnxruntime").describe()
+    assert d["providers"]["unet"] == ["CPUExecutionProvider"]

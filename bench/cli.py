@@ -1,0 +1,197 @@
+"""`fastsd bench`: the diffusers baseline and fastsd configurations, side by side, in one run."""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from fastsd.errors import InvalidParameter
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in str(text).split(",") if t.strip()]
+
+
+def _flag_value(text: str):
+    low = text.lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    try:
+        return int(text)
+    except ValueError:
+        return text
+
+
+def register(subparsers, parents):
+    p = subparsers.add_parser(
+        "bench", help="latency of fastsd configurations side by side with the diffusers baseline",
+        description="Measure, in one run and on the same inputs, the diffusers StableDiffusionPipeline (FP32, "
+                    "the baseline and parity reference) and each fastsd configuration (backend x dtype): per "
+                    "component (text encoder, one UNet step with guidance, VAE decode, safety checker) and end "
+                    "to end; median/min/p90 of --repeat runs after warm-up; images per second, peak memory, the "
+                    "speed-up over the baseline and the PSNR of the final image against it.")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "-m", default="tiny", help="preset, hub id, diffusers folder or .safetensors (default tiny)")
+    g.add_argument("--random-weights", action="store_true", help="the preset's architecture with seeded random weights")
+    g.add_argument("--config", help="for a single checkpoint file: the preset whose architecture it has")
+    g.add_argument("--allow-pickle", action="store_true", help="allow .ckpt pickle checkpoints")
+    g.add_argument("--no-safety-checker", action="store_true", help="leave the safety checker out")
+    b = p.add_argument_group("what to measure")
+    b.add_argument("--backends", "--backend", default="diffusers,torch",
+                   help="comma list of diffusers (the baseline, always run first) and fastsd backends "
+                        "(torch, onnxruntime); an unavailable backend is skipped with its reason (default: diffusers,torch)")
+    b.add_argument("--dtype", default="fp32", help="comma list of fastsd dtypes: fp32, fp16, bf16 (default fp32); an item may carry "
+                        "OptimizeConfig flags of its own: bf16:channels_last=true")
+    b.add_argument("--set", action="append", default=[], metavar="FLAG=VALUE",
+                   help="an OptimizeConfig flag for every fastsd config (repeatable), e.g. --set channels_last=true")
+    b.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    b.add_argument("--attention", default="auto", help="fastsd attention: auto | sdpa | math | triton | xformers")
+    b.add_argument("--onnx-dir", help="the ONNX export the onnxruntime backend runs (else exported on the fly "
+                                      "when fastsd.export can)")
+    b.add_argument("--steps", type=int, default=50, help="denoising steps of the end-to-end run (default 50)")
+    b.add_argument("--batch", default="1", help="comma list of images per call (default 1)")
+    b.add_argument("--resolution", type=int, help="height and width in pixels (default: the model's size)")
+    b.add_argument("--height", type=int, help="height (overrides --resolution)")
+    b.add_argument("--width", type=int, help="width (overrides --resolution)")
+    b.add_argument("--repeat", type=int, default=3, help="timed runs per measurement (default 3)")
+    b.add_argument("--warmup", type=int, default=1, help="untimed warm-up calls per component (default 1)")
+    b.add_argument("--e2e-warmup", type=int, default=0,
+                   help="end-to-end warm-up runs, excluded (default 0: they follow the component warm-ups)")
+    b.add_argument("--estimate-steps", type=int, default=50,
+                   help="also estimate end to end at this many steps from the component medians (default 50)")
+    b.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    b.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
+    b.add_argument("--scheduler", help="pndm | ddim | euler | euler-ancestral | dpm++ | lms (default: the model's)")
+    b.add_argument("--prompt", default="a red circle on a blue background", help="the prompt")
+    b.add_argument("--negative", default="", help="negative prompt (default empty)")
+    o = p.add_argument_group("output")
+    o.add_argument("--json", help="write everything measured to this JSON file")
+    o.add_argument("--plot", help="write a PNG bar chart of per-component time per configuration")
+    o.add_argument("--markdown", help="write the table as a Markdown page (bench/RESULTS.md) headed by this command")
+    o.add_argument("--from-json", metavar="PATH",
+                   help="measure nothing: print (and --plot/--markdown) the tables of a saved --json run")
+    o.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_bench)
+    return p
+
+
+def settings_from_args(args):
+    from fastsd import validation as check
+    from fastsd.backends import backend_names
+    from fastsd.optimize import DTYPES, OptimizeConfig
+    from .harness import BASELINE, BenchSettings, ConfigSpec
+
+    backends = _csv(args.backends)
+    allowed = [BASELINE] + backend_names()
+    for name in backends:
+        if name not in allowed:
+            raise InvalidParameter("backends", name, ", ".join(allowed))
+    known = set(OptimizeConfig.__dataclass_fields__) - {"backend", "device", "dtype", "attention", "safety_checker"}
+
+    def parse_flags(items, name):
+        flags = {}
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep or key not in known:
+                raise InvalidParameter(name, item, "FLAG=VALUE with FLAG one of " + ", ".join(sorted(known)))
+            flags[key] = _flag_value(value)
+        return flags
+    flags = parse_flags(args.set, "set")
+    dtypes = []  # "bf16" or "bf16:flag=value:flag=value" (flags for that config only)
+    for item in _csv(args.dtype):
+        d, *own = item.split(":")
+        if d not in DTYPES:
+            raise InvalidParameter("dtype", d, ", ".join(DTYPES))
+        dtypes.append((d, tuple(sorted({**flags, **parse_flags(own, "dtype")}.items()))))
+    try:
+        batches = tuple(int(x) for x in _csv(args.batch))
+    except ValueError:
+        raise InvalidParameter("batch", args.batch, "a comma list of whole numbers, e.g. 1,2,4") from None
+    if not batches:
+        raise InvalidParameter("batch", args.batch, "a comma list of whole numbers, e.g. 1,2,4")
+    for n in batches:
+        check.num_images(n)
+    for name in ("repeat",):
+        if getattr(args, name) < 1:
+            raise InvalidParameter(name, getattr(args, name), "1 or more")
+    for name in ("warmup", "e2e_warmup"):
+        if getattr(args, name) < 0:
+            raise InvalidParameter(name.replace("_", "-"), getattr(args, name), "0 or more")
+    if args.threads is not None and args.threads < 1:
+        raise InvalidParameter("threads", args.threads, "1 or more")
+    check.steps(args.steps)
+    check.steps(args.estimate_steps)
+    height = args.height or args.resolution
+    width = args.width or args.resolution
+    if height is not None:
+        check.size("height", height)
+    if width is not None:
+        check.size("width", width)
+    configs = [ConfigSpec(BASELINE)]
+    for backend in backends:
+        if backend != BASELINE:
+            configs += [ConfigSpec(backend, d, f) for d, f in dtypes]
+    return BenchSettings(
+        model=args.model, random_weights=args.random_weights, model_config=args.config,
+        allow_pickle=args.allow_pickle, device=args.device, attention=args.attention, configs=configs,
+        batches=batches, height=height, width=width, steps=args.steps, repeat=args.repeat, warmup=args.warmup,
+        e2e_warmup=args.e2e_warmup, guidance=args.guidance, seed=args.seed, scheduler=args.scheduler,
+        prompt=args.prompt, negative=args.negative, estimate_steps=args.estimate_steps,
+        safety_checker=not args.no_safety_checker, threads=args.threads, onnx_dir=args.onnx_dir,
+        progress=not args.quiet)
+
+
+def command_line(args) -> str:
+    """The command that repeats this run (every option that matters, written out)."""
+    parts = ["fastsd", "bench", "--model", args.model]
+    parts += ["--random-weights"] if args.random_weights else []
+    parts += ["--backends", args.backends, "--dtype", args.dtype, "--steps", str(args.steps), "--batch", args.batch]
+    for name in ("resolution", "height", "width", "config", "onnx_dir", "threads", "scheduler"):
+        if getattr(args, name) is not None:
+            parts += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    parts += ["--repeat", str(args.repeat), "--warmup", str(args.warmup)]
+    if args.e2e_warmup:
+        parts += ["--e2e-warmup", str(args.e2e_warmup)]
+    if args.device != "cpu":
+        parts += ["--device", args.device]
+    if args.attention != "auto":
+        parts += ["--attention", args.attention]
+    for item in args.set:
+        parts += ["--set", item]
+    parts += ["--no-safety-checker"] if args.no_safety_checker else []
+    for name in ("json", "plot", "markdown"):
+        if getattr(args, name):
+            parts += ["--" + name, getattr(args, name)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def cmd_bench(args) -> int:
+    from .harness import run_bench
+    from .report import format_report, write_markdown, write_plot
+    for path in (args.json, args.plot, args.markdown):
+        if path:
+            parent = Path(path).expanduser().resolve().parent
+            if not parent.is_dir():
+                raise InvalidParameter("output path", path, "a path in an existing folder")
+    if args.from_json:
+        try:
+            report = json.loads(Path(args.from_json).read_text())
+            report["configs"], report["settings"]  # noqa: B018 (a bench report has both)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InvalidParameter("from-json", args.from_json, f"a JSON file written by fastsd bench --json ({e})")
+    else:
+        settings = settings_from_args(args)
+        report = run_bench(settings, log=lambda line: print(line, file=sys.stderr))
+        report["command"] = command_line(args)
+    print(format_report(report))
+    if args.json and not args.from_json:
+        Path(args.json).write_text(json.dumps(report, indent=2, allow_nan=False))
+    if args.plot:
+        write_plot(report, args.plot)
+    if args.markdown:
+        write_markdown(report, args.markdown, report["command"])
+    return 0

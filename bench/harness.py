@@ -1,0 +1,644 @@
+"""The measurements behind `fastsd bench`.
+
+One process, one model, the same inputs for every configuration: the diffusers StableDiffusionPipeline
+(FP32, the baseline and the parity reference) runs first, then each fastsd configuration on a fresh copy
+of the same modules. Per batch size it times each component (text encoder, one UNet step, VAE decode,
+safety checker) and the whole generation, keeps the warm-up calls apart, and compares each
+configuration's final images with the baseline's (fastsd.reference.compare)."""
+from __future__ import annotations
+
+import copy
+import gc
+import math
+import os
+import statistics
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+COMPONENTS = ("text_encoder", "unet_step", "vae_decode", "safety_checker")
+LABELS = {"text_encoder": "text encoder", "unet_step": "UNet step", "vae_decode": "VAE decode",
+          "safety_checker": "safety checker", "end_to_end": "end to end"}
+BASELINE = "diffusers"
+
+
+@dataclass(frozen=True)
+class ConfigSpec:
+    """One configuration to measure: the diffusers baseline, or a fastsd backend, dtype and flags."""
+    backend: str  # "diffusers" | a fastsd backend name
+    dtype: str = "fp32"
+    flags: tuple = ()  # extra OptimizeConfig fields, as sorted (name, value) pairs
+
+    @property
+    def name(self) -> str:
+        extra = ",".join(f"{k}={v}" for k, v in self.flags)
+        return f"{self.backend} {self.dtype}" + (f" [{extra}]" if extra else "")
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.backend == BASELINE
+
+
+@dataclass
+class BenchSettings:
+    model: str = "tiny"
+    random_weights: bool = False
+    model_config: str | None = None
+    allow_pickle: bool = False
+    device: str = "cpu"
+    attention: str = "auto"
+    configs: list = field(default_factory=list)  # ConfigSpec, baseline first
+    batches: tuple = (1,)
+    height: int | None = None
+    width: int | None = None
+    steps: int = 50
+    repeat: int = 3
+    warmup: int = 1
+    e2e_warmup: int = 0
+    guidance: float = 7.5
+    seed: int = 0
+    scheduler: str | None = None
+    prompt: str = "a red circle on a blue background"
+    negative: str = ""
+    estimate_steps: int = 50
+    safety_checker: bool = True
+    threads: int | None = None
+    onnx_dir: str | None = None
+    progress: bool = True
+
+
+# -- statistics, clocks, memory ---------------------------------------------------------------------
+def summarize(runs: list[float]) -> dict:
+    """median, min and p90 (linear interpolation) of the timed runs, in seconds."""
+    if not runs:
+        return {"runs_s": [], "median_s": None, "min_s": None, "p90_s": None}
+    return {"runs_s": list(runs), "median_s": statistics.median(runs), "min_s": min(runs),
+            "p90_s": float(np.percentile(runs, 90))}
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss() -> int:
+    import psutil
+    return psutil.Process().memory_info().rss
+
+
+def _vm_hwm() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class PeakMemory:
+    """Peak memory while a configuration runs: CUDA peak allocation on a GPU, peak resident memory of
+    this process on the CPU (Linux: VmHWM after resetting it through /proc/self/clear_refs; elsewhere a
+    20 ms sampling thread). `start()` after the configuration is built, `stop()` when its runs end."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.method = None
+        self._peak = 0
+        self._stop = threading.Event()
+        self._thread = None
+
+    def start(self):
+        if self.device.type == "cuda":
+            _sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.method = "cuda max_memory_allocated"
+            return
+        self._peak = _rss()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+            if _vm_hwm() is not None:
+                self.method = "VmHWM (peak RSS)"
+                return
+        except OSError:
+            pass
+        self.method = "RSS sampled every 20 ms"
+        self._stop.clear()
+
+        def sample():
+            while not self._stop.wait(0.02):
+                self._peak = max(self._peak, _rss())
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> int:
+        if self.device.type == "cuda":
+            _sync(self.device)
+            return int(torch.cuda.max_memory_allocated(self.device))
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+            return max(self._peak, _rss())
+        return max(_vm_hwm() or 0, _rss())
+
+    def current(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.memory_allocated(self.device))
+        return _rss()
+
+
+# -- runners: the same five calls, over diffusers or over a fastsd engine -------------------------------
+class DiffusersRunner:
+    """The baseline: diffusers' StableDiffusionPipeline in FP32 over the model's own modules."""
+
+    def __init__(self, model, settings: BenchSettings):
+        from fastsd.schedulers import make_scheduler
+        self.device = torch.device(settings.device)
+        self.pipe = model.to_pipeline(with_safety_checker=settings.safety_checker)
+        self.pipe.to(self.device, torch.float32)
+        self.pipe.set_progress_bar_config(disable=True)
+        if settings.scheduler:
+            self.pipe.scheduler = make_scheduler(settings.scheduler, self.pipe.scheduler.config)
+        self.has_safety_checker = self.pipe.safety_checker is not None
+
+    @torch.inference_mode()
+    def text_encoder(self, ids):
+        return self.pipe.text_encoder(ids, attention_mask=None)[0]
+
+    @torch.inference_mode()
+    def unet_step(self, sample, t, hidden):
+        return self.pipe.unet(sample, t, encoder_hidden_states=hidden, return_dict=False)[0]
+
+    @torch.inference_mode()
+    def vae_decode(self, latents):
+        return self.pipe.vae.decode(latents, return_dict=False)[0]
+
+    @torch.inference_mode()
+    def safety_checker(self, image):
+        return self.pipe.run_safety_checker(image, self.device, torch.float32)
+
+    def end_to_end(self, s: BenchSettings, batch: int, height: int, width: int):
+        final = {}
+
+        def keep(pipe, i, t, kw):
+            final["latents"] = kw["latents"]
+            return kw
+        out = self.pipe(s.prompt, negative_prompt=s.negative or None, num_images_per_prompt=batch,
+                        num_inference_steps=s.steps, guidance_scale=s.guidance, height=height, width=width,
+                        generator=[torch.Generator("cpu").manual_seed(s.seed + i) for i in range(batch)],
+                        output_type="pil", callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["latents"])
+        return out.images, final["latents"].float().cpu()
+
+    def describe(self) -> dict:
+        return {"backend": "diffusers", "pipeline": "StableDiffusionPipeline", "device": str(self.device),
+                "dtype": "float32", "attention": "diffusers default (AttnProcessor2_0, SDPA)"}
+
+
+class EngineRunner:
+    """A fastsd configuration: `fastsd.optimize(model, OptimizeConfig(...))` and its backend's calls."""
+
+    def __init__(self, model, spec: ConfigSpec, settings: BenchSettings):
+        from fastsd.optimize import OptimizeConfig, optimize
+        config = OptimizeConfig(backend=spec.backend, device=settings.device, dtype=spec.dtype,
+                                attention=settings.attention, safety_checker=settings.safety_checker,
+                                **dict(spec.flags))
+        self.engine = optimize(model, config)
+        self.device = self.engine.backend.device
+        self.has_safety_checker = self.engine.safety_checker is not None
+
+    def text_encoder(self, ids):
+        return self.engine.backend.encode_text(ids)
+
+    def unet_step(self, sample, t, hidden):
+        return self.engine.backend.unet(sample, t, hidden)
+
+    def vae_decode(self, latents):
+        return self.engine.backend.decode(latents)
+
+    @torch.inference_mode()
+    def safety_checker(self, image):
+        # what Engine.generate does after the decode: a CPU fp32 copy, then the checker
+        return self.engine._safety_check(image.float().cpu().clone())
+
+    def end_to_end(self, s: BenchSettings, batch: int, height: int, width: int):
+        r = self.engine.generate(s.prompt, s.negative or None, num_images_per_prompt=batch,
+                                 num_inference_steps=s.steps, guidance_scale=s.guidance, height=height,
+                                 width=width, seed=[s.seed + i for i in range(batch)], scheduler=s.scheduler,
+                                 progress=False)
+        return r.images, r.latents
+
+    def describe(self) -> dict:
+        return self.engine.describe()
+
+
+# -- inputs ------------------------------------------------------------------------------------------
+def unet_calls(model, steps: int, scheduler: str | None) -> tuple[int, str, object]:
+    """How many UNet calls `steps` denoising steps make (PNDM makes steps + 1), the scheduler's name,
+    and the timestep in the middle of the schedule."""
+    from fastsd.schedulers import make_scheduler, scheduler_name
+    sched = make_scheduler(scheduler, model.scheduler.config) if scheduler else \
+        type(model.scheduler).from_config(model.scheduler.config)
+    sched.set_timesteps(steps)
+    ts = sched.timesteps
+    return len(ts), scheduler_name(sched), ts[len(ts) // 2]
+
+
+def make_inputs(model, s: BenchSettings, batch: int, height: int, width: int, device) -> tuple[dict, dict]:
+    """Seeded inputs of one batch size, the same for every configuration, and their shapes."""
+    cfg = s.guidance > 1.0 and model.unet.config.time_cond_proj_dim is None
+    n_text = 2 * batch if cfg else batch
+    tok = model.tokenizer
+    texts = ([s.negative] * batch if cfg else []) + [s.prompt] * batch
+    ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
+    g = torch.Generator("cpu").manual_seed(s.seed)
+    f = model.vae_scale_factor
+    lat = (model.unet.config.in_channels, height // f, width // f)
+    _, _, t = unet_calls(model, s.steps, s.scheduler)
+    inputs = {
+        "ids": ids,
+        "sample": torch.randn((n_text, *lat), generator=g),
+        "t": t,
+        "hidden": torch.randn((n_text, ids.shape[1], model.unet.config.cross_attention_dim), generator=g),
+        "latents": torch.randn((batch, model.vae.config.latent_channels, *lat[1:]), generator=g),
+        "image": torch.rand((batch, 3, height, width), generator=g) * 2 - 1,
+    }
+    inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) and k != "t" else v) for k, v in inputs.items()}
+    shapes = {
+        "images_per_call": batch, "guidance_batched": cfg,
+        "text_encoder": {"input_ids": list(ids.shape)},
+        "unet_step": {"sample": list(inputs["sample"].shape), "encoder_hidden_states": list(inputs["hidden"].shape),
+                      "timestep": int(t)},
+        "vae_decode": {"latents": list(inputs["latents"].shape), "image": [batch, 3, height, width]},
+        "safety_checker": {"image": [batch, 3, height, width]},
+        "end_to_end": {"prompts": 1, "images": batch, "steps": s.steps, "height": height, "width": width},
+    }
+    return inputs, shapes
+
+
+# -- ONNX: included only when the backend (and an export) exist ------------------------------------------
+def onnx_engine_model(model, settings: BenchSettings, dtype: str, height: int, width: int):
+    """What the onnxruntime backend runs for `dtype`: (SDModel over ONNX graphs, None, export seconds), or
+    (None, one-line reason to skip, 0). The backend is found through the registry; the graphs are the export
+    in --onnx-dir, or one written now by fastsd.export (text encoder, UNet, VAE decoder) when it exists.
+    The PyTorch safety checker is attached so that end to end does the same work as the baseline."""
+    from fastsd.backends import lookup_backend
+    try:
+        lookup_backend("onnxruntime")
+    except Exception as e:  # the module or onnxruntime itself missing, or not registered
+        return None, f"the onnxruntime backend is not available ({type(e).__name__}: {_line(e)})", 0.0
+    try:
+        from fastsd.export import export_onnx, load_onnx_model
+    except ImportError as e:
+        return None, f"fastsd.export is not importable ({_line(e)})", 0.0
+    t0 = time.perf_counter()
+    try:
+        if settings.onnx_dir:
+            onnx_model = load_onnx_model(settings.onnx_dir)
+        else:
+            import tempfile
+            folder = tempfile.mkdtemp(prefix=f"fastsd-bench-onnx-{dtype}-")
+            batch = f"1:{min(settings.batches)}:{max(4, max(settings.batches))}"
+            options = {"dtype": dtype, "batch": batch, "components": ("text_encoder", "unet", "vae_decoder")}
+            if height == width:
+                options["resolution"] = f"{height}:{height}:{height}"
+            export_onnx(copy.deepcopy(model), folder, **options)
+            onnx_model = load_onnx_model(folder)
+    except Exception as e:
+        return None, f"no ONNX export in {dtype} ({type(e).__name__}: {_line(e)})", 0.0
+    if getattr(onnx_model, "safety_checker", None) is None and model.safety_checker is not None:
+        onnx_model.safety_checker = copy.deepcopy(model.safety_checker)
+        onnx_model.feature_extractor = model.feature_extractor
+    return onnx_model, None, time.perf_counter() - t0
+
+
+def _line(e: BaseException, n: int = 160) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:n] if text else ""
+
+
+# -- machine and versions ----------------------------------------------------------------------------
+_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
+          "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
+
+
+def machine_info(device: torch.device) -> dict:
+    import platform
+    import re
+    import psutil
+    cpu, flags = platform.processor() or platform.machine(), []
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read()
+        m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+        cpu = m.group(1).strip() if m else cpu
+        m = re.search(r"^(?:flags|Features)\s*:\s*(.+)$", text, re.M)
+        have = set(m.group(1).split()) if m else set()
+        flags = [f for f in _FLAGS if f in have]
+    except OSError:
+        pass
+    onednn = re.search(r"(?:MKL-DNN|oneDNN)\s*v?([\d.]+)", torch.__config__.show())
+    info = {
+        "cpu": cpu, "cpu_flags": flags, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "logical_cores": os.cpu_count(), "physical_cores": psutil.cpu_count(logical=False),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+        "onednn": onednn.group(1) if onednn else None, "platform": platform.platform(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
+    return info
+
+
+def versions() -> dict:
+    import platform
+    from importlib import metadata
+    out = {"python": platform.python_version()}
+    for name in ("torch", "diffusers", "transformers", "onnxruntime", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    import fastsd
+    out["fastsd"] = fastsd.__version__
+    return out
+
+
+# -- the run -----------------------------------------------------------------------------------------
+def _finite(x):
+    """JSON has no inf: PSNR of identical images is written as the string "inf"."""
+    if isinstance(x, float) and math.isinf(x):
+        return "inf"
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
+class _Progress:
+    def __init__(self, total: int, enabled: bool):
+        from tqdm.auto import tqdm
+        self.bar = tqdm(total=total, disable=not enabled, unit="call", file=sys.stderr, leave=False,
+                        dynamic_ncols=True)
+
+    def step(self, what: str):
+        self.bar.set_description_str(what, refresh=True)
+
+    def done(self, n: int = 1):
+        self.bar.update(n)
+
+    def close(self):
+        self.bar.close()
+
+
+def _timed(fn, device, cpu: list | None = None) -> float:
+    """Wall seconds of one call; its process CPU seconds (all threads) go to `cpu`."""
+    _sync(device)
+    c0, t0 = time.process_time(), time.perf_counter()
+    fn()
+    _sync(device)
+    wall = time.perf_counter() - t0
+    if cpu is not None:
+        cpu.append(time.process_time() - c0)
+    return wall
+
+
+def run_bench(settings: BenchSettings, model=None, log=print) -> dict:
+    """Measure every configuration in `settings.configs` (baseline first) and return the report dict
+    (what --json writes). `model` is an SDModel; loaded from `settings.model` when None. `log` gets the
+    one-line notes (skipped configurations)."""
+    from fastsd.loading import load_model
+    from fastsd.reference import TOLERANCES, compare
+    from fastsd import validation as check
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    device = torch.device(settings.device)
+    started = time.time()
+    load_avg_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    t0 = time.perf_counter()
+    given = model
+    mem = PeakMemory(device)
+    base_memory = mem.current()  # the process before any model is loaded
+
+    def fresh_model():
+        """A pristine copy for the next configuration (optimize changes modules in place). Loaded again
+        rather than deep-copied from one kept in memory: one full-size model resident at a time (random
+        weights are seeded, so every load is the same model)."""
+        if given is not None:
+            return copy.deepcopy(given)
+        return load_model(settings.model, random_weights=settings.random_weights, allow_pickle=settings.allow_pickle,
+                          config=settings.model_config, safety_checker=settings.safety_checker)
+    model = fresh_model()
+    load_s = time.perf_counter() - t0
+    model_info = {"name": model.name, "spec": settings.model, "source": model.source,
+                  "random_weights": model.source == "random",
+                  "parameters": {k: int(v) for k, v in model.parameter_counts().items()}, "load_s": load_s}
+    model_has_safety = model.safety_checker is not None
+    height = check.size("height", settings.height or model.native_size)
+    width = check.size("width", settings.width or model.native_size)
+    n_calls, sched_name, _ = unet_calls(model, settings.steps, settings.scheduler)
+    est_calls, _, _ = unet_calls(model, settings.estimate_steps, settings.scheduler)
+    has_safety = settings.safety_checker and model.safety_checker is not None
+
+    configs = list(settings.configs)
+    if not configs or not configs[0].is_baseline:
+        configs = [ConfigSpec(BASELINE)] + [c for c in configs if not c.is_baseline]
+    skipped, onnx_models, runnable = [], {}, []
+    for spec in configs:
+        if spec.backend == "onnxruntime":
+            if spec.dtype not in onnx_models:
+                onnx_models[spec.dtype] = onnx_engine_model(model, settings, spec.dtype, height, width)
+            if onnx_models[spec.dtype][0] is None:
+                reason = onnx_models[spec.dtype][1]
+                skipped.append({"config": spec.name, "reason": reason})
+                log(f"skipped {spec.name}: {reason}")
+                continue
+        runnable.append(spec)
+
+    comps = [c for c in COMPONENTS if c != "safety_checker" or has_safety]
+    per_batch = len(comps) * (settings.warmup + settings.repeat) + settings.e2e_warmup + settings.repeat
+    progress = _Progress(len(runnable) * (1 + len(settings.batches) * per_batch), settings.progress)
+    inputs, shapes = {}, {}
+    for b in settings.batches:
+        inputs[b], shapes[str(b)] = make_inputs(model, settings, b, height, width, device)
+
+    reference = {}  # batch -> (images, latents) of the baseline's end-to-end run
+    results = []
+    for spec in runnable:
+        gc.collect()
+        entry = {"name": spec.name, "backend": spec.backend, "dtype": spec.dtype, "flags": dict(spec.flags),
+                 "baseline": spec.is_baseline, "batches": {}}
+        progress.step(f"{spec.name}: loading and building")
+        before = mem.current()
+        try:
+            if spec.backend == "onnxruntime":
+                t0 = time.perf_counter()
+                runner = EngineRunner(onnx_models[spec.dtype][0], spec, settings)
+                entry["export_s"] = onnx_models[spec.dtype][2]
+            else:
+                if model is None:
+                    t0 = time.perf_counter()
+                    model = fresh_model()
+                    entry["load_s"] = time.perf_counter() - t0
+                    before = mem.current()
+                t0 = time.perf_counter()
+                m, model = model, None  # the runner owns it now
+                runner = DiffusersRunner(m, settings) if spec.is_baseline else EngineRunner(m, spec, settings)
+                del m
+            entry["build_s"] = time.perf_counter() - t0
+        except Exception as e:
+            if spec.is_baseline:
+                raise
+            reason = f"{type(e).__name__}: {_line(e)}"
+            skipped.append({"config": spec.name, "reason": reason})
+            log(f"skipped {spec.name}: {reason}")
+            progress.done(1 + len(settings.batches) * per_batch)
+            continue
+        progress.done()
+        entry["describe"] = runner.describe()
+        entry["memory_after_build_mb"] = mem.current() / 2**20
+        entry["load_average"] = {"built": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+        mem.start()
+        try:
+            for b in settings.batches:
+                x = inputs[b]
+                calls = {"text_encoder": lambda: runner.text_encoder(x["ids"]),
+                         "unet_step": lambda: runner.unet_step(x["sample"], x["t"], x["hidden"]),
+                         "vae_decode": lambda: runner.vae_decode(x["latents"]),
+                         # a copy: the checker blacks out flagged images in place
+                         "safety_checker": lambda: runner.safety_checker(x["image"].clone())}
+                row = {"components": {}}
+                for comp in COMPONENTS:
+                    if comp not in comps or (comp == "safety_checker" and not runner.has_safety_checker):
+                        row["components"][comp] = {"skipped": "the model has no safety checker"
+                                                   if not model_has_safety else
+                                                   "this configuration runs no safety checker"}
+                        continue
+                    warm = []
+                    for i in range(settings.warmup):
+                        progress.step(f"{spec.name} batch {b}: {LABELS[comp]} warm-up {i + 1}/{settings.warmup}")
+                        warm.append(_timed(calls[comp], device))
+                        progress.done()
+                    runs, cpu = [], []
+                    for i in range(settings.repeat):
+                        progress.step(f"{spec.name} batch {b}: {LABELS[comp]} {i + 1}/{settings.repeat}")
+                        runs.append(_timed(calls[comp], device, cpu))
+                        progress.done()
+                    row["components"][comp] = {**summarize(runs), "warmup_s": warm, "cpu_s": cpu,
+                                               "cpu_median_s": statistics.median(cpu)}
+                out = []
+                warm, runs, cpu = [], [], []
+                for i in range(settings.e2e_warmup + settings.repeat):
+                    progress.step(f"{spec.name} batch {b}: end to end ({settings.steps} steps) "
+                                  f"{i + 1}/{settings.e2e_warmup + settings.repeat}")
+                    is_warm = i < settings.e2e_warmup
+                    (warm if is_warm else runs).append(_timed(
+                        lambda: out.append(runner.end_to_end(settings, b, height, width)), device,
+                        None if is_warm else cpu))
+                    progress.done()
+                out = out[-1]
+                row["end_to_end"] = {**summarize(runs), "warmup_s": warm, "steps": settings.steps,
+                                     "unet_calls": n_calls, "cpu_s": cpu, "cpu_median_s": statistics.median(cpu)}
+                med = row["end_to_end"]["median_s"]
+                row["images_per_s"] = b / med if med else None
+                c = row["components"]
+                parts = [c[k].get("median_s") or 0.0 for k in ("text_encoder", "vae_decode", "safety_checker")]
+                row["end_to_end_estimate"] = {
+                    "steps": settings.estimate_steps, "unet_calls": est_calls,
+                    "seconds": sum(parts) + est_calls * c["unet_step"]["median_s"],
+                    "how": "text encoder + unet_calls x UNet step + VAE decode + safety checker (medians)"}
+                images, latents = out
+                if spec.is_baseline:
+                    reference[b] = (images, latents)
+                    row["parity"] = {"reference": True}
+                else:
+                    ref_images, ref_latents = reference[b]
+                    tol = TOLERANCES[spec.dtype]
+                    seeds = [settings.seed + i for i in range(b)]
+                    rows = compare(ref_images, images, ref_latents, latents, [settings.prompt] * b, seeds, tol)
+                    row["parity"] = {"psnr_db": min(r.psnr_db for r in rows),
+                                     "latent_cosine": min(r.latent_cosine for r in rows),
+                                     "max_abs": max(r.max_abs for r in rows),
+                                     "passed": all(r.passed for r in rows), "tolerance": asdict(tol),
+                                     "images": [asdict(r) for r in rows]}
+                entry["batches"][str(b)] = row
+        except Exception as e:  # a fastsd configuration that fails (NaN, a kernel error) is reported, not fatal
+            if spec.is_baseline:
+                raise
+            failed = f"failed while measuring: {type(e).__name__}: {_line(e)}"
+        else:
+            failed = None
+        finally:
+            peak = mem.stop()
+        if failed:
+            skipped.append({"config": spec.name, "reason": failed})
+            log(f"skipped {spec.name}: {failed}")
+            del runner
+            gc.collect()
+            continue
+        entry["peak_memory"] = {"kind": "cuda" if device.type == "cuda" else "cpu", "method": mem.method,
+                                "peak_mb": peak / 2**20, "before_build_mb": before / 2**20,
+                                "process_without_model_mb": base_memory / 2**20,
+                                "config_peak_mb": (peak - (0 if device.type == "cuda" else base_memory)) / 2**20}
+        entry["load_average"]["done"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        results.append(entry)
+        del runner
+        gc.collect()
+    progress.close()
+
+    base = results[0]
+    for entry in results:
+        for b, row in entry["batches"].items():
+            brow = base["batches"][b]
+            for stats, bs in [(st, brow["components"][comp]) for comp, st in row["components"].items()] + \
+                    [(row["end_to_end"], brow["end_to_end"])]:
+                if stats.get("median_s") and bs.get("median_s"):
+                    stats["speedup"] = bs["median_s"] / stats["median_s"]
+                    stats["cpu_speedup"] = bs["cpu_median_s"] / stats["cpu_median_s"]
+            row["end_to_end_estimate"]["speedup"] = (brow["end_to_end_estimate"]["seconds"]
+                                                     / row["end_to_end_estimate"]["seconds"])
+    machine = machine_info(device)
+    machine["load_average_start"], machine["load_average_end"] = load_avg_start, machine.pop("load_average")
+    return _finite({
+        "fastsd_bench": 1,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "wall_s": time.time() - started,
+        "model": model_info,
+        "settings": {"height": height, "width": width, "steps": settings.steps, "unet_calls": n_calls,
+                     "scheduler": sched_name, "guidance": settings.guidance, "batches": list(settings.batches),
+                     "repeat": settings.repeat, "warmup": settings.warmup, "e2e_warmup": settings.e2e_warmup,
+                     "seed": settings.seed, "prompt": settings.prompt, "negative": settings.negative,
+                     "estimate_steps": settings.estimate_steps, "estimate_unet_calls": est_calls,
+                     "device": settings.device, "attention": settings.attention,
+                     "safety_checker": has_safety},
+        "machine": machine,
+        "versions": versions(),
+        "shapes": shapes,
+        "skipped": skipped,
+        "configs": results,
+        "notes": ["speedup = baseline median / configuration median (above 1 is faster than diffusers)",
+                  "parity: the configuration's final images against the baseline's (FP32 diffusers, same "
+                  "prompt and seeds), fastsd.reference.compare at the configuration dtype's tolerance",
+                  "end-to-end runs follow the component warm-ups (same shapes); e2e_warmup more are excluded",
+                  "peak memory: peak_mb = peak RSS of the process during the configuration's runs (one model "
+                  "resident at a time), or CUDA max_memory_allocated on a GPU; config_peak_mb = peak_mb minus "
+                  "the process's RSS before any model was loaded (on the CPU)",
+                  "end to end: the fastsd engine caches prompt embeddings, so its repeated runs skip the text "
+                  "encoder (about 0.2 s for SD 1.x on this CPU); the diffusers pipeline encodes every time",
+                  "cpu_s: process CPU seconds per call, all threads together; on a shared machine wall time "
+                  "grows with other load, CPU time much less (cpu_speedup compares those)"],
+    })

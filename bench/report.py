@@ -1,0 +1,189 @@
+"""What `fastsd bench` prints and writes: the text table, the Markdown results page, the PNG chart."""
+from __future__ import annotations
+
+from .harness import COMPONENTS, LABELS
+
+
+def _ms(seconds) -> str:
+    if seconds is None:
+        return "-"
+    ms = seconds * 1000
+    return f"{ms:,.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}"
+
+
+def _s(seconds) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds:,.1f}" if seconds >= 100 else f"{seconds:.2f}" if seconds >= 1 else f"{seconds:.3f}"
+
+
+def _x(stats: dict) -> str:
+    v = stats.get("speedup")
+    return f"{v:.2f}x" if v is not None else ""
+
+
+def _psnr(v) -> str:
+    return "inf" if v == "inf" else f"{v:.1f}"
+
+
+def _grid(rows: list[list[str]], right: set[int] = frozenset(), indent: str = "  ") -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for n, r in enumerate(rows):
+        cells = [c.rjust(w) if i in right and n else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))]
+        out.append(indent + "  ".join(cells).rstrip())
+        if n == 0:
+            out.append(indent + "  ".join("-" * w for w in widths))
+    return out
+
+
+def header_lines(report: dict) -> list[str]:
+    s, m, v, mo = report["settings"], report["machine"], report["versions"], report["model"]
+    cores = f"{m['usable_cores']} usable of {m['logical_cores']} logical cores ({m['physical_cores']} physical)"
+    hw = m.get("gpu") and f"GPU {m['gpu']} ({m['gpu_memory_gb']} GB, CUDA {m['cuda']}); host " or ""
+    load = ""
+    if m.get("load_average_start") and m.get("load_average_end"):
+        load = f"; load avg (1 min) {m['load_average_start'][0]:.2f} at start, {m['load_average_end'][0]:.2f} at end"
+    lines = [
+        f"model: {mo['name']} ({'random weights' if mo['random_weights'] else mo['source']}); parameters "
+        + ", ".join(f"{k} {n / 1e6:.2f}M" for k, n in mo["parameters"].items()),
+        f"run: {s['width']}x{s['height']}, {s['steps']} steps ({s['unet_calls']} UNet calls, {s['scheduler']}), "
+        f"guidance {s['guidance']}, seed {s['seed']}, batches {','.join(map(str, s['batches']))}; "
+        f"median/min/p90 of {s['repeat']} runs after {s['warmup']} warm-up call(s) per component",
+        f"machine: {hw}{m['cpu']}; {cores}; {m['torch_threads']} torch threads; "
+        f"flags {' '.join(m['cpu_flags']) or '-'} (torch {m['cpu_capability']}, oneDNN {m['onednn']}); "
+        f"{m['memory_gb']} GB RAM{load}",
+        "versions: " + ", ".join(f"{k} {v[k] or 'not installed'}" for k in
+                                 ("torch", "diffusers", "transformers", "onnxruntime", "fastsd", "python")),
+    ]
+    for b, sh in report["shapes"].items():
+        u, d = sh["unet_step"], sh["vae_decode"]
+        lines.append(f"shapes (batch {b}): text ids {'x'.join(map(str, sh['text_encoder']['input_ids']))}; "
+                     f"UNet sample {'x'.join(map(str, u['sample']))} + text "
+                     f"{'x'.join(map(str, u['encoder_hidden_states']))} at t={u['timestep']}"
+                     f"{' (guidance batched)' if sh['guidance_batched'] else ''}; VAE latents "
+                     f"{'x'.join(map(str, d['latents']))} -> image {'x'.join(map(str, d['image']))}; "
+                     f"safety checker on {'x'.join(map(str, sh['safety_checker']['image']))}")
+    for c in report["configs"]:
+        d = c["describe"]
+        extra = {k: v for k, v in d.items() if k not in ("backend", "device", "model", "source")}
+        lines.append(f"config {c['name']}: " + ", ".join(f"{k}={v}" for k, v in extra.items())
+                     + f"; built in {_s(c.get('build_s'))} s")
+    for sk in report["skipped"]:
+        lines.append(f"skipped {sk['config']}: {sk['reason']}")
+    return lines
+
+
+def table_lines(report: dict) -> list[str]:
+    s = report["settings"]
+    out = []
+    for b in map(str, s["batches"]):
+        out.append("")
+        out.append(f"batch {b} (images per call; speed-up vs the diffusers baseline in this run, parity vs its "
+                   f"FP32 images)")
+        head = ["config"] + [f"{LABELS[c]} ms" for c in COMPONENTS] + \
+            [f"e2e {s['steps']} steps s", f"est. {s['estimate_steps']} steps s", "img/s", "peak MB",
+             "PSNR dB", "latent cos", "parity"]
+        rows = [head]
+        for c in report["configs"]:
+            row = c["batches"][b]
+            cells = [c["name"] + (" (baseline)" if c["baseline"] else "")]
+            for comp in COMPONENTS:
+                st = row["components"][comp]
+                cells.append("n/a" if "skipped" in st else f"{_ms(st['median_s'])} {_x(st)}")
+            e, est = row["end_to_end"], row["end_to_end_estimate"]
+            cells.append(f"{_s(e['median_s'])} {_x(e)}")
+            cells.append(f"{_s(est['seconds'])} {_x(est)}")
+            cells.append(f"{row['images_per_s']:.3g}" if row["images_per_s"] else "-")
+            cells.append(f"{c['peak_memory']['peak_mb']:,.0f}")
+            p = row["parity"]
+            if p.get("reference"):
+                cells += ["ref", "ref", "reference"]
+            else:
+                cells += [_psnr(p["psnr_db"]), f"{p['latent_cosine']:.6f}",
+                          f"{'pass' if p['passed'] else 'FAIL'} ({c['dtype']}: >= {p['tolerance']['min_psnr']:g} dB)"]
+            rows.append(cells)
+        out += _grid(rows, right=set(range(1, len(head) - 1)))
+        # spread and warm-up, apart from the medians
+        rows = [["config"] + [f"{LABELS[c]} min-p90 ms (warm-up)" for c in COMPONENTS] + ["e2e min-p90 s"]]
+        for c in report["configs"]:
+            row = c["batches"][b]
+            cells = [c["name"]]
+            for comp in COMPONENTS:
+                st = row["components"][comp]
+                cells.append("n/a" if "skipped" in st else
+                             f"{_ms(st['min_s'])}-{_ms(st['p90_s'])} ({', '.join(_ms(w) for w in st['warmup_s']) or '-'})")
+            e = row["end_to_end"]
+            cells.append(f"{_s(e['min_s'])}-{_s(e['p90_s'])}")
+            rows.append(cells)
+        out.append("")
+        out += _grid(rows, right=set(range(1, len(rows[0]))))
+        rows = [["config"] + [f"{LABELS[c]} CPU s" for c in COMPONENTS] + ["e2e CPU s"]]
+        for c in report["configs"]:
+            row = c["batches"][b]
+            cells = [c["name"]]
+            for st in [row["components"][comp] for comp in COMPONENTS] + [row["end_to_end"]]:
+                cells.append("n/a" if "skipped" in st else
+                             f"{_s(st['cpu_median_s'])} {st['cpu_speedup']:.2f}x" if "cpu_speedup" in st else "-")
+            rows.append(cells)
+        out.append("")
+        out.append("  process CPU time per call (median, all threads; less sensitive to other load than wall time)")
+        out += _grid(rows, right=set(range(1, len(rows[0]))))
+    out.append("")
+    out.append(f"speed-up = diffusers median / config median; est. {s['estimate_steps']} steps = text encoder + "
+               f"{s['estimate_unet_calls']} x UNet step + VAE decode + safety checker (medians, not a measured run); "
+               "peak MB = " + ("CUDA peak allocation" if report["configs"][0]["peak_memory"]["kind"] == "cuda" else
+                               "peak resident memory of the process during the config's runs (one model loaded at "
+                               f"a time; {report['configs'][0]['peak_memory']['method']})"))
+    return out
+
+
+def format_report(report: dict) -> str:
+    return "\n".join(["fastsd bench"] + ["  " + line for line in header_lines(report)] + table_lines(report))
+
+
+def write_markdown(report: dict, path, command: str):
+    from pathlib import Path
+    text = ["# fastsd bench: latest results on this machine", "",
+            "Regenerate (overwrites this file):", "", "```", command, "```", "",
+            f"Measured {report['started']}, {report['wall_s'] / 60:.1f} min wall. "
+            "The machine is shared: differences under 10-15% between runs are noise; compare only figures "
+            "from one run.", "", "```", format_report(report), "```", ""]
+    Path(path).write_text("\n".join(text))
+
+
+def write_plot(report: dict, path):
+    """Grouped bars: per component (and end to end per step), the median time of each configuration,
+    one panel per batch size, log scale; speed-up and PSNR in the legend."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    s = report["settings"]
+    batches = list(map(str, s["batches"]))
+    fig, axes = plt.subplots(1, len(batches), figsize=(7 * len(batches), 4.5), squeeze=False)
+    groups = list(COMPONENTS) + ["end_to_end"]
+    for ax, b in zip(axes[0], batches):
+        n = len(report["configs"])
+        width = 0.8 / max(n, 1)
+        x = np.arange(len(groups))
+        for i, c in enumerate(report["configs"]):
+            row = c["batches"][b]
+            vals = [(row["components"][g].get("median_s") or 0) if g != "end_to_end"
+                    else row["end_to_end"]["median_s"] for g in groups]
+            p = row["parity"]
+            label = c["name"] + (" (baseline)" if c["baseline"] else
+                                 f"  UNet {row['components']['unet_step'].get('speedup', 0):.2f}x, "
+                                 f"PSNR {_psnr(p['psnr_db'])} dB")
+            ax.bar(x + (i - (n - 1) / 2) * width, vals, width, label=label)
+        ax.set_xticks(x, [LABELS[g] if g != "end_to_end" else f"end to end\n({s['steps']} steps)" for g in groups])
+        ax.set_yscale("log")
+        ax.set_ylabel("seconds (median, log scale)")
+        ax.set_title(f"{report['model']['name']} {s['width']}x{s['height']}, batch {b}")
+        ax.legend(fontsize=7)
+    m = report["machine"]
+    fig.suptitle(f"fastsd bench on {m.get('gpu') or m['cpu']}, {m['torch_threads']} threads", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

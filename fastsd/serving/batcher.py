@@ -1,0 +1,202 @@
+"""Dynamic batching: the callable each MII model server hosts.
+
+MII's `ModelResponse` calls `pipeline(prompt=[...], negative_prompt=[...], **kwargs)` from a gRPC
+thread pool (a `concurrent.futures.ThreadPoolExecutor`, 32 workers), but under one lock, so by
+default calls reach the pipeline one at a time. The replica lifts that lock (see replica.py); then
+concurrent requests reach `BatchingPipeline.__call__` concurrently, each on its own thread. Each
+call validates its request, queues it and blocks on a future; one worker thread takes the oldest
+request, gathers every queued request with the same key (size, steps, scheduler, guidance on/off)
+until `max_batch` images or until `window` seconds after the oldest one arrived, runs them as ONE
+engine call (per-image prompts, negatives, guidance and seeds), and splits the images back.
+
+Per-image seeds make each image the one its request would get alone, up to float rounding of the
+batched GEMMs (~1e-5; at most 1 level of 255 after conversion to uint8).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from queue import Empty, Queue
+
+from ..errors import FastSDError
+from .limits import Limits, Request, parse
+
+log = logging.getLogger("fastsd.serving")
+
+
+class RequestTimeout(FastSDError, TimeoutError):
+    """A request that did not finish within the deployment's per-request timeout."""
+
+
+@dataclass
+class Reply:
+    """What MII's `Text2ImgMethods.pack_response_to_proto` reads."""
+    images: list
+    nsfw_content_detected: list[bool]
+    seeds: list[int] = field(default_factory=list)
+    batch_requests: int = 1  # how many requests shared the engine call
+
+
+@dataclass
+class _Job:
+    request: Request
+    arrival: float
+    deadline: float
+    future: Future = field(default_factory=Future)
+
+
+class Stats:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.requests = 0        # answered with images
+        self.images = 0
+        self.batches = 0         # engine calls
+        self.merged_batches = 0  # engine calls that served more than one request
+        self.merged_requests = 0  # requests that shared an engine call with others
+        self.max_batch_requests = 0
+        self.max_batch_images = 0
+        self.bad_requests = 0
+        self.timeouts = 0
+        self.errors = 0
+        self.busy_seconds = 0.0
+
+    def as_dict(self) -> dict:
+        with self.lock:
+            return {k: v for k, v in vars(self).items() if k != "lock"}
+
+
+class BatchingPipeline:
+    def __init__(self, engine, limits: Limits | None = None, max_batch: int = 8, window: float = 0.02,
+                 on_batch=None):
+        self.engine = engine
+        self.limits = limits or Limits()
+        self.max_batch = max(1, int(max_batch))
+        self.window = max(0.0, float(window))
+        self.stats = Stats()
+        self.on_batch = on_batch  # called after each engine call (the replica writes its stats file)
+        self._queue: Queue[_Job] = Queue()
+        self._waiting: deque[_Job] = deque()
+        self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._run, name="batcher", daemon=True)
+        self._worker.start()
+
+    # -- the callable MII hosts -----------------------------------------------------------------
+    def __call__(self, prompt=None, negative_prompt=None, **kwargs) -> Reply:
+        try:
+            request = parse(prompt, negative_prompt, kwargs, self.limits, self.engine.model.native_size,
+                            from_f32=True)
+        except ValueError:
+            with self.stats.lock:
+                self.stats.bad_requests += 1
+            raise
+        return self.submit(request)
+
+    def submit(self, request: Request) -> Reply:
+        now = time.monotonic()
+        job = _Job(request, now, now + self.limits.timeout)
+        self._queue.put(job)
+        try:
+            return job.future.result(timeout=self.limits.timeout)
+        except FutureTimeout:
+            job.future.cancel()  # the worker skips it if it has not started
+            with self.stats.lock:
+                self.stats.timeouts += 1
+            raise RequestTimeout(f"the request did not finish within the deployment's timeout "
+                                 f"({self.limits.timeout:g} s)") from None
+
+    def close(self):
+        self._stop.set()
+        self._worker.join(timeout=5)
+
+    # -- the worker ----------------------------------------------------------------------------
+    def _next_batch(self) -> list[_Job] | None:
+        while not self._waiting:
+            try:
+                self._waiting.append(self._queue.get(timeout=0.2))
+            except Empty:
+                if self._stop.is_set():
+                    return None
+        first = self._waiting.popleft()
+        batch, n = [first], first.request.n_images
+        key = first.request.key
+        for job in list(self._waiting):  # queued while the last batch ran
+            if job.request.key == key and n + job.request.n_images <= self.max_batch:
+                self._waiting.remove(job)
+                batch.append(job)
+                n += job.request.n_images
+        window_end = first.arrival + self.window
+        while n < self.max_batch:
+            remaining = window_end - time.monotonic()
+            try:
+                job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except Empty:
+                break
+            if job.request.key == key and n + job.request.n_images <= self.max_batch:
+                batch.append(job)
+                n += job.request.n_images
+            else:
+                self._waiting.append(job)
+        return batch
+
+    def _run(self):
+        while not self._stop.is_set():
+            batch = self._next_batch()
+            if batch is None:
+                return
+            now, live = time.monotonic(), []
+            for j in batch:
+                if not j.future.set_running_or_notify_cancel():
+                    continue  # its caller timed out and left
+                if j.deadline <= now:
+                    j.future.set_exception(RequestTimeout("the request waited past the deployment's timeout"))
+                    continue
+                live.append(j)
+            if live:
+                self._execute(live)
+
+    def _execute(self, batch: list[_Job]):
+        reqs = [j.request for j in batch]
+        first = reqs[0]
+        guidance = [g for r in reqs for g in r.guidance]
+        t0 = time.perf_counter()
+        try:
+            result = self.engine.generate(
+                [p for r in reqs for p in r.prompts], [n for r in reqs for n in r.negatives],
+                num_images_per_prompt=1, num_inference_steps=first.steps,
+                guidance_scale=guidance[0] if len(set(guidance)) == 1 else guidance,
+                height=first.height, width=first.width, seed=[s for r in reqs for s in r.seeds],
+                scheduler=first.scheduler, progress=False)
+        except BaseException as e:  # noqa: BLE001 - every caller must hear about it
+            log.exception("engine call failed for a batch of %d request(s)", len(batch))
+            with self.stats.lock:
+                self.stats.errors += len(batch)
+            for j in batch:
+                j.future.set_exception(e)
+            return
+        elapsed = time.perf_counter() - t0
+        i = 0
+        for j in batch:
+            k = j.request.n_images
+            j.future.set_result(Reply(result.images[i:i + k], list(result.nsfw_content_detected[i:i + k]),
+                                      result.seeds[i:i + k], len(batch)))
+            i += k
+        with self.stats.lock:
+            s = self.stats
+            s.requests += len(batch)
+            s.images += i
+            s.batches += 1
+            s.busy_seconds += elapsed
+            if len(batch) > 1:
+                s.merged_batches += 1
+                s.merged_requests += len(batch)
+            s.max_batch_requests = max(s.max_batch_requests, len(batch))
+            s.max_batch_images = max(s.max_batch_images, i)
+        if self.on_batch:
+            try:
+                self.on_batch()
+            except Exception:  # noqa: BLE001 - stats are best effort
+                log.exception("on_batch failed")

@@ -1,0 +1,142 @@
+"""`fastsd serve | query | status | stop`: serving through a persistent DeepSpeed-MII deployment.
+MII is imported only by the commands that need it, so `fastsd --help` stays light."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .common import DEFAULT_PORT, TOKEN_ENV
+
+
+def _gpus(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip() != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected GPU indices like 0,1; got {text!r}") from None
+    if not out or any(g < 0 for g in out):
+        raise argparse.ArgumentTypeError(f"expected GPU indices like 0,1; got {text!r}")
+    return out
+
+
+def register(subparsers, parents) -> None:
+    model_opts, gen_opts = parents
+    s = subparsers.add_parser(
+        "serve", parents=[model_opts], help="start a persistent DeepSpeed-MII deployment of the engine",
+        description="Start a persistent DeepSpeed-MII deployment (MII's gRPC model servers, one fastsd engine "
+                    "each, behind a health-aware load balancer, with a supervisor that restarts what dies). "
+                    "Returns once the deployment answers; it keeps running until `fastsd stop NAME`. Clients: "
+                    "mii.legacy.mii_query_handle(NAME) with the same MII_CACHE_PATH.")
+    s.add_argument("--deployment", "-d", required=True, help="deployment name (MII's deployment_name)")
+    s.add_argument("--replicas", type=int, default=1, help="model servers, one engine each (default 1)")
+    s.add_argument("--port", type=int, default=DEFAULT_PORT,
+                   help=f"load balancer port; replica i takes port+1+i, as in MII (default {DEFAULT_PORT})")
+    s.add_argument("--rest-port", type=int, help="also serve POST /score and GET /health on this port")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; MII's gRPC has no authentication: keep it private)")
+    s.add_argument("--token", help=f"bearer token the REST gateway requires (default: ${TOKEN_ENV} if set)")
+    s.add_argument("--gpus", type=_gpus, help="GPU indices, e.g. 0,1: replica i runs on GPU gpus[i mod n] "
+                   "(CUDA_VISIBLE_DEVICES per replica; implies --device cuda)")
+    s.add_argument("--hostfile", help="MII/DeepSpeed hostfile ('HOST slots=N' lines) placing replicas on hosts; "
+                   "replicas on other hosts are started over ssh")
+    s.add_argument("--max-batch", type=int, default=8, help="most images per engine call (1 = no batching; default 8)")
+    s.add_argument("--batch-window-ms", type=float, default=20.0,
+                   help="how long a request waits for others to share its batch (default 20)")
+    s.add_argument("--max-prompts", type=int, default=8, help="prompts per request (default 8)")
+    s.add_argument("--max-images", type=int, default=16, help="images per request (default 16)")
+    s.add_argument("--max-pixels", type=int, default=1024 * 1024, help="height x width (default 1048576)")
+    s.add_argument("--max-steps", type=int, default=150, help="denoising steps (default 150)")
+    s.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queueing included (default 300)")
+    s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="REST body limit (default 1 MiB)")
+    s.add_argument("--threads", type=int, help="torch threads per replica (default: torch's)")
+    s.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for the deployment")
+    s.set_defaults(func=cmd_serve)
+
+    q = subparsers.add_parser("query", parents=[gen_opts], help="send prompts to a running deployment",
+                              description="Send prompts to a running deployment through MII's client and save "
+                                          "the images.")
+    q.add_argument("deployment", help="deployment name")
+    q.add_argument("prompt", nargs="+", help="one or more prompts")
+    q.add_argument("--out", "-o", default="out/image.png", help="image path; several images get -0, -1, ...")
+    q.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the reply")
+    q.set_defaults(func=cmd_query)
+
+    st = subparsers.add_parser("status", help="what a deployment runs: replicas, ports, model, uptime, requests")
+    st.add_argument("deployment", nargs="?", help="deployment name (default: list them)")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    st.set_defaults(func=cmd_status)
+
+    sp = subparsers.add_parser("stop", help="stop every process of a deployment")
+    sp.add_argument("deployment", help="deployment name")
+    sp.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the processes (default 30)")
+    sp.set_defaults(func=cmd_stop)
+
+
+def cmd_serve(args) -> int:
+    from ..cli import optimize_config
+    from .deploy import serve
+    from .limits import Limits
+    if args.gpus:
+        args.device = "cuda"
+    import dataclasses
+    engine = dataclasses.asdict(optimize_config(args))
+    token = args.token or os.environ.get(TOKEN_ENV) or None
+    spec = serve(name=args.deployment, model=args.model, replicas=args.replicas, port=args.port,
+                 rest_port=args.rest_port, host=args.host, token=token, gpus=args.gpus, hostfile=args.hostfile,
+                 max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
+                 limits=Limits(max_prompts=args.max_prompts, max_images=args.max_images, max_pixels=args.max_pixels,
+                               max_steps=args.max_steps, timeout=args.timeout),
+                 engine=engine, random_weights=args.random_weights, config=args.config,
+                 allow_pickle=args.allow_pickle, threads=args.threads, max_body_bytes=args.max_body_bytes,
+                 startup_timeout=args.startup_timeout)
+    from .common import cache_path
+    n = len(spec["replicas"])
+    print(f"deployment '{spec['name']}' is up: {spec['model']}, {n} replica(s), gRPC {spec['host']}:{spec['port']}"
+          + (f", REST http://{spec['host']}:{spec['rest_port']}/score" if spec.get("rest_port") else ""))
+    print(f"clients: export MII_CACHE_PATH={cache_path()}; then mii.legacy.mii_query_handle({spec['name']!r})")
+    print(f"stop with: fastsd stop {spec['name']}")
+    return 0
+
+
+def cmd_query(args) -> int:
+    from ..cli import output_paths
+    from .deploy import query
+    paths = output_paths(args.out, len(args.prompt) * args.num_images)
+    reply = query(args.deployment, args.prompt, negative=args.negative, timeout=args.timeout,
+                  num_inference_steps=50 if args.steps is None else args.steps, guidance_scale=args.guidance,
+                  height=args.height, width=args.width, seed=args.seed, scheduler=args.scheduler,
+                  num_images_per_prompt=args.num_images if args.num_images != 1 else None)
+    for path, image, flagged in zip(paths, reply.images, reply.nsfw_content_detected):
+        image.save(path)
+        print(f"{path}" + ("  (flagged by the safety checker: black image)" if flagged else ""))
+    return 0
+
+
+def cmd_status(args) -> int:
+    from .deploy import format_status, list_deployments, status
+    if not args.deployment:
+        names = list_deployments()
+        rows = [status(n) for n in names]
+        if args.json:
+            print(json.dumps(rows, indent=1, default=str))
+        elif not rows:
+            print("no deployments")
+        for s in rows if not args.json else []:
+            print(f"{s['name']:<24} {s['status']:<8} {s['model']:<16} port {s['port']}"
+                  f"  replicas {sum(r['state'] == 'up' for r in s['replicas'])}/{len(s['replicas'])}")
+        return 0
+    s = status(args.deployment)
+    print(json.dumps(s, indent=1, default=str) if args.json else format_status(s))
+    return 0 if s["status"] == "running" else 3
+
+
+def cmd_stop(args) -> int:
+    from .deploy import stop
+    stop(args.deployment, timeout=args.timeout)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from ..cli import main
+    sys.exit(main())

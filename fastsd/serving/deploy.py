@@ -1,0 +1,380 @@
+"""`fastsd serve | query | status | stop`: what each command does, as functions (the CLI is thin)."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .common import (TOKEN_ENV, ServingError, cache_path, check_name, is_ours, pid_alive, port_answers, port_free,
+                     read_json, signal_pid, use_cache_path, wait_gone, write_json)
+from .limits import Limits
+
+LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
+STALE_FILES = ("stopping", "state.json", "balancer.json", "score.py")
+
+
+def _is_local(host: str) -> bool:
+    return host in LOCAL_HOSTS or host in (socket.gethostname(), socket.getfqdn())
+
+
+def _log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def running_state(ddir: Path) -> dict | None:
+    """state.json when the deployment's supervisor is alive, else None."""
+    state = read_json(ddir / "state.json")
+    if state and state.get("status") != "stopped" and is_ours(state.get("supervisor_pid"), ddir):
+        return state
+    return None
+
+
+def _port_owner(port: int) -> str:
+    """Which fastsd deployment, if any, says it uses this port (for the refusal message)."""
+    root = cache_path()
+    for spec_path in root.glob("*/spec.json"):
+        spec = read_json(spec_path) or {}
+        ports = {spec.get("port"), spec.get("rest_port"), *[r.get("port") for r in spec.get("replicas", [])]}
+        if port in ports and running_state(spec_path.parent):
+            return f" (by fastsd deployment '{spec.get('name')}')"
+    return ""
+
+
+def import_mii():
+    """MII, without DeepSpeed's start-up notices on a user's terminal: on a machine without CUDA,
+    DS_ACCELERATOR=cpu says what DeepSpeed would otherwise guess (and warn about), and its
+    deprecation notices about MII's own config fields are silenced."""
+    import logging
+
+    import torch
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    import mii
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    return mii
+
+
+# -- serve -----------------------------------------------------------------------------------------
+def _check_ports(replica_ports: list[int], port: int, rest_port: int | None, host: str) -> None:
+    wanted = [(port, "load balancer (--port)")] + [(p, f"replica {i} (--port + {i + 1})")
+                                                    for i, p in enumerate(replica_ports)]
+    if rest_port:
+        wanted.append((rest_port, "REST gateway (--rest-port)"))
+    seen = {}
+    for p, what in wanted:
+        if p in seen:
+            raise ServingError(f"port {p} is asked for twice: {seen[p]} and {what}")
+        seen[p] = what
+        if not port_free(p, host):
+            raise ServingError(f"port {p} for the {what} is already in use{_port_owner(p)}; "
+                               "pick another with --port / --rest-port")
+
+
+def plan_replicas(name: str, ddir: Path, replicas: int, port: int, host: str, hostfile: str | None,
+                  gpus: list[int] | None, model: str) -> tuple[list[dict], object]:
+    """Replica hosts and ports as MII lays them out (load balancer on `port`, replica i on port+1+i,
+    hosts and slots from MII's hostfile), and MII's deployment record for them."""
+    import_mii()
+    from mii.legacy.config import MIIConfig, ModelConfig
+    if hostfile is None:
+        hostfile = str(ddir / "hostfile")
+        Path(hostfile).write_text(f"localhost slots={replicas}\n")
+    elif not Path(hostfile).is_file():
+        raise ServingError(f"hostfile {hostfile}: no such file")
+    try:
+        cfg = MIIConfig(deployment_name=name, deployment_type="local", port_number=port, hostfile=hostfile,
+                        model_conf=ModelConfig(model=model, task="text-to-image", skip_model_check=True,
+                                               enable_deepspeed=False, replica_num=replicas))
+        cfg.generate_replica_configs()
+    except (ValueError, AssertionError) as e:
+        raise ServingError(f"cannot place {replicas} replica(s) with hostfile {hostfile}: {e}") from None
+    out = []
+    for i, rc in enumerate(cfg.model_conf.replica_configs):
+        local = _is_local(rc.hostname)
+        if not local and host in ("127.0.0.1", "localhost", "::1"):
+            raise ServingError(f"replica {i} is placed on host {rc.hostname} by the hostfile; remote replicas need "
+                               "--host set to an address the other hosts reach (and a private network: MII's gRPC "
+                               "has no authentication)")
+        cvd = None
+        if gpus:
+            cvd = gpus[i % len(gpus)]
+        elif hostfile != str(ddir / "hostfile") and rc.gpu_indices:
+            cvd = ",".join(map(str, rc.gpu_indices))  # MII's slot -> GPU index, as its launcher does
+        out.append({"index": i, "host": "127.0.0.1" if local else rc.hostname, "local": local,
+                    "bind": host if local else "0.0.0.0", "port": rc.tensor_parallel_ports[0],
+                    "cuda_visible_devices": cvd})
+    return out, cfg
+
+
+def serve(*, name: str, model: str, replicas: int = 1, port: int = 50050, rest_port: int | None = None,
+          host: str = "127.0.0.1", token: str | None = None, gpus: list[int] | None = None,
+          hostfile: str | None = None, max_batch: int = 8, batch_window_ms: float = 20.0,
+          limits: Limits | None = None, engine: dict | None = None, random_weights: bool = False,
+          config: str | None = None, allow_pickle: bool = False, threads: int | None = None,
+          max_body_bytes: int = 1 << 20, startup_timeout: float = 600.0, echo=print) -> dict:
+    """Starts a persistent deployment and returns once it answers through MII's client."""
+    check_name(name)
+    limits = limits or Limits()
+    if not 1 <= replicas <= 64:
+        raise ServingError(f"--replicas: got {replicas}; allowed: 1..64")
+    if not 1 <= max_batch <= 64:
+        raise ServingError(f"--max-batch: got {max_batch}; allowed: 1..64 images")
+    if batch_window_ms < 0:
+        raise ServingError(f"--batch-window-ms: got {batch_window_ms}; allowed: >= 0")
+    for p, what in [(port, "--port"), (rest_port, "--rest-port")]:
+        if p is not None and not 1 <= p <= 65535 - (replicas if what == "--port" else 0):
+            raise ServingError(f"{what}: got {p}; allowed: a TCP port (the replicas take the {replicas} after --port)")
+    root = use_cache_path()
+    ddir = root / name
+    state = running_state(ddir)
+    if state:
+        spec = read_json(ddir / "spec.json") or {}
+        raise ServingError(f"deployment '{name}' is already running (supervisor pid {state['supervisor_pid']}, "
+                           f"port {spec.get('port')}); stop it first: fastsd stop {name}")
+    if (ddir / "score.py").exists() and not (ddir / "spec.json").exists():
+        raise ServingError(f"{ddir / 'score.py'} is an MII deployment record not made by fastsd; "
+                           f"choose another name or remove it")
+    ddir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for f in STALE_FILES:
+        (ddir / f).unlink(missing_ok=True)
+    for f in ddir.glob("replica-*.json"):
+        f.unlink()
+
+    if hostfile is None:  # MII's layout, known without MII: check the ports before the slow import
+        _check_ports([port + 1 + i for i in range(replicas)], port, rest_port, host)
+    plan, mii_config = plan_replicas(name, ddir, replicas, port, host, hostfile, gpus, model)
+    _check_ports([r["port"] for r in plan if r["local"]], port, rest_port, host)
+
+    spec = {"name": name, "model": model, "random_weights": random_weights, "config": config,
+            "allow_pickle": allow_pickle, "engine": engine or {}, "host": host, "port": port,
+            "rest_port": rest_port, "replicas": plan, "max_batch": max_batch, "batch_window_ms": batch_window_ms,
+            "limits": limits.to_dict(), "threads": threads, "max_body_bytes": max_body_bytes,
+            "token_required": bool(token), "created_at": time.time()}
+    write_json(ddir / "spec.json", spec)
+    from mii.legacy.models.score import create_score_file
+    create_score_file(mii_config)  # MII's deployment record: what mii_query_handle(name) reads
+
+    env = dict(os.environ, MII_CACHE_PATH=str(root))
+    env.pop(TOKEN_ENV, None)
+    if token:
+        env[TOKEN_ENV] = token  # to the REST gateway through the environment, never on a command line
+    with open(ddir / "supervisor.log", "ab") as out:
+        sup = subprocess.Popen([sys.executable, "-m", "fastsd.serving.supervisor", str(ddir)],
+                               stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+                               start_new_session=True, close_fds=True)
+    echo(f"starting deployment '{name}' (supervisor pid {sup.pid}; logs in {ddir})")
+    try:
+        _wait_ready(ddir, spec, sup, startup_timeout)
+        _ping(name, min(60.0, startup_timeout))
+    except BaseException:
+        stop(name, quiet=True)
+        raise
+    return spec
+
+
+def _wait_ready(ddir: Path, spec: dict, sup: subprocess.Popen, timeout: float) -> None:
+    end = time.monotonic() + timeout
+    n = len(spec["replicas"])
+    while True:
+        if sup.poll() is not None:
+            raise ServingError(f"the supervisor exited with code {sup.returncode}:\n"
+                               + _log_tail(ddir / "supervisor.log"))
+        state = read_json(ddir / "state.json") or {}
+        kids = state.get("children", {})
+        for cname, c in kids.items():
+            if c.get("restarts") or (c.get("last_exit") is not None):
+                raise ServingError(f"{cname} exited during startup (code {c.get('last_exit')}); its log "
+                                   f"{c.get('log')} ends with:\n" + _log_tail(Path(c["log"])))
+        ready = 0
+        for i in range(n):
+            r = read_json(ddir / f"replica-{i}.json") or {}
+            pid = kids.get(f"replica-{i}", {}).get("pid")
+            ready += bool(r.get("ready") and (r.get("pid") == pid or not spec["replicas"][i]["local"]))
+        lb = port_answers(spec["port"], spec["host"])
+        rest = not spec.get("rest_port") or port_answers(spec["rest_port"], spec["host"])
+        if ready == n and lb and rest:
+            return
+        if time.monotonic() > end:
+            raise ServingError(f"the deployment did not come up within {timeout:g} s ({ready}/{n} replicas ready, "
+                               f"load balancer {'up' if lb else 'down'}, REST {'up' if rest else 'down'}); "
+                               f"logs in {ddir}")
+        time.sleep(0.2)
+
+
+def _ping(name: str, timeout: float) -> None:
+    """Proves the path client -> load balancer -> replica -> pipeline with MII's own client: a request
+    with no prompt is refused by the pipeline's validation without running the model."""
+    import asyncio
+
+    import grpc
+    mii = import_mii()
+    client = mii.legacy.mii_query_handle(name)
+    try:
+        client.asyncio_loop.run_until_complete(asyncio.wait_for(
+            client._request_async_response({"prompt": []}), timeout))
+    except grpc.aio.AioRpcError as e:
+        if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+            return
+        raise ServingError(f"the deployment does not answer as it should: {e.code().name}: {e.details()}") from None
+    except asyncio.TimeoutError:
+        raise ServingError(f"the deployment did not answer within {timeout:g} s") from None
+
+
+# -- stop ------------------------------------------------------------------------------------------
+def stop(name: str, timeout: float = 30.0, quiet: bool = False, echo=print) -> dict:
+    """Stops every process of the deployment and checks that no process or port is left."""
+    check_name(name)
+    ddir = cache_path() / name
+    spec = read_json(ddir / "spec.json")
+    state = read_json(ddir / "state.json")
+    if spec is None:
+        raise ServingError(f"no deployment named '{name}' in {ddir.parent}")
+    pids = []
+    if state:
+        pids = [state.get("supervisor_pid")] + [c.get("pid") for c in state.get("children", {}).values()]
+    pids = [p for p in pids if p and is_ours(p, ddir)]
+    (ddir / "stopping").write_text("fastsd stop\n")
+    sup = state.get("supervisor_pid") if state else None
+    if sup and is_ours(sup, ddir):
+        signal_pid(sup, signal.SIGTERM)
+    left = wait_gone(pids, timeout)
+    for p in left:  # the supervisor did not manage: end what is still ours
+        if is_ours(p, ddir):
+            signal_pid(p, signal.SIGKILL)
+    left = wait_gone(left, 5)
+    ports = [spec["port"], *[r["port"] for r in spec["replicas"] if r.get("local", True)]]
+    if spec.get("rest_port"):
+        ports.append(spec["rest_port"])
+    end = time.monotonic() + 5
+    busy = ports
+    while busy and time.monotonic() < end:
+        busy = [p for p in ports if not port_free(p, spec["host"])]
+        if busy:
+            time.sleep(0.1)
+    (ddir / "score.py").unlink(missing_ok=True)
+    st = read_json(ddir / "state.json") or {}
+    if st.get("status") != "stopped":
+        st.update(status="stopped", updated_at=time.time())
+        write_json(ddir / "state.json", st)
+    if left or busy:
+        raise ServingError(f"deployment '{name}': processes {left} still alive, ports {busy} still in use")
+    if not quiet:
+        echo(f"stopped deployment '{name}': {len(pids)} process(es) ended, ports {', '.join(map(str, ports))} free")
+    return {"processes": len(pids), "ports": ports}
+
+
+# -- status ----------------------------------------------------------------------------------------
+def status(name: str) -> dict:
+    check_name(name)
+    ddir = cache_path() / name
+    spec = read_json(ddir / "spec.json")
+    if spec is None:
+        raise ServingError(f"no deployment named '{name}' in {ddir.parent}")
+    state = read_json(ddir / "state.json") or {}
+    running = running_state(ddir) is not None
+    lb = read_json(ddir / "balancer.json") or {}
+    kids = state.get("children", {})
+    now = time.time()
+    reps, totals = [], {}
+    for i, r in enumerate(spec["replicas"]):
+        info = read_json(ddir / f"replica-{i}.json") or {}
+        child = kids.get(f"replica-{i}", {})
+        alive = running and pid_alive(child.get("pid"))
+        up = alive and info.get("ready") and info.get("pid") == child.get("pid")
+        stats = info.get("stats", {})
+        for k, v in stats.items():
+            if isinstance(v, (int, float)) and not k.startswith("max_"):
+                totals[k] = totals.get(k, 0) + v
+            elif k.startswith("max_"):
+                totals[k] = max(totals.get(k, 0), v)
+        reps.append({"index": i, "host": r["host"], "port": r["port"], "pid": child.get("pid"),
+                     "state": "up" if up else ("starting" if alive else "down"), "restarts": child.get("restarts", 0),
+                     "cuda_visible_devices": r.get("cuda_visible_devices"),
+                     "uptime_s": round(now - info["ready_at"], 1) if up and info.get("ready_at") else None,
+                     "engine": info.get("engine"), **stats})
+    engine = next((r["engine"] for r in reps if r.get("engine")), None) or {}
+    # a state file that says running with no supervisor alive: it was killed (its children end themselves)
+    return {"name": name, "status": "running" if running else ("dead" if state.get("status") in ("running", "stopping")
+                                                              else "stopped"),
+            "model": spec["model"], "backend": engine.get("backend", spec["engine"].get("backend", "torch")),
+            "device": engine.get("device"), "dtype": engine.get("dtype"), "host": spec["host"], "port": spec["port"],
+            "rest_port": spec.get("rest_port"), "token_required": spec.get("token_required", False),
+            "supervisor_pid": state.get("supervisor_pid") if running else None,
+            "uptime_s": round(now - state["started_at"], 1) if running and state.get("started_at") else None,
+            "max_batch": spec["max_batch"], "batch_window_ms": spec["batch_window_ms"], "limits": spec["limits"],
+            "requests_served": totals.get("requests", 0), "totals": totals, "replicas": reps,
+            "balancer": {k: lb.get(k) for k in ("requests", "ok", "failovers", "errors", "forwarded", "up",
+                                                "waited_for_replica")},
+            "rest": kids.get("rest"), "dir": str(ddir), "mii_cache_path": str(ddir.parent)}
+
+
+def list_deployments() -> list[str]:
+    return sorted(p.parent.name for p in cache_path().glob("*/spec.json"))
+
+
+def format_status(s: dict) -> str:
+    up = sum(r["state"] == "up" for r in s["replicas"])
+    lines = [f"deployment {s['name']}: {s['status']}"
+             + (f", up {s['uptime_s']:.0f} s (supervisor pid {s['supervisor_pid']})"
+                if s["uptime_s"] is not None else ""),
+             f"  model {s['model']}  backend {s['backend']}  device {s['device']}  dtype {s['dtype']}",
+             f"  gRPC (MII) {s['host']}:{s['port']}" + (f"   REST http://{s['host']}:{s['rest_port']}/score"
+                                                       + (" (bearer token)" if s["token_required"] else "")
+                                                       if s["rest_port"] else "   REST off"),
+             f"  replicas {up}/{len(s['replicas'])} up; requests served {s['requests_served']}; "
+             f"batching: max {s['max_batch']} images, window {s['batch_window_ms']:g} ms, "
+             f"{s['totals'].get('batches', 0)} engine calls, {s['totals'].get('merged_batches', 0)} merged "
+             f"({s['totals'].get('merged_requests', 0)} requests shared a batch)",
+             f"  {'#':>2} {'state':<8} {'pid':>7} {'port':>6} {'restarts':>8} {'requests':>8} {'images':>6} "
+             f"{'batches':>7} {'merged':>6} {'bad':>4} {'uptime':>8}"]
+    for r in s["replicas"]:
+        lines.append(f"  {r['index']:>2} {r['state']:<8} {r['pid'] or '-':>7} {r['port']:>6} {r['restarts']:>8} "
+                     f"{r.get('requests', 0):>8} {r.get('images', 0):>6} {r.get('batches', 0):>7} "
+                     f"{r.get('merged_batches', 0):>6} {r.get('bad_requests', 0):>4} "
+                     f"{(str(round(r['uptime_s'])) + ' s') if r['uptime_s'] is not None else '-':>8}")
+    b = s["balancer"]
+    if b.get("requests") is not None:
+        lines.append(f"  load balancer: {b['requests']} requests, {b['ok']} answered, {b['failovers']} failovers, "
+                     f"errors {b['errors'] or {}}")
+    lines.append(f"  logs: {s['dir']}")
+    return "\n".join(lines)
+
+
+# -- query -----------------------------------------------------------------------------------------
+def query(name: str, prompts: list[str], negative: str | None = None, timeout: float = 600.0, **kwargs):
+    """One request through MII's client, as user code sends it."""
+    import asyncio
+
+    import grpc
+    use_cache_path()
+    check_name(name)
+    if not (cache_path() / name / "score.py").exists():
+        raise ServingError(f"no running deployment named '{name}' in {cache_path()} "
+                           f"(set MII_CACHE_PATH to the folder the deployment was started with)")
+    mii = import_mii()
+    client = mii.legacy.mii_query_handle(name)
+    kw = {k: v for k, v in kwargs.items() if v is not None}
+    try:
+        return client.asyncio_loop.run_until_complete(asyncio.wait_for(client._request_async_response(
+            {"prompt": prompts, "negative_prompt": [negative if negative is not None else ""] * len(prompts)}, **kw),
+            timeout))
+    except grpc.aio.AioRpcError as e:
+        raise ServingError(f"{e.code().name}: {e.details()}") from None
+    except asyncio.TimeoutError:
+        raise ServingError(f"no reply within {timeout:g} s") from None
+
+
+def remove(name: str) -> None:
+    """Deletes a stopped deployment's folder (logs included)."""
+    ddir = cache_path() / check_name(name)
+    if running_state(ddir):
+        raise ServingError(f"deployment '{name}' is running; stop it first")
+    shutil.rmtree(ddir, ignore_errors=True)

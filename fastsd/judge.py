@@ -1,0 +1,113 @@
+"""A model-free judge for the fastsd-shapes model: does an image show what its prompt asked for?
+
+Prompts follow one small grammar, e.g. "a small green square in the top left on a red background".
+The judge reads the image with pixel statistics only: every pixel is snapped to the nearest palette
+colour, the background is the majority colour of the border ring, the shape is the majority of the
+remaining pixels, and its position is their centroid. Needs only numpy and Pillow.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 70, 225),
+    "yellow": (245, 220, 30),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+    "purple": (140, 40, 180),
+    "orange": (245, 130, 20),
+}
+SHAPES = ("circle", "square", "triangle")
+SIZES = ("small", "large")
+# Position name -> centre of the shape as a fraction of the image side (x, y).
+POSITIONS: dict[str, tuple[float, float]] = {
+    "center": (0.5, 0.5),
+    "top left": (0.25, 0.25), "top right": (0.75, 0.25),
+    "bottom left": (0.25, 0.75), "bottom right": (0.75, 0.75),
+    "top": (0.5, 0.25), "bottom": (0.5, 0.75), "left": (0.25, 0.5), "right": (0.75, 0.5),
+}
+MIN_SHAPE_FRACTION = 0.01  # below this share of non-background pixels the judge finds no shape
+
+_C = "|".join(PALETTE)
+_P = "|".join(sorted(POSITIONS, key=len, reverse=True))
+_PROMPT = re.compile(
+    rf"^an? (?:(?P<size>small|large) )?(?P<colour>{_C}) (?P<shape>{'|'.join(SHAPES)})"
+    rf"(?: (?:in|at) the (?P<position>{_P}))?(?: on an? (?P<background>{_C}) background)?$")
+
+
+@dataclass
+class Prompt:
+    colour: str
+    shape: str
+    size: Optional[str] = None
+    position: Optional[str] = None
+    background: Optional[str] = None
+
+    def text(self) -> str:
+        words = ["a"] + ([self.size] if self.size else []) + [self.colour, self.shape]
+        if self.position:
+            words.append(("in the " if " " in self.position else "at the ") + self.position)
+        if self.background:
+            words.append(f"on {'an' if self.background[0] in 'aeiou' else 'a'} {self.background} background")
+        return " ".join(words)
+
+
+def parse_prompt(prompt: str) -> Prompt:
+    m = _PROMPT.match(" ".join(prompt.lower().replace(",", " ").split()))
+    if m is None:
+        raise ValueError(f"not a shapes prompt: {prompt!r}")
+    return Prompt(**m.groupdict())
+
+
+@dataclass
+class Verdict:
+    asked: Prompt
+    found_background: str
+    found_colour: Optional[str]        # None: no shape found
+    found_shape: Optional[str]         # from the fill ratio of the shape's bounding box
+    found_position: Optional[str]      # nearest entry of POSITIONS to the shape's centroid
+    ok_shape_colour: bool
+    ok_background: Optional[bool]      # None when the prompt names no background
+    ok_position: Optional[bool]        # None when the prompt names no position
+
+    @property
+    def ok(self) -> bool:
+        return self.ok_shape_colour and self.ok_background is not False
+
+
+def snap(image: Image.Image) -> np.ndarray:
+    """Index into PALETTE of the nearest palette colour for every pixel, shape (H, W)."""
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
+    pal = np.array(list(PALETTE.values()), dtype=np.float32)
+    return ((rgb[:, :, None, :] - pal) ** 2).sum(-1).argmin(-1)
+
+
+def judge(image: Image.Image, prompt: str) -> Verdict:
+    asked = parse_prompt(prompt)
+    names = list(PALETTE)
+    idx = snap(image)
+    h, w = idx.shape
+    ring = np.concatenate([idx[:2].ravel(), idx[-2:].ravel(), idx[:, :2].ravel(), idx[:, -2:].ravel()])
+    bg = int(np.bincount(ring, minlength=len(names)).argmax())
+    fg_mask = idx != bg
+    colour = shape = position = None
+    if fg_mask.mean() >= MIN_SHAPE_FRACTION:
+        counts = np.bincount(idx[fg_mask], minlength=len(names))
+        colour = names[int(counts.argmax())]
+        ys, xs = np.nonzero(idx == counts.argmax())
+        cx, cy = (xs.mean() + 0.5) / w, (ys.mean() + 0.5) / h
+        position = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - cx) ** 2 + (POSITIONS[p][1] - cy) ** 2)
+        fill = len(xs) / ((xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1))
+        shape = "square" if fill > 0.88 else "circle" if fill > 0.64 else "triangle"
+    return Verdict(
+        asked=asked, found_background=names[bg], found_colour=colour, found_shape=shape,
+        found_position=position, ok_shape_colour=colour == asked.colour,
+        ok_background=None if asked.background is None else names[bg] == asked.background,
+        ok_position=None if asked.position is None else position == asked.position)

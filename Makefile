@@ -2,7 +2,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS ?= test,onnx,bench
+EXTRAS ?= test,onnx,bench,triton,serving
 
 .PHONY: demo test test-slow setup clean
 
@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, from the pinned CPU build, so nothing else pulls a CUDA wheel.
 	$(BIN)/pip install -q -c constraints.txt torch
 	$(BIN)/pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
+	# MII without its declared deps (they pull CUDA libraries); the serving extra holds what it needs.
+	$(BIN)/pip install -q -c constraints.txt --no-deps deepspeed-mii
 	touch $(STAMP)
 
 setup: $(STAMP)

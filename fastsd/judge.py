@@ -81,6 +81,17 @@ class Verdict:
     def ok(self) -> bool:
         return self.ok_shape_colour and self.ok_background is not False
 
+    def __str__(self) -> str:
+        """One line a person reads beside the file name, e.g. "ok: red shape (asked red), blue background"."""
+        def mark(ok):
+            return "" if ok is None else (" ok" if ok else " WRONG")
+        parts = [f"{self.found_colour or 'no'} shape (asked {self.asked.colour}){mark(self.ok_shape_colour)}"]
+        if self.asked.background:
+            parts.append(f"{self.found_background} background (asked {self.asked.background}){mark(self.ok_background)}")
+        if self.found_shape:
+            parts.append(f"looks like a {self.found_shape} at the {self.found_position}")
+        return ("ok: " if self.ok else "WRONG: ") + ", ".join(parts)
+
 
 def snap(image: Image.Image) -> np.ndarray:
     """Index into PALETTE of the nearest palette colour for every pixel, shape (H, W)."""

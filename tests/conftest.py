@@ -1,8 +1,14 @@
 import copy
 import os
 
-import pytest
-import torch
+# Triton decides interpreted or compiled when `triton.language` is first imported, and importing
+# diffusers' models imports triton where it is installed. So TRITON_INTERPRET=1 goes here, before any
+# test module imports fastsd, or the kernel tests fail with "Cannot call @triton.jit'd outside of the
+# scope of a kernel" whenever another test module is collected first. `auto` never picks the interpreter.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(1)  # tiny models gain nothing from more; avoids oversubscribing a shared machine
 

@@ -1,20 +1,15 @@
 """Fixtures for the fastsd.kernels tests.
 
-TRITON_INTERPRET=1 must be in the environment before fastsd.kernels' Triton kernel modules are
-imported (triton.jit reads it when a kernel is decorated), so it is set here, at conftest import,
-before any test module is collected. With it, Triton kernels run on CPU tensors in the interpreter.
-It is process-wide: other tests in the same session see triton as "available" on CPU, but `auto`
-never picks the interpreter.
+TRITON_INTERPRET=1 is set by tests/conftest.py, before anything imports triton (see there). With it,
+Triton kernels run on CPU tensors in the interpreter. It is process-wide: other tests in the same
+session see triton as "available" on CPU, but `auto` never picks the interpreter.
 """
 
+import importlib.util
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import importlib.util  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 
 def _single_threaded_numpy_blas():

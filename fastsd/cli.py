@@ -38,6 +38,14 @@ def model_options() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
     g.add_argument("--attention", default="auto", help="auto | sdpa | math | triton | xformers (default: auto)")
     g.add_argument("--fused-ops", action="store_true", help="fused GroupNorm+SiLU, GEGLU and QKV kernels")
+    g.add_argument("--attention-slicing", default="auto", choices=["auto", "on", "off"],
+                   help="slice attention over batch*heads; auto: only when the estimated peak would not fit")
+    g.add_argument("--vae-tiling", default="auto", choices=["auto", "on", "off"],
+                   help="decode large images in tiles; auto: only when the estimated peak would not fit")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="CUDA only: replay the UNet step from graphs cached per shape (logged off elsewhere)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet (CPU: with weight freezing); minutes of compiling per shape")
     g.add_argument("--no-safety-checker", action="store_true", help="skip the safety checker")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bars or info logs")
     return p
@@ -60,7 +68,9 @@ def generation_options() -> argparse.ArgumentParser:
 def optimize_config(args):
     from .optimize import OptimizeConfig
     return OptimizeConfig(backend=args.backend, device=args.device, dtype=args.dtype, attention=args.attention,
-                          fused_ops=args.fused_ops, safety_checker=not args.no_safety_checker).validated()
+                          fused_ops=args.fused_ops, safety_checker=not args.no_safety_checker,
+                          attention_slicing=args.attention_slicing, vae_tiling=args.vae_tiling,
+                          cuda_graphs=args.cuda_graphs, compile=args.compile).validated()
 
 
 def check_generation_args(args) -> None:
@@ -138,11 +148,14 @@ def _judge_for(engine):
     """The shapes judge, for the model it knows how to read (fastsd-shapes)."""
     if engine.model.name != "fastsd-shapes":
         return None
-    try:
-        from .judge import judge
-    except ImportError:
-        return None
-    return judge
+    from .judge import judge
+
+    def verdict(image, prompt):
+        try:
+            return judge(image, prompt)
+        except ValueError:  # a prompt outside the model's grammar: nothing to judge
+            return "none (the prompt is outside the fastsd-shapes grammar)"
+    return verdict
 
 
 def _fmt_psnr(v: float) -> str:

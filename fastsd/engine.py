@@ -111,6 +111,7 @@ class Engine:
             text_emb = cond
         timings["text_encoder"] = time.perf_counter() - t0
 
+        self.backend.prepare(batch, height, width, do_cfg)
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         latent_shape = (self.model.unet.config.in_channels, height // self.model.vae_scale_factor,
                         width // self.model.vae_scale_factor)

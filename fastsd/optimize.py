@@ -15,6 +15,7 @@ from .loading import SDModel, load_model
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ATTENTION = ("auto", "sdpa", "math", "triton", "xformers")
+SWITCH = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,11 @@ class OptimizeConfig:
     attention: str = "auto"  # auto | sdpa | math | triton | xformers
     fused_ops: bool = False  # Triton GroupNorm+SiLU, GEGLU, fused QKV where they help
     channels_last: bool = False
-    cuda_graphs: bool = False
+    cuda_graphs: bool = False  # CUDA only: UNet step replayed from graphs cached per shape; logged off elsewhere
+    # Memory: "auto" slices attention / tiles the VAE decode only when the estimated peak would not fit
+    # in free memory (kernels/memory.py); "on" and "off" force it.
+    attention_slicing: str = "auto"
+    vae_tiling: str = "auto"
     upcast_vae: bool = True  # fp16 runs the VAE in fp32 (it overflows in fp16)
     safety_checker: bool = True
     # dtype="bf16" on the CPU: the measured CPU recipe (README, "CPU fast path"): UNet and VAE with bf16
@@ -47,6 +52,9 @@ class OptimizeConfig:
             raise InvalidParameter("dtype", self.dtype, ", ".join(DTYPES))
         if self.attention not in ATTENTION:
             raise InvalidParameter("attention", self.attention, ", ".join(ATTENTION))
+        for name in ("attention_slicing", "vae_tiling"):
+            if getattr(self, name) not in SWITCH:
+                raise InvalidParameter(name, getattr(self, name), ", ".join(SWITCH))
         dev = self.device
         if not (dev == "cpu" or dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise InvalidParameter("device", dev, "cpu, cuda or cuda:N")

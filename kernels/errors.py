@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from fastsd.errors import FastSDError
 
-class BackendUnavailable(ValueError):
+
+class BackendUnavailable(FastSDError, ValueError):  # FastSDError: the CLI prints it as one line, exit 2
     """An attention backend (or fused op) was asked for by name but cannot run here.
 
     The message names the backend, says why it cannot run on the requested device and dtype,

@@ -61,6 +61,7 @@ BAD = [
     (["generate", "x", "--device", "cuda"], "device"),
     (["generate", "x", "--attention", "magic"], "attention"),
     (["generate", "x", "--backend", "magic"], "backend"),
+    (["generate", "x", "--attention", "xformers"], "attention"),  # not installed in the test environment
     (["verify", "--seed", "-5"], "seed"),
 ]
 
@@ -90,3 +91,15 @@ def test_long_prompt_is_truncated_with_a_warning(caplog, tmp_path):
                      "--out", str(tmp_path / "x.png")])
     assert code == 0
     assert any("truncated" in r.message for r in caplog.records)
+
+
+def test_prompt_outside_the_shapes_grammar_still_generates(capsys, tmp_path):
+    code, stdout, _ = run(capsys, "generate", "a cat", "--model", "fastsd-shapes", "--steps", "1", "--quiet",
+                          "--out", str(tmp_path / "x.png"))
+    assert code == 0 and "judge: none" in stdout and (tmp_path / "x.png").is_file()
+
+
+def test_shapes_prompt_gets_a_verdict(capsys, tmp_path):
+    code, stdout, _ = run(capsys, "generate", "a red circle on a blue background", "--steps", "2", "--quiet",
+                          "--seed", "0", "--out", str(tmp_path / "x.png"))
+    assert code == 0 and "judge: " in stdout and "asked red" in stdout and "asked blue" in stdout

@@ -326,7 +326,8 @@ def write_card(out: Path, stats: dict):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("fastsd/models/fastsd-shapes"))
+    # not the shipped folder by default: a run must not overwrite the weights the package ships
+    ap.add_argument("--out", type=Path, default=Path("out/fastsd-shapes"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--vae-steps", type=int, default=1000)

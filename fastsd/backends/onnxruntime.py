@@ -159,6 +159,9 @@ class OnnxRuntimeBackend:
         return {}
 
     # -- the three calls the engine makes -----------------------------------------------------------
+    def prepare(self, batch: int, height: int, width: int, guided: bool) -> None:
+        """Nothing to plan: ONNX Runtime manages its own memory (the torch backend slices and tiles)."""
+
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         g = self.graphs["text_encoder"]
         ids = input_ids.cpu().numpy().astype(g.dtype("input_ids"))

@@ -37,6 +37,42 @@ class TorchBackend:
             self.applied.append("cpu_recipe(text encoder fp32, VAE channels_last)")
         if config.compile:
             self._compile()
+        self.graphs = self._cuda_graphs() if config.cuda_graphs else None
+        self.memory_switches = (config.attention_slicing, config.vae_tiling)
+        self.memory_plan: tuple[bool | int, bool] = (False, False)  # what is applied now
+
+    def _cuda_graphs(self):
+        from fastsd import kernels
+        ok, why = kernels.cuda_graphs_available(self.device)
+        if not ok:
+            log.warning("cuda_graphs off: %s", why)
+            return None
+        self.applied.append("cuda_graphs")
+        return kernels.CUDAGraphRunner(self.unet_module, device=self.device)
+
+    def prepare(self, batch: int, height: int, width: int, guided: bool) -> None:
+        """Before a call: attention slicing and VAE tiling as the flags say, or ("auto") as the memory
+        estimate for this batch and size says. Changes modules only when the plan changes."""
+        from fastsd import kernels
+        slicing_flag, tiling_flag = self.memory_switches
+        plan = None
+        if "auto" in self.memory_switches:
+            flash = self.attention in ("triton", "xformers") or (self.attention == "sdpa" and self.device.type == "cuda")
+            plan = kernels.plan_memory(self.unet_module.config, self.vae.config, batch, height, width, self.dtype,
+                                       self.device, cfg_batch_factor=2 if guided else 1, flash_backend=flash)
+        slicing = plan.attention_slicing if slicing_flag == "auto" else slicing_flag == "on"
+        tiling = plan.vae_tiling if tiling_flag == "auto" else tiling_flag == "on"
+        if (slicing, tiling) == self.memory_plan:
+            return
+        for p in kernels.installed_processors(self.unet_module):
+            p.set_slice_size(None)
+        if not tiling:
+            self.vae.disable_tiling()
+        done = kernels.apply_memory_plan(self.unet_module, self.vae, kernels.MemoryPlan(
+            slicing, tiling, 0, plan.reason if plan else "flags"))
+        log.info("memory for %dx%d batch %d: %s%s", width, height, batch, ", ".join(done) or "no slicing, no tiling",
+                 f" ({plan.reason})" if plan else "")
+        self.memory_plan = (slicing, tiling)
 
     def _compile(self):
         """torch.compile the UNet; on the CPU inductor freezes the weights (constant-folds them and
@@ -69,6 +105,8 @@ class TorchBackend:
 
     @torch.inference_mode()
     def unet(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.graphs is not None:
+            return self.graphs(sample.to(self.dtype), timestep, encoder_hidden_states.to(self.dtype))
         return self.unet_module(sample.to(self.dtype), timestep, encoder_hidden_states=encoder_hidden_states.to(
             self.dtype), return_dict=False)[0]
 
@@ -80,4 +118,5 @@ class TorchBackend:
         return {"backend": self.name, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 "vae_dtype": str(self.vae_dtype).replace("torch.", ""),
                 "text_encoder_dtype": str(self.text_dtype).replace("torch.", ""), "attention": self.attention,
-                "applied": self.applied}
+                "applied": self.applied + [name for name, on in zip(("attention_slicing", "vae_tiling"),
+                                                                     self.memory_plan) if on]}

@@ -96,9 +96,13 @@ def build_engine(spec: dict, replica: dict):
     eng = dict(spec["engine"])
     if replica.get("cuda_visible_devices") is not None:
         eng["device"] = "cuda"
-    model = load_model(spec["model"], random_weights=spec.get("random_weights", False),
-                       allow_pickle=spec.get("allow_pickle", False), config=spec.get("config"),
-                       safety_checker=eng.get("safety_checker", True))
+    if eng.get("backend") == "onnxruntime":  # --model is an ONNX export folder (fastsd export)
+        from ..export import load_onnx_model
+        model = load_onnx_model(spec["model"])
+    else:
+        model = load_model(spec["model"], random_weights=spec.get("random_weights", False),
+                           allow_pickle=spec.get("allow_pickle", False), config=spec.get("config"),
+                           safety_checker=eng.get("safety_checker", True))
     return optimize(model, OptimizeConfig(**eng).validated())
 
 

@@ -12,7 +12,8 @@ GET /health -> {"status": "ok"} (503 when the load balancer does not answer); no
 `data` rows are prompts, or rows with one value per column ("prompt", optionally "negative_prompt").
 Errors are JSON {"error": "...", ...}: 400 body not JSON or not the format, 401 token missing or
 wrong, 413 body too large, 422 a value out of range (the engine's validation, through the replica),
-429 server busy, 503 no replica up, 504 timeout.
+429 server busy, 503 the load balancer does not answer, 504 timeout (also when no replica is up: the balancer
+waits for one until the request times out).
 
 MII's client binds to the event loop it was made in, and FastAPI runs sync endpoints in a thread
 pool: each worker thread gets its own event loop and its own `mii_query_handle`.

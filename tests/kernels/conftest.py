@@ -48,6 +48,17 @@ needs_triton = pytest.mark.skipif(
 )
 
 
+def unet_out(unet, inputs):
+    sample, t, ehs = inputs
+    with torch.no_grad():
+        return unet(sample, t, encoder_hidden_states=ehs).sample
+
+
+def vae_out(vae, latents):
+    with torch.no_grad():
+        return vae.decode(latents).sample
+
+
 def tiny_unet():
     from diffusers import UNet2DConditionModel
 

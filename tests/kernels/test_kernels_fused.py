@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import needs_triton
+from conftest import needs_triton, unet_out, vae_out
 
 # Max abs error vs the fp32 torch result on the same (rounded) inputs, measured under TRITON_INTERPRET=1
 # over the shapes below (outputs up to ~10 in magnitude: x ~ 3*N(0,1)+1, weight/bias ~ N(0,1)):
@@ -100,21 +100,11 @@ def test_fused_op_available_reports_reason(monkeypatch):
         fused_op_available("layernorm", "cpu", torch.float32)
 
 
-def _unet_out(unet, inputs):
-    sample, t, ehs = inputs
-    with torch.no_grad():
-        return unet(sample, t, encoder_hidden_states=ehs).sample
-
-
-def _vae_out(vae, latents):
-    with torch.no_grad():
-        return vae.decode(latents).sample
-
 
 def test_apply_fused_ops_cpu_exact(unet, vae, unet_inputs, vae_latents):
     from fastsd.kernels import apply_fused_ops, install_attention, remove_fused_ops
 
-    ref_u, ref_v = _unet_out(unet, unet_inputs), _vae_out(vae, vae_latents)
+    ref_u, ref_v = unet_out(unet, unet_inputs), vae_out(vae, vae_latents)
     install_attention([unet, vae], "sdpa")
     applied = apply_fused_ops(unet, vae, "cpu", torch.float32)
     assert applied == ["groupnorm_silu", "geglu"]  # fuse_qkv: not on CPU (neutral time, more memory)
@@ -122,27 +112,27 @@ def test_apply_fused_ops_cpu_exact(unet, vae, unet_inputs, vae_latents):
     assert {"FusedResnetBlock2D", "FusedGEGLU", "FusedGroupNormSiLU"} <= names
     assert "ResnetBlock2D" not in names and "GEGLU" not in names
     assert not getattr(unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1, "fused_projections", False)
-    out_u, out_v = _unet_out(unet, unet_inputs), _vae_out(vae, vae_latents)
+    out_u, out_v = unet_out(unet, unet_inputs), vae_out(vae, vae_latents)
     # the torch fallbacks are the same ops: bit-identical
     assert torch.equal(out_u, ref_u) and torch.equal(out_v, ref_v)
     remove_fused_ops(unet, vae)
     names = {type(m).__name__ for m in unet.modules()}
     assert "FusedResnetBlock2D" not in names and "ResnetBlock2D" in names
-    assert torch.equal(_unet_out(unet, unet_inputs), ref_u)
+    assert torch.equal(unet_out(unet, unet_inputs), ref_u)
 
 
 def test_fuse_projections_keeps_our_processor(unet, vae, unet_inputs, vae_latents):
     from fastsd.kernels import fuse_projections, install_attention
 
-    ref_u, ref_v = _unet_out(unet, unet_inputs), _vae_out(vae, vae_latents)
+    ref_u, ref_v = unet_out(unet, unet_inputs), vae_out(vae, vae_latents)
     install_attention([unet, vae], "sdpa")
     assert fuse_projections(unet) == (True, "fused") and fuse_projections(vae)[0]
     block = unet.down_blocks[0].attentions[0].transformer_blocks[0]
     assert block.attn1.fused_projections and hasattr(block.attn1, "to_qkv") and hasattr(block.attn2, "to_kv")
     assert {type(p).__name__ for p in unet.attn_processors.values()} == {"FastSDAttnProcessor"}
     # same weights in one GEMM (measured: 0.0 difference here; GEMM blocking may differ elsewhere)
-    assert (_unet_out(unet, unet_inputs) - ref_u).abs().max().item() < 1e-5
-    assert (_vae_out(vae, vae_latents) - ref_v).abs().max().item() < 1e-5
+    assert (unet_out(unet, unet_inputs) - ref_u).abs().max().item() < 1e-5
+    assert (vae_out(vae, vae_latents) - ref_v).abs().max().item() < 1e-5
     assert fuse_projections(unet) == (True, "already fused")
 
 
@@ -164,12 +154,12 @@ def test_apply_fused_triton_interpreted_tiny_unet(unet, unet_inputs, monkeypatch
     # Force the interpreted Triton kernels into the tiny UNet (auto would pick torch on CPU).
     from fastsd.kernels import apply_fused_ops, fused
 
-    ref = _unet_out(unet, unet_inputs)
+    ref = unet_out(unet, unet_inputs)
     monkeypatch.setattr(fused, "_resolve_impl", lambda op, impl, device, dtype: "triton")
     assert apply_fused_ops(unet, None, "cpu", torch.float32, fuse_qkv=False) == ["groupnorm_silu", "geglu"]
     assert unet.mid_block.resnets[0]._fastsd_impl == "triton"
     # measured 1.1e-6
-    assert (_unet_out(unet, unet_inputs) - ref).abs().max().item() < 5e-5
+    assert (unet_out(unet, unet_inputs) - ref).abs().max().item() < 5e-5
 
 
 @needs_triton
@@ -177,8 +167,8 @@ def test_apply_fused_triton_interpreted_tiny_vae(vae, vae_latents, monkeypatch):
     # Covers the VAE's "group" mid-block resnets and the encoder/decoder conv_norm_out + conv_act.
     from fastsd.kernels import apply_fused_ops, fused
 
-    ref = _vae_out(vae, vae_latents)
+    ref = vae_out(vae, vae_latents)
     monkeypatch.setattr(fused, "_resolve_impl", lambda op, impl, device, dtype: "triton")
     assert apply_fused_ops(None, vae, "cpu", torch.float32, fuse_qkv=False) == ["groupnorm_silu"]
     # measured 4.8e-6 (outputs up to 3.0)
-    assert (_vae_out(vae, vae_latents) - ref).abs().max().item() < 5e-5
+    assert (vae_out(vae, vae_latents) - ref).abs().max().item() < 5e-5

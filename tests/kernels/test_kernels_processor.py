@@ -3,21 +3,11 @@
 import pytest
 import torch
 
-from conftest import HAVE_TRITON, INTERPRETING
+from conftest import HAVE_TRITON, INTERPRETING, unet_out, vae_out
 
 BACKENDS = ["math", "sdpa", pytest.param("triton", marks=pytest.mark.skipif(
     not (HAVE_TRITON and INTERPRETING), reason="triton not installed / TRITON_INTERPRET not 1"))]
 
-
-def _unet_out(unet, inputs):
-    sample, t, ehs = inputs
-    with torch.no_grad():
-        return unet(sample, t, encoder_hidden_states=ehs).sample
-
-
-def _vae_out(vae, latents):
-    with torch.no_grad():
-        return vae.decode(latents).sample
 
 
 def _processor_names(module):
@@ -36,11 +26,11 @@ def test_default_processor_is_attnprocessor2_0(unet, vae):
 def test_tiny_unet_and_vae_match_default(backend, unet, vae, unet_inputs, vae_latents):
     from fastsd.kernels import install_attention
 
-    ref_u, ref_v = _unet_out(unet, unet_inputs), _vae_out(vae, vae_latents)
+    ref_u, ref_v = unet_out(unet, unet_inputs), vae_out(vae, vae_latents)
     assert install_attention([unet, vae], backend) == backend
     assert _processor_names(unet) == {"FastSDAttnProcessor"}
     assert _processor_names(vae) == {"FastSDAttnProcessor"}
-    out_u, out_v = _unet_out(unet, unet_inputs), _vae_out(vae, vae_latents)
+    out_u, out_v = unet_out(unet, unet_inputs), vae_out(vae, vae_latents)
     assert (out_u - ref_u).abs().max().item() < 1e-5
     assert (out_v - ref_v).abs().max().item() < 5e-5
 
@@ -81,9 +71,9 @@ def test_sliced_attention_matches(slice_size, unet, unet_inputs):
     # tiny UNet: batch 2 x 2 heads = 4 rows; slices of 1 and 3 split heads, 2 and 4 whole batch entries
     from fastsd.kernels import install_attention
 
-    ref = _unet_out(unet, unet_inputs)
+    ref = unet_out(unet, unet_inputs)
     install_attention(unet, "sdpa", slice_size=slice_size)
-    assert (_unet_out(unet, unet_inputs) - ref).abs().max().item() < 1e-5
+    assert (unet_out(unet, unet_inputs) - ref).abs().max().item() < 1e-5
 
 
 def test_install_carries_diffusers_slice_size(unet):
@@ -97,11 +87,11 @@ def test_install_carries_diffusers_slice_size(unet):
 def test_fused_projections_with_our_processor(unet, unet_inputs):
     from fastsd.kernels import install_attention
 
-    ref = _unet_out(unet, unet_inputs)
+    ref = unet_out(unet, unet_inputs)
     unet.fuse_qkv_projections()  # diffusers' API: installs FusedAttnProcessor2_0
     install_attention(unet, "math")
     assert _processor_names(unet) == {"FastSDAttnProcessor"}
-    assert (_unet_out(unet, unet_inputs) - ref).abs().max().item() < 1e-5
+    assert (unet_out(unet, unet_inputs) - ref).abs().max().item() < 1e-5
 
 
 def test_attention_mask_and_residual_paths():

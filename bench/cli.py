@@ -26,6 +26,7 @@ def _flag_value(text: str):
 
 
 def register(subparsers, parents):
+    from fastsd.cli import add_model_source
     p = subparsers.add_parser(
         "bench", help="latency of fastsd configurations side by side with the diffusers baseline",
         description="Measure, in one run and on the same inputs, the diffusers StableDiffusionPipeline (FP32, "
@@ -34,10 +35,7 @@ def register(subparsers, parents):
                     "to end; median/min/p90 of --repeat runs after warm-up; images per second, peak memory, the "
                     "speed-up over the baseline and the PSNR of the final image against it.")
     g = p.add_argument_group("model")
-    g.add_argument("--model", "-m", default="tiny", help="preset, hub id, diffusers folder or .safetensors (default tiny)")
-    g.add_argument("--random-weights", action="store_true", help="the preset's architecture with seeded random weights")
-    g.add_argument("--config", help="for a single checkpoint file: the preset whose architecture it has")
-    g.add_argument("--allow-pickle", action="store_true", help="allow .ckpt pickle checkpoints")
+    add_model_source(g, default="tiny")
     g.add_argument("--no-safety-checker", action="store_true", help="leave the safety checker out")
     b = p.add_argument_group("what to measure")
     b.add_argument("--backends", "--backend", default="diffusers,torch",

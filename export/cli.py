@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def register(subparsers, parents):
-    from fastsd.presets import DEFAULT_MODEL
+    from fastsd.cli import add_model_source
     from .graphs import COMPONENTS
     p = subparsers.add_parser(
         "export", help="export a model to ONNX graphs for ONNX Runtime and TensorRT",
@@ -15,13 +15,7 @@ def register(subparsers, parents):
                     "in ONNX Runtime (CPU) against the PyTorch FP32 module and fail beyond the tolerance of its "
                     "dtype; write trt_profiles.json and BUILD_TENSORRT.md for TensorRT. Run the export with "
                     "`fastsd generate|verify --backend onnxruntime --model DIR`.")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", "-m", default=DEFAULT_MODEL,
-                   help=f"preset name, hub id, local diffusers folder or .safetensors file (default: {DEFAULT_MODEL})")
-    g.add_argument("--random-weights", action="store_true",
-                   help="the preset's full architecture with seeded random weights (seed 0, recorded for verify)")
-    g.add_argument("--config", help="for a single checkpoint file: the preset whose architecture it has")
-    g.add_argument("--allow-pickle", action="store_true", help="allow .ckpt pickle checkpoints (weights_only)")
+    add_model_source(p.add_argument_group("model"))
     e = p.add_argument_group("export")
     e.add_argument("--out", "-o", required=True, help="output folder (new or empty; see --overwrite)")
     e.add_argument("--components", default=",".join(COMPONENTS),

@@ -22,17 +22,23 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 # -- shared options --------------------------------------------------------------------------------
-def model_options() -> argparse.ArgumentParser:
+def add_model_source(g, default: str | None = None) -> None:
+    """Where a model comes from (--model, --random-weights, --config, --allow-pickle): every command's."""
     from .presets import DEFAULT_MODEL
-    p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("model")
-    g.add_argument("--model", "-m", default=DEFAULT_MODEL,
-                   help=f"preset name, hub id, local diffusers folder or .safetensors file (default: {DEFAULT_MODEL})")
+    default = default or DEFAULT_MODEL
+    g.add_argument("--model", "-m", default=default,
+                   help=f"preset name, hub id, local diffusers folder or .safetensors file (default: {default})")
     g.add_argument("--random-weights", action="store_true",
-                   help="build the preset's full architecture with seeded random weights (no download)")
+                   help="build the preset's full architecture with seeded random weights (seed 0; no download)")
     g.add_argument("--config", help="for a single checkpoint file: the preset whose architecture it has")
     g.add_argument("--allow-pickle", action="store_true",
                    help="allow .ckpt pickle checkpoints (loaded with weights_only=True)")
+
+
+def model_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("model")
+    add_model_source(g)
     g.add_argument("--backend", default="torch", help="torch | onnxruntime (default: torch)")
     g.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="compute dtype (default: fp32)")
     g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")

@@ -140,3 +140,13 @@ def test_triton_interpreted_gets_fp32_verdicts(eval_prompts, fp32_accuracy):
     res = ev.score(ev.fastsd_generate(MODEL, "triton", prompts, [0, 1, 2]), prompts)
     for got, ref in zip(res["verdicts"], fp32_accuracy["verdicts"][:3]):
         assert (got.found_colour, got.found_background) == (ref.found_colour, ref.found_background), (got, ref)
+
+
+def test_stock_diffusers_draws_what_fastsd_fp32_draws():
+    # diffusers' StableDiffusionPipeline over the folder is the reference side of verify; fastsd's FP32
+    # engine must give the same pixels for the same prompts and seeds (measured: max abs 0).
+    from fastsd import OptimizeConfig, load_model
+    from fastsd.verify import verify
+    prompts = json.loads((MODEL / "eval_prompts.json").read_text())[:4]
+    report, *_ = verify(load_model(str(MODEL)), OptimizeConfig(), prompts=prompts, steps=25, seed=0)
+    assert report["passed"] and all(r["max_abs"] == 0 for r in report["images"]), report["images"]

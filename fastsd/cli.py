@@ -259,11 +259,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format="%(name)s: %(message)s")
-    if getattr(args, "quiet", False):  # also the loaders' own progress bars
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
-        diffusers_logging.disable_progress_bar()
-        transformers_logging.disable_progress_bar()
+    # the loaders' own progress bars (components, weight shards) say nothing on a local load
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
     try:
         return args.func(args)
     except FastSDError as e:

@@ -84,7 +84,7 @@ class Verdict:
     def __str__(self) -> str:
         """One line a person reads beside the file name, e.g. "ok: red shape (asked red), blue background"."""
         def mark(ok):
-            return "" if ok is None else (" ok" if ok else " WRONG")
+            return " WRONG" if ok is False else ""
         parts = [f"{self.found_colour or 'no'} shape (asked {self.asked.colour}){mark(self.ok_shape_colour)}"]
         if self.asked.background:
             parts.append(f"{self.found_background} background (asked {self.asked.background}){mark(self.ok_background)}")

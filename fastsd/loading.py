@@ -93,14 +93,17 @@ def _load_folder(path: Path, name: str, source: str, preset: Preset | None) -> S
         index = json.loads((path / "model_index.json").read_text())
         if index.get("_class_name") not in (None, "StableDiffusionPipeline"):
             raise ModelLoadError(f"model: {path} holds a {index['_class_name']}, not a StableDiffusionPipeline")
-        pipe = StableDiffusionPipeline.from_pretrained(str(path), torch_dtype=torch.float32,
-                                                       local_files_only=True, use_safetensors=None)
+        # no dtype keyword (diffusers renamed torch_dtype to dtype in 0.4x and warns on the old one):
+        # load as saved, then make every module FP32 below
+        pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, use_safetensors=None)
     except ModelLoadError:
         raise
     except Exception as e:  # diffusers raises many types for a broken folder; say which file
         raise ModelLoadError(f"model: cannot load {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
-    return SDModel(name, source, pipe.tokenizer, pipe.text_encoder.eval(), pipe.unet.eval(), pipe.vae.eval(),
-                   pipe.scheduler, pipe.safety_checker, pipe.feature_extractor, preset=preset, path=path)
+    modules = [m.to(torch.float32).eval() if m is not None else None
+               for m in (pipe.text_encoder, pipe.unet, pipe.vae, pipe.safety_checker)]
+    return SDModel(name, source, pipe.tokenizer, modules[0], modules[1], modules[2], pipe.scheduler, modules[3],
+                   pipe.feature_extractor, preset=preset, path=path)
 
 
 def _load_hub(preset_or_id: str, preset: Preset | None) -> SDModel:

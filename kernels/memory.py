@@ -198,7 +198,7 @@ def plan_memory(unet_config, vae_config, batch: int, height: int, width: int, dt
 
     peak = weights_bytes + max(attn_used + unet_act, vae_used)
     plan = MemoryPlan(slicing, tiling, int(peak), "; ".join(reasons), budget_bytes, int(attn_full), int(vae_full))
-    logger.info("memory plan for %dx%d batch %d %s on %s: slicing=%s tiling=%s peak~%s (%s)", width, height,
+    logger.debug("memory plan for %dx%d batch %d %s on %s: slicing=%s tiling=%s peak~%s (%s)", width, height,
                 batch, str(dtype).replace("torch.", ""), device, slicing, tiling, _mib(peak), plan.reason)
     return plan
 

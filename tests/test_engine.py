@@ -107,3 +107,19 @@ def test_safety_checker_blacks_out_flagged_images(tiny):
     tiny.safety_checker = sc
     out = optimize(tiny, safety_checker=False).generate("a cat", num_inference_steps=2, seed=0, progress=False)
     assert out.nsfw_content_detected == [False] and np.asarray(out.images[0]).max() > 0
+
+
+def test_nan_latents_are_a_clear_error_not_a_black_image(tiny, monkeypatch):
+    import torch
+
+    from fastsd import optimize
+    from fastsd.engine import NonFiniteOutput
+    engine = optimize(tiny)
+    real_unet = engine.backend.unet
+    monkeypatch.setattr(engine.backend, "unet", lambda *a, **k: real_unet(*a, **k) * float("nan"))
+    with pytest.raises(NonFiniteOutput, match="latents became NaN/inf"):
+        engine.generate("a cat", num_inference_steps=2, seed=0, progress=False)
+    monkeypatch.undo()
+    monkeypatch.setattr(engine.backend, "decode", lambda latents: torch.full((1, 3, 64, 64), float("inf")))
+    with pytest.raises(NonFiniteOutput, match="VAE decode"):
+        engine.generate("a cat", num_inference_steps=2, seed=0, progress=False)

@@ -85,13 +85,7 @@ class TorchBackend:
         self.applied.append("compile" + ("(freezing)" if self.device.type == "cpu" else ""))
 
     def _install_kernels(self, config) -> str:
-        try:
-            from fastsd import kernels
-        except ImportError:  # kernels are part of the package; this guards a broken install only
-            log.warning("fastsd.kernels is not importable; using diffusers' default attention")
-            return "diffusers-default"
-        if not hasattr(kernels, "install_attention"):  # TEMP while kernels land
-            return "diffusers-default"
+        from fastsd import kernels
         name = kernels.install_attention(self.unet_module, config.attention, device=self.device, dtype=self.dtype)
         kernels.install_attention(self.vae, name, device=self.device, dtype=self.vae_dtype)
         if config.fused_ops:

@@ -58,7 +58,7 @@ class OptimizeConfig:
         dev = self.device
         if not (dev == "cpu" or dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise InvalidParameter("device", dev, "cpu, cuda or cuda:N")
-        if dev.startswith("cuda"):
+        if dev.startswith("cuda") and self.backend != "onnxruntime":  # onnxruntime checks its own providers
             n = torch.cuda.device_count()
             if n == 0:
                 raise InvalidParameter("device", dev, "cpu (no CUDA device is visible here)")

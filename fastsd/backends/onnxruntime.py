@@ -1,8 +1,9 @@
 """ONNX Runtime backend: runs the graphs of an ONNX export (`fastsd export`) inside the engine's loop.
 
 The model is what `fastsd.export.load_onnx_model(DIR)` returns: tokenizer and scheduler, and in place of
-the torch modules objects that carry `.config` and the graph paths. Providers: TensorRT, then CUDA, where
-this onnxruntime build has them, else CPU (FASTSD_ORT_PROVIDERS=Name,Name overrides the order);
+the torch modules objects that carry `.config` and the graph paths. Providers follow --device: cpu, the
+CPU provider; cuda[:N], TensorRT then CUDA, where this onnxruntime build has them (FASTSD_ORT_PROVIDERS=
+Name,Name overrides both);
 `describe()` reports the providers each session actually got, which is what counts (onnxruntime-gpu
 falls back to CPU quietly when CUDA libraries are missing). Tensors stay on the CPU on the engine's side.
 """
@@ -34,7 +35,10 @@ def _import_ort():
     return ort
 
 
-def choose_providers(ort) -> list[str]:
+def choose_providers(ort, device: str = "cpu") -> list[str]:
+    """--device cpu: the CPU provider only; cuda[:N]: TensorRT then CUDA (whichever this onnxruntime build
+    has), CPU last for ops they lack. Checked against onnxruntime, not torch: a CPU-only torch beside
+    onnxruntime-gpu still runs the export on the GPU."""
     available = ort.get_available_providers()
     wanted = os.environ.get("FASTSD_ORT_PROVIDERS")
     if wanted:
@@ -43,7 +47,13 @@ def choose_providers(ort) -> list[str]:
         if bad:
             raise InvalidParameter("FASTSD_ORT_PROVIDERS", wanted, ", ".join(available))
         return names
-    return [p for p in GPU_PROVIDERS if p in available] + ["CPUExecutionProvider"]
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    gpu = [p for p in GPU_PROVIDERS if p in available]
+    if not gpu:
+        raise InvalidParameter("device", device, "cpu (this onnxruntime has no CUDA or TensorRT provider; install "
+                               "onnxruntime-gpu in place of onnxruntime)")
+    return gpu + ["CPUExecutionProvider"]
 
 
 class _Graph:
@@ -121,7 +131,7 @@ class OnnxRuntimeBackend:
         self.dtype = torch.float16 if exported == "fp16" else torch.float32
         self.device = torch.device("cpu")  # the engine's tensors; onnxruntime moves them to its provider
         self.folder = model.path
-        self.providers = choose_providers(ort)
+        self.providers = choose_providers(ort, config.device)
         gpu = any(p in GPU_PROVIDERS for p in self.providers)
         threads = torch.get_num_threads()
         self.threads = threads
@@ -148,6 +158,8 @@ class OnnxRuntimeBackend:
         if provider == "TensorrtExecutionProvider":
             opts = {"trt_engine_cache_enable": "True", "trt_fp16_enable": str(self.export_dtype == "fp16"),
                     "trt_engine_cache_path": str(self.folder / "trt_cache" / comp)}
+            if config.device.startswith("cuda:"):
+                opts["device_id"] = config.device.split(":")[1]
             if profile:
                 dyn = {k: v for k, v in profile.items() if k != "timestep"}
                 for point in ("min", "opt", "max"):

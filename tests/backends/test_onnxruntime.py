@@ -105,3 +105,19 @@ def test_provider_override_checked(export_dir, monkeypatch):
     monkeypatch.setenv("FASTSD_ORT_PROVIDERS", "CPUExecutionProvider")
     d = optimize(load_onnx_model(export_dir), backend="onnxruntime").describe()
     assert d["providers"]["unet"] == ["CPUExecutionProvider"]
+
+
+def test_device_chooses_providers_checked_against_onnxruntime(export_dir, monkeypatch):
+    import onnxruntime as ort
+
+    from fastsd.backends.onnxruntime import choose_providers
+    monkeypatch.delenv("FASTSD_ORT_PROVIDERS", raising=False)
+    assert choose_providers(ort, "cpu") == ["CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert choose_providers(ort, "cuda:1") == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.undo()
+    monkeypatch.delenv("FASTSD_ORT_PROVIDERS", raising=False)
+    # the CPU build of onnxruntime has no GPU provider: --device cuda is a clear error naming the device,
+    # decided by onnxruntime, not by torch (a CPU-only torch must not block onnxruntime-gpu)
+    with pytest.raises(InvalidParameter, match="device.*onnxruntime-gpu"):
+        optimize(load_onnx_model(export_dir), backend="onnxruntime", device="cuda")

@@ -310,18 +310,14 @@ def apply_fused_ops(unet, vae, device, dtype, groupnorm_silu: bool = True, geglu
     roots = [m for m in (unet, vae) if m is not None]
     applied: list[str] = []
     details: list[str] = []
-    if groupnorm_silu:
-        impl = _resolve_impl("groupnorm_silu", "auto", device, dtype)
-        n = sum(_patch_groupnorm_silu(r, impl) for r in roots)
-        if n:
-            applied.append("groupnorm_silu")
-            details.append(f"groupnorm_silu[{impl}] x{n}")
-    if geglu:
-        impl = _resolve_impl("geglu", "auto", device, dtype)
-        n = sum(_patch_geglu(r, impl) for r in roots)
-        if n:
-            applied.append("geglu")
-            details.append(f"geglu[{impl}] x{n}")
+    for name, wanted, patch in (("groupnorm_silu", groupnorm_silu, _patch_groupnorm_silu),
+                                ("geglu", geglu, _patch_geglu)):
+        if wanted:
+            impl = _resolve_impl(name, "auto", device, dtype)
+            n = sum(patch(r, impl) for r in roots)
+            if n:
+                applied.append(name)
+                details.append(f"{name}[{impl}] x{n}")
     if fuse_qkv:
         if device.type == "cuda":
             results = [(r, *fuse_projections(r)) for r in roots]

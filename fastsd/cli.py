@@ -82,7 +82,7 @@ def optimize_config(args):
 def check_generation_args(args) -> None:
     """Everything a user can get wrong about a generation, checked before a model is loaded."""
     from . import validation as check
-    from .schedulers import SCHEDULERS
+    from .schedulers import check_scheduler
     for p in getattr(args, "prompt", None) or []:
         check.prompts(p)
     if args.steps is not None:
@@ -94,17 +94,15 @@ def check_generation_args(args) -> None:
             check.size(name, getattr(args, name))
     if args.seed is not None:
         check.seeds(args.seed, 1)
-    if args.scheduler is not None and args.scheduler not in SCHEDULERS:
-        raise InvalidParameter("scheduler", args.scheduler, ", ".join(SCHEDULERS))
+    if args.scheduler is not None:
+        check_scheduler(args.scheduler)
 
 
 def load_for(args):
-    from .loading import load_model
-    if args.backend == "onnxruntime":  # --model is an ONNX export folder (fastsd export)
-        from .export import load_onnx_model
-        return load_onnx_model(args.model)
-    return load_model(args.model, random_weights=args.random_weights, allow_pickle=args.allow_pickle,
-                      config=args.config, safety_checker=not args.no_safety_checker)
+    from .loading import load_for_backend
+    return load_for_backend(args.backend, args.model, random_weights=args.random_weights,
+                            allow_pickle=args.allow_pickle, config=args.config,
+                            safety_checker=not args.no_safety_checker)
 
 
 def output_paths(out: str, count: int) -> list[Path]:

@@ -121,6 +121,15 @@ def _load_hub(preset_or_id: str, preset: Preset | None) -> SDModel:
     return _load_folder(Path(folder), preset.name if preset else hub_id, "hub", preset)
 
 
+def load_for_backend(backend: str, spec: str, **load_kwargs) -> SDModel:
+    """The model `backend` runs: for onnxruntime, `spec` is an ONNX export folder (`fastsd export`);
+    otherwise `load_model(spec, **load_kwargs)`."""
+    if backend == "onnxruntime":
+        from fastsd.export import load_onnx_model  # imports onnx tooling only when asked
+        return load_onnx_model(spec)
+    return load_model(spec, **load_kwargs)
+
+
 def load_model(spec: str, *, random_weights: bool = False, seed: int = 0, allow_pickle: bool = False,
                config: str | None = None, safety_checker: bool = True) -> SDModel:
     """Load `spec`: a preset name, a hub id, a local diffusers folder or a single checkpoint file.

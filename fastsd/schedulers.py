@@ -24,8 +24,12 @@ def scheduler_name(scheduler: SchedulerMixin) -> str:
     return type(scheduler).__name__
 
 
-def make_scheduler(name: str, base_config) -> SchedulerMixin:
-    """A fresh scheduler of the named kind that keeps the model's betas and prediction type."""
+def check_scheduler(name: str) -> str:
     if name not in SCHEDULERS:
         raise InvalidParameter("scheduler", name, ", ".join(SCHEDULERS))
-    return SCHEDULERS[name].from_config(base_config)
+    return name
+
+
+def make_scheduler(name: str, base_config) -> SchedulerMixin:
+    """A fresh scheduler of the named kind that keeps the model's betas and prediction type."""
+    return SCHEDULERS[check_scheduler(name)].from_config(base_config)

@@ -89,20 +89,17 @@ def make_server(servicer, host: str, port: int, workers: int | None = None):
 def build_engine(spec: dict, replica: dict):
     import torch
 
-    from ..loading import load_model
+    from ..loading import load_for_backend
     from ..optimize import OptimizeConfig, optimize
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     eng = dict(spec["engine"])
     if replica.get("cuda_visible_devices") is not None:
         eng["device"] = "cuda"
-    if eng.get("backend") == "onnxruntime":  # --model is an ONNX export folder (fastsd export)
-        from ..export import load_onnx_model
-        model = load_onnx_model(spec["model"])
-    else:
-        model = load_model(spec["model"], random_weights=spec.get("random_weights", False),
-                           allow_pickle=spec.get("allow_pickle", False), config=spec.get("config"),
-                           safety_checker=eng.get("safety_checker", True))
+    model = load_for_backend(eng.get("backend", "torch"), spec["model"],
+                             random_weights=spec.get("random_weights", False),
+                             allow_pickle=spec.get("allow_pickle", False), config=spec.get("config"),
+                             safety_checker=eng.get("safety_checker", True))
     return optimize(model, OptimizeConfig(**eng).validated())
 
 

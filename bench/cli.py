@@ -26,7 +26,7 @@ def _flag_value(text: str):
 
 
 def register(subparsers, parents):
-    from fastsd.cli import add_model_source
+    from fastsd.options import add_model_source
     p = subparsers.add_parser(
         "bench", help="latency of fastsd configurations side by side with the diffusers baseline",
         description="Measure, in one run and on the same inputs, the diffusers StableDiffusionPipeline (FP32, "

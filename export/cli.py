@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def register(subparsers, parents):
-    from fastsd.cli import add_model_source
+    from fastsd.options import add_model_source
     from .graphs import COMPONENTS
     p = subparsers.add_parser(
         "export", help="export a model to ONNX graphs for ONNX Runtime and TensorRT",

@@ -14,112 +14,12 @@ from pathlib import Path
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
-from .errors import FastSDError, InvalidParameter  # noqa: E402
+from .errors import FastSDError  # noqa: E402
+from .options import (OneLineParser, check_generation_args, generation_options, load_for,  # noqa: E402
+                      model_options, optimize_config, output_paths)
 
 # Feature areas add their own subcommands: module -> `register(subparsers, parents)`.
 EXTRA_COMMANDS = ["fastsd.export.cli", "fastsd.bench.cli", "fastsd.serving.cli"]
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-
-
-# -- shared options --------------------------------------------------------------------------------
-def add_model_source(g, default: str | None = None) -> None:
-    """Where a model comes from (--model, --random-weights, --config, --allow-pickle): every command's."""
-    from .presets import DEFAULT_MODEL
-    default = default or DEFAULT_MODEL
-    g.add_argument("--model", "-m", default=default,
-                   help=f"preset name, hub id, local diffusers folder or .safetensors file (default: {default})")
-    g.add_argument("--random-weights", action="store_true",
-                   help="build the preset's full architecture with seeded random weights (seed 0; no download)")
-    g.add_argument("--config", help="for a single checkpoint file: the preset whose architecture it has")
-    g.add_argument("--allow-pickle", action="store_true",
-                   help="allow .ckpt pickle checkpoints (loaded with weights_only=True)")
-
-
-def model_options() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("model")
-    add_model_source(g)
-    g.add_argument("--backend", default="torch", help="torch | onnxruntime (default: torch)")
-    g.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="compute dtype (default: fp32)")
-    g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
-    g.add_argument("--attention", default="auto", help="auto | sdpa | math | triton | xformers (default: auto)")
-    g.add_argument("--fused-ops", action="store_true", help="fused GroupNorm+SiLU, GEGLU and QKV kernels")
-    g.add_argument("--attention-slicing", default="auto", choices=["auto", "on", "off"],
-                   help="slice attention over batch*heads; auto: only when the estimated peak would not fit")
-    g.add_argument("--vae-tiling", default="auto", choices=["auto", "on", "off"],
-                   help="decode large images in tiles; auto: only when the estimated peak would not fit")
-    g.add_argument("--cuda-graphs", action="store_true",
-                   help="CUDA only: replay the UNet step from graphs cached per shape (logged off elsewhere)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the UNet (CPU: with weight freezing); minutes of compiling per shape")
-    g.add_argument("--no-safety-checker", action="store_true", help="skip the safety checker")
-    g.add_argument("--quiet", "-q", action="store_true", help="no progress bars or info logs")
-    return p
-
-
-def generation_options() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
-    g = p.add_argument_group("generation")
-    g.add_argument("--steps", type=int, default=None, help="denoising steps, 1..1000 (default: 50; verify: 25)")
-    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance; off at <= 1 (default 7.5)")
-    g.add_argument("--height", type=int, help="pixels, a multiple of 8 in 64..2048 (default: the model's size)")
-    g.add_argument("--width", type=int, help="pixels, a multiple of 8 in 64..2048 (default: the model's size)")
-    g.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed+i")
-    g.add_argument("--scheduler", help="pndm | ddim | euler | euler-ancestral | dpm++ | lms (default: the model's)")
-    g.add_argument("--negative", default=None, help="negative prompt")
-    g.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
-    return p
-
-
-def optimize_config(args):
-    from .optimize import OptimizeConfig
-    return OptimizeConfig(backend=args.backend, device=args.device, dtype=args.dtype, attention=args.attention,
-                          fused_ops=args.fused_ops, safety_checker=not args.no_safety_checker,
-                          attention_slicing=args.attention_slicing, vae_tiling=args.vae_tiling,
-                          cuda_graphs=args.cuda_graphs, compile=args.compile).validated()
-
-
-def check_generation_args(args) -> None:
-    """Everything a user can get wrong about a generation, checked before a model is loaded."""
-    from . import validation as check
-    from .schedulers import check_scheduler
-    for p in getattr(args, "prompt", None) or []:
-        check.prompts(p)
-    if args.steps is not None:
-        check.steps(args.steps)
-    check.guidance(args.guidance)
-    check.num_images(args.num_images)
-    for name in ("height", "width"):
-        if getattr(args, name) is not None:
-            check.size(name, getattr(args, name))
-    if args.seed is not None:
-        check.seeds(args.seed, 1)
-    if args.scheduler is not None:
-        check_scheduler(args.scheduler)
-
-
-def load_for(args):
-    from .loading import load_for_backend
-    return load_for_backend(args.backend, args.model, random_weights=args.random_weights,
-                            allow_pickle=args.allow_pickle, config=args.config,
-                            safety_checker=not args.no_safety_checker)
-
-
-def output_paths(out: str, count: int) -> list[Path]:
-    """Where `count` images go; checked before any model runs so a bad path fails fast."""
-    path = Path(out).expanduser()
-    if path.suffix.lower() not in IMAGE_SUFFIXES:
-        raise InvalidParameter("out", out, "a file name ending in " + ", ".join(sorted(IMAGE_SUFFIXES)))
-    parent = path.parent.resolve()
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InvalidParameter("out", out, f"a path in a writable folder ({e.strerror})") from None
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise InvalidParameter("out", out, "a path in a writable folder")
-    if count == 1:
-        return [path]
-    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
 
 
 # -- commands --------------------------------------------------------------------------------------
@@ -129,6 +29,10 @@ def cmd_generate(args) -> int:
     paths = output_paths(args.out, len(prompts) * max(1, args.num_images if isinstance(args.num_images, int) else 1))
     check_generation_args(args)
     config = optimize_config(args)
+    if args.profile and not args.quiet:
+        from .profiles import device_class, profile_flags
+        picked = ", ".join(f"{k}={v}" for k, v in profile_flags(args.profile, config.device).items())
+        print(f"profile {args.profile} on {device_class(config.device)}: {picked}", file=sys.stderr)
     engine = optimize(load_for(args), config)
     result = engine.generate(prompts, args.negative, num_images_per_prompt=args.num_images,
                              num_inference_steps=50 if args.steps is None else args.steps, guidance_scale=args.guidance,
@@ -217,7 +121,7 @@ def cmd_models(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="fastsd", description="Fast Stable Diffusion inference, checked against the FP32 diffusers pipeline.")
     parser.add_argument("--version", action="version", version="fastsd " + __import__("fastsd").__version__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -12,6 +12,7 @@ from .backends import backend_names, lookup_backend
 from .engine import Engine
 from .errors import InvalidParameter
 from .loading import SDModel, load_model
+from .profiles import profile_flags, resolve_device
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ATTENTION = ("auto", "sdpa", "math", "triton", "xformers")
@@ -21,7 +22,7 @@ SWITCH = ("auto", "on", "off")
 @dataclass(frozen=True)
 class OptimizeConfig:
     backend: str = "torch"  # torch | onnxruntime
-    device: str = "cpu"  # cpu | cuda | cuda:N
+    device: str = "auto"  # cpu | cuda | cuda:N | auto (CUDA when torch sees one, else the CPU)
     dtype: str = "fp32"  # fp32 | fp16 | bf16
     attention: str = "auto"  # auto | sdpa | math | triton | xformers
     fused_ops: bool = False  # Triton GroupNorm+SiLU, GEGLU, fused QKV where they help
@@ -45,7 +46,14 @@ class OptimizeConfig:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
+    @classmethod
+    def from_profile(cls, profile: str = "exact", device: str = "auto", **flags) -> "OptimizeConfig":
+        """The flags of a speed profile (fastsd.profiles) on `device`, then `flags` over them."""
+        return cls(**{**profile_flags(profile, device), **flags})
+
     def validated(self) -> "OptimizeConfig":
+        if self.device == "auto":
+            return replace(self, device=resolve_device(self.device)).validated()
         if self.backend not in backend_names():
             raise InvalidParameter("backend", self.backend, ", ".join(backend_names()))
         if self.dtype not in DTYPES:
@@ -80,11 +88,16 @@ def as_model(model) -> SDModel:
     raise InvalidParameter("model", type(model).__name__, "an SDModel, a StableDiffusionPipeline or a model name")
 
 
-def optimize(model, config: OptimizeConfig | None = None, **flags) -> Engine:
-    """Build the engine for `model` (its modules are moved and changed in place: the engine owns them)."""
+def optimize(model, config: OptimizeConfig | None = None, *, profile: str | None = None, **flags) -> Engine:
+    """Build the engine for `model` (its modules are moved and changed in place: the engine owns them).
+    `profile` ("exact", "fast", "fastest") picks the flags for the device; `flags` override either."""
     unknown = set(flags) - {f.name for f in fields(OptimizeConfig)}
     if unknown:
         raise InvalidParameter("optimize flags", sorted(unknown), ", ".join(f.name for f in fields(OptimizeConfig)))
+    if profile is not None:
+        if config is not None:
+            raise InvalidParameter("profile", profile, "either a profile or a config, not both")
+        config = OptimizeConfig.from_profile(profile, device=flags.pop("device", "auto"))
     config = replace(config or OptimizeConfig(), **flags).validated()
     sd = as_model(model)
     backend = lookup_backend(config.backend)(sd, config)

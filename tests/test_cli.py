@@ -103,3 +103,32 @@ def test_shapes_prompt_gets_a_verdict(capsys, tmp_path):
     code, stdout, _ = run(capsys, "generate", "a red circle on a blue background", "--steps", "2", "--quiet",
                           "--seed", "0", "--out", str(tmp_path / "x.png"))
     assert code == 0 and "judge: " in stdout and "asked red" in stdout and "asked blue" in stdout
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["generate", "x", "--steps", "abc"], "--steps"),
+    (["generate", "x", "--dtype", "fp8"], "--dtype"),
+    (["verify", "--attention-slicing", "x"], "--attention-slicing"),
+    (["export", "--out"], "--out"),
+    (["bench", "--repeat", "many"], "--repeat"),
+])
+def test_argparse_errors_are_one_line(capsys, argv, names):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2
+    assert len(err) == 1 and names in err[0] and err[0].startswith("fastsd "), err
+
+
+def test_command_modules_do_not_import_the_cli():
+    """Imports point down: the subcommands share fastsd.options, never fastsd.cli."""
+    import pathlib
+    import re
+    root = pathlib.Path(__file__).resolve().parents[1]
+    for path in [*root.glob("fastsd/**/*.py"), *root.glob("export/*.py"), *root.glob("bench/*.py")]:
+        if path == root / "fastsd" / "cli.py":
+            continue
+        text = path.read_text()
+        assert not re.search(r"fastsd\.cli\b|from \.\.cli\b", text), path
+        if path.parent == root / "fastsd":
+            assert not re.search(r"from \.cli\b", text), path

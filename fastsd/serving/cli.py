@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 from .common import DEFAULT_PORT, TOKEN_ENV
 
@@ -74,7 +73,7 @@ def register(subparsers, parents) -> None:
 
 
 def cmd_serve(args) -> int:
-    from ..cli import optimize_config
+    from ..options import optimize_config
     from .deploy import serve
     from .limits import Limits
     if args.gpus:
@@ -100,7 +99,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_query(args) -> int:
-    from ..cli import output_paths
+    from ..options import output_paths
     from .deploy import query
     paths = output_paths(args.out, len(args.prompt) * args.num_images)
     reply = query(args.deployment, args.prompt, negative=args.negative, timeout=args.timeout,
@@ -136,7 +135,3 @@ def cmd_stop(args) -> int:
     stop(args.deployment, timeout=args.timeout)
     return 0
 
-
-if __name__ == "__main__":  # pragma: no cover
-    from ..cli import main
-    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Command-line options and checks shared by every `fastsd` command (generate, verify, export, bench,
+serve, ...): the model source, the engine flags, the generation flags and output paths. The command
+modules import from here, never from each other, so imports point down only."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import InvalidParameter
+from .profiles import PROFILE_NAMES
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad value is one line naming the parameter (exit 2), not the whole usage block."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def add_model_source(g, default: str | None = None) -> None:
+    """Where a model comes from (--model, --random-weights, --config, --allow-pickle): every command's."""
+    from .presets import DEFAULT_MODEL
+    default = default or DEFAULT_MODEL
+    g.add_argument("--model", "-m", default=default,
+                   help=f"preset name, hub id, local diffusers folder or .safetensors file (default: {default})")
+    g.add_argument("--random-weights", action="store_true",
+                   help="build the preset's full architecture with seeded random weights (seed 0; no download)")
+    g.add_argument("--config", help="for a single checkpoint file: the preset whose architecture it has")
+    g.add_argument("--allow-pickle", action="store_true",
+                   help="allow .ckpt pickle checkpoints (loaded with weights_only=True)")
+
+
+def model_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("model")
+    add_model_source(g)
+    g.add_argument("--backend", default="torch", help="torch | onnxruntime (default: torch)")
+    g.add_argument("--profile", choices=PROFILE_NAMES, default=None,
+                   help="exact (default: FP32, bit-identical to diffusers) | fast (fastest measured within the "
+                        "bf16 tolerance) | fastest (trades more fidelity); flags given explicitly win")
+    g.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"],
+                   help="compute dtype (default: fp32, or the profile's)")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto: CUDA when visible)")
+    g.add_argument("--attention", default=None,
+                   help="auto | sdpa | math | triton | xformers (default: auto, or the profile's)")
+    g.add_argument("--fused-ops", action="store_true", help="fused GroupNorm+SiLU, GEGLU and QKV kernels")
+    g.add_argument("--attention-slicing", default="auto", choices=["auto", "on", "off"],
+                   help="slice attention over batch*heads; auto: only when the estimated peak would not fit")
+    g.add_argument("--vae-tiling", default="auto", choices=["auto", "on", "off"],
+                   help="decode large images in tiles; auto: only when the estimated peak would not fit")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="CUDA only: replay the UNet step from graphs cached per shape (logged off elsewhere)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet (CPU: with weight freezing); minutes of compiling per shape")
+    g.add_argument("--no-safety-checker", action="store_true", help="skip the safety checker")
+    g.add_argument("--quiet", "-q", action="store_true", help="no progress bars or info logs")
+    return p
+
+
+def generation_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("generation")
+    g.add_argument("--steps", type=int, default=None, help="denoising steps, 1..1000 (default: 50; verify: 25)")
+    g.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance; off at <= 1 (default 7.5)")
+    g.add_argument("--height", type=int, help="pixels, a multiple of 8 in 64..2048 (default: the model's size)")
+    g.add_argument("--width", type=int, help="pixels, a multiple of 8 in 64..2048 (default: the model's size)")
+    g.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed+i")
+    g.add_argument("--scheduler", help="pndm | ddim | euler | euler-ancestral | dpm++ | lms (default: the model's)")
+    g.add_argument("--negative", default=None, help="negative prompt")
+    g.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
+    return p
+
+
+def optimize_config(args):
+    """The engine flags: the profile's (exact unless --profile), then every flag the user gave."""
+    from .optimize import OptimizeConfig
+    given = {k: getattr(args, k) for k in ("dtype", "attention") if getattr(args, k) is not None}
+    given.update({k: True for k in ("fused_ops", "cuda_graphs", "compile") if getattr(args, k)})
+    return OptimizeConfig.from_profile(args.profile or "exact", device=args.device, backend=args.backend,
+                                       safety_checker=not args.no_safety_checker,
+                                       attention_slicing=args.attention_slicing, vae_tiling=args.vae_tiling,
+                                       **given).validated()
+
+
+def check_generation_args(args) -> None:
+    """Everything a user can get wrong about a generation, checked before a model is loaded."""
+    from . import validation as check
+    from .schedulers import check_scheduler
+    for p in getattr(args, "prompt", None) or []:
+        check.prompts(p)
+    if args.steps is not None:
+        check.steps(args.steps)
+    check.guidance(args.guidance)
+    check.num_images(args.num_images)
+    for name in ("height", "width"):
+        if getattr(args, name) is not None:
+            check.size(name, getattr(args, name))
+    if args.seed is not None:
+        check.seeds(args.seed, 1)
+    if args.scheduler is not None:
+        check_scheduler(args.scheduler)
+
+
+def load_for(args):
+    from .loading import load_for_backend
+    return load_for_backend(args.backend, args.model, random_weights=args.random_weights,
+                            allow_pickle=args.allow_pickle, config=args.config,
+                            safety_checker=not args.no_safety_checker)
+
+
+def output_paths(out: str, count: int) -> list[Path]:
+    """Where `count` images go; checked before any model runs so a bad path fails fast."""
+    path = Path(out).expanduser()
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise InvalidParameter("out", out, "a file name ending in " + ", ".join(sorted(IMAGE_SUFFIXES)))
+    parent = path.parent.resolve()
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InvalidParameter("out", out, f"a path in a writable folder ({e.strerror})") from None
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InvalidParameter("out", out, "a path in a writable folder")
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]

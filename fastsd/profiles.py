@@ -1,0 +1,72 @@
+"""Speed profiles: which OptimizeConfig flags to use, per class of device, so a user need not know them.
+
+- exact:   FP32, the plainest path (the default): bit-identical to diffusers.
+- fast:    the fastest configuration measured on that class of device that stays within verify's
+           bf16/fp16 tolerance.
+- fastest: adds what trades more fidelity for speed, within the looser tolerance `verify` states for it.
+
+The table is data, filled from measurements (README, "Speed profiles"); a profile names only the flags
+it changes, and flags a user gives explicitly win over the profile's."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from .errors import InvalidParameter
+
+PROFILE_NAMES = ("exact", "fast", "fastest")
+DEVICE_CLASSES = ("cpu-amx", "cpu-avx512-bf16", "cpu", "cuda")
+
+# Measured (bench/RESULTS.md, shared CPU-peer figures, SD 1.4 at 512): the bf16 CPU recipe gives the UNet
+# step 3.5x over diffusers FP32 on Xeon with AMX and 1.76x on Zen 4 (AVX-512 BF16) at 46.6 dB PSNR. On a
+# CPU without native bf16, bf16 is emulated and not measured faster, so `fast` stays FP32 there.
+# CUDA: fp16 with torch's flash SDPA is the standard fast path (not timed here: no GPU was lent).
+PROFILES: dict[str, dict[str, dict]] = {
+    "exact": {c: {} for c in DEVICE_CLASSES},
+    "fast": {
+        "cpu-amx": {"dtype": "bf16"},
+        "cpu-avx512-bf16": {"dtype": "bf16"},
+        "cpu": {},
+        "cuda": {"dtype": "fp16"},
+    },
+}
+PROFILES["fastest"] = {c: dict(flags) for c, flags in PROFILES["fast"].items()}
+
+
+@lru_cache(maxsize=None)
+def cpu_flags() -> frozenset[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def resolve_device(device: str) -> str:
+    """`auto`: CUDA when torch sees a device, else the CPU; anything else as given."""
+    if device != "auto":
+        return device
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_class(device: str) -> str:
+    """cuda, or the CPU's kind: AMX (bf16 tiles), AVX-512 BF16 only, or neither."""
+    if resolve_device(device).startswith("cuda"):
+        return "cuda"
+    flags = cpu_flags()
+    if "amx_bf16" in flags:
+        return "cpu-amx"
+    if "avx512_bf16" in flags:
+        return "cpu-avx512-bf16"
+    return "cpu"
+
+
+def profile_flags(profile: str, device: str = "auto") -> dict:
+    """The OptimizeConfig flags `profile` sets on `device` (device itself included, resolved)."""
+    if profile not in PROFILES:
+        raise InvalidParameter("profile", profile, ", ".join(PROFILE_NAMES))
+    dev = resolve_device(device)
+    return {"device": dev, **PROFILES[profile][device_class(dev)]}

@@ -195,6 +195,8 @@ class OnnxRuntimeBackend:
     def _trt_cache(self, comp: str) -> str | None:
         """DIR/trt_cache/<graph>, created: onnxruntime's TensorRT provider makes only the last folder level and
         fails when the parent is missing. None (engine cache off) when the export folder is read-only."""
+        if self.folder is None:
+            return None
         folder = self.folder / "trt_cache" / comp
         try:
             folder.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,11 @@ so the head dim is padded to BLOCK_D (40->64, 80->128, 160->256) and loads/store
 Keys past the end of the last tile get -inf scores before the row max; query rows past the end are
 computed on zeros and not stored.
 
+On a GPU the autotuner times only the configs of triton_attention_configs.py that fit the device's
+shared memory (compiled sizes, no register spills); a call for which none fits raises NoUsableConfig,
+and the backend's `supports` check sends such calls to another backend first. Launches run with the
+tensors' device made current (a Triton launch uses the current device's stream).
+
 Whether this module runs compiled (GPU) or interpreted (TRITON_INTERPRET=1, CPU tensors) is fixed when
 it is imported: triton.jit reads TRITON_INTERPRET at decoration time.
 """

@@ -1,5 +1,6 @@
 """The onnxruntime backend runs a fastsd export in the engine's loop and matches the FP32 diffusers reference."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -130,11 +131,10 @@ class _PretendGpuSession:
     fail_with_tensorrt = False
 
     def __init__(self, path, so=None, providers=None, provider_options=None, **kwargs):
-        import onnxruntime as ort
         for name, opts in zip(providers, provider_options):
             if name == "TensorrtExecutionProvider" and opts.get("trt_engine_cache_enable") == "True":
                 # onnxruntime's TensorRT provider creates only the last level of this path
-                assert __import__("os").path.isdir(opts["trt_engine_cache_path"]), opts["trt_engine_cache_path"]
+                assert os.path.isdir(opts["trt_engine_cache_path"]), opts["trt_engine_cache_path"]
         self.made.append({"path": str(path), "providers": list(providers), "options": list(provider_options),
                           "kwargs": kwargs})
         if self.fail_with_tensorrt and "TensorrtExecutionProvider" in providers:

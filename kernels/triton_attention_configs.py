@@ -5,8 +5,8 @@ memory than the GPU allows fails with OutOfResources, and when *every* config fa
 picks one and the launch raises (fp32 at head dim 160 on an A100 did). A config that spills registers
 runs, slowly. Neither shows on a CPU, and the availability probe (head dim 8) never meets them, so the
 configs are chosen here, per padded head dim and operand type, from what the compiled kernels use:
-`CONFIGS` lists only configs that compiled for sm80 (Triton 3.9, ptxas from its wheel) without spilling,
-with the shared memory each needed. At run time those needing more than the GPU allows are dropped; when
+`CONFIGS` lists only configs that compiled for sm80, sm86 and sm90 (Triton 3.9, ptxas from its wheel)
+without spilling, with the most shared memory each needed. At run time those needing more than the GPU allows are dropped; when
 none is left the call goes to another backend (`unusable_reason` in triton_attention_kernel.py).
 
 `tests/kernels/test_kernels_static.py` (`python -m fastsd.kernels.triton_static`) compiles every config
@@ -21,15 +21,16 @@ from __future__ import annotations
 
 Config = tuple[int, int, int, int]  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 
-# {(operand kind, padded head dim): [(config, shared memory bytes at sm80), ...]}. "half" is fp16 and
-# bf16 tiles; "fp32" is fp32 tiles (DOT_FP32).
+# {(operand kind, padded head dim): [(config, shared memory bytes), ...]}: the most that config needed at
+# sm80, sm86 or sm90 (fp32 tiles: in "ieee" or "tf32" precision; tf32 at sm90 needed the most). "half" is
+# fp16 and bf16 tiles; "fp32" is fp32 tiles (DOT_FP32).
 CONFIGS: dict[tuple[str, int], list[tuple[Config, int]]] = {
     ("half", 64): [((128, 64, 8, 3), 24576), ((128, 32, 4, 4), 20480), ((64, 64, 4, 3), 16384),
                    ((64, 32, 4, 4), 12288), ((64, 64, 8, 2), 16384)],
     ("half", 128): [((64, 64, 8, 2), 40960), ((64, 32, 8, 2), 28672)],
     ("half", 256): [((64, 32, 8, 2), 53248), ((64, 16, 8, 2), 43008)],
-    ("fp32", 64): [((64, 32, 8, 2), 41216)],
-    ("fp32", 128): [((64, 32, 8, 2), 73728)],
+    ("fp32", 64): [((64, 32, 8, 2), 49152)],
+    ("fp32", 128): [((64, 32, 8, 2), 98304)],
     ("fp32", 256): [],
 }
 

@@ -81,7 +81,7 @@ class Curve:
 
 
 class BatchSizer:
-    def __init__(self, mode: int | str = "auto", limit: int = 8, min_gain: float = 0.10, samples: int = 2,
+    def __init__(self, mode: int | str = "auto", limit: int = 8, min_gain: float = 0.10, samples: int = 3,
                  cheap_seconds: float = 2.0, need: Callable[[int, int, int, bool], int] | None = None,
                  budget_bytes: int | None = None, budget_source: str = "", clock=time.perf_counter):
         if mode != "auto" and not (isinstance(mode, int) and mode >= 1):

@@ -58,8 +58,8 @@ def register(subparsers, parents) -> None:
     s.add_argument("--max-batch-limit", type=int, default=8, help="largest batch auto tries (default 8)")
     s.add_argument("--batch-min-gain", type=float, default=0.10,
                    help="auto doubles the batch only while images/s rise by this fraction (default 0.10)")
-    s.add_argument("--batch-probe-steps", type=int, default=4,
-                   help="steps of the start-up measurement at the native size (default 4; other sizes and "
+    s.add_argument("--batch-probe-steps", type=int, default=2,
+                   help="steps of the start-up measurement at the native size (default 2; other sizes and "
                         "steps ranges are measured on live requests)")
     s.add_argument("--batch-window-ms", type=float, default=20.0,
                    help="how long a request waits for others to share its batch (default 20)")

@@ -117,7 +117,7 @@ def plan_replicas(name: str, ddir: Path, replicas: int, port: int, host: str, ho
 def serve(*, name: str, model: str, replicas: int = 1, port: int = 50050, rest_port: int | None = None,
           host: str = "127.0.0.1", token: str | None = None, gpus: list[int] | None = None,
           hostfile: str | None = None, max_batch: int | str = "auto", batch_window_ms: float = 20.0,
-          max_batch_limit: int = 8, batch_min_gain: float = 0.10, batch_probe_steps: int = 4,
+          max_batch_limit: int = 8, batch_min_gain: float = 0.10, batch_probe_steps: int = 2,
           limits: Limits | None = None, engine: dict | None = None, random_weights: bool = False,
           config: str | None = None, allow_pickle: bool = False, threads: int | None = None,
           max_body_bytes: int = 1 << 20, startup_timeout: float = 600.0, echo=print) -> dict:

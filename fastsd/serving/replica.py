@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     sizer = build_sizer(spec, replica, engine)
     if sizer.mode == "auto":
         write_json(stats_path, {**state, "phase": "measuring batch sizes", "batching": sizer.describe()})
-        measure_native(sizer, engine, int(spec.get("batch_probe_steps", 4)))
+        measure_native(sizer, engine, int(spec.get("batch_probe_steps", 2)))
 
     def write_stats():
         with lock:

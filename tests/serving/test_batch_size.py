@@ -58,7 +58,7 @@ def test_a_slow_call_is_measured_once_and_the_best_sample_counts():
     sizer = BatchSizer("auto", limit=4, cheap_seconds=2.0, clock=clock)
     sizer.measure(curve_run(clock, {1: 0.1, 2: 0.1}, calls), request(), steps=2)  # 10 s a call
     assert calls == [1, 1, 2]
-    sizer = BatchSizer("auto", limit=2, cheap_seconds=2.0)
+    sizer = BatchSizer("auto", limit=2, samples=2, cheap_seconds=2.0)
     r = request()
     for secs in (0.5, 0.1):  # a first call slowed by a first-shape cost, then the real speed
         sizer.record(r, 1, 4, secs)
@@ -232,3 +232,23 @@ def test_a_request_too_big_for_memory_is_refused_and_the_server_goes_on():
         assert pipe.stats.bad_requests == 2
     finally:
         pipe.close()
+
+
+@pytest.mark.parametrize("kw,name", [({"max_batch": "fast"}, "--max-batch"), ({"max_batch": 0}, "--max-batch"),
+                                     ({"max_batch_limit": 65}, "--max-batch-limit"),
+                                     ({"batch_min_gain": -0.1}, "--batch-min-gain"),
+                                     ({"batch_probe_steps": 0}, "--batch-probe-steps")])
+def test_serve_refuses_bad_batching_options_before_starting_anything(kw, name):
+    from fastsd.serving.common import ServingError
+    from fastsd.serving.deploy import serve
+    with pytest.raises(ServingError, match=f"^{name}: got"):
+        serve(name="never-started", model="tiny", **kw)
+
+
+def test_cli_max_batch_takes_auto_or_a_number():
+    import subprocess
+    import sys
+    bad = subprocess.run([sys.executable, "-m", "fastsd.cli", "serve", "--deployment", "x", "--max-batch", "lots"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--max-batch" in bad.stderr and "auto" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) <= 2  # usage + one line, no traceback

@@ -243,7 +243,7 @@ def _gib(n) -> str:
 
 
 # -- the real engine: memory estimate and synthetic calls ------------------------------------------
-def engine_need(engine, base_bytes: int) -> Callable[[int, int, int, bool], int]:
+def engine_need(engine, base_bytes: int) -> Callable[[int, int, int, bool], int] | None:
     """Peak bytes of `images` images per call: what the replica already holds (`base_bytes`: resident
     memory with the model loaded, or 0 on a GPU where the budget is measured after loading) plus the
     engine's memory plan for the call (kernels.plan_memory: attention scores, activations, VAE decode,
@@ -252,6 +252,8 @@ def engine_need(engine, base_bytes: int) -> Callable[[int, int, int, bool], int]
 
     from ..kernels import plan_memory
     model, backend = engine.model, engine.backend
+    if getattr(model.unet, "config", None) is None or getattr(model.vae, "config", None) is None:
+        return None  # no architecture to plan with: no memory cap
     dtype = getattr(backend, "dtype", torch.float32)
     dtype = dtype if isinstance(dtype, torch.dtype) else torch.float32
     device = getattr(backend, "device", "cpu")

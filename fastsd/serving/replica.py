@@ -104,7 +104,7 @@ def build_engine(spec: dict, replica: dict):
     return optimize(model, OptimizeConfig(**eng).validated())
 
 
-def build_sizer(spec: dict, replica: dict, engine):
+def build_sizer(spec: dict, replica: dict, engine, host_free_at_start: tuple[int, str] | None = None):
     """The replica's BatchSizer: the deployment's --max-batch (a number, or auto with its limit and
     gain), capped by this replica's share of memory: on the CPU the host's available memory (measured
     by `fastsd serve` before any replica loaded) over the replicas on the host, less what this replica
@@ -123,8 +123,8 @@ def build_sizer(spec: dict, replica: dict, engine):
         host = replica.get("host_memory_bytes")
         if host:
             source = f"{HEADROOM:.0%} of the host's available memory at `fastsd serve`"
-        else:  # a replica on another host measures its own
-            host, source = available_memory_bytes("cpu")
+        else:  # a replica on another host measured its own, before loading
+            host, source = host_free_at_start or available_memory_bytes("cpu")
             source = f"{HEADROOM:.0%} of {source} at replica start"
         budget, base = int(host * HEADROOM) // sharing, resident_bytes()
         source += f", over {sharing} replica(s) on the host"
@@ -163,11 +163,15 @@ def main(argv=None) -> int:
     from .batcher import BatchingPipeline
     from .limits import Limits
 
+    free_at_start = None
+    if not replica.get("host_memory_bytes"):  # a host `fastsd serve` could not measure: before loading
+        from ..kernels import available_memory_bytes
+        free_at_start = available_memory_bytes("cpu")
     engine = build_engine(spec, replica)
     lock = threading.Lock()
     state = {"index": index, "pid": os.getpid(), "port": replica["port"], "host": replica["bind"],
              "ready": False, "started_at": t_start, "engine": engine.describe()}
-    sizer = build_sizer(spec, replica, engine)
+    sizer = build_sizer(spec, replica, engine, free_at_start)
     if sizer.mode == "auto":
         write_json(stats_path, {**state, "phase": "measuring batch sizes", "batching": sizer.describe()})
         measure_native(sizer, engine, int(spec.get("batch_probe_steps", 2)))

@@ -185,6 +185,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import signal
+    # `timeout` ends a run with SIGTERM: as SystemExit, the deployment being measured is stopped (finally)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     if not configs or set(configs) - {"on", "off", "auto"}:
         p.error(f"--configs: got {args.configs!r}; allowed: a list of on, off, auto")
@@ -254,6 +257,13 @@ def main(argv=None) -> int:
                            for b in buckets if b["chosen"] is not None)
         print(f"  {label} (--max-batch {max_batch}): deployment up in {started:.1f} s, start-up peak memory "
               f"{startup_mem.peak / 2**30:.2f} GiB" + (f"; chose {chosen}" if label == "auto" else ""))
+        for row in rows:  # as each configuration ends, so a run cut short still shows what it measured
+            print(f"    {row['concurrency']} clients: {row['rps']:.3g} req/s, mean {row['mean_ms'] / 1e3:.3g} s, "
+                  f"p99 {row['p99_ms'] / 1e3:.3g} s, peak {row['peak_memory_bytes'] / 2**30:.2f} GiB, "
+                  f"errors {row['errors']}", flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"hardware": hw, "shape": shape, "mii_hop": hop, "results": results}, f, indent=1)
 
     print()
     print(table(results, levels))

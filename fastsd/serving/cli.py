@@ -19,6 +19,18 @@ def _gpus(text: str) -> list[int]:
     return out
 
 
+def _max_batch(text: str):
+    if text == "auto":
+        return "auto"
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 64:
+        raise argparse.ArgumentTypeError(f"expected auto or a number of images in 1..64; got {text!r}")
+    return n
+
+
 def register(subparsers, parents) -> None:
     model_opts, gen_opts = parents
     s = subparsers.add_parser(
@@ -39,7 +51,16 @@ def register(subparsers, parents) -> None:
                    "(CUDA_VISIBLE_DEVICES per replica; implies --device cuda)")
     s.add_argument("--hostfile", help="MII/DeepSpeed hostfile ('HOST slots=N' lines) placing replicas on hosts; "
                    "replicas on other hosts are started over ssh")
-    s.add_argument("--max-batch", type=int, default=8, help="most images per engine call (1 = no batching; default 8)")
+    s.add_argument("--max-batch", type=_max_batch, default="auto",
+                   help="images per engine call: auto (default) measures images/s at 1, 2, 4, ... images per call "
+                        "for each size, steps range and task, and batches only as far as that pays; a number forces "
+                        "it (1 = no batching)")
+    s.add_argument("--max-batch-limit", type=int, default=8, help="largest batch auto tries (default 8)")
+    s.add_argument("--batch-min-gain", type=float, default=0.10,
+                   help="auto doubles the batch only while images/s rise by this fraction (default 0.10)")
+    s.add_argument("--batch-probe-steps", type=int, default=2,
+                   help="steps of the start-up measurement at the native size (default 2; other sizes and "
+                        "steps ranges are measured on live requests)")
     s.add_argument("--batch-window-ms", type=float, default=20.0,
                    help="how long a request waits for others to share its batch (default 20)")
     s.add_argument("--max-prompts", type=int, default=8, help="prompts per request (default 8)")
@@ -84,6 +105,8 @@ def cmd_serve(args) -> int:
     spec = serve(name=args.deployment, model=args.model, replicas=args.replicas, port=args.port,
                  rest_port=args.rest_port, host=args.host, token=token, gpus=args.gpus, hostfile=args.hostfile,
                  max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
+                 max_batch_limit=args.max_batch_limit, batch_min_gain=args.batch_min_gain,
+                 batch_probe_steps=args.batch_probe_steps,
                  limits=Limits(max_prompts=args.max_prompts, max_images=args.max_images, max_pixels=args.max_pixels,
                                max_steps=args.max_steps, timeout=args.timeout),
                  engine=engine, random_weights=args.random_weights, config=args.config,

@@ -116,7 +116,8 @@ def plan_replicas(name: str, ddir: Path, replicas: int, port: int, host: str, ho
 
 def serve(*, name: str, model: str, replicas: int = 1, port: int = 50050, rest_port: int | None = None,
           host: str = "127.0.0.1", token: str | None = None, gpus: list[int] | None = None,
-          hostfile: str | None = None, max_batch: int = 8, batch_window_ms: float = 20.0,
+          hostfile: str | None = None, max_batch: int | str = "auto", batch_window_ms: float = 20.0,
+          max_batch_limit: int = 8, batch_min_gain: float = 0.10, batch_probe_steps: int = 2,
           limits: Limits | None = None, engine: dict | None = None, random_weights: bool = False,
           config: str | None = None, allow_pickle: bool = False, threads: int | None = None,
           max_body_bytes: int = 1 << 20, startup_timeout: float = 600.0, echo=print) -> dict:
@@ -125,8 +126,15 @@ def serve(*, name: str, model: str, replicas: int = 1, port: int = 50050, rest_p
     limits = limits or Limits()
     if not 1 <= replicas <= 64:
         raise ServingError(f"--replicas: got {replicas}; allowed: 1..64")
-    if not 1 <= max_batch <= 64:
-        raise ServingError(f"--max-batch: got {max_batch}; allowed: 1..64 images")
+    if max_batch != "auto" and (isinstance(max_batch, bool) or not isinstance(max_batch, int)
+                                or not 1 <= max_batch <= 64):
+        raise ServingError(f"--max-batch: got {max_batch!r}; allowed: auto, or 1..64 images")
+    if isinstance(max_batch_limit, bool) or not isinstance(max_batch_limit, int) or not 1 <= max_batch_limit <= 64:
+        raise ServingError(f"--max-batch-limit: got {max_batch_limit!r}; allowed: 1..64 images")
+    if not 0 <= batch_min_gain <= 10:
+        raise ServingError(f"--batch-min-gain: got {batch_min_gain!r}; allowed: 0..10 (0.1 = 10%)")
+    if not 1 <= batch_probe_steps <= limits.max_steps:
+        raise ServingError(f"--batch-probe-steps: got {batch_probe_steps!r}; allowed: 1..{limits.max_steps} (--max-steps)")
     if batch_window_ms < 0:
         raise ServingError(f"--batch-window-ms: got {batch_window_ms}; allowed: >= 0")
     for p, what in [(port, "--port"), (rest_port, "--rest-port")]:
@@ -152,10 +160,17 @@ def serve(*, name: str, model: str, replicas: int = 1, port: int = 50050, rest_p
         _check_ports([port + 1 + i for i in range(replicas)], port, rest_port, host)
     plan, mii_config = plan_replicas(name, ddir, replicas, port, host, hostfile, gpus, model)
     _check_ports([r["port"] for r in plan if r["local"]], port, rest_port, host)
+    from ..kernels.memory import available_memory_bytes
+    host_memory = available_memory_bytes("cpu")[0]  # before any replica loads: shared by the local ones
+    for r in plan:  # each replica's batch sizes stay within its share (batch_size.py)
+        r["host_replicas"] = sum(1 for o in plan if o["host"] == r["host"])
+        r["host_memory_bytes"] = host_memory if r["local"] else None
 
     spec = {"name": name, "model": model, "random_weights": random_weights, "config": config,
             "allow_pickle": allow_pickle, "engine": engine or {}, "host": host, "port": port,
             "rest_port": rest_port, "replicas": plan, "max_batch": max_batch, "batch_window_ms": batch_window_ms,
+            "max_batch_limit": max_batch_limit, "batch_min_gain": batch_min_gain,
+            "batch_probe_steps": batch_probe_steps,
             "limits": limits.to_dict(), "threads": threads, "max_body_bytes": max_body_bytes,
             "token_required": bool(token), "created_at": time.time()}
     write_json(ddir / "spec.json", spec)
@@ -299,7 +314,8 @@ def status(name: str) -> dict:
                      "state": "up" if up else ("starting" if alive else "down"), "restarts": child.get("restarts", 0),
                      "cuda_visible_devices": r.get("cuda_visible_devices"),
                      "uptime_s": round(now - info["ready_at"], 1) if up and info.get("ready_at") else None,
-                     "engine": info.get("engine"), **stats})
+                     "engine": info.get("engine"), "phase": info.get("phase"), "batching": info.get("batching"),
+                     **stats})
     engine = next((r["engine"] for r in reps if r.get("engine")), None) or {}
     # a state file that says running with no supervisor alive: it was killed (its children end themselves)
     return {"name": name, "status": "running" if running else ("dead" if state.get("status") in ("running", "stopping")
@@ -309,7 +325,9 @@ def status(name: str) -> dict:
             "rest_port": spec.get("rest_port"), "token_required": spec.get("token_required", False),
             "supervisor_pid": state.get("supervisor_pid") if running else None,
             "uptime_s": round(now - state["started_at"], 1) if running and state.get("started_at") else None,
-            "max_batch": spec["max_batch"], "batch_window_ms": spec["batch_window_ms"], "limits": spec["limits"],
+            "max_batch": spec["max_batch"], "max_batch_limit": spec.get("max_batch_limit"),
+            "batch_min_gain": spec.get("batch_min_gain"), "batch_window_ms": spec["batch_window_ms"],
+            "limits": spec["limits"],
             "requests_served": totals.get("requests", 0), "totals": totals, "replicas": reps,
             "balancer": {k: lb.get(k) for k in ("requests", "ok", "failovers", "errors", "forwarded", "up",
                                                 "waited_for_replica")},
@@ -330,7 +348,7 @@ def format_status(s: dict) -> str:
                                                        + (" (bearer token)" if s["token_required"] else "")
                                                        if s["rest_port"] else "   REST off"),
              f"  replicas {up}/{len(s['replicas'])} up; requests served {s['requests_served']}; "
-             f"batching: max {s['max_batch']} images, window {s['batch_window_ms']:g} ms, "
+             f"batching: {_batching_mode(s)}, window {s['batch_window_ms']:g} ms, "
              f"{s['totals'].get('batches', 0)} engine calls, {s['totals'].get('merged_batches', 0)} merged "
              f"({s['totals'].get('merged_requests', 0)} requests shared a batch)",
              f"  {'#':>2} {'state':<8} {'pid':>7} {'port':>6} {'restarts':>8} {'requests':>8} {'images':>6} "
@@ -340,12 +358,38 @@ def format_status(s: dict) -> str:
                      f"{r.get('requests', 0):>8} {r.get('images', 0):>6} {r.get('batches', 0):>7} "
                      f"{r.get('merged_batches', 0):>6} {r.get('bad_requests', 0):>4} "
                      f"{(str(round(r['uptime_s'])) + ' s') if r['uptime_s'] is not None else '-':>8}")
+    lines += _batch_size_lines(s)
     b = s["balancer"]
     if b.get("requests") is not None:
         lines.append(f"  load balancer: {b['requests']} requests, {b['ok']} answered, {b['failovers']} failovers, "
                      f"errors {b['errors'] or {}}")
     lines.append(f"  logs: {s['dir']}")
     return "\n".join(lines)
+
+
+def _batching_mode(s: dict) -> str:
+    if s["max_batch"] == "auto":
+        return (f"auto (measured, up to {s.get('max_batch_limit')} images, "
+                f"each step up must gain {s.get('batch_min_gain') or 0:.0%})")
+    return f"max {s['max_batch']} images"
+
+
+def _batch_size_lines(s: dict) -> list[str]:
+    """Per replica and bucket: the batch size chosen and the images/s measured at each size."""
+    lines = []
+    for r in s["replicas"]:
+        b = r.get("batching") or {}
+        if r.get("phase") and r["state"] != "up":
+            lines.append(f"  replica {r['index']}: {r['phase']}")
+        if b.get("memory_budget_bytes"):
+            lines.append(f"  replica {r['index']} memory share {b['memory_budget_bytes'] / 2**30:.1f} GiB "
+                         f"({b.get('memory_budget_source')})")
+        for c in b.get("buckets", []):
+            rates = ", ".join(f"{k}: {v:.3g}" for k, v in c["images_per_s"].items()) or "none yet"
+            choice = f"{c['chosen']} per call" if c["chosen"] is not None else "measuring"
+            lines.append(f"  replica {r['index']} {c['bucket']}: {choice}; images/s by batch size: {rates}"
+                         + (f" ({c['reason']})" if c.get("reason") else ""))
+    return lines
 
 
 # -- query -----------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from pathlib import Path
 from .common import graceful_signals, read_json, watch_parent, write_json
 
 log = logging.getLogger("fastsd.serving.replica")
+HEADROOM = 0.9  # of the memory a replica may plan for (kernels.plan_memory's default)
 
 
 def grpc_address(host: str, port: int) -> str:
@@ -103,6 +104,53 @@ def build_engine(spec: dict, replica: dict):
     return optimize(model, OptimizeConfig(**eng).validated())
 
 
+def build_sizer(spec: dict, replica: dict, engine, host_free_at_start: tuple[int, str] | None = None):
+    """The replica's BatchSizer: the deployment's --max-batch (a number, or auto with its limit and
+    gain), capped by this replica's share of memory: on the CPU the host's available memory (measured
+    by `fastsd serve` before any replica loaded) over the replicas on the host, less what this replica
+    holds now; on a GPU the free memory now over the replicas on that GPU."""
+    from ..kernels import available_memory_bytes
+    from .batch_size import BatchSizer, engine_need, resident_bytes
+    device = str(getattr(engine.backend, "device", "cpu"))
+    sharing = max(1, int(replica.get("host_replicas") or 1))
+    if device.startswith("cuda"):
+        free, source = available_memory_bytes(device)
+        sharing = max(1, sum(1 for r in spec["replicas"] if r.get("host") == replica.get("host")
+                             and r.get("cuda_visible_devices") == replica.get("cuda_visible_devices")))
+        budget, base = int(free * HEADROOM) // sharing, 0
+        source = f"{HEADROOM:.0%} of {source} over {sharing} replica(s) on the GPU"
+    else:
+        host = replica.get("host_memory_bytes")
+        if host:
+            source = f"{HEADROOM:.0%} of the host's available memory at `fastsd serve`"
+        else:  # a replica on another host measured its own, before loading
+            host, source = host_free_at_start or available_memory_bytes("cpu")
+            source = f"{HEADROOM:.0%} of {source} at replica start"
+        budget, base = int(host * HEADROOM) // sharing, resident_bytes()
+        source += f", over {sharing} replica(s) on the host"
+    return BatchSizer(spec.get("max_batch", 8), limit=spec.get("max_batch_limit", 8),
+                      min_gain=spec.get("batch_min_gain", 0.10), need=engine_need(engine, base),
+                      budget_bytes=budget, budget_source=source)
+
+
+def measure_native(sizer, engine, steps: int) -> None:
+    """The start-up warm-up: the batch size for the model's native size, guided, at `steps` steps."""
+    from .batch_size import engine_run, release_free_memory
+    from .limits import Request
+    size = engine.model.native_size
+    probe = Request(prompts=["probe"], negatives=[""], guidance=[7.5], seeds=[0], steps=steps, height=size,
+                    width=size, scheduler=None)
+    try:
+        sizer.admit(probe)
+    except ValueError as e:
+        log.error("no start-up measurement: one image at the native size does not fit: %s", e)
+        return
+    t = time.time()
+    sizer.measure(engine_run(engine, size, size, steps, 7.5), probe, steps)
+    release_free_memory()
+    log.info("start-up batch size measurement took %.1f s", time.time() - t)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ddir, index = Path(argv[0]), int(argv[1])
@@ -115,17 +163,26 @@ def main(argv=None) -> int:
     from .batcher import BatchingPipeline
     from .limits import Limits
 
+    free_at_start = None
+    if not replica.get("host_memory_bytes"):  # a host `fastsd serve` could not measure: before loading
+        from ..kernels import available_memory_bytes
+        free_at_start = available_memory_bytes("cpu")
     engine = build_engine(spec, replica)
     lock = threading.Lock()
     state = {"index": index, "pid": os.getpid(), "port": replica["port"], "host": replica["bind"],
              "ready": False, "started_at": t_start, "engine": engine.describe()}
+    sizer = build_sizer(spec, replica, engine, free_at_start)
+    if sizer.mode == "auto":
+        write_json(stats_path, {**state, "phase": "measuring batch sizes", "batching": sizer.describe()})
+        measure_native(sizer, engine, int(spec.get("batch_probe_steps", 2)))
 
     def write_stats():
         with lock:
-            write_json(stats_path, {**state, "stats": pipeline.stats.as_dict(), "updated_at": time.time()})
+            write_json(stats_path, {**state, "stats": pipeline.stats.as_dict(), "batching": sizer.describe(),
+                                    "updated_at": time.time()})
 
-    pipeline = BatchingPipeline(engine, Limits(**spec["limits"]), max_batch=spec["max_batch"],
-                                window=spec["batch_window_ms"] / 1000.0, on_batch=write_stats)
+    pipeline = BatchingPipeline(engine, Limits(**spec["limits"]), window=spec["batch_window_ms"] / 1000.0,
+                                on_batch=write_stats, sizer=sizer)
     previous = (read_json(stats_path) or {}).get("stats", {})  # counters run on across restarts
     for k, v in previous.items():
         if hasattr(pipeline.stats, k) and isinstance(v, (int, float)):
@@ -139,7 +196,7 @@ def main(argv=None) -> int:
     state["ready"] = True
     state["ready_at"] = time.time()
     write_stats()
-    log.info("serving %s on %s:%d (load %.1f s), max batch %d, window %g ms", spec["model"], replica["bind"],
+    log.info("serving %s on %s:%d (start-up %.1f s), max batch %s, window %g ms", spec["model"], replica["bind"],
              replica["port"], time.time() - t_start, spec["max_batch"], spec["batch_window_ms"])
     last = None
     while not stop.wait(0.5):

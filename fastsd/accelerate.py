@@ -95,7 +95,10 @@ def accelerate(pipe, config: OptimizeConfig | None = None, *, profile: str | Non
     runners = {}
     if config.backend != "torch":
         from .backends.modules import lookup_module_runner
-        runners = lookup_module_runner(config.backend)(pipe, config, onnx_dir=onnx_dir)
+        factory = lookup_module_runner(config.backend)
+        if getattr(factory, "needs_onnx_export", False) and onnx_dir is None:
+            onnx_dir = _export_onnx(pipe, config)
+        runners = factory(pipe, config, onnx_dir=onnx_dir)
     state = _take_over(pipe, config, keep_original_weights)
     state.runners = runners
     for name in runners:
@@ -107,6 +110,19 @@ def accelerate(pipe, config: OptimizeConfig | None = None, *, profile: str | Non
         pipe.vae.enable_tiling()
     log.info("fastsd.accelerate %s: %s", type(pipe).__name__, state.describe())
     return pipe
+
+
+def _export_onnx(pipe, config) -> str:
+    """The pipeline's UNet and VAE decoder as ONNX graphs in a temporary folder (checked against torch by
+    the exporter). Imported here, lazily: this front door is the one place that holds a user's in-memory
+    pipeline, and fastsd.export is what writes graphs."""
+    import tempfile
+    from .export import export_onnx
+    from .optimize import as_model
+    folder = tempfile.mkdtemp(prefix="fastsd-accelerate-onnx-")
+    export_onnx(as_model(pipe), folder, dtype=config.dtype, components=("unet", "vae_decoder"))
+    log.info("fastsd.accelerate: exported the UNet and VAE decoder to %s (pass onnx_dir= to reuse it)", folder)
+    return folder
 
 
 def restore(pipe):

@@ -248,10 +248,11 @@ def _take_over(pipe, config: OptimizeConfig, keep_originals: bool) -> Accelerate
             state.applied += [f"{op}({t.role})" for op in kernels.apply_fused_ops(
                 t.module, vae.module if t.role == "unet" else None, device, dtype, fuse_qkv=False)]
     if config.channels_last or cpu_recipe:
-        for t in denoisers + ([vae] if cpu_recipe else []):
+        converted = denoisers + ([vae] if cpu_recipe else [])
+        for t in converted:
             t.channels_last = True
             t.module.to(memory_format=torch.channels_last)
-        state.applied.append("channels_last" + ("(unet, controlnet, vae)" if cpu_recipe else "(unet, controlnet)"))
+        state.applied.append(f"channels_last({', '.join(t.role for t in converted)})")
     if cpu_recipe:
         state.applied.append("cpu_recipe(text encoder fp32)")
     if config.compile:

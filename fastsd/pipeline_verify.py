@@ -57,3 +57,60 @@ def verify_pipeline(pipe, *args, config=None, profile: str | None = None, seed: 
     return report_dict(rows, tol, pipeline=type(pipe).__name__, reference_dtype=names[0],
                        accelerate=state.describe(), steps=kwargs["num_inference_steps"], reference_seconds=ref_s,
                        accelerated_seconds=s)
+
+
+# -- `fastsd verify --pipeline KIND,...`: diffusers' pipelines of each kind over a fastsd model ------------
+PIPELINE_KINDS = ("txt2img", "img2img", "inpaint", "controlnet")
+
+
+def check_kinds(text: str) -> list[str]:
+    kinds = [k.strip() for k in str(text).split(",") if k.strip()]
+    bad = [k for k in kinds if k not in PIPELINE_KINDS]
+    if not kinds or bad:
+        raise InvalidParameter("pipeline", text, "a comma list of " + ", ".join(PIPELINE_KINDS))
+    return kinds
+
+
+def random_controlnet(unet, seed: int = 0):
+    """A ControlNet built from the UNet's config (its encoder weights copied, as diffusers' from_unet does),
+    with seeded random weights in place of its zero convolutions, so that its residuals change the image."""
+    from diffusers import ControlNetModel
+    torch.manual_seed(seed)
+    cn = ControlNetModel.from_unet(unet).eval()
+    with torch.no_grad():
+        for conv in [*cn.controlnet_down_blocks, cn.controlnet_mid_block]:
+            conv.weight.normal_(0, 0.05)
+    return cn
+
+
+def build_pipeline(model, kind: str, controlnet=None):
+    """diffusers' own pipeline of `kind` over the modules of `model` (an SDModel); no safety checker."""
+    import diffusers
+    parts = dict(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer, unet=model.unet,
+                 scheduler=model.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    cls = {"txt2img": diffusers.StableDiffusionPipeline, "img2img": diffusers.StableDiffusionImg2ImgPipeline,
+           "inpaint": diffusers.StableDiffusionInpaintPipeline,
+           "controlnet": diffusers.StableDiffusionControlNetPipeline}[kind]
+    if kind == "controlnet":
+        parts["controlnet"] = controlnet if controlnet is not None else random_controlnet(model.unet)
+    pipe = cls(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sample_inputs(kind: str, size: int, seed: int = 0) -> dict:
+    """The image inputs of `kind`, made here: a seeded colour field (init or control image) and a centre mask."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    if kind == "txt2img":
+        return {"height": size, "width": size}
+    grid = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)  # 16 flat patches: an image with structure
+    image = Image.fromarray(grid).resize((size, size), Image.NEAREST)
+    if kind == "img2img":
+        return {"image": image, "strength": 0.8}
+    if kind == "controlnet":
+        return {"image": image, "height": size, "width": size}
+    mask = np.zeros((size, size), np.uint8)
+    mask[size // 4:3 * size // 4, size // 4:3 * size // 4] = 255
+    return {"image": image, "mask_image": Image.fromarray(mask, "L"), "height": size, "width": size, "strength": 1.0}

@@ -24,12 +24,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from .errors import InvalidParameter
-from .optimize import OptimizeConfig
+from .optimize import OptimizeConfig, config_from
 
 log = logging.getLogger("fastsd")
 
@@ -164,16 +164,7 @@ def accelerated(pipe) -> AccelerateState | None:
 
 # -- configuration and checks ---------------------------------------------------------------------------
 def _config(config, profile, flags) -> OptimizeConfig:
-    unknown = set(flags) - {f.name for f in fields(OptimizeConfig)}
-    if unknown:
-        raise InvalidParameter("accelerate flags", sorted(unknown), ", ".join(f.name for f in fields(OptimizeConfig)))
-    if profile is not None:
-        if config is not None:
-            raise InvalidParameter("profile", profile, "either a profile or a config, not both")
-        config = OptimizeConfig.from_profile(profile, device=flags.pop("device", "auto"))
-    if config is not None and not isinstance(config, OptimizeConfig):
-        raise InvalidParameter("config", type(config).__name__, "a fastsd.OptimizeConfig")
-    config = replace(config or OptimizeConfig(), **flags)
+    config = config_from(config, profile, flags, what="accelerate")
     if config.backend != "torch":  # module runners have their own registry (backends/modules.py)
         from .backends.modules import lookup_module_runner
         lookup_module_runner(config.backend)

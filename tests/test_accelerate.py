@@ -202,3 +202,14 @@ def test_accelerate_again_changes_the_configuration(parts):
     fastsd.accelerate(pipe, profile="exact", device="cpu")
     assert pipe.unet.dtype == torch.float32 and accelerated(pipe).config.dtype == "fp32"
     assert pipe.unet.conv_in.weight.is_contiguous()  # the bf16 run's channels_last undone
+
+
+def test_without_kept_originals_restore_casts_back(parts):
+    pipe = make_pipe(parts, "txt2img")
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    fastsd.accelerate(pipe, dtype="bf16", device="cpu", keep_original_weights=False)
+    assert all(t.originals is None for t in accelerated(pipe).taken)
+    fastsd.restore(pipe)
+    after = pipe.unet.state_dict()
+    assert all(after[k].dtype == torch.float32 and after[k].is_contiguous() for k in before)
+    assert all(torch.equal(after[k], before[k].to(torch.bfloat16).float()) for k in before)  # bf16-rounded

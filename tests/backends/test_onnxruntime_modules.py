@@ -30,7 +30,11 @@ def onnx_dir(parts):
     """accelerate exports the pipeline itself when given no onnx_dir; the other tests reuse that export."""
     pipe = make_pipe(parts, "txt2img")
     fastsd.accelerate(pipe, backend="onnxruntime", device="cpu")
-    return accelerated(pipe).runners["unet"].graph.path.parent.parent
+    folder = accelerated(pipe).runners["unet"].graph.path.parent.parent
+    assert folder.name.startswith("fastsd-accelerate-onnx-")
+    yield folder
+    import shutil
+    shutil.rmtree(folder)  # the temporary export accelerate wrote
 
 
 def levels(a, b) -> float:

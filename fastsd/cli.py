@@ -109,8 +109,9 @@ def _verify_pipelines(args) -> int:
     from .pipeline_verify import build_pipeline, check_kinds, sample_inputs, verify_pipeline
     kinds = check_kinds(args.pipeline)
     if args.backend != "torch":
-        raise FastSDError("verify --pipeline: --backend onnxruntime runs an export; accelerate exports the "
-                          "pipeline itself (in Python: fastsd.accelerate(pipe, backend='onnxruntime'))")
+        from .errors import InvalidParameter
+        raise InvalidParameter("backend", args.backend, "torch with --pipeline (fastsd.accelerate(pipe, backend="
+                               "'onnxruntime') in Python: accelerate exports the pipeline itself)")
     config = optimize_config(args)
     model = load_for(args)
     controlnet = None

@@ -112,12 +112,19 @@ def _verify_pipelines(args) -> int:
         from .errors import InvalidParameter
         raise InvalidParameter("backend", args.backend, "torch with --pipeline (fastsd.accelerate(pipe, backend="
                                "'onnxruntime') in Python: accelerate exports the pipeline itself)")
+    if args.controlnet and not (Path(args.controlnet).expanduser() / "config.json").is_file():
+        from .errors import InvalidParameter
+        raise InvalidParameter("controlnet", args.controlnet, "a diffusers ControlNet folder (with config.json)")
     config = optimize_config(args)
     model = load_for(args)
     controlnet = None
     if "controlnet" in kinds and args.controlnet:
         from diffusers import ControlNetModel
-        controlnet = ControlNetModel.from_pretrained(args.controlnet, local_files_only=True)
+        try:
+            controlnet = ControlNetModel.from_pretrained(str(Path(args.controlnet).expanduser()), local_files_only=True)
+        except (OSError, ValueError) as e:
+            from .errors import ModelLoadError
+            raise ModelLoadError(f"controlnet: cannot load {args.controlnet}: {str(e).splitlines()[0][:200]}") from e
     size = args.height or args.width or model.native_size
     prompt = (args.prompt or ["a red circle on a blue background"])[0]
     reports, ok = {}, True

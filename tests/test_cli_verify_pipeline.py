@@ -21,6 +21,8 @@ def test_verify_pipeline_fp32_is_bit_identical(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--pipeline", "txt2vid"], "pipeline: got 'txt2vid'; allowed: a comma list of txt2img, img2img"),
     (["--pipeline", "txt2img", "--backend", "onnxruntime"], "accelerate exports the pipeline itself"),
+    (["--pipeline", "controlnet", "--controlnet", "/nonexistent"], "controlnet: got '/nonexistent'; allowed: a "
+     "diffusers ControlNet folder"),
 ])
 def test_verify_pipeline_bad_input_is_one_line(argv, message, capsys):
     assert main(["verify", "--model", "tiny", *argv]) == 2

@@ -153,7 +153,8 @@ def command_line(args) -> str:
     """The command that repeats this run (every option that matters, written out)."""
     parts = ["fastsd", "bench", "--model", args.model]
     parts += ["--random-weights"] if args.random_weights else []
-    parts += ["--backends", args.backends] + (["--accelerate"] if args.accelerate else []) + ["--dtype", args.dtype, "--steps", str(args.steps), "--batch", args.batch]
+    parts += ["--backends", args.backends] + (["--accelerate"] if args.accelerate else [])
+    parts += ["--dtype", args.dtype, "--steps", str(args.steps), "--batch", args.batch]
     for name in ("resolution", "height", "width", "config", "onnx_dir", "threads", "scheduler"):
         if getattr(args, name) is not None:
             parts += ["--" + name.replace("_", "-"), str(getattr(args, name))]

@@ -71,7 +71,8 @@ class AccelerateState:
             log.warning("fastsd.accelerate: %s runs in torch for this call: %s", what, reason)
 
     def describe(self) -> dict:
-        return {"device": self.config.device, "dtypes": {k: str(v).replace("torch.", "") for k, v in self.dtypes.items()},
+        dtypes = {k: str(v).replace("torch.", "") for k, v in self.dtypes.items()}
+        return {"device": self.config.device, "dtypes": dtypes,
                 "attention": self.attention, "applied": list(self.applied), "backend": self.config.backend,
                 "runners": {k: r.describe() for k, r in self.runners.items()}, "calls": dict(self.calls)}
 
@@ -361,7 +362,8 @@ def _unet_fast_path(state: AccelerateState, unet, sample, timestep, args, kwargs
                 state.note("UNet", f"{state.config.backend} cannot take it: {e}")
     if state.graphs is not None:
         if extra:
-            state.note("UNet", f"CUDA graphs take only sample, timestep and encoder_hidden_states, not {', '.join(extra)}")
+            state.note("UNet", "CUDA graphs take only sample, timestep and encoder_hidden_states, not "
+                       + ", ".join(extra))
         elif _peft_loaded(unet):
             state.note("UNet", "LoRA adapters are loaded: a captured graph would freeze their scales")
         elif torch.is_grad_enabled():

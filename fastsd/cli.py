@@ -143,10 +143,11 @@ def _verify_pipelines(args) -> int:
               f"{r['reference_seconds']:.2f}s, accelerated {r['accelerated_seconds']:.2f}s  "
               f"({', '.join(r['accelerate']['applied'])})")
     tol = next(iter(reports.values()))["tolerance"]
+    random_cn = "controlnet" in kinds and controlnet is None
     print(f"tolerance ({config.dtype}): max abs <= {tol['max_abs']:g}, PSNR >= {tol['min_psnr']:g} dB, "
           f"latent cosine >= {tol['min_latent_cosine']}; {model.name}, {size}x{size}, seed "
-          f"{args.seed if args.seed is not None else 0}" + ("" if controlnet is not None or "controlnet" not in kinds
-                                                             else "; ControlNet: random weights from the UNet's config"))
+          f"{args.seed if args.seed is not None else 0}"
+          + ("; ControlNet: random weights from the UNet's config" if random_cn else ""))
     print("PASS" if ok else "FAIL: beyond the tolerance of " + config.dtype)
     if args.json:
         Path(args.json).write_text(json.dumps(reports, indent=2, default=str))

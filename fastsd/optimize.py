@@ -88,7 +88,8 @@ def as_model(model) -> SDModel:
     raise InvalidParameter("model", type(model).__name__, "an SDModel, a StableDiffusionPipeline or a model name")
 
 
-def config_from(config: OptimizeConfig | None, profile: str | None, flags: dict, what: str = "optimize") -> OptimizeConfig:
+def config_from(config: OptimizeConfig | None, profile: str | None, flags: dict,
+                what: str = "optimize") -> OptimizeConfig:
     """The config of `optimize(model, config, profile=..., **flags)` (and of `accelerate`), not yet validated:
     `config` or the profile's flags for the device, then `flags` over them."""
     unknown = set(flags) - {f.name for f in fields(OptimizeConfig)}

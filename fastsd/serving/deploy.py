@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from .common import (TOKEN_ENV, ServingError, cache_path, check_name, is_ours, pid_alive, port_answers, port_free,
-                     read_json, signal_pid, use_cache_path, wait_gone, write_json)
+from .common import (LOOPBACK, TOKEN_ENV, ServingError, cache_path, check_name, is_ours, pid_alive, port_answers,
+                     port_free, read_json, signal_pid, use_cache_path, wait_gone, write_json)
 from .limits import Limits
 
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
@@ -42,7 +42,8 @@ def _port_owner(port: int) -> str:
     root = cache_path()
     for spec_path in root.glob("*/spec.json"):
         spec = read_json(spec_path) or {}
-        ports = {spec.get("port"), spec.get("rest_port"), *[r.get("port") for r in spec.get("replicas", [])]}
+        ports = {spec.get("port"), spec.get("rest_port"), spec.get("ui_port"),
+                 *[r.get("port") for r in spec.get("replicas", [])]}
         if port in ports and running_state(spec_path.parent):
             return f" (by fastsd deployment '{spec.get('name')}')"
     return ""
@@ -63,11 +64,14 @@ def import_mii():
 
 
 # -- serve -----------------------------------------------------------------------------------------
-def _check_ports(replica_ports: list[int], port: int, rest_port: int | None, host: str) -> None:
+def _check_ports(replica_ports: list[int], port: int, rest_port: int | None, host: str,
+                 ui_port: int | None = None) -> None:
     wanted = [(port, "load balancer (--port)")] + [(p, f"replica {i} (--port + {i + 1})")
                                                     for i, p in enumerate(replica_ports)]
     if rest_port:
         wanted.append((rest_port, "REST gateway (--rest-port)"))
+    if ui_port:
+        wanted.append((ui_port, "web page (--ui-port)"))
     seen = {}
     for p, what in wanted:
         if p in seen:
@@ -115,6 +119,7 @@ def plan_replicas(name: str, ddir: Path, replicas: int, port: int, host: str, ho
 
 
 def serve(*, name: str, model: str, replicas: int = 1, port: int = 50050, rest_port: int | None = None,
+          ui_port: int | None = None,
           host: str = "127.0.0.1", token: str | None = None, gpus: list[int] | None = None,
           hostfile: str | None = None, max_batch: int = 8, batch_window_ms: float = 20.0,
           limits: Limits | None = None, engine: dict | None = None, random_weights: bool = False,
@@ -129,9 +134,12 @@ def serve(*, name: str, model: str, replicas: int = 1, port: int = 50050, rest_p
         raise ServingError(f"--max-batch: got {max_batch}; allowed: 1..64 images")
     if batch_window_ms < 0:
         raise ServingError(f"--batch-window-ms: got {batch_window_ms}; allowed: >= 0")
-    for p, what in [(port, "--port"), (rest_port, "--rest-port")]:
+    for p, what in [(port, "--port"), (rest_port, "--rest-port"), (ui_port, "--ui-port")]:
         if p is not None and not 1 <= p <= 65535 - (replicas if what == "--port" else 0):
             raise ServingError(f"{what}: got {p}; allowed: a TCP port (the replicas take the {replicas} after --port)")
+    if ui_port and not token and host not in LOOPBACK:
+        raise ServingError(f"--ui-port with --host {host}: the web page would run the deployment for anyone who "
+                           "reaches it; set a token (--token or $FASTSD_TOKEN), which the page then asks for")
     root = use_cache_path()
     ddir = root / name
     state = running_state(ddir)
@@ -149,13 +157,14 @@ def serve(*, name: str, model: str, replicas: int = 1, port: int = 50050, rest_p
         f.unlink()
 
     if hostfile is None:  # MII's layout, known without MII: check the ports before the slow import
-        _check_ports([port + 1 + i for i in range(replicas)], port, rest_port, host)
+        _check_ports([port + 1 + i for i in range(replicas)], port, rest_port, host, ui_port)
     plan, mii_config = plan_replicas(name, ddir, replicas, port, host, hostfile, gpus, model)
-    _check_ports([r["port"] for r in plan if r["local"]], port, rest_port, host)
+    _check_ports([r["port"] for r in plan if r["local"]], port, rest_port, host, ui_port)
 
     spec = {"name": name, "model": model, "random_weights": random_weights, "config": config,
             "allow_pickle": allow_pickle, "engine": engine or {}, "host": host, "port": port,
-            "rest_port": rest_port, "replicas": plan, "max_batch": max_batch, "batch_window_ms": batch_window_ms,
+            "rest_port": rest_port, "ui_port": ui_port, "replicas": plan, "max_batch": max_batch,
+            "batch_window_ms": batch_window_ms,
             "limits": limits.to_dict(), "threads": threads, "max_body_bytes": max_body_bytes,
             "token_required": bool(token), "created_at": time.time()}
     write_json(ddir / "spec.json", spec)
@@ -200,11 +209,13 @@ def _wait_ready(ddir: Path, spec: dict, sup: subprocess.Popen, timeout: float) -
             ready += bool(r.get("ready") and (r.get("pid") == pid or not spec["replicas"][i]["local"]))
         lb = port_answers(spec["port"], spec["host"])
         rest = not spec.get("rest_port") or port_answers(spec["rest_port"], spec["host"])
-        if ready == n and lb and rest:
+        ui = not spec.get("ui_port") or port_answers(spec["ui_port"], spec["host"])
+        if ready == n and lb and rest and ui:
             return
         if time.monotonic() > end:
             raise ServingError(f"the deployment did not come up within {timeout:g} s ({ready}/{n} replicas ready, "
-                               f"load balancer {'up' if lb else 'down'}, REST {'up' if rest else 'down'}); "
+                               f"load balancer {'up' if lb else 'down'}, REST {'up' if rest else 'down'}, "
+                               f"page {'up' if ui else 'down'}); "
                                f"logs in {ddir}")
         time.sleep(0.2)
 
@@ -253,6 +264,8 @@ def stop(name: str, timeout: float = 30.0, quiet: bool = False, echo=print) -> d
     ports = [spec["port"], *[r["port"] for r in spec["replicas"] if r.get("local", True)]]
     if spec.get("rest_port"):
         ports.append(spec["rest_port"])
+    if spec.get("ui_port"):
+        ports.append(spec["ui_port"])
     end = time.monotonic() + 5
     busy = ports
     while busy and time.monotonic() < end:

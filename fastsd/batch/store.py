@@ -48,6 +48,8 @@ class OutputStore:
             raise InvalidParameter("out", out, f"a folder fastsd can create and write ({e.strerror})") from None
         if not os.access(self.dir, os.W_OK):
             raise InvalidParameter("out", out, "a writable folder")
+        for stale in self.dir.glob(".*.tmp"):  # what a killed run was writing; never a finished file
+            stale.unlink(missing_ok=True)
         self.order = {r.key: i for i, r in enumerate(rows)}
         self._check_options(options)
         self.predictions: dict[tuple[str, int], list[str]] = {}

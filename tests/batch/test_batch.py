@@ -18,7 +18,11 @@ pytestmark = pytest.mark.timeout(900)
 COLOURS = ["red", "green", "blue", "yellow", "white", "purple", "orange", "black"]
 SHAPES = ["circle", "square", "triangle"]
 ARGS = ["--model", "fastsd-shapes", "--steps", "6", "--quiet"]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def env():
+    """Read when a subprocess starts: the deployment fixture sets MII_CACHE_PATH after import."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def prompts(n):
@@ -85,7 +89,7 @@ def test_local_batch_matches_generate(straight, tmp_path):
 def test_killed_batch_resumes_to_the_same_files(twenty, straight, tmp_path):
     out = tmp_path / "out"
     argv = [sys.executable, "-m", "fastsd.cli", "batch", str(twenty), "--out", str(out), "--batch-size", "4", *ARGS]
-    proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(argv, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         end = time.monotonic() + 600
         while time.monotonic() < end and proc.poll() is None:
@@ -101,7 +105,7 @@ def test_killed_batch_resumes_to_the_same_files(twenty, straight, tmp_path):
             proc.kill()
     done = len(read_predictions(out))
     assert 8 <= done < 20, done
-    again = subprocess.run(argv[:-1], env=ENV, capture_output=True, text=True, timeout=600)  # with progress
+    again = subprocess.run(argv[:-1], env=env(), capture_output=True, text=True, timeout=600)  # with progress
     assert again.returncode == 0, again.stderr
     assert f"{done} already done" in again.stderr and "skipping them" in again.stderr
     assert "img/s" in again.stderr or "s/img" in again.stderr  # the progress bar
@@ -170,7 +174,7 @@ def test_batch_through_a_deployment(shapes_deployment, twenty, straight, tmp_pat
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "fastsd.cli", "batch", str(twenty), "--out", str(out),
                            "--deployment", shapes_deployment["name"], "--steps", "6"],
-                          env=ENV, capture_output=True, text=True, timeout=600)
+                          env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "requests in flight" in proc.stderr
     assert read_predictions(out) == read_predictions(straight)

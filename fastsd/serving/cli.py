@@ -78,6 +78,8 @@ def cmd_serve(args) -> int:
     from ..options import optimize_config
     from .deploy import serve
     from .limits import Limits
+    from ..presets import check_config
+    check_config(args.model, args.config)
     if args.gpus:
         args.device = "cuda"
     import dataclasses

@@ -65,6 +65,8 @@ class DeploymentClient:
     def __init__(self, name: str, timeout: float | None = None):
         use_cache_path()
         self.info = deployment_info(name)
+        from .deploy import import_mii
+        import_mii()  # seconds of imports (deepspeed), paid here rather than by the first request
         self.name = name
         self.timeout = float(timeout if timeout is not None else self.info.limits.get("timeout", 300.0)) + 5.0
         self._local = threading.local()

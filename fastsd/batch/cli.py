@@ -43,6 +43,15 @@ def _check(args) -> None:
     if args.deployment and args.model != DEFAULT_MODEL:
         raise InvalidParameter("deployment", args.deployment, "either --deployment or --model, not both "
                                                               "(the deployment's model draws the images)")
+    if args.deployment:  # the deployment's engine draws the images; its flags were set by `fastsd serve`
+        given = [f for f in ("dtype", "attention", "profile", "config") if getattr(args, f) is not None]
+        given += [f for f in ("random_weights", "fused_ops", "cuda_graphs", "compile", "no_safety_checker",
+                              "allow_pickle") if getattr(args, f)]
+        given += ["backend"] if args.backend != "torch" else []
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise InvalidParameter("deployment", args.deployment, f"no engine options beside it ({flag}): the "
+                                                                  "deployment's engine was set by `fastsd serve`")
     if args.concurrency is not None and not args.deployment:
         raise InvalidParameter("concurrency", args.concurrency, "only with --deployment (locally: --batch-size)")
 

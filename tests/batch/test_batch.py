@@ -155,6 +155,7 @@ def test_bad_columns_are_one_line_errors(tmp_path, capsys, content, message):
     (["{csv}", "--concurrency", "4"], "concurrency"),
     (["{csv}", "--deployment", "nope", "--concurrency", "0"], "concurrency"),
     (["{csv}", "--steps", "0"], "steps"),
+    (["{csv}", "--deployment", "d", "--dtype", "bf16"], "deployment"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, capsys, argv, param):
     write_csv(tmp_path / "in.csv", ["prompt"], [["a red circle"]])

@@ -34,7 +34,8 @@ RATE = re.compile(r"\((\d+) new in ([\d.]+) s")
 
 
 def run_batch(argv: list[str], env: dict) -> float:
-    proc = subprocess.run([sys.executable, "-m", "fastsd.cli", "batch", *argv, "--quiet"], env=env,
+    fastsd = Path(sys.executable).with_name("fastsd")  # the command as a user runs it (the venv's script)
+    proc = subprocess.run([str(fastsd), "batch", *argv, "--quiet"], env=env,
                           capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise SystemExit(f"fastsd batch {' '.join(argv)} failed:\n{proc.stderr}")

@@ -56,6 +56,22 @@ def _int_or_none(value, zero_is_none: bool = False):
     return int(value) if float(value).is_integer() else value  # a fraction goes to the server, which names it
 
 
+def _prune(out_dir: Path, age: float = 3600.0) -> None:
+    """The page's PNGs live an hour (Gradio serves its own copies; delete_cache prunes those)."""
+    import shutil
+    cutoff = time.time() - age
+    for d in out_dir.glob("req-*"):
+        try:
+            if d.stat().st_mtime < cutoff:
+                shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _header(name: str) -> str:
+    return f"## {TITLE} · deployment `{name}`\n{deployment_info(name).describe()}"
+
+
 def make_generate(client: DeploymentClient, out_dir: Path):
     """The function behind the button and the /generate endpoint (its parameter names are the API's)."""
     import gradio as gr
@@ -78,6 +94,7 @@ def make_generate(client: DeploymentClient, out_dir: Path):
                 log.exception("generate failed")
             raise gr.Error(friendly(e), duration=None, print_exception=False) from None
         seeds = [int(seed) + i for i in range(len(reply.images))]
+        _prune(out_dir)
         request_dir = Path(tempfile.mkdtemp(prefix="req-", dir=out_dir))
         paths = []
         for s, image in zip(seeds, reply.images):
@@ -103,8 +120,8 @@ def build_app(client: DeploymentClient, out_dir: Path | None = None):
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="fastsd-ui-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     generate = make_generate(client, out_dir)
-    with gr.Blocks(title=f"{TITLE}: {info.name}", analytics_enabled=False) as demo:
-        gr.Markdown(f"## {TITLE} · deployment `{info.name}`\n{info.describe()}", elem_id="engine")
+    with gr.Blocks(title=f"{TITLE}: {info.name}", analytics_enabled=False, delete_cache=(600, 3600)) as demo:
+        header = gr.Markdown(_header(info.name), elem_id="engine")
         with gr.Row():
             with gr.Column(scale=1):
                 prompt = gr.Textbox(label="prompt", lines=2, placeholder="a red circle on a blue background",
@@ -129,6 +146,9 @@ def build_app(client: DeploymentClient, out_dir: Path | None = None):
                                      buttons=["download", "fullscreen"])
                 result = gr.Markdown(elem_id="result")
                 files = gr.File(label="PNG downloads", file_count="multiple", elem_id="files")
+        # read again when a page opens: a page started with its deployment may be up before the replicas say
+        # which engine they run
+        demo.load(lambda: _header(info.name), None, header, api_name=False, queue=False)
         random_seed.click(lambda: -1, None, seed, api_name=False, queue=False)
         inputs = [prompt, negative, steps, guidance, seed, width, height, scheduler, num_images]
         button.click(generate, inputs, [gallery, result, files], api_name="generate")

@@ -128,6 +128,7 @@ def _open(driver, page):
 def test_browser_generates_a_red_circle(browser, page):
     from selenium.webdriver.common.by import By
     _open(browser, page)
+    _wait(browser, lambda d: "float32" in d.find_element(By.CSS_SELECTOR, "#engine").text, 60)  # the engine line
     browser.find_element(By.CSS_SELECTOR, "#prompt textarea").send_keys(PROMPT)
     _set(browser, "#steps input[type=number]", 25)
     _set(browser, "#seed input", 0)

@@ -319,7 +319,7 @@ def status(name: str) -> dict:
                                                               else "stopped"),
             "model": spec["model"], "backend": engine.get("backend", spec["engine"].get("backend", "torch")),
             "device": engine.get("device"), "dtype": engine.get("dtype"), "host": spec["host"], "port": spec["port"],
-            "rest_port": spec.get("rest_port"), "token_required": spec.get("token_required", False),
+            "rest_port": spec.get("rest_port"), "ui_port": spec.get("ui_port"), "token_required": spec.get("token_required", False),
             "supervisor_pid": state.get("supervisor_pid") if running else None,
             "uptime_s": round(now - state["started_at"], 1) if running and state.get("started_at") else None,
             "max_batch": spec["max_batch"], "batch_window_ms": spec["batch_window_ms"], "limits": spec["limits"],
@@ -341,7 +341,8 @@ def format_status(s: dict) -> str:
              f"  model {s['model']}  backend {s['backend']}  device {s['device']}  dtype {s['dtype']}",
              f"  gRPC (MII) {s['host']}:{s['port']}" + (f"   REST http://{s['host']}:{s['rest_port']}/score"
                                                        + (" (bearer token)" if s["token_required"] else "")
-                                                       if s["rest_port"] else "   REST off"),
+                                                       if s["rest_port"] else "   REST off")
+             + (f"   page http://{s['host']}:{s['ui_port']}/" if s.get("ui_port") else ""),
              f"  replicas {up}/{len(s['replicas'])} up; requests served {s['requests_served']}; "
              f"batching: max {s['max_batch']} images, window {s['batch_window_ms']:g} ms, "
              f"{s['totals'].get('batches', 0)} engine calls, {s['totals'].get('merged_batches', 0)} merged "

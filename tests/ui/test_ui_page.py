@@ -37,6 +37,14 @@ def image_of(gallery_item) -> Image.Image:
 
 
 # -- the API endpoint ----------------------------------------------------------------------------------
+def test_the_page_is_a_child_of_the_deployment(shapes_deployment, page):
+    from fastsd.serving.deploy import format_status, status
+    s = status(shapes_deployment["name"])
+    assert s["ui_port"] == shapes_deployment["ui_port"] and f"page {page}" in format_status(s)
+    state = (shapes_deployment["dir"] / "state.json").read_text()
+    assert '"ui"' in state  # the supervisor started it, and restarts it if it dies
+
+
 def test_api_generate_with_named_inputs(api):
     params = [p["parameter_name"] for p in
               api.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate"]["parameters"]]

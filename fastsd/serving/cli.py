@@ -76,9 +76,9 @@ def register(subparsers, parents) -> None:
 
 def cmd_serve(args) -> int:
     from ..options import optimize_config
+    from ..presets import check_config
     from .deploy import serve
     from .limits import Limits
-    from ..presets import check_config
     check_config(args.model, args.config)
     if args.gpus:
         args.device = "cuda"
@@ -89,8 +89,7 @@ def cmd_serve(args) -> int:
         raise ServingError("--ui-port: the web page needs Gradio, which is not installed: pip install 'fastsd[ui]'")
     spec = serve(name=args.deployment, model=args.model, replicas=args.replicas, port=args.port,
                  rest_port=args.rest_port, ui_port=args.ui_port, host=args.host, token=token, gpus=args.gpus,
-                 hostfile=args.hostfile,
-                 max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
+                 hostfile=args.hostfile, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
                  limits=Limits(max_prompts=args.max_prompts, max_images=args.max_images, max_pixels=args.max_pixels,
                                max_steps=args.max_steps, timeout=args.timeout),
                  engine=engine, random_weights=args.random_weights, config=args.config,

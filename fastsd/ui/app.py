@@ -10,8 +10,9 @@ of `generate` below (prompt, negative_prompt, steps, guidance, seed, width, heig
 Errors from the server (a value it refuses, a timeout, no replica up) come back as `gr.Error`: a readable
 message on the page (and an error for API callers), never a stack trace; the page goes on working.
 
-The form is a list of `Field`s, one per input, in the order `generate` takes them: image-to-image,
-inpainting and LoRA add their inputs by adding fields (and keywords to `generate`), not a second page.
+The form's components are listed once (`inputs` in build_app), in the order of `generate`'s parameters, and
+every value reaches the deployment as a query keyword: image-to-image, inpainting and LoRA add a component
+there, a keyword parameter to `generate` and its keyword in the request, not a second page.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from .options import (OneLineParser, check_generation_args, generation_options, 
                       model_options, optimize_config, output_paths)
 
 # Feature areas add their own subcommands: module -> `register(subparsers, parents)`.
-EXTRA_COMMANDS = ["fastsd.export.cli", "fastsd.bench.cli", "fastsd.serving.cli"]
+EXTRA_COMMANDS = ["fastsd.export.cli", "fastsd.bench.cli", "fastsd.serving.cli", "fastsd.batch.cli", "fastsd.ui.cli"]
 
 
 # -- commands --------------------------------------------------------------------------------------

@@ -3,10 +3,11 @@ MII is imported only by the commands that need it, so `fastsd --help` stays ligh
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 
-from .common import DEFAULT_PORT, TOKEN_ENV
+from .common import DEFAULT_PORT, TOKEN_ENV, ServingError
 
 
 def _gpus(text: str) -> list[int]:
@@ -44,6 +45,7 @@ def register(subparsers, parents) -> None:
     s.add_argument("--port", type=int, default=DEFAULT_PORT,
                    help=f"load balancer port; replica i takes port+1+i, as in MII (default {DEFAULT_PORT})")
     s.add_argument("--rest-port", type=int, help="also serve POST /score and GET /health on this port")
+    s.add_argument("--ui-port", type=int, help="also serve the web page (fastsd ui; the ui extra) on this port")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; MII's gRPC has no authentication: keep it private)")
     s.add_argument("--token", help=f"bearer token the REST gateway requires (default: ${TOKEN_ENV} if set)")
@@ -95,16 +97,20 @@ def register(subparsers, parents) -> None:
 
 def cmd_serve(args) -> int:
     from ..options import optimize_config
+    from ..presets import check_config
     from .deploy import serve
     from .limits import Limits
+    check_config(args.model, args.config)
     if args.gpus:
         args.device = "cuda"
     import dataclasses
     engine = dataclasses.asdict(optimize_config(args))
     token = args.token or os.environ.get(TOKEN_ENV) or None
+    if args.ui_port is not None and importlib.util.find_spec("gradio") is None:
+        raise ServingError("--ui-port: the web page needs Gradio, which is not installed: pip install 'fastsd[ui]'")
     spec = serve(name=args.deployment, model=args.model, replicas=args.replicas, port=args.port,
-                 rest_port=args.rest_port, host=args.host, token=token, gpus=args.gpus, hostfile=args.hostfile,
-                 max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
+                 rest_port=args.rest_port, ui_port=args.ui_port, host=args.host, token=token, gpus=args.gpus,
+                 hostfile=args.hostfile, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
                  max_batch_limit=args.max_batch_limit, batch_min_gain=args.batch_min_gain,
                  batch_probe_steps=args.batch_probe_steps,
                  limits=Limits(max_prompts=args.max_prompts, max_images=args.max_images, max_pixels=args.max_pixels,
@@ -115,7 +121,8 @@ def cmd_serve(args) -> int:
     from .common import cache_path
     n = len(spec["replicas"])
     print(f"deployment '{spec['name']}' is up: {spec['model']}, {n} replica(s), gRPC {spec['host']}:{spec['port']}"
-          + (f", REST http://{spec['host']}:{spec['rest_port']}/score" if spec.get("rest_port") else ""))
+          + (f", REST http://{spec['host']}:{spec['rest_port']}/score" if spec.get("rest_port") else "")
+          + (f", page http://{spec['host']}:{spec['ui_port']}/" if spec.get("ui_port") else ""))
     print(f"clients: export MII_CACHE_PATH={cache_path()}; then mii.legacy.mii_query_handle({spec['name']!r})")
     print(f"stop with: fastsd stop {spec['name']}")
     return 0

@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from .common import (TOKEN_ENV, ServingError, cache_path, check_name, is_ours, pid_alive, port_answers, port_free,
-                     read_json, signal_pid, use_cache_path, wait_gone, write_json)
+from .common import (LOOPBACK, TOKEN_ENV, ServingError, cache_path, check_name, is_ours, pid_alive, port_answers,
+                     port_free, read_json, signal_pid, use_cache_path, wait_gone, write_json)
 from .limits import Limits
 
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
@@ -42,7 +42,8 @@ def _port_owner(port: int) -> str:
     root = cache_path()
     for spec_path in root.glob("*/spec.json"):
         spec = read_json(spec_path) or {}
-        ports = {spec.get("port"), spec.get("rest_port"), *[r.get("port") for r in spec.get("replicas", [])]}
+        ports = {spec.get("port"), spec.get("rest_port"), spec.get("ui_port"),
+                 *[r.get("port") for r in spec.get("replicas", [])]}
         if port in ports and running_state(spec_path.parent):
             return f" (by fastsd deployment '{spec.get('name')}')"
     return ""
@@ -63,11 +64,14 @@ def import_mii():
 
 
 # -- serve -----------------------------------------------------------------------------------------
-def _check_ports(replica_ports: list[int], port: int, rest_port: int | None, host: str) -> None:
+def _check_ports(replica_ports: list[int], port: int, rest_port: int | None, host: str,
+                 ui_port: int | None = None) -> None:
     wanted = [(port, "load balancer (--port)")] + [(p, f"replica {i} (--port + {i + 1})")
                                                     for i, p in enumerate(replica_ports)]
     if rest_port:
         wanted.append((rest_port, "REST gateway (--rest-port)"))
+    if ui_port:
+        wanted.append((ui_port, "web page (--ui-port)"))
     seen = {}
     for p, what in wanted:
         if p in seen:
@@ -115,6 +119,7 @@ def plan_replicas(name: str, ddir: Path, replicas: int, port: int, host: str, ho
 
 
 def serve(*, name: str, model: str, replicas: int = 1, port: int = 50050, rest_port: int | None = None,
+          ui_port: int | None = None,
           host: str = "127.0.0.1", token: str | None = None, gpus: list[int] | None = None,
           hostfile: str | None = None, max_batch: int | str = "auto", batch_window_ms: float = 20.0,
           max_batch_limit: int = 8, batch_min_gain: float = 0.10, batch_probe_steps: int = 2,
@@ -137,9 +142,12 @@ def serve(*, name: str, model: str, replicas: int = 1, port: int = 50050, rest_p
         raise ServingError(f"--batch-probe-steps: got {batch_probe_steps!r}; allowed: 1..{limits.max_steps} (--max-steps)")
     if batch_window_ms < 0:
         raise ServingError(f"--batch-window-ms: got {batch_window_ms}; allowed: >= 0")
-    for p, what in [(port, "--port"), (rest_port, "--rest-port")]:
+    for p, what in [(port, "--port"), (rest_port, "--rest-port"), (ui_port, "--ui-port")]:
         if p is not None and not 1 <= p <= 65535 - (replicas if what == "--port" else 0):
             raise ServingError(f"{what}: got {p}; allowed: a TCP port (the replicas take the {replicas} after --port)")
+    if ui_port and not token and host not in LOOPBACK:
+        raise ServingError(f"--ui-port with --host {host}: the web page would run the deployment for anyone who "
+                           "reaches it; set a token (--token or $FASTSD_TOKEN), which the page then asks for")
     root = use_cache_path()
     ddir = root / name
     state = running_state(ddir)
@@ -157,9 +165,9 @@ def serve(*, name: str, model: str, replicas: int = 1, port: int = 50050, rest_p
         f.unlink()
 
     if hostfile is None:  # MII's layout, known without MII: check the ports before the slow import
-        _check_ports([port + 1 + i for i in range(replicas)], port, rest_port, host)
+        _check_ports([port + 1 + i for i in range(replicas)], port, rest_port, host, ui_port)
     plan, mii_config = plan_replicas(name, ddir, replicas, port, host, hostfile, gpus, model)
-    _check_ports([r["port"] for r in plan if r["local"]], port, rest_port, host)
+    _check_ports([r["port"] for r in plan if r["local"]], port, rest_port, host, ui_port)
     from ..kernels.memory import available_memory_bytes
     host_memory = available_memory_bytes("cpu")[0]  # before any replica loads: shared by the local ones
     for r in plan:  # each replica's batch sizes stay within its share (batch_size.py)
@@ -168,7 +176,8 @@ def serve(*, name: str, model: str, replicas: int = 1, port: int = 50050, rest_p
 
     spec = {"name": name, "model": model, "random_weights": random_weights, "config": config,
             "allow_pickle": allow_pickle, "engine": engine or {}, "host": host, "port": port,
-            "rest_port": rest_port, "replicas": plan, "max_batch": max_batch, "batch_window_ms": batch_window_ms,
+            "rest_port": rest_port, "ui_port": ui_port, "replicas": plan, "max_batch": max_batch,
+            "batch_window_ms": batch_window_ms,
             "max_batch_limit": max_batch_limit, "batch_min_gain": batch_min_gain,
             "batch_probe_steps": batch_probe_steps,
             "limits": limits.to_dict(), "threads": threads, "max_body_bytes": max_body_bytes,
@@ -215,11 +224,13 @@ def _wait_ready(ddir: Path, spec: dict, sup: subprocess.Popen, timeout: float) -
             ready += bool(r.get("ready") and (r.get("pid") == pid or not spec["replicas"][i]["local"]))
         lb = port_answers(spec["port"], spec["host"])
         rest = not spec.get("rest_port") or port_answers(spec["rest_port"], spec["host"])
-        if ready == n and lb and rest:
+        ui = not spec.get("ui_port") or port_answers(spec["ui_port"], spec["host"])
+        if ready == n and lb and rest and ui:
             return
         if time.monotonic() > end:
             raise ServingError(f"the deployment did not come up within {timeout:g} s ({ready}/{n} replicas ready, "
-                               f"load balancer {'up' if lb else 'down'}, REST {'up' if rest else 'down'}); "
+                               f"load balancer {'up' if lb else 'down'}, REST {'up' if rest else 'down'}, "
+                               f"page {'up' if ui else 'down'}); "
                                f"logs in {ddir}")
         time.sleep(0.2)
 
@@ -268,6 +279,8 @@ def stop(name: str, timeout: float = 30.0, quiet: bool = False, echo=print) -> d
     ports = [spec["port"], *[r["port"] for r in spec["replicas"] if r.get("local", True)]]
     if spec.get("rest_port"):
         ports.append(spec["rest_port"])
+    if spec.get("ui_port"):
+        ports.append(spec["ui_port"])
     end = time.monotonic() + 5
     busy = ports
     while busy and time.monotonic() < end:
@@ -322,7 +335,7 @@ def status(name: str) -> dict:
                                                               else "stopped"),
             "model": spec["model"], "backend": engine.get("backend", spec["engine"].get("backend", "torch")),
             "device": engine.get("device"), "dtype": engine.get("dtype"), "host": spec["host"], "port": spec["port"],
-            "rest_port": spec.get("rest_port"), "token_required": spec.get("token_required", False),
+            "rest_port": spec.get("rest_port"), "ui_port": spec.get("ui_port"), "token_required": spec.get("token_required", False),
             "supervisor_pid": state.get("supervisor_pid") if running else None,
             "uptime_s": round(now - state["started_at"], 1) if running and state.get("started_at") else None,
             "max_batch": spec["max_batch"], "max_batch_limit": spec.get("max_batch_limit"),
@@ -346,7 +359,8 @@ def format_status(s: dict) -> str:
              f"  model {s['model']}  backend {s['backend']}  device {s['device']}  dtype {s['dtype']}",
              f"  gRPC (MII) {s['host']}:{s['port']}" + (f"   REST http://{s['host']}:{s['rest_port']}/score"
                                                        + (" (bearer token)" if s["token_required"] else "")
-                                                       if s["rest_port"] else "   REST off"),
+                                                       if s["rest_port"] else "   REST off")
+             + (f"   page http://{s['host']}:{s['ui_port']}/" if s.get("ui_port") else ""),
              f"  replicas {up}/{len(s['replicas'])} up; requests served {s['requests_served']}; "
              f"batching: {_batching_mode(s)}, window {s['batch_window_ms']:g} ms, "
              f"{s['totals'].get('batches', 0)} engine calls, {s['totals'].get('merged_batches', 0)} merged "

@@ -89,6 +89,9 @@ def main(argv=None) -> int:
     if spec.get("rest_port"):
         children.append(Child("rest", [py, "-m", "fastsd.serving.rest", str(ddir)], base_env,
                               ddir / "rest.log", spec["rest_port"], None))
+    if spec.get("ui_port"):  # the web page (fastsd.ui), a client of this deployment
+        children.append(Child("ui", [py, "-m", "fastsd.ui", str(ddir)], base_env, ddir / "ui.log", spec["ui_port"],
+                              None))
 
     started = time.time()
 

@@ -65,6 +65,11 @@ class HealthAwareBalancer:
                       "errors": {}, "codes": {}, "forwarded": [0] * len(self.targets),
                       "marked_down": [0] * len(self.targets),
                       "latency": {k: hist_new(LATENCY_BOUNDS) for k in ("queue", "engine", "total")}}
+        previous = read_json(ddir / "balancer.json") or {}  # counters run on across restarts, as a replica's do
+        for k, v in previous.items():
+            if k in self.stats and k != "in_flight" and type(v) is type(self.stats[k]) \
+                    and (not isinstance(v, list) or len(v) == len(self.targets)):
+                self.stats[k] = v
         self._stop = threading.Event()
         threading.Thread(target=self._probe, name="probe", daemon=True).start()
 

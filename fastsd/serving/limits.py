@@ -15,6 +15,7 @@ from .schema import SCHEDULERS  # noqa: F401 - kept where callers found it
 
 # the query keywords a request may use; anything else is refused (a typo must not be silently ignored)
 KWARGS = tuple(schema.PARAMS)
+DEFAULT_STEPS = 50
 
 
 @dataclass
@@ -56,7 +57,7 @@ class Request:
 def _f32_to_float(v: float) -> float:
     """MII sends floats as 32-bit; 7.3 arrives as 7.300000190734863. The shortest decimal that
     rounds to the same float32 gives back what the caller typed."""
-    if not isinstance(v, float) or not math.isfinite(v):
+    if not isinstance(v, float) or not math.isfinite(v) or abs(v) > 3.4e38:  # beyond float32: not from MII
         return v
     for digits in range(1, 10):
         s = float(f"{v:.{digits}g}")
@@ -90,7 +91,7 @@ def parse(prompt, negative_prompt, kwargs: dict, limits: Limits, native_size: in
     if total > limits.max_images:
         raise InvalidParameter("num_images_per_prompt", n_img,
                                f"at most {limits.max_images} images per request (prompts x images per prompt)")
-    steps = kw.get("num_inference_steps", 50)
+    steps = kw.get("num_inference_steps", min(DEFAULT_STEPS, limits.max_steps))  # the default obeys the limit too
     height = kw.get("height", native_size)
     width = kw.get("width", native_size)
     if height * width > limits.max_pixels:

@@ -183,6 +183,18 @@ class HealthAwareBalancer:
                 self.stats["forwarded"][i] += 1
             return reply, grpc.StatusCode.OK, "", wire.trailing(call), i
 
+    def refused(self, method: str, context):
+        """A call whose bytes are not the method's message (answered INVALID_ARGUMENT): counted too."""
+        meta = wire.metadata(context)
+        if wire.PROBE in meta:
+            return
+        rid = wire.request_id(meta.get(wire.REQUEST_ID))
+        context.set_trailing_metadata([(wire.REQUEST_ID, rid)])
+        with self.lock:
+            self.stats["requests"] += 1
+            self.stats["in_flight"] += 1
+        self._record(TASKS.get(method, method), self.grpc.StatusCode.INVALID_ARGUMENT, 0.0, {}, None, rid, None)
+
     def _record(self, task, code, seconds, trail, replica, rid, request):
         name = code.name if hasattr(code, "name") else str(code)
         images = _number(trail.get(wire.IMAGES), int) if name == "OK" else 0
@@ -270,7 +282,8 @@ def make_interceptor(balancer: HealthAwareBalancer):
                     return balancer.forward(method, request, context)
 
             # bytes that are not the method's message: INVALID_ARGUMENT (gRPC would say INTERNAL)
-            return wire.guarded(handle, next_handler.request_deserializer, next_handler.response_serializer)
+            return wire.guarded(handle, next_handler.request_deserializer, next_handler.response_serializer,
+                                on_refused=lambda context: balancer.refused(method, context))
 
     return Interceptor()
 

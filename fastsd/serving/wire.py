@@ -47,8 +47,9 @@ class Undecodable:
         self.error = error
 
 
-def guarded(handler_fn, request_deserializer, response_serializer):
-    """A unary-unary handler around `handler_fn(request, context)` that refuses undecodable bytes."""
+def guarded(handler_fn, request_deserializer, response_serializer, on_refused=None):
+    """A unary-unary handler around `handler_fn(request, context)` that refuses undecodable bytes
+    (and calls `on_refused(context)` first, for the caller's counts)."""
     import grpc
 
     def deserialize(data):
@@ -59,6 +60,8 @@ def guarded(handler_fn, request_deserializer, response_serializer):
 
     def handle(request, context):
         if isinstance(request, Undecodable):
+            if on_refused is not None:
+                on_refused(context)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"request: not a valid message for this method ({type(request.error).__name__}: "
                           f"{str(request.error)[:120]})")

@@ -162,9 +162,16 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
         s.close()
 
 
-def free_port_block(count: int, start: int = 20000, end: int = 60000, host: str = "127.0.0.1") -> int:
-    """A base port such that base .. base+count-1 are all free (for tests and benchmarks)."""
+def free_port_block(count: int, start: int = 20000, end: int | None = None, host: str = "127.0.0.1") -> int:
+    """A base port such that base .. base+count-1 are all free (for tests and benchmarks). Below the
+    kernel's ephemeral range by default, where outgoing connections would take a port meanwhile."""
     import random
+    if end is None:
+        try:
+            end = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            end = 32768
+        end = max(end, start + 1000)
     rng = random.Random(os.getpid() ^ time.time_ns())
     for _ in range(200):
         base = rng.randrange(start, end - count)

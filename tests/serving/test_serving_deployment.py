@@ -18,9 +18,9 @@ import urllib.request
 import numpy as np
 import pytest
 
-pytest.importorskip("mii")  # the serving extra (see README: Serve through DeepSpeed-MII)
-pytest.importorskip("fastapi")  # the serving extra (see README: Serve through DeepSpeed-MII)
-pytest.importorskip("uvicorn")  # the serving extra (see README: Serve through DeepSpeed-MII)
+import fastapi  # noqa: E402,F401 - the serving extra: `make test` installs it, so a missing one fails, not skips
+import mii  # noqa: E402,F401
+import uvicorn  # noqa: E402,F401
 from PIL import Image
 
 from fastsd.serving import common
@@ -256,6 +256,7 @@ def test_second_serve_refused(deployment):
 def test_killed_replica_loses_nothing_and_recovers(deployment, engine):
     name = deployment["name"]
     victim = status(name)["replicas"][1]
+    failovers = status(name)["balancer"]["failovers"]
     jobs = [(f"kill test {i}", 200 + i) for i in range(8)]
     threads, out = concurrent_queries(name, jobs, steps=60)
     [t.start() for t in threads]
@@ -265,6 +266,10 @@ def test_killed_replica_loses_nothing_and_recovers(deployment, engine):
     for (prompt, seed), image in zip(jobs, out):
         assert not isinstance(image, Exception), image  # failed over, none lost
         assert max_diff(image, direct(engine, prompt, seed, steps=60)) <= 1
+    end = time.monotonic() + 10  # the balancer writes its counters every 0.5 s
+    while status(name)["balancer"]["failovers"] == failovers and time.monotonic() < end:
+        time.sleep(0.2)
+    assert status(name)["balancer"]["failovers"] > failovers  # the requests it held were sent elsewhere
     end = time.monotonic() + 120
     while time.monotonic() < end:  # restarted by the supervisor, and back in the balancer's rotation
         s = status(name)

@@ -43,9 +43,8 @@ def dep(tmp_path_factory):
     cache = tmp_path_factory.mktemp("mii")
     old = os.environ.get("MII_CACHE_PATH")
     os.environ["MII_CACHE_PATH"] = str(cache)
-    port = common.free_port_block(2)
-    rest_port, metrics_port = common.free_port_block(2), None
-    metrics_port = rest_port + 1
+    port = common.free_port_block(4)  # load balancer, replica, REST, metrics
+    rest_port, metrics_port = port + 2, port + 3
     name = f"prod{os.getpid()}"
     info = {"name": name, "port": port, "rest": rest_port, "metrics": metrics_port, "dir": cache / name}
     try:

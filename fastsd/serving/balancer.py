@@ -126,7 +126,7 @@ class HealthAwareBalancer:
             with self.lock:
                 self.stats["requests"] += 1
                 self.stats["in_flight"] += 1
-        code, trail, replica = grpc.StatusCode.OK, {}, None
+        code, trail, replica = grpc.StatusCode.UNKNOWN, {}, None  # what is counted if routing itself fails
         try:
             reply, code, detail, trail, replica = self._route(method, request, deadline, out_meta)
             context.set_trailing_metadata([(wire.REQUEST_ID, rid), *[(k, v) for k, v in trail.items()
@@ -214,9 +214,9 @@ class HealthAwareBalancer:
                 s["errors"][name] = s["errors"].get(name, 0) + 1
             hist_observe(s["latency"]["total"], seconds)
         kw = _kwargs(request)
-        h, w = kw.get("height", "native"), kw.get("width", "native")
+        h, w = kw.get("height"), kw.get("width")
         logs.access(request_id=rid, task=task, prompts=len(getattr(request, "prompt", ()) or ()),
-                    size=f"{w}x{h}", steps=kw.get("num_inference_steps", "default"), images=images or 0,
+                    size=logs.size(w, h), steps=kw.get("num_inference_steps", "default"), images=images or 0,
                     status=name, replica=replica if replica is not None else "-",
                     queue_ms=queue_ms if queue_ms is not None else "-",
                     engine_ms=engine_ms if engine_ms is not None else "-", total_ms=seconds * 1000)

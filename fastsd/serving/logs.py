@@ -33,6 +33,13 @@ def access(**fields) -> None:
     ACCESS.info("access %s", text, extra={"access": fields})
 
 
+def size(width, height) -> str:
+    """WIDTHxHEIGHT as asked; "native" for a side left to the model's own size."""
+    if width is None and height is None:
+        return "native"
+    return f"{width if width is not None else 'native'}x{height if height is not None else 'native'}"
+
+
 def _word(v) -> str:
     if isinstance(v, float):
         return f"{v:.1f}"

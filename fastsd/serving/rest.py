@@ -194,7 +194,7 @@ def create_app(name: str, spec: dict, token: str | None):
             return error(request, e.status, e.message, **e.extra)
         info = request.state.info
         info.update(prompts=len(prompts), steps=kwargs.get("num_inference_steps", "default"),
-                    size=f"{kwargs.get('width', 'native')}x{kwargs.get('height', 'native')}")
+                    size=logs.size(kwargs.get("width"), kwargs.get("height")))
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(pool, run_query, request, prompts, negatives, kwargs)
 
@@ -219,8 +219,8 @@ def create_app(name: str, spec: dict, token: str | None):
         except asyncio.TimeoutError:
             return error(request, 504, f"no reply within {timeout:g} s")
         reply = methods.unpack_response_from_proto(proto_reply)
-        request.state.info.update(images=len(reply.images), queue_ms=trail.get(wire.QUEUE_MS, "-"),
-                                  engine_ms=trail.get(wire.ENGINE_MS, "-"))
+        request.state.info.update(images=len(reply.images), queue_ms=wire.millis(trail.get(wire.QUEUE_MS)),
+                                  engine_ms=wire.millis(trail.get(wire.ENGINE_MS)))
         n_img = len(reply.images) // max(1, len(prompts))
         return JSONResponse([{"prompt": prompts[i // max(1, n_img)], "generated_image": png_b64(img),
                               "nsfw_content_detected": bool(flag)}

@@ -40,6 +40,14 @@ def trailing(context) -> dict:
         return {}
 
 
+def millis(text):
+    """A timing from the trailing metadata as a number, or "-" when the replica sent none."""
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return "-"
+
+
 class Undecodable:
     """A request whose bytes are not the method's message."""
 

@@ -78,9 +78,9 @@ def http(port, path, body=None, headers=None, timeout=TIMEOUT + 15):
                                  method="POST" if body is not None else "GET", headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read(), dict(r.headers)
+            return r.status, r.read(), {k.lower(): v for k, v in r.headers.items()}
     except urllib.error.HTTPError as e:
-        return e.code, e.read(), dict(e.headers)
+        return e.code, e.read(), {k.lower(): v for k, v in e.headers.items()}
 
 
 def score(dep, doc, headers=None):
@@ -220,7 +220,7 @@ def test_long_fuzz(dep):
 # -- metrics, request ids, logs -------------------------------------------------------------------
 def scrape(port) -> dict:
     code, body, headers = http(port, "/metrics")
-    assert code == 200 and headers["Content-Type"].startswith("text/plain")
+    assert code == 200 and headers["content-type"].startswith("text/plain")
     out = {}
     for fam in text_string_to_metric_families(body.decode()):
         for sample in fam.samples:

@@ -150,7 +150,12 @@ def main(argv=None) -> int:
                 changed = True
             elif now >= c.next_start and not (ddir / "stopping").exists():
                 c.restarts += 1
-                c.start()
+                try:
+                    c.start()
+                except OSError as e:  # no process could be made (out of memory, a missing /dev/null, ...)
+                    c.delay = min(MAX_DELAY, c.delay * 2)
+                    c.next_start = now + c.delay
+                    log(f"{c.name}: could not start ({e}); trying again in {c.delay:g} s")
                 changed = True
         if changed or now - last_save > 5:
             save("running")

@@ -128,9 +128,10 @@ def check_serve_options(*, replicas, port, rest_port, metrics_port, max_batch, b
 
 
 def plan_replicas(name: str, ddir: Path, replicas: int, port: int, host: str, hostfile: str | None,
-                  gpus: list[int] | None, model: str) -> tuple[list[dict], object]:
+                  gpus: list[int] | None, model: str, on_gpu: bool = True) -> tuple[list[dict], object]:
     """Replica hosts and ports as MII lays them out (load balancer on `port`, replica i on port+1+i,
-    hosts and slots from MII's hostfile), and MII's deployment record for them."""
+    hosts and slots from MII's hostfile), and MII's deployment record for them. A hostfile's slots
+    are GPU indices only when the engine runs on CUDA (`on_gpu`); on CPU they only count replicas."""
     import_mii()
     from mii.legacy.config import MIIConfig, ModelConfig
     if hostfile is None:
@@ -155,7 +156,7 @@ def plan_replicas(name: str, ddir: Path, replicas: int, port: int, host: str, ho
         cvd = None
         if gpus:
             cvd = gpus[i % len(gpus)]
-        elif hostfile != str(ddir / "hostfile") and rc.gpu_indices:
+        elif hostfile != str(ddir / "hostfile") and rc.gpu_indices and on_gpu:
             cvd = ",".join(map(str, rc.gpu_indices))  # MII's slot -> GPU index, as its launcher does
         out.append({"index": i, "host": connect_host(host) if local else rc.hostname, "local": local,
                     "bind": host if local else "0.0.0.0", "port": rc.tensor_parallel_ports[0],
@@ -195,7 +196,8 @@ def serve(*, name: str, model: str, replicas: int = 1, port: int = 50050, rest_p
 
     if hostfile is None:  # MII's layout, known without MII: check the ports before the slow import
         _check_ports([port + 1 + i for i in range(replicas)], port, rest_port, host, metrics_port)
-    plan, mii_config = plan_replicas(name, ddir, replicas, port, host, hostfile, gpus, model)
+    on_gpu = bool(gpus) or str((engine or {}).get("device", "cpu")).startswith("cuda")
+    plan, mii_config = plan_replicas(name, ddir, replicas, port, host, hostfile, gpus, model, on_gpu)
     _check_ports([r["port"] for r in plan if r["local"]], port, rest_port, host, metrics_port)
 
     spec = {"name": name, "model": model, "random_weights": random_weights, "config": config,

@@ -85,7 +85,8 @@ def _check_ports(replica_ports: list[int], port: int, rest_port: int | None, hos
 
 
 def check_serve_options(*, replicas, port, rest_port, metrics_port, max_batch, batch_window_ms, limits, threads,
-                        max_body_bytes, startup_timeout, log_format, ssh_config, token, host) -> None:
+                        max_body_bytes, startup_timeout, log_format, ssh_config, token, host, hostfile=None,
+                        model=None, random_weights=False) -> None:
     """Every `fastsd serve` option, before anything starts: a bad one is a one-line error naming it."""
     from .logs import FORMATS
 
@@ -115,6 +116,10 @@ def check_serve_options(*, replicas, port, rest_port, metrics_port, max_batch, b
     number("--timeout", limits.timeout, 0.1, 24 * 3600)
     if log_format not in FORMATS:
         raise InvalidParameter("--log-format", log_format, ", ".join(FORMATS))
+    if hostfile is not None and not Path(hostfile).is_file():
+        raise InvalidParameter("--hostfile", hostfile, "an existing hostfile ('HOST slots=N' lines)")
+    if model is not None:
+        _check_model(model, random_weights)
     if ssh_config is not None and not Path(ssh_config).is_file():
         raise InvalidParameter("--ssh-config", ssh_config, "an existing ssh config file")
     if token is not None and (not token or not token.isascii() or not token.isprintable() or " " in token):
@@ -125,6 +130,22 @@ def check_serve_options(*, replicas, port, rest_port, metrics_port, max_batch, b
         socket.getaddrinfo(host, None)
     except (socket.gaierror, UnicodeError):
         raise InvalidParameter("--host", host, "an address of this machine") from None
+
+
+def _check_model(model: str, random_weights: bool) -> None:
+    """The model names something a replica can load (a preset, an existing path, a hub id), without
+    loading it: a typo is refused here, not as a replica's traceback minutes later."""
+    from ..presets import PRESETS, get_preset
+    if get_preset(model) is not None:
+        return
+    allowed = f"a preset ({', '.join(PRESETS)}), an existing folder or checkpoint file, or a hub id (owner/name)"
+    if random_weights:
+        raise InvalidParameter("--model", model, f"a preset with --random-weights ({', '.join(PRESETS)})")
+    if Path(model).expanduser().exists():
+        return
+    hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~")) and Path(model).suffix == ""
+    if not hub_id:
+        raise InvalidParameter("--model", model, allowed)
 
 
 def plan_replicas(name: str, ddir: Path, replicas: int, port: int, host: str, hostfile: str | None,
@@ -177,7 +198,8 @@ def serve(*, name: str, model: str, replicas: int = 1, port: int = 50050, rest_p
     check_serve_options(replicas=replicas, port=port, rest_port=rest_port, metrics_port=metrics_port,
                         max_batch=max_batch, batch_window_ms=batch_window_ms, limits=limits, threads=threads,
                         max_body_bytes=max_body_bytes, startup_timeout=startup_timeout, log_format=log_format,
-                        ssh_config=ssh_config, token=token, host=host)
+                        ssh_config=ssh_config, token=token, host=host, hostfile=hostfile, model=model,
+                        random_weights=random_weights)
     root = use_cache_path()
     ddir = root / name
     state = running_state(ddir)

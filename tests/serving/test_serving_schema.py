@@ -144,7 +144,7 @@ def test_one_line_to_add_a_field(monkeypatch):
 # -- `fastsd serve` options, checked before anything starts ---------------------------------------
 GOOD = dict(replicas=1, port=50050, rest_port=None, metrics_port=None, max_batch=8, batch_window_ms=20.0,
             limits=Limits(), threads=None, max_body_bytes=1 << 20, startup_timeout=600.0, log_format="text",
-            ssh_config=None, token=None, host="127.0.0.1")
+            ssh_config=None, token=None, host="127.0.0.1", hostfile=None, model="tiny", random_weights=False)
 
 
 @pytest.mark.parametrize("change,flag", [
@@ -156,7 +156,9 @@ GOOD = dict(replicas=1, port=50050, rest_port=None, metrics_port=None, max_batch
     ({"limits": Limits(max_pixels=10)}, "--max-pixels"), ({"limits": Limits(max_steps=0)}, "--max-steps"),
     ({"limits": Limits(timeout=float("inf"))}, "--timeout"), ({"log_format": "xml"}, "--log-format"),
     ({"ssh_config": "/nonexistent/ssh_config"}, "--ssh-config"), ({"token": "a b"}, "--token"),
-    ({"host": "no such host.invalid"}, "--host"),
+    ({"host": "no such host.invalid"}, "--host"), ({"hostfile": "/nonexistent/hosts"}, "--hostfile"),
+    ({"model": "no-such-preset"}, "--model"), ({"model": "./missing.safetensors"}, "--model"),
+    ({"model": "sd-1.5x", "random_weights": True}, "--model"),
 ])
 def test_serve_options_checked_first(change, flag):
     from fastsd.serving.deploy import check_serve_options

@@ -133,15 +133,19 @@ def rest_case(dep, raw, check_good=True):
         assert score(dep, GOOD)[0] == 200  # still answers a good request
 
 
-def test_rest_fuzz_never_5xx(dep):
+def rest_fuzz(dep, fuzz_settings):
     before = pids(dep)
 
-    @FUZZ
+    @fuzz_settings
     @given(bodies)
     def run(raw):
         rest_case(dep, raw)
     run()
     assert pids(dep) == before  # no replica restarted because of a request
+
+
+def test_rest_fuzz_never_5xx(dep):
+    rest_fuzz(dep, FUZZ)
 
 
 mii_kwargs = st.dictionaries(names, st.booleans() | st.integers(min_value=-2**63, max_value=2**63 - 1)
@@ -150,12 +154,16 @@ prompts = st.lists(texts, max_size=3)
 
 
 def test_mii_client_fuzz_never_fails_badly(dep):
+    mii_fuzz(dep, FUZZ)
+
+
+def mii_fuzz(dep, fuzz_settings):
     """MII's own client: every answer is images or INVALID_ARGUMENT, never another status."""
     before = pids(dep)
     asyncio.set_event_loop(asyncio.new_event_loop())
     client = mii.legacy.mii_query_handle(dep["name"])
 
-    @FUZZ
+    @fuzz_settings
     @given(prompts, prompts, mii_kwargs)
     def run(prompt, negative, kwargs):
         t = time.monotonic()
@@ -183,6 +191,10 @@ raw_messages = st.builds(lambda p, n, kw: pb2.Text2ImageRequest(prompt=p, negati
 
 
 def test_raw_grpc_fuzz_never_fails_badly(dep):
+    raw_fuzz(dep, FUZZ)
+
+
+def raw_fuzz(dep, fuzz_settings):
     """Any bytes on MII's method, straight to the load balancer: OK or INVALID_ARGUMENT only."""
     before = pids(dep)
     channel = grpc.insecure_channel(f"127.0.0.1:{dep['port']}")
@@ -190,7 +202,7 @@ def test_raw_grpc_fuzz_never_fails_badly(dep):
     good = pb2.Text2ImageRequest(prompt=["a"], negative_prompt=[""],
                                  query_kwargs={"num_inference_steps": pb2.Value(ivalue=1)}).SerializeToString()
 
-    @FUZZ
+    @fuzz_settings
     @given(raw_messages)
     def run(data):
         try:
@@ -204,17 +216,12 @@ def test_raw_grpc_fuzz_never_fails_badly(dep):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_long_fuzz(dep):
     """The bigger run (pytest -m slow): every front door, 400 examples each."""
-    before = pids(dep)
-
-    @FUZZ_LONG
-    @given(bodies)
-    def run(raw):
-        rest_case(dep, raw, check_good=False)
-        assert score(dep, GOOD)[0] == 200
-    run()
-    assert pids(dep) == before
+    rest_fuzz(dep, FUZZ_LONG)
+    mii_fuzz(dep, FUZZ_LONG)
+    raw_fuzz(dep, FUZZ_LONG)
 
 
 # -- metrics, request ids, logs -------------------------------------------------------------------

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from deployment_cleanup import end_deployment
 from fastsd.serving import common
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
@@ -216,7 +217,4 @@ def test_replicas_on_other_hosts(hosts, tmp_path, monkeypatch):
         assert wait_until(lambda: not hosts.replica_pids(0), 30), hosts.pids(0)
         assert not any(hosts.replica_pids(k) for k in range(HOSTS))
     finally:
-        state = common.read_json(ddir / "state.json") or {}
-        for c in [state.get("supervisor_pid")] + [c.get("pid") for c in state.get("children", {}).values()]:
-            if c and common.is_ours(c, ddir):
-                os.kill(c, signal.SIGKILL)
+        end_deployment(name, ddir)

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from mii.legacy.grpc_related.proto import legacymodelresponse_pb2 as pb2
 from prometheus_client.parser import text_string_to_metric_families
 
+from deployment_cleanup import end_deployment
 from fastsd.serving import common
 from fastsd.serving.deploy import status
 
@@ -57,16 +58,9 @@ def dep(tmp_path_factory):
         assert p.returncode == 0, p.stdout + p.stderr
         yield info
     finally:
-        state = common.read_json(info["dir"] / "state.json") or {}
-        pids = [state.get("supervisor_pid")] + [c.get("pid") for c in state.get("children", {}).values()]
         try:
-            if any(p and common.is_ours(p, info["dir"]) for p in pids):
-                from fastsd.serving.deploy import stop
-                stop(name, quiet=True)
+            end_deployment(name, info["dir"])
         finally:
-            for p in pids:  # never leave a server behind
-                if p and common.is_ours(p, info["dir"]):
-                    os.kill(p, signal.SIGKILL)
             if old is None:
                 os.environ.pop("MII_CACHE_PATH", None)
             else:

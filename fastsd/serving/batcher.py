@@ -16,6 +16,7 @@ batched GEMMs (~1e-5; at most 1 level of 255 after conversion to uint8).
 """
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -26,6 +27,7 @@ from queue import Empty, Queue
 
 from ..errors import FastSDError
 from .batch_size import BatchSizer
+from .common import BATCH_BOUNDS, hist_new, hist_observe
 from .limits import Limits, Request, parse
 
 log = logging.getLogger("fastsd.serving")
@@ -42,6 +44,8 @@ class Reply:
     nsfw_content_detected: list[bool]
     seeds: list[int] = field(default_factory=list)
     batch_requests: int = 1  # how many requests shared the engine call
+    queue_seconds: float = 0.0   # from arrival to the start of its engine call
+    engine_seconds: float = 0.0  # the engine call it shared
 
 
 @dataclass
@@ -66,10 +70,12 @@ class Stats:
         self.timeouts = 0
         self.errors = 0
         self.busy_seconds = 0.0
+        self.batch_requests_hist = hist_new(BATCH_BOUNDS)  # requests per engine call
+        self.batch_images_hist = hist_new(BATCH_BOUNDS)    # images per engine call
 
     def as_dict(self) -> dict:
         with self.lock:
-            return {k: v for k, v in vars(self).items() if k != "lock"}
+            return {k: (copy.deepcopy(v) if isinstance(v, dict) else v) for k, v in vars(self).items() if k != "lock"}
 
 
 class BatchingPipeline:
@@ -89,13 +95,19 @@ class BatchingPipeline:
 
     # -- the callable MII hosts -----------------------------------------------------------------
     def __call__(self, prompt=None, negative_prompt=None, **kwargs) -> Reply:
+        return self.handle(prompt, negative_prompt, kwargs)
+
+    def handle(self, prompt, negative_prompt, kwargs: dict, probe: bool = False) -> Reply:
+        """One request as it arrived (kwargs as a dict: a raw gRPC caller may name a keyword `prompt`).
+        A probe (the deployment's own readiness check) is refused like any bad request but not counted."""
         try:
             request = parse(prompt, negative_prompt, kwargs, self.limits, self.engine.model.native_size,
                             from_f32=True)
             self.sizer.admit(request)
         except ValueError:
-            with self.stats.lock:
-                self.stats.bad_requests += 1
+            if not probe:
+                with self.stats.lock:
+                    self.stats.bad_requests += 1
             raise
         return self.submit(request)
 
@@ -111,6 +123,10 @@ class BatchingPipeline:
                 self.stats.timeouts += 1
             raise RequestTimeout(f"the request did not finish within the deployment's timeout "
                                  f"({self.limits.timeout:g} s)") from None
+
+    def queue_depth(self) -> int:
+        """Requests queued, not yet in an engine call."""
+        return self._queue.qsize() + len(self._waiting)
 
     def close(self):
         self._stop.set()
@@ -169,7 +185,7 @@ class BatchingPipeline:
         reqs = [j.request for j in batch]
         first = reqs[0]
         guidance = [g for r in reqs for g in r.guidance]
-        t0 = self.sizer.clock()
+        t0, started = self.sizer.clock(), time.monotonic()  # the sizer's clock may be a test's; arrival is monotonic
         try:
             result = self.engine.generate(
                 [p for r in reqs for p in r.prompts], [n for r in reqs for n in r.negatives],
@@ -189,7 +205,7 @@ class BatchingPipeline:
         for j in batch:
             k = j.request.n_images
             j.future.set_result(Reply(result.images[i:i + k], list(result.nsfw_content_detected[i:i + k]),
-                                      result.seeds[i:i + k], len(batch)))
+                                      result.seeds[i:i + k], len(batch), started - j.arrival, elapsed))
             i += k
         self.sizer.record(first, i, first.steps, elapsed)
         with self.stats.lock:
@@ -202,6 +218,8 @@ class BatchingPipeline:
                 s.merged_batches += 1
                 s.merged_requests += len(batch)
             s.max_batch_requests = max(s.max_batch_requests, len(batch))
+            hist_observe(s.batch_requests_hist, len(batch))
+            hist_observe(s.batch_images_hist, i)
             s.max_batch_images = max(s.max_batch_images, i)
         if self.on_batch:
             try:

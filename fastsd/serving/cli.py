@@ -44,7 +44,11 @@ def register(subparsers, parents) -> None:
     s.add_argument("--replicas", type=int, default=1, help="model servers, one engine each (default 1)")
     s.add_argument("--port", type=int, default=DEFAULT_PORT,
                    help=f"load balancer port; replica i takes port+1+i, as in MII (default {DEFAULT_PORT})")
-    s.add_argument("--rest-port", type=int, help="also serve POST /score and GET /health on this port")
+    s.add_argument("--rest-port", type=int,
+                   help="also serve POST /score, GET /health, /ready and /metrics (Prometheus) on this port")
+    s.add_argument("--metrics-port", type=int, help="serve GET /metrics (Prometheus) on this port (e.g. without REST)")
+    s.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="the processes' logs: text lines, or one JSON object per line (default text)")
     s.add_argument("--ui-port", type=int, help="also serve the web page (fastsd ui; the ui extra) on this port")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; MII's gRPC has no authentication: keep it private)")
@@ -53,6 +57,7 @@ def register(subparsers, parents) -> None:
                    "(CUDA_VISIBLE_DEVICES per replica; implies --device cuda)")
     s.add_argument("--hostfile", help="MII/DeepSpeed hostfile ('HOST slots=N' lines) placing replicas on hosts; "
                    "replicas on other hosts are started over ssh")
+    s.add_argument("--ssh-config", help="ssh config file (ssh -F) for starting replicas on other hosts")
     s.add_argument("--max-batch", type=_max_batch, default="auto",
                    help="images per engine call: auto (default) measures images/s at 1, 2, 4, ... images per call "
                         "for each size, steps range and task, and batches only as far as that pays; a number forces "
@@ -117,12 +122,14 @@ def cmd_serve(args) -> int:
                                max_steps=args.max_steps, timeout=args.timeout),
                  engine=engine, random_weights=args.random_weights, config=args.config,
                  allow_pickle=args.allow_pickle, threads=args.threads, max_body_bytes=args.max_body_bytes,
-                 startup_timeout=args.startup_timeout)
+                 startup_timeout=args.startup_timeout, metrics_port=args.metrics_port, log_format=args.log_format,
+                 ssh_config=args.ssh_config)
     from .common import cache_path
     n = len(spec["replicas"])
     print(f"deployment '{spec['name']}' is up: {spec['model']}, {n} replica(s), gRPC {spec['host']}:{spec['port']}"
           + (f", REST http://{spec['host']}:{spec['rest_port']}/score" if spec.get("rest_port") else "")
-          + (f", page http://{spec['host']}:{spec['ui_port']}/" if spec.get("ui_port") else ""))
+          + (f", page http://{spec['host']}:{spec['ui_port']}/" if spec.get("ui_port") else "")
+          + (f", metrics http://{spec['host']}:{spec['metrics_port']}/metrics" if spec.get("metrics_port") else ""))
     print(f"clients: export MII_CACHE_PATH={cache_path()}; then mii.legacy.mii_query_handle({spec['name']!r})")
     print(f"stop with: fastsd stop {spec['name']}")
     return 0

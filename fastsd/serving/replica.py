@@ -7,7 +7,10 @@ started by the supervisor. It serves MII's `ModelResponse` servicer (the class b
 - MII runs every pipeline call under one lock; the lock is replaced by a no-op so concurrent
   requests reach the batching pipeline together (batcher.py), which serialises the engine itself;
 - a bad request becomes INVALID_ARGUMENT with the reason (MII would answer UNKNOWN with
-  "Exception calling application"), a timeout DEADLINE_EXCEEDED, other failures INTERNAL;
+  "Exception calling application"), a timeout DEADLINE_EXCEEDED, other failures INTERNAL; the
+  request is unpacked by schema.py, not by MII (whose unpacking raises on an empty `Value`), and
+  bytes that are not a request message are refused too (wire.py);
+- the reply's trailing metadata carries its queue wait, engine time and image count (wire.py);
 - the server binds the deployment's host (MII binds [::], every interface) and sets
   grpc.so_reuseport=0, so a port already in use is an error instead of being silently shared.
 """
@@ -22,6 +25,7 @@ import time
 from concurrent import futures
 from pathlib import Path
 
+from . import logs
 from .common import graceful_signals, read_json, watch_parent, write_json
 
 log = logging.getLogger("fastsd.serving.replica")
@@ -34,19 +38,32 @@ def grpc_address(host: str, port: int) -> str:
 
 def make_servicer(pipeline):
     import grpc
+    from mii.legacy.constants import TaskType
     from mii.legacy.grpc_related.modelresponse_server import ModelResponse
+    from mii.legacy.method_table import GRPC_METHOD_TABLE
 
     from ..errors import InvalidParameter
+    from . import schema, wire
     from .batcher import RequestTimeout
 
     class FastSDModelResponse(ModelResponse):
         def __init__(self, inference_pipeline):
             super().__init__(inference_pipeline)
             self.lock = contextlib.nullcontext()  # the batcher serialises the engine; see module doc
+            self.task_methods = GRPC_METHOD_TABLE[TaskType.TEXT2IMG]
 
         def Txt2ImgReply(self, request, context):
+            meta = wire.metadata(context)
             try:
-                return self._run_inference("Txt2ImgReply", request)
+                # unpacked here, not by MII: every field is checked (schema.py) before anything runs
+                kwargs = schema.unpack_query_kwargs(request.query_kwargs)
+                t0 = time.time()
+                reply = self.inference_pipeline.handle(list(request.prompt), list(request.negative_prompt), kwargs,
+                                                       probe=wire.PROBE in meta)
+                context.set_trailing_metadata([(wire.QUEUE_MS, f"{reply.queue_seconds * 1000:.3f}"),
+                                               (wire.ENGINE_MS, f"{reply.engine_seconds * 1000:.3f}"),
+                                               (wire.IMAGES, str(len(reply.images)))])
+                return self.task_methods.pack_response_to_proto(reply, time.time() - t0, -1)
             except InvalidParameter as e:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             except RequestTimeout as e:
@@ -72,8 +89,10 @@ def make_server(servicer, host: str, port: int, workers: int | None = None):
     from mii.legacy.constants import GRPC_MAX_MSG_SIZE, LB_MAX_WORKER_THREADS
     from mii.legacy.grpc_related.proto import legacymodelresponse_pb2_grpc as pb2_grpc
 
+    from . import wire
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers or LB_MAX_WORKER_THREADS),
+        interceptors=[wire.guard_interceptor()],
         options=[("grpc.max_send_message_length", GRPC_MAX_MSG_SIZE),
                  ("grpc.max_receive_message_length", GRPC_MAX_MSG_SIZE),
                  ("grpc.so_reuseport", 0)])
@@ -154,8 +173,8 @@ def measure_native(sizer, engine, steps: int) -> None:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ddir, index = Path(argv[0]), int(argv[1])
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s replica-{index} %(levelname)s %(message)s")
     spec = read_json(ddir / "spec.json")
+    logs.setup(f"replica-{index}", spec.get("log_format", "text"))
     replica = spec["replicas"][index]
     stats_path = ddir / f"replica-{index}.json"
     t_start = time.time()
@@ -179,13 +198,14 @@ def main(argv=None) -> int:
     def write_stats():
         with lock:
             write_json(stats_path, {**state, "stats": pipeline.stats.as_dict(), "batching": sizer.describe(),
+                                    "queue_depth": pipeline.queue_depth(),
                                     "updated_at": time.time()})
 
     pipeline = BatchingPipeline(engine, Limits(**spec["limits"]), window=spec["batch_window_ms"] / 1000.0,
                                 on_batch=write_stats, sizer=sizer)
     previous = (read_json(stats_path) or {}).get("stats", {})  # counters run on across restarts
     for k, v in previous.items():
-        if hasattr(pipeline.stats, k) and isinstance(v, (int, float)):
+        if hasattr(pipeline.stats, k) and isinstance(v, (int, float, dict)):
             setattr(pipeline.stats, k, v)
     servicer = make_servicer(pipeline)
     server = make_server(servicer, replica["bind"], replica["port"])
@@ -200,7 +220,7 @@ def main(argv=None) -> int:
              replica["port"], time.time() - t_start, spec["max_batch"], spec["batch_window_ms"])
     last = None
     while not stop.wait(0.5):
-        snap = pipeline.stats.as_dict()
+        snap = (pipeline.stats.as_dict(), pipeline.queue_depth())
         if snap != last:  # bad requests and timeouts are counted outside batches
             write_stats()
             last = snap

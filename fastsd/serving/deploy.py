@@ -109,16 +109,6 @@ def check_serve_options(*, replicas, port, rest_port, metrics_port, max_batch, b
     integer("--rest-port", rest_port, 1, 65535, allow_none=True)
     integer("--metrics-port", metrics_port, 1, 65535, allow_none=True)
     integer("--ui-port", ui_port, 1, 65535, allow_none=True)
-    if max_batch != "auto" and (isinstance(max_batch, bool) or not isinstance(max_batch, int)
-                                or not 1 <= max_batch <= 64):
-        raise ServingError(f"--max-batch: got {max_batch!r}; allowed: auto, or 1..64 images")
-    if isinstance(max_batch_limit, bool) or not isinstance(max_batch_limit, int) or not 1 <= max_batch_limit <= 64:
-        raise ServingError(f"--max-batch-limit: got {max_batch_limit!r}; allowed: 1..64 images")
-    if not isinstance(batch_min_gain, (int, float)) or not 0 <= batch_min_gain <= 10:
-        raise ServingError(f"--batch-min-gain: got {batch_min_gain!r}; allowed: 0..10 (0.1 = 10%)")
-    if isinstance(batch_probe_steps, bool) or not isinstance(batch_probe_steps, int) \
-            or not 1 <= batch_probe_steps <= limits.max_steps:
-        raise ServingError(f"--batch-probe-steps: got {batch_probe_steps!r}; allowed: 1..{limits.max_steps} (--max-steps)")
     number("--batch-window-ms", batch_window_ms, 0, 10_000)
     integer("--threads", threads, 1, 1024, allow_none=True)
     integer("--max-body-bytes", max_body_bytes, 1024, 1 << 30)
@@ -128,6 +118,16 @@ def check_serve_options(*, replicas, port, rest_port, metrics_port, max_batch, b
     integer("--max-pixels", limits.max_pixels, 64 * 64, 2048 * 2048)
     integer("--max-steps", limits.max_steps, 1, 1000)
     number("--timeout", limits.timeout, 0.1, 24 * 3600)
+    if max_batch != "auto" and (isinstance(max_batch, bool) or not isinstance(max_batch, int)
+                                or not 1 <= max_batch <= 64):
+        raise InvalidParameter("--max-batch", max_batch, "auto, or 1..64 images")
+    if isinstance(max_batch_limit, bool) or not isinstance(max_batch_limit, int) or not 1 <= max_batch_limit <= 64:
+        raise InvalidParameter("--max-batch-limit", max_batch_limit, "1..64 images")
+    if not isinstance(batch_min_gain, (int, float)) or not 0 <= batch_min_gain <= 10:
+        raise InvalidParameter("--batch-min-gain", batch_min_gain, "0..10 (0.1 = 10%)")
+    if isinstance(batch_probe_steps, bool) or not isinstance(batch_probe_steps, int) \
+            or not 1 <= batch_probe_steps <= limits.max_steps:
+        raise InvalidParameter("--batch-probe-steps", batch_probe_steps, f"1..{limits.max_steps} (--max-steps)")
     if log_format not in FORMATS:
         raise InvalidParameter("--log-format", log_format, ", ".join(FORMATS))
     if hostfile is not None and not Path(hostfile).is_file():

@@ -239,9 +239,9 @@ def test_a_request_too_big_for_memory_is_refused_and_the_server_goes_on():
                                      ({"batch_min_gain": -0.1}, "--batch-min-gain"),
                                      ({"batch_probe_steps": 0}, "--batch-probe-steps")])
 def test_serve_refuses_bad_batching_options_before_starting_anything(kw, name):
-    from fastsd.serving.common import ServingError
+    from fastsd.errors import InvalidParameter
     from fastsd.serving.deploy import serve
-    with pytest.raises(ServingError, match=f"^{name}: got"):
+    with pytest.raises(InvalidParameter, match=f"^{name}: got"):
         serve(name="never-started", model="tiny", **kw)
 
 

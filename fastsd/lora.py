@@ -110,7 +110,7 @@ class LoraFile:
                 "components": sorted({k.split(".", 1)[0] for k in self.layers})}
 
 
-def _read_tensors(path: Path, allow_pickle: bool) -> tuple[dict, dict]:
+def read_tensors(path: Path, allow_pickle: bool) -> tuple[dict, dict]:
     if not path.is_file():
         raise InvalidParameter("lora", str(path), "an existing .safetensors LoRA file")
     if path.suffix == ".safetensors":
@@ -180,7 +180,7 @@ def read_lora(path, *, allow_pickle: bool = False, unet_config=None) -> LoraFile
     """Read one LoRA file in the diffusers/PEFT or the kohya/A1111 layout, UNet and text encoder parts."""
     from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin
     path = Path(path).expanduser()
-    raw, meta = _read_tensors(path, allow_pickle)
+    raw, meta = read_tensors(path, allow_pickle)
     layout = "kohya" if raw and all(k.startswith(("lora_te_", "lora_unet_")) for k in raw) else "diffusers"
     try:
         sd, network_alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(raw, unet_config=unet_config)

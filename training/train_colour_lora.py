@@ -108,11 +108,12 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rank", type=int, default=4)
-    ap.add_argument("--scenes", type=int, default=4000)
+    ap.add_argument("--scenes", type=int, default=2000)
     ap.add_argument("--share", type=float, default=0.5, help="share of scenes in the new colour")
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--eval-only", action="store_true")
     ap.add_argument("--lora", type=Path, help="with --eval-only: the adapter to score")
     args = ap.parse_args(argv)
@@ -145,7 +146,8 @@ def main(argv=None):
     t_enc = time.time() - t0
     unet_ema, te_ema, loss = train_unet(unet, text_encoder, tok, train_prompts, means, stds,
                                         vae.config.scaling_factor, args.seed, args.steps, args.batch, args.lr,
-                                        p_uncond=0.1, calibrate_for=7.5, effective_guidance=2.0)
+                                        p_uncond=0.1, calibrate_for=7.5, effective_guidance=2.0,
+                                        warmup=args.warmup)
     t_train = time.time() - t0 - t_enc
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"{args.word}.safetensors"

@@ -119,9 +119,15 @@ def serve(*, name: str, model: str, replicas: int = 1, port: int = 50050, rest_p
           hostfile: str | None = None, max_batch: int = 8, batch_window_ms: float = 20.0,
           limits: Limits | None = None, engine: dict | None = None, random_weights: bool = False,
           config: str | None = None, allow_pickle: bool = False, threads: int | None = None,
-          max_body_bytes: int = 1 << 20, startup_timeout: float = 600.0, echo=print) -> dict:
-    """Starts a persistent deployment and returns once it answers through MII's client."""
+          max_body_bytes: int = 1 << 20, startup_timeout: float = 600.0, echo=print,
+          lora_dir: str | None = None, loras=()) -> dict:
+    """Starts a persistent deployment and returns once it answers through MII's client. `lora_dir`: the
+    folder whose LoRA files requests may name (`lora` keyword); `loras`: [(path, scale), ...] fused for
+    requests that name none."""
     check_name(name)
+    if lora_dir is not None:
+        from .loras import LoraCatalog
+        lora_dir = str(LoraCatalog(lora_dir).folder)
     limits = limits or Limits()
     if not 1 <= replicas <= 64:
         raise ServingError(f"--replicas: got {replicas}; allowed: 1..64")
@@ -157,7 +163,8 @@ def serve(*, name: str, model: str, replicas: int = 1, port: int = 50050, rest_p
             "allow_pickle": allow_pickle, "engine": engine or {}, "host": host, "port": port,
             "rest_port": rest_port, "replicas": plan, "max_batch": max_batch, "batch_window_ms": batch_window_ms,
             "limits": limits.to_dict(), "threads": threads, "max_body_bytes": max_body_bytes,
-            "token_required": bool(token), "created_at": time.time()}
+            "token_required": bool(token), "created_at": time.time(), "lora_dir": lora_dir,
+            "loras": [[str(Path(p).expanduser().resolve()), float(sc)] for p, sc in loras]}
     write_json(ddir / "spec.json", spec)
     from mii.legacy.models.score import create_score_file
     create_score_file(mii_config)  # MII's deployment record: what mii_query_handle(name) reads
@@ -313,7 +320,9 @@ def status(name: str) -> dict:
             "requests_served": totals.get("requests", 0), "totals": totals, "replicas": reps,
             "balancer": {k: lb.get(k) for k in ("requests", "ok", "failovers", "errors", "forwarded", "up",
                                                 "waited_for_replica")},
-            "rest": kids.get("rest"), "dir": str(ddir), "mii_cache_path": str(ddir.parent)}
+            "rest": kids.get("rest"), "dir": str(ddir), "mii_cache_path": str(ddir.parent),
+            "lora_dir": spec.get("lora_dir"), "lora_default": spec.get("loras") or [],
+            "lora_active": [(read_json(ddir / f"replica-{i}.json") or {}).get("loras") for i in range(len(reps))]}
 
 
 def list_deployments() -> list[str]:
@@ -340,6 +349,11 @@ def format_status(s: dict) -> str:
                      f"{r.get('requests', 0):>8} {r.get('images', 0):>6} {r.get('batches', 0):>7} "
                      f"{r.get('merged_batches', 0):>6} {r.get('bad_requests', 0):>4} "
                      f"{(str(round(r['uptime_s'])) + ' s') if r['uptime_s'] is not None else '-':>8}")
+    if s.get("lora_dir"):
+        n, secs = s["totals"].get("lora_switches", 0), s["totals"].get("lora_switch_seconds", 0.0)
+        active = ["+".join(a["active"]) or "none" if a else "none" for a in s.get("lora_active", [])]
+        lines.append(f"  LoRA: {s['lora_dir']}; {n} switches, {secs:.2f} s in all"
+                     + (f" ({1000 * secs / n:.0f} ms each)" if n else "") + f"; fused now: {', '.join(active)}")
     b = s["balancer"]
     if b.get("requests") is not None:
         lines.append(f"  load balancer: {b['requests']} requests, {b['ok']} answered, {b['failovers']} failovers, "

@@ -14,7 +14,8 @@ from ..errors import InvalidParameter
 
 SCHEDULERS = ("pndm", "ddim", "euler", "euler-ancestral", "dpm++", "lms")
 # query keyword -> what it means; anything else is refused (a typo must not be silently ignored)
-KWARGS = ("num_inference_steps", "guidance_scale", "height", "width", "seed", "scheduler", "num_images_per_prompt")
+KWARGS = ("num_inference_steps", "guidance_scale", "height", "width", "seed", "scheduler", "num_images_per_prompt",
+          "lora")
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Request:
     height: int
     width: int
     scheduler: str | None
+    loras: tuple | None = None  # ((name, scale), ...) from the `lora` keyword; None: the deployment's default
 
     @property
     def n_images(self) -> int:
@@ -50,7 +52,7 @@ class Request:
         """Requests with equal keys can share one UNet batch (per-image seeds, prompts, negatives and
         guidance travel inside the batch). Guidance on/off is part of the key: the engine runs one
         UNet call per step without guidance and two with it, so mixing them would change images."""
-        return (self.height, self.width, self.steps, self.scheduler, max(self.guidance) > 1.0)
+        return (self.height, self.width, self.steps, self.scheduler, max(self.guidance) > 1.0, self.loras)
 
 
 def _f32_to_float(v: float) -> float:
@@ -71,7 +73,8 @@ def _as_f32(v: float) -> bytes:
 
 
 def parse(prompt, negative_prompt, kwargs: dict, limits: Limits, native_size: int,
-          from_f32: bool = False) -> Request:
+          from_f32: bool = False, loras=None) -> Request:
+    """`loras`: the deployment's fastsd.serving.loras.LoraCatalog (None: it offers none)."""
     prompts = check.prompts(prompt)
     if len(prompts) > limits.max_prompts:
         raise InvalidParameter("prompt", f"{len(prompts)} prompts", f"at most {limits.max_prompts} per request")
@@ -105,10 +108,15 @@ def parse(prompt, negative_prompt, kwargs: dict, limits: Limits, native_size: in
     if seed is None:
         seed = random.randrange(2**31)  # drawn here so the image does not depend on its batch
     seed = _int("seed", seed, 0, check.MAX_SEED - total)
+    lora = None
+    if "lora" in kw:
+        if loras is None:
+            raise InvalidParameter("lora", kw["lora"], "nothing: this deployment was started without --lora-dir")
+        lora = loras.parse(kw["lora"])
     return Request(prompts=[p for p in prompts for _ in range(n_img)],
                    negatives=[n for n in negatives for _ in range(n_img)],
                    guidance=[g] * total, seeds=[seed + i for i in range(total)],
-                   steps=steps, height=height, width=width, scheduler=scheduler)
+                   steps=steps, height=height, width=width, scheduler=scheduler, loras=lora)
 
 
 def _int(name, value, lo, hi):

@@ -35,7 +35,7 @@ from .common import TOKEN_ENV, graceful_signals, port_answers, read_json, use_ca
 
 log = logging.getLogger("fastsd.serving.rest")
 PARAMS = ("num_inference_steps", "guidance_scale", "height", "width", "seed", "scheduler", "num_images_per_prompt",
-          "negative_prompt")
+          "negative_prompt", "lora")
 
 
 class BadRequest(Exception):
@@ -96,7 +96,7 @@ def parse_score_body(body: bytes) -> tuple[list[str], list[str] | None, dict]:
             negatives = [v] * len(prompts)
             continue
         if v is None or not isinstance(v, (str, int, float, bool)):  # what MII's Value carries
-            raise BadRequest(422, f"{k}: got {v!r:.80}; allowed: a number" + (" or text" if k == "scheduler" else ""),
+            raise BadRequest(422, f"{k}: got {v!r:.80}; allowed: a number" + (" or text" if k in ("scheduler", "lora") else ""),
                              parameter=k)
         kwargs[k] = v
     return prompts, negatives or None, kwargs

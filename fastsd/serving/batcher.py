@@ -167,8 +167,8 @@ class BatchingPipeline:
     def _use_loras(self, wanted) -> None:
         """Fuse the batch's LoRA set (every request of a batch has the same one: it is in the batch key)."""
         refs = self.default_loras if wanted is None else self.loras.refs(wanted)
-        if self.engine.loras is None and not refs:
-            return
+        if getattr(self.engine, "loras", None) is None and not refs:
+            return  # no LoRA was ever fused: nothing to restore
         sw = self.engine.set_loras(refs)
         if sw.changed:
             with self.stats.lock:

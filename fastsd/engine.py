@@ -17,7 +17,7 @@ from diffusers.image_processor import VaeImageProcessor
 from tqdm.auto import tqdm
 
 from . import validation as check
-from .errors import FastSDError
+from .errors import FastSDError, InvalidParameter
 from .schedulers import make_scheduler, scheduler_name
 
 log = logging.getLogger("fastsd")
@@ -57,7 +57,12 @@ class Engine:
         """Fuse this LoRA set ([(path, scale), ...] or ["FILE:SCALE", ...]; [] for none) into the weights,
         in place of the current one: the base weights are restored exactly first. Returns the switch's
         figures (fastsd.lora.SwitchStats)."""
-        from .lora import LoraSwitcher
+        from .lora import LoraSwitcher, as_refs
+        if not hasattr(self.backend, "lora_weights"):
+            if not as_refs(loras):
+                return None
+            raise InvalidParameter("lora", [str(r) for r in as_refs(loras)],
+                                   f"none on the {self.backend.name} backend (LoRAs are fused on the torch backend)")
         if self.loras is None:
             self.loras = LoraSwitcher(self.backend.lora_weights(), unet_config=self.model.unet.config)
         stats = self.loras.set(loras, allow_pickle=allow_pickle)

@@ -146,3 +146,31 @@ def test_pickled_lora_with_allow_pickle(files, tiny, tmp_path):
     e1.set_loras([(files["a_kohya"], 1.0)])
     e2.set_loras([(pickled, 1.0)], allow_pickle=True)
     assert torch.equal(_gen(e1, 2), _gen(e2, 2))
+
+
+def test_backend_without_lora_support_is_a_clear_error(tiny):
+    from types import SimpleNamespace
+
+    from fastsd.engine import Engine
+    engine = Engine(tiny, SimpleNamespace(name="onnxruntime"), SimpleNamespace(safety_checker=False))
+    assert engine.set_loras([]) is None
+    with pytest.raises(InvalidParameter, match="torch backend"):
+        engine.set_loras([("x.safetensors", 1.0)])
+
+
+@pytest.mark.slow
+def test_switch_under_compile_reaches_the_compiled_graph(files, tiny):
+    """--compile on the CPU with lora_switching: weights stay graph inputs, so an in-place switch after the
+    first (compiling) call changes the output with no recompile, and none gives the base output back."""
+    ref = optimize(copy.deepcopy(tiny))
+    want_base = _gen(ref, 2)
+    ref.set_loras([(files["a"], 1.0)])
+    want_a = _gen(ref, 2)
+    engine = optimize(tiny, compile=True, lora_switching=True)
+    base = _gen(engine, 2)
+    engine.set_loras([(files["a"], 1.0)])
+    with_a = _gen(engine, 2)
+    engine.set_loras([])
+    again = _gen(engine, 2)
+    assert torch.allclose(base, want_base, atol=1e-3) and torch.allclose(with_a, want_a, atol=1e-3)
+    assert torch.equal(base, again)

@@ -76,3 +76,29 @@ def save_kohya_layout(factors: dict, path, *, alpha: float | None = None) -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(path), metadata={"format": "pt"})
     return path
+
+
+def main(argv=None) -> int:
+    """python -m fastsd.lora_files --model fastsd-shapes --rank 4 --out out/random.safetensors [--layout kohya]"""
+    import argparse
+
+    from .loading import load_model
+    ap = argparse.ArgumentParser(description="Write a seeded random LoRA file for a model (for trying and timing).")
+    ap.add_argument("--model", default="fastsd-shapes")
+    ap.add_argument("--random-weights", action="store_true")
+    ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--alpha", type=float, default=None, help="default: the rank (scale 1)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--std", type=float, default=0.05)
+    ap.add_argument("--layout", choices=["diffusers", "kohya"], default="diffusers")
+    ap.add_argument("--out", required=True, type=Path)
+    args = ap.parse_args(argv)
+    model = load_model(args.model, random_weights=args.random_weights, safety_checker=False)
+    factors = random_factors(model, rank=args.rank, seed=args.seed, std=args.std)
+    save = save_kohya_layout if args.layout == "kohya" else save_diffusers_layout
+    print(save(factors, args.out, alpha=args.alpha))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

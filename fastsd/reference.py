@@ -69,7 +69,12 @@ def run_reference(model, prompts: list[str], negatives: list[str], *, num_images
 
 
 def _load_reference_loras(pipe, loras, allow_pickle: bool) -> None:
-    from .lora import read_tensors
+    from .lora import LoraSwitcher, ModuleWeights, read_lora, read_tensors
+    # fastsd's reader checks layers and shapes first: a LoRA for another model is a one-line error here
+    # rather than a page of diffusers' load errors
+    check = LoraSwitcher(ModuleWeights({"unet": pipe.unet, "text_encoder": pipe.text_encoder}))
+    check.deltas([(read_lora(r.path, allow_pickle=allow_pickle, unet_config=pipe.unet.config), r.scale)
+                  for r in loras])
     names = []
     for i, ref in enumerate(loras):
         tensors, _ = read_tensors(Path(ref.path).expanduser(), allow_pickle)  # same pickle policy as the engine

@@ -24,7 +24,7 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "purple": (140, 40, 180),
     "orange": (245, 130, 20),
 }
-# Colours the base model was never taught; LoRA adapters trained here add them (fastsd/models/loras/).
+# Colours the base model was never taught; LoRA adapters add them (training/train_colour_lora.py).
 # They join the palette only for a prompt that names one, so the base model's verdicts stay as published.
 ADAPTER_COLOURS: dict[str, tuple[int, int, int]] = {
     "zorbl": (20, 200, 200),  # a teal, far from every base colour

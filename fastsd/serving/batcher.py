@@ -109,7 +109,7 @@ class BatchingPipeline:
         A probe (the deployment's own readiness check) is refused like any bad request but not counted."""
         try:
             request = parse(prompt, negative_prompt, kwargs, self.limits, self.engine.model.native_size,
-                            from_f32=True)
+                            from_f32=True, loras=self.loras)
             self.sizer.admit(request)
         except ValueError:
             if not probe:

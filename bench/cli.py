@@ -26,7 +26,7 @@ def _flag_value(text: str):
 
 
 def register(subparsers, parents):
-    from fastsd.options import add_model_source
+    from fastsd.options import add_lora_option, add_model_source
     p = subparsers.add_parser(
         "bench", help="latency of fastsd configurations side by side with the diffusers baseline",
         description="Measure, in one run and on the same inputs, the diffusers StableDiffusionPipeline (FP32, "
@@ -37,6 +37,7 @@ def register(subparsers, parents):
     g = p.add_argument_group("model")
     add_model_source(g, default="tiny")
     g.add_argument("--no-safety-checker", action="store_true", help="leave the safety checker out")
+    add_lora_option(g)
     b = p.add_argument_group("what to measure")
     b.add_argument("--backends", "--backend", default="diffusers,torch",
                    help="comma list of diffusers (the baseline, always run first) and fastsd backends "
@@ -85,6 +86,7 @@ def settings_from_args(args):
     from fastsd import validation as check
     from fastsd.backends import backend_names
     from fastsd.optimize import DTYPES, OptimizeConfig
+    from fastsd.options import lora_refs
     from .harness import ACCELERATE, BASELINE, BenchSettings, ConfigSpec
 
     backends = _csv(args.backends)
@@ -146,13 +148,15 @@ def settings_from_args(args):
         e2e_warmup=args.e2e_warmup, guidance=args.guidance, seed=args.seed, scheduler=args.scheduler,
         prompt=args.prompt, negative=args.negative, estimate_steps=args.estimate_steps,
         safety_checker=not args.no_safety_checker, threads=args.threads, onnx_dir=args.onnx_dir,
-        progress=not args.quiet)
+        progress=not args.quiet, loras=lora_refs(args))
 
 
 def command_line(args) -> str:
     """The command that repeats this run (every option that matters, written out)."""
     parts = ["fastsd", "bench", "--model", args.model]
     parts += ["--random-weights"] if args.random_weights else []
+    for item in args.lora:
+        parts += ["--lora", item]
     parts += ["--backends", args.backends] + (["--accelerate"] if args.accelerate else [])
     parts += ["--dtype", args.dtype, "--steps", str(args.steps), "--batch", args.batch]
     for name in ("resolution", "height", "width", "config", "onnx_dir", "threads", "scheduler"):

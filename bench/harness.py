@@ -70,6 +70,7 @@ class BenchSettings:
     threads: int | None = None
     onnx_dir: str | None = None
     progress: bool = True
+    loras: tuple = ()  # fastsd.lora.LoraRef: diffusers loads them (load_lora_weights), fastsd fuses them
 
 
 # -- statistics, clocks, memory ---------------------------------------------------------------------
@@ -168,6 +169,9 @@ class DiffusersRunner:
         if settings.scheduler:
             self.pipe.scheduler = make_scheduler(settings.scheduler, self.pipe.scheduler.config)
         self.has_safety_checker = self.pipe.safety_checker is not None
+        if settings.loras:  # diffusers' own way: PEFT layers beside the weights, not fused
+            from fastsd.reference import _load_reference_loras
+            _load_reference_loras(self.pipe, settings.loras, settings.allow_pickle)
 
     @torch.inference_mode()
     def text_encoder(self, ids):
@@ -233,6 +237,8 @@ class EngineRunner:
                                 attention=settings.attention, safety_checker=settings.safety_checker,
                                 **dict(spec.flags))
         self.engine = optimize(model, config)
+        if settings.loras:
+            self.engine.set_loras(settings.loras, allow_pickle=settings.allow_pickle)
         self.device = self.engine.backend.device
         self.has_safety_checker = self.engine.safety_checker is not None
 

@@ -77,7 +77,25 @@ def build_markdown(profiles: dict, *, dtype: str, static: bool, optimize: bool, 
               "`fastsd export ... --tensorrt` writes `<graph>/model.plan` the same way.",
               "", "ONNX Runtime's TensorRT execution provider builds (and caches) its engines itself from "
               "`model.onnx`: `fastsd generate --backend onnxruntime --model DIR` uses it where installed.", ""]
+    lines += LORA_REFIT
     return "\n".join(lines)
+
+
+# How to switch LoRA adapters on a built engine without rebuilding it (TensorRT's refit).
+LORA_REFIT = [
+    "## Switching LoRA adapters without a rebuild (refit)", "",
+    "Build the engine refittable (`trtexec ... --refit`, or `BuilderFlag.REFIT`). A switch from LoRA set A to",
+    "set B refits the UNION of the weights A and B touch: every weight that only A touched goes back to its",
+    "base value (the initializer in `model.onnx`), and every weight B touches gets base + B's delta. Refitting",
+    "only B's layers leaves A's changes in the layers B does not touch, which is how A -> B -> A ends in mixed",
+    "images (TensorRT issue #3628). Compute the new values from the base, never by subtracting the old delta.",
+    "",
+    "fastsd computes exactly those tensors: `fastsd.lora.LoraSwitcher.deltas(...)` gives base + delta per",
+    "weight of the new set, and the weights of the old set that it does not name are restored from the",
+    "base. For each, `refitter.set_named_weights(name, trt.Weights(array))` on a `trt.Refitter(engine,",
+    "logger)`, then `refitter.refit_cuda_engine()`. Names are the ONNX initializer names; the exporter",
+    "folds each Linear weight into a transposed MatMul initializer, so match those by value (W.T) against",
+    "the torch parameter, once per export. This route is written down, not run: no TensorRT here.", ""]
 
 
 def build_engines(out: Path, profiles: dict, *, static: bool, fp16: bool, progress: bool = True) -> dict:

@@ -16,7 +16,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 from .errors import FastSDError  # noqa: E402
 from .options import (OneLineParser, check_generation_args, generation_options, load_for,  # noqa: E402
-                      model_options, optimize_config, output_paths)
+                      lora_refs, model_options, optimize_config, output_paths)
 
 # Feature areas add their own subcommands: module -> `register(subparsers, parents)`.
 EXTRA_COMMANDS = ["fastsd.export.cli", "fastsd.bench.cli", "fastsd.serving.cli", "fastsd.batch.cli", "fastsd.ui.cli"]
@@ -28,12 +28,15 @@ def cmd_generate(args) -> int:
     prompts = args.prompt
     paths = output_paths(args.out, len(prompts) * max(1, args.num_images if isinstance(args.num_images, int) else 1))
     check_generation_args(args)
+    loras = lora_refs(args)
     config = optimize_config(args)
     if args.profile and not args.quiet:
         from .profiles import device_class, profile_flags
         picked = ", ".join(f"{k}={v}" for k, v in profile_flags(args.profile, config.device).items())
         print(f"profile {args.profile} on {device_class(config.device)}: {picked}", file=sys.stderr)
     engine = optimize(load_for(args), config)
+    if loras:
+        engine.set_loras(loras, allow_pickle=args.allow_pickle)
     result = engine.generate(prompts, args.negative, num_images_per_prompt=args.num_images,
                              num_inference_steps=50 if args.steps is None else args.steps, guidance_scale=args.guidance,
                              height=args.height, width=args.width, seed=args.seed, scheduler=args.scheduler,
@@ -75,6 +78,7 @@ def cmd_verify(args) -> int:
     check_generation_args(args)
     if args.pipeline:  # the drop-in: diffusers' own pipelines, plain and accelerated
         return _verify_pipelines(args)
+    loras = lora_refs(args)
     config = optimize_config(args)
     model, engine_model = load_for(args), None
     if args.backend == "onnxruntime":  # the export runs in the engine; the model it came from is the reference
@@ -84,7 +88,8 @@ def cmd_verify(args) -> int:
                                        negative_prompt=args.negative, num_images_per_prompt=args.num_images,
                                        steps=25 if args.steps is None else args.steps, guidance=args.guidance, height=args.height,
                                        width=args.width, seed=args.seed if args.seed is not None else 0,
-                                       scheduler=args.scheduler, progress=not args.quiet, engine_model=engine_model)
+                                       scheduler=args.scheduler, progress=not args.quiet, engine_model=engine_model,
+                                       loras=loras, allow_pickle=args.allow_pickle)
     tol = report["tolerance"]
     print(f"fastsd verify: {report['model']}  {engine.describe()}")
     print(f"  {report['steps']} steps, guidance {report['guidance']}, {report['width']}x{report['height']}, "

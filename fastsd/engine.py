@@ -17,7 +17,7 @@ from diffusers.image_processor import VaeImageProcessor
 from tqdm.auto import tqdm
 
 from . import validation as check
-from .errors import FastSDError
+from .errors import FastSDError, InvalidParameter
 from .schedulers import make_scheduler, scheduler_name
 
 log = logging.getLogger("fastsd")
@@ -50,6 +50,25 @@ class Engine:
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_size = embedding_cache_size
         self.cache_hits = 0
+        self.loras = None  # fastsd.lora.LoraSwitcher, made on the first set_loras
+
+    # -- LoRA adapters (fastsd/lora.py) ---------------------------------------------------------------
+    def set_loras(self, loras, *, allow_pickle: bool = False):
+        """Fuse this LoRA set ([(path, scale), ...] or ["FILE:SCALE", ...]; [] for none) into the weights,
+        in place of the current one: the base weights are restored exactly first. Returns the switch's
+        figures (fastsd.lora.SwitchStats)."""
+        from .lora import LoraSwitcher, as_refs
+        if not hasattr(self.backend, "lora_weights"):
+            if not as_refs(loras):
+                return None
+            raise InvalidParameter("lora", [str(r) for r in as_refs(loras)],
+                                   f"none on the {self.backend.name} backend (LoRAs are fused on the torch backend)")
+        if self.loras is None:
+            self.loras = LoraSwitcher(self.backend.lora_weights(), unet_config=self.model.unet.config)
+        stats = self.loras.set(loras, allow_pickle=allow_pickle)
+        if stats.changed:
+            self._cache.clear()  # text embeddings depend on the text encoder's weights
+        return stats
 
     # -- text ---------------------------------------------------------------------------------------
     def _tokenize(self, texts: list[str]) -> torch.Tensor:
@@ -172,5 +191,8 @@ class Engine:
         return image, [bool(f) for f in flags]
 
     def describe(self) -> dict:
-        return {"model": self.model.name, "source": self.model.source, "scheduler": scheduler_name(self.scheduler),
-                **self.backend.describe()}
+        d = {"model": self.model.name, "source": self.model.source, "scheduler": scheduler_name(self.scheduler),
+             **self.backend.describe()}
+        if self.loras is not None and self.loras.active:
+            d["loras"] = [str(r) for r in self.loras.active]
+        return d

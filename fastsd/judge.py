@@ -24,6 +24,12 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "purple": (140, 40, 180),
     "orange": (245, 130, 20),
 }
+# Colours the base model was never taught; LoRA adapters add them (training/train_colour_lora.py).
+# They join the palette only for a prompt that names one, so the base model's verdicts stay as published.
+ADAPTER_COLOURS: dict[str, tuple[int, int, int]] = {
+    "zorbl": (20, 200, 200),  # a teal, far from every base colour
+}
+COLOURS = {**PALETTE, **ADAPTER_COLOURS}
 SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "large")
 # Position name -> centre of the shape as a fraction of the image side (x, y).
@@ -35,7 +41,7 @@ POSITIONS: dict[str, tuple[float, float]] = {
 }
 MIN_SHAPE_FRACTION = 0.01  # below this share of non-background pixels the judge finds no shape
 
-_C = "|".join(PALETTE)
+_C = "|".join(COLOURS)
 _P = "|".join(sorted(POSITIONS, key=len, reverse=True))
 _PROMPT = re.compile(
     rf"^an? (?:(?P<size>small|large) )?(?P<colour>{_C}) (?P<shape>{'|'.join(SHAPES)})"
@@ -93,17 +99,19 @@ class Verdict:
         return ("ok: " if self.ok else "WRONG: ") + ", ".join(parts)
 
 
-def snap(image: Image.Image) -> np.ndarray:
-    """Index into PALETTE of the nearest palette colour for every pixel, shape (H, W)."""
+def snap(image: Image.Image, palette: dict = PALETTE) -> np.ndarray:
+    """Index into `palette` of the nearest palette colour for every pixel, shape (H, W)."""
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
-    pal = np.array(list(PALETTE.values()), dtype=np.float32)
+    pal = np.array(list(palette.values()), dtype=np.float32)
     return ((rgb[:, :, None, :] - pal) ** 2).sum(-1).argmin(-1)
 
 
 def judge(image: Image.Image, prompt: str) -> Verdict:
     asked = parse_prompt(prompt)
-    names = list(PALETTE)
-    idx = snap(image)
+    palette = dict(PALETTE)
+    palette.update({c: ADAPTER_COLOURS[c] for c in (asked.colour, asked.background) if c in ADAPTER_COLOURS})
+    names = list(palette)
+    idx = snap(image, palette)
     h, w = idx.shape
     ring = np.concatenate([idx[:2].ravel(), idx[-2:].ravel(), idx[:, :2].ravel(), idx[:, -2:].ravel()])
     bg = int(np.bincount(ring, minlength=len(names)).argmax())

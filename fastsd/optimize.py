@@ -41,6 +41,9 @@ class OptimizeConfig:
     # torch.compile (inductor) of the UNet; on the CPU with weight freezing. The first call of each shape
     # compiles (minutes on the CPU); later calls are faster.
     compile: bool = False
+    # LoRA sets will be switched after the first call (fastsd serve --lora-dir): --compile on the CPU then
+    # keeps the weights as graph inputs instead of freezing them, so a switch in place reaches the graph.
+    lora_switching: bool = False
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -46,6 +46,30 @@ def add_model_source(g, default: str | None = None) -> None:
                    help="allow .ckpt pickle checkpoints (loaded with weights_only=True)")
 
 
+def add_lora_option(g) -> None:
+    """--lora FILE[:SCALE], repeatable: LoRA adapters fused into the weights (fastsd/lora.py)."""
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA .safetensors file (diffusers/PEFT or kohya layout) fused at SCALE (default 1); "
+                        "repeat for several")
+
+
+def lora_refs(args) -> tuple:
+    """The --lora set, checked (files exist, scales are numbers, pickles only with --allow-pickle) before any
+    model is loaded."""
+    from .lora import PICKLE_SUFFIXES, as_refs
+    refs = as_refs(getattr(args, "lora", None) or [])
+    for r in refs:
+        path = Path(r.path).expanduser()
+        if not path.is_file():
+            raise InvalidParameter("lora", r.path, "an existing LoRA file (FILE[:SCALE])")
+        if path.suffix in PICKLE_SUFFIXES and not getattr(args, "allow_pickle", False):
+            raise InvalidParameter("lora", r.path, "a .safetensors file (pickled LoRA files load only with "
+                                   "--allow-pickle)")
+        if path.suffix != ".safetensors" and path.suffix not in PICKLE_SUFFIXES:
+            raise InvalidParameter("lora", r.path, "a .safetensors file (or .bin/.pt/.ckpt with --allow-pickle)")
+    return refs
+
+
 def model_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("model")
@@ -69,6 +93,7 @@ def model_options() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet (CPU: with weight freezing); minutes of compiling per shape")
     g.add_argument("--no-safety-checker", action="store_true", help="skip the safety checker")
+    add_lora_option(g)
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bars or info logs")
     return p
 

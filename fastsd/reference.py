@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -51,11 +52,38 @@ def to_uint8(images) -> np.ndarray:
 
 def run_reference(model, prompts: list[str], negatives: list[str], *, num_images_per_prompt: int,
                   steps: int, guidance: float, height: int, width: int, seeds: list[int],
-                  scheduler: str | None = None, safety_checker: bool = True):
+                  scheduler: str | None = None, safety_checker: bool = True, loras=(), allow_pickle: bool = False):
     """diffusers' pipeline in FP32 on the CPU over `model`'s modules. Returns (PIL images, final latents,
-    nsfw flags, seconds). Run it before `optimize` takes the modules over."""
+    nsfw flags, seconds). Run it before `optimize` takes the modules over. `loras` (fastsd.lora.LoraRef)
+    are loaded with diffusers' own `load_lora_weights` and unloaded afterwards."""
     pipe = model.to_pipeline(with_safety_checker=safety_checker)
     pipe.to("cpu", torch.float32)
+    if loras:
+        _load_reference_loras(pipe, loras, allow_pickle)
+    try:
+        return _run(pipe, prompts, negatives, num_images_per_prompt=num_images_per_prompt, steps=steps,
+                    guidance=guidance, height=height, width=width, seeds=seeds, scheduler=scheduler)
+    finally:
+        if loras:
+            pipe.unload_lora_weights()  # the modules go on to the engine without PEFT layers
+
+
+def _load_reference_loras(pipe, loras, allow_pickle: bool) -> None:
+    from .lora import LoraSwitcher, ModuleWeights, read_lora, read_tensors
+    # fastsd's reader checks layers and shapes first: a LoRA for another model is a one-line error here
+    # rather than a page of diffusers' load errors
+    check = LoraSwitcher(ModuleWeights({"unet": pipe.unet, "text_encoder": pipe.text_encoder}))
+    check.deltas([(read_lora(r.path, allow_pickle=allow_pickle, unet_config=pipe.unet.config), r.scale)
+                  for r in loras])
+    names = []
+    for i, ref in enumerate(loras):
+        tensors, _ = read_tensors(Path(ref.path).expanduser(), allow_pickle)  # same pickle policy as the engine
+        names.append(f"fastsd_ref_{i}")
+        pipe.load_lora_weights(tensors, adapter_name=names[-1])
+    pipe.set_adapters(names, adapter_weights=[r.scale for r in loras])
+
+
+def _run(pipe, prompts, negatives, *, num_images_per_prompt, steps, guidance, height, width, seeds, scheduler):
     pipe.set_progress_bar_config(disable=True)
     if scheduler:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)

@@ -14,10 +14,15 @@ DEFAULT_PROMPTS = ["a red circle on a blue background", "a small green square in
 
 def verify(model: SDModel, config: OptimizeConfig, *, prompts=None, negative_prompt=None,
            num_images_per_prompt: int = 1, steps: int = 25, guidance: float = 7.5, height=None, width=None,
-           seed: int = 0, scheduler: str | None = None, progress: bool = False, engine_model=None):
+           seed: int = 0, scheduler: str | None = None, progress: bool = False, engine_model=None,
+           loras=(), allow_pickle: bool = False):
     """Runs the reference on `model` first, then builds the engine (which takes the modules over) and
     compares. `engine_model` is what the engine runs when it is not `model` itself (an ONNX export).
-    Returns (report dict, engine, engine result, reference images)."""
+    `loras` ([(path, scale), ...]): the reference loads them with diffusers' `load_lora_weights` (unfused
+    PEFT layers), the engine fuses them (fastsd.lora). Returns (report dict, engine, engine result,
+    reference images)."""
+    from .lora import as_refs
+    loras = as_refs(loras)
     prompts = check.prompts(prompts or DEFAULT_PROMPTS)
     negatives = check.negative_prompts(negative_prompt, len(prompts))
     height = check.size("height", height or model.native_size)
@@ -28,8 +33,10 @@ def verify(model: SDModel, config: OptimizeConfig, *, prompts=None, negative_pro
     ref_images, ref_latents, ref_nsfw, ref_s = run_reference(
         model, prompts, negatives, num_images_per_prompt=num_images_per_prompt, steps=steps,
         guidance=check.guidance(guidance), height=height, width=width, seeds=seeds, scheduler=scheduler,
-        safety_checker=config.safety_checker)
+        safety_checker=config.safety_checker, loras=loras, allow_pickle=allow_pickle)
     engine = optimize(engine_model if engine_model is not None else model, config)
+    if loras:
+        engine.set_loras(loras, allow_pickle=allow_pickle)
     result = engine.generate(prompts, negatives, num_images_per_prompt=num_images_per_prompt,
                              num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
                              seed=seeds, scheduler=scheduler, progress=progress)
@@ -40,4 +47,5 @@ def verify(model: SDModel, config: OptimizeConfig, *, prompts=None, negative_pro
                        scheduler=scheduler or engine.describe()["scheduler"],
                        reference_seconds=ref_s, engine_seconds=result.timings["total"],
                        engine_timings=result.timings, nsfw_reference=ref_nsfw,
-                       nsfw_engine=result.nsfw_content_detected), engine, result, ref_images
+                       nsfw_engine=result.nsfw_content_detected, loras=[str(r) for r in loras]), engine, result, \
+        ref_images

@@ -6,7 +6,7 @@ import random
 
 from PIL import Image, ImageDraw
 
-from fastsd.judge import PALETTE, POSITIONS, SHAPES, SIZES, Prompt
+from fastsd.judge import COLOURS, PALETTE, POSITIONS, SHAPES, SIZES, Prompt
 
 SIDE = 64
 RADIUS = {"small": (6, 8), "large": (13, 15), None: (6, 15)}
@@ -15,14 +15,14 @@ RADIUS = {"small": (6, 8), "large": (13, 15), None: (6, 15)}
 def draw_scene(p: Prompt, rng: random.Random, side: int = SIDE) -> Image.Image:
     """Draw the scene a prompt describes; unnamed size, position or background are drawn at random."""
     bg = p.background or rng.choice([c for c in PALETTE if c != p.colour])
-    img = Image.new("RGB", (side, side), PALETTE[bg])
+    img = Image.new("RGB", (side, side), COLOURS[bg])
     r = rng.uniform(*RADIUS[p.size]) * side / SIDE
     if p.position:
         fx, fy = POSITIONS[p.position]
         cx, cy = fx * side + rng.uniform(-3, 3), fy * side + rng.uniform(-3, 3)
     else:
         cx, cy = rng.uniform(r + 2, side - r - 2), rng.uniform(r + 2, side - r - 2)
-    d, fill = ImageDraw.Draw(img), PALETTE[p.colour]
+    d, fill = ImageDraw.Draw(img), COLOURS[p.colour]
     if p.shape == "circle":
         d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     elif p.shape == "square":

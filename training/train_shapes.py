@@ -171,7 +171,7 @@ def encode_dataset(vae, rng, exclude, n):
 
 
 def train_unet(unet, text_encoder, tok, prompts, means, stds, scale, seed, steps, batch, lr, p_uncond,
-               calibrate_for=0.0, effective_guidance=1.0):
+               calibrate_for=0.0, effective_guidance=1.0, warmup=200):
     """Epsilon loss with prompt dropout. With calibrate_for=w, conditional rows regress on
     (1 - s) * eps_uncond + s * noise, s = effective_guidance / w (eps_uncond from the model itself, no grad):
     classifier-free guidance at scale w then equals guidance `effective_guidance` of a plain model."""
@@ -187,7 +187,7 @@ def train_unet(unet, text_encoder, tok, prompts, means, stds, scale, seed, steps
     ema_loss = None
     for step in bar:
         for grp in opt.param_groups:
-            grp["lr"] = lr_at(step, steps, lr)
+            grp["lr"] = lr_at(step, steps, lr, warmup)
         idx = torch.randint(0, len(prompts), (batch,), generator=g)
         z = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)) * scale
         noise = torch.randn(z.shape, generator=g)

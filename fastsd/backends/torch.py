@@ -35,6 +35,9 @@ class TorchBackend:
         if self.cpu_recipe:  # measured: channels_last makes the bf16 VAE decode ~20% faster on the CPU
             self.vae.to(memory_format=torch.channels_last)
             self.applied.append("cpu_recipe(text encoder fp32, VAE channels_last)")
+        self.frozen_weights = False  # compiled with inductor freezing: weights became graph constants
+        self.lora_switching = config.lora_switching
+        self.ran = False
         if config.compile:
             self._compile()
         self.graphs = self._cuda_graphs() if config.cuda_graphs else None
@@ -80,7 +83,10 @@ class TorchBackend:
         1-4 minutes of compile per shape; the VAE decoder gained nothing, so it stays eager."""
         if self.device.type == "cpu":
             import torch._inductor.config as inductor_config
-            inductor_config.freezing = True
+            # freezing folds the weights into the graph, so a LoRA switch after the first call would not
+            # reach it: an engine built for switching keeps them graph inputs (written in place)
+            inductor_config.freezing = not self.lora_switching
+            self.frozen_weights = not self.lora_switching
         self.unet_module = torch.compile(self.unet_module)
         self.applied.append("compile" + ("(freezing)" if self.device.type == "cpu" else ""))
 
@@ -97,8 +103,22 @@ class TorchBackend:
         mask = None  # SD's text encoders take no attention mask (use_attention_mask is unset)
         return self.text_encoder(input_ids.to(self.device), attention_mask=mask)[0]
 
+    def lora_weights(self):
+        """The weights LoRA sets are fused into (fastsd.lora): UNet and text encoder, written in place."""
+        from ..lora import ModuleWeights
+        return ModuleWeights({"unet": getattr(self.unet_module, "_orig_mod", self.unet_module),
+                              "text_encoder": self.text_encoder}, check_write=self._check_weights_writable)
+
+    def _check_weights_writable(self, names) -> None:
+        from ..lora import LoraError
+        if self.frozen_weights and self.ran and any(n.startswith("unet.") for n in names):
+            raise LoraError("lora: this UNet was compiled with weight freezing (--compile on the CPU) and has run, so "
+                            "its weights are constants of the compiled graph; set the LoRAs before the first "
+                            "generation, or build the engine with lora_switching=True")
+
     @torch.inference_mode()
     def unet(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        self.ran = True
         if self.graphs is not None:
             return self.graphs(sample.to(self.dtype), timestep, encoder_hidden_states.to(self.dtype))
         return self.unet_module(sample.to(self.dtype), timestep, encoder_hidden_states=encoder_hidden_states.to(

@@ -70,6 +70,8 @@ class Stats:
         self.timeouts = 0
         self.errors = 0
         self.busy_seconds = 0.0
+        self.lora_switches = 0         # LoRA sets fused (fastsd.lora), the first one included
+        self.lora_switch_seconds = 0.0
         self.batch_requests_hist = hist_new(BATCH_BOUNDS)  # requests per engine call
         self.batch_images_hist = hist_new(BATCH_BOUNDS)    # images per engine call
 
@@ -80,13 +82,18 @@ class Stats:
 
 class BatchingPipeline:
     def __init__(self, engine, limits: Limits | None = None, max_batch: int = 8, window: float = 0.02,
-                 on_batch=None, sizer: BatchSizer | None = None):
+                 on_batch=None, sizer: BatchSizer | None = None,
+                 loras=None, default_loras=()):
         self.engine = engine
         self.limits = limits or Limits()
         self.sizer = sizer or BatchSizer.fixed(max_batch)
         self.window = max(0.0, float(window))
         self.stats = Stats()
         self.on_batch = on_batch  # called after each engine call (the replica writes its stats file)
+        # LoRA: the catalogue requests name adapters from (serving/loras.py) and the set a request that
+        # names none gets. The last batch's set stays fused, so a run of requests for one set pays no switch.
+        self.loras = loras
+        self.default_loras = list(default_loras)
         self._queue: Queue[_Job] = Queue()
         self._waiting: deque[_Job] = deque()
         self._stop = threading.Event()
@@ -102,7 +109,7 @@ class BatchingPipeline:
         A probe (the deployment's own readiness check) is refused like any bad request but not counted."""
         try:
             request = parse(prompt, negative_prompt, kwargs, self.limits, self.engine.model.native_size,
-                            from_f32=True)
+                            from_f32=True, loras=self.loras)
             self.sizer.admit(request)
         except ValueError:
             if not probe:
@@ -181,12 +188,24 @@ class BatchingPipeline:
             if live:
                 self._execute(live)
 
+    def _use_loras(self, wanted) -> None:
+        """Fuse the batch's LoRA set (every request of a batch has the same one: it is in the batch key)."""
+        refs = self.default_loras if wanted is None else self.loras.refs(wanted)
+        if getattr(self.engine, "loras", None) is None and not refs:
+            return  # no LoRA was ever fused: nothing to restore
+        sw = self.engine.set_loras(refs)
+        if sw.changed:
+            with self.stats.lock:
+                self.stats.lora_switches += 1
+                self.stats.lora_switch_seconds += sw.seconds
+
     def _execute(self, batch: list[_Job]):
         reqs = [j.request for j in batch]
         first = reqs[0]
         guidance = [g for r in reqs for g in r.guidance]
         t0, started = self.sizer.clock(), time.monotonic()  # the sizer's clock may be a test's; arrival is monotonic
         try:
+            self._use_loras(first.loras)
             result = self.engine.generate(
                 [p for r in reqs for p in r.prompts], [n for r in reqs for n in r.negatives],
                 num_images_per_prompt=1, num_inference_steps=first.steps,

@@ -77,6 +77,8 @@ def register(subparsers, parents) -> None:
     s.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queueing included (default 300)")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="REST body limit (default 1 MiB)")
     s.add_argument("--threads", type=int, help="torch threads per replica (default: torch's)")
+    s.add_argument("--lora-dir", help="folder of LoRA .safetensors files that requests may name with the `lora` "
+                   "keyword (e.g. lora=\"name:0.8\"); --lora sets what requests that name none get")
     s.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for the deployment")
     s.set_defaults(func=cmd_serve)
 
@@ -87,6 +89,7 @@ def register(subparsers, parents) -> None:
     q.add_argument("prompt", nargs="+", help="one or more prompts")
     q.add_argument("--out", "-o", default="out/image.png", help="image path; several images get -0, -1, ...")
     q.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the reply")
+    q.add_argument("--lora", help="NAME[:SCALE][,NAME[:SCALE]] from the deployment's --lora-dir")
     q.set_defaults(func=cmd_query)
 
     st = subparsers.add_parser("status", help="what a deployment runs: replicas, ports, model, uptime, requests")
@@ -101,7 +104,7 @@ def register(subparsers, parents) -> None:
 
 
 def cmd_serve(args) -> int:
-    from ..options import optimize_config
+    from ..options import lora_refs, optimize_config
     from ..presets import check_config
     from .deploy import serve
     from .limits import Limits
@@ -110,6 +113,7 @@ def cmd_serve(args) -> int:
         args.device = "cuda"
     import dataclasses
     engine = dataclasses.asdict(optimize_config(args))
+    loras = [(r.path, r.scale) for r in lora_refs(args)]
     token = args.token or os.environ.get(TOKEN_ENV) or None
     if args.ui_port is not None and importlib.util.find_spec("gradio") is None:
         raise ServingError("--ui-port: the web page needs Gradio, which is not installed: pip install 'fastsd[ui]'")
@@ -123,7 +127,7 @@ def cmd_serve(args) -> int:
                  engine=engine, random_weights=args.random_weights, config=args.config,
                  allow_pickle=args.allow_pickle, threads=args.threads, max_body_bytes=args.max_body_bytes,
                  startup_timeout=args.startup_timeout, metrics_port=args.metrics_port, log_format=args.log_format,
-                 ssh_config=args.ssh_config)
+                 ssh_config=args.ssh_config, lora_dir=args.lora_dir, loras=loras)
     from .common import cache_path
     n = len(spec["replicas"])
     print(f"deployment '{spec['name']}' is up: {spec['model']}, {n} replica(s), gRPC {spec['host']}:{spec['port']}"
@@ -142,7 +146,7 @@ def cmd_query(args) -> int:
     reply = query(args.deployment, args.prompt, negative=args.negative, timeout=args.timeout,
                   num_inference_steps=50 if args.steps is None else args.steps, guidance_scale=args.guidance,
                   height=args.height, width=args.width, seed=args.seed, scheduler=args.scheduler,
-                  num_images_per_prompt=args.num_images if args.num_images != 1 else None)
+                  num_images_per_prompt=args.num_images if args.num_images != 1 else None, lora=args.lora)
     for path, image, flagged in zip(paths, reply.images, reply.nsfw_content_detected):
         image.save(path)
         print(f"{path}" + ("  (flagged by the safety checker: black image)" if flagged else ""))

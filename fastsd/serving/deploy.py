@@ -210,9 +210,15 @@ def serve(*, name: str, model: str, replicas: int = 1, port: int = 50050, rest_p
           limits: Limits | None = None, engine: dict | None = None, random_weights: bool = False,
           config: str | None = None, allow_pickle: bool = False, threads: int | None = None,
           max_body_bytes: int = 1 << 20, startup_timeout: float = 600.0, metrics_port: int | None = None,
-          log_format: str = "text", ssh_config: str | None = None, echo=print) -> dict:
-    """Starts a persistent deployment and returns once it answers through MII's client."""
+          log_format: str = "text", ssh_config: str | None = None, echo=print,
+          lora_dir: str | None = None, loras=()) -> dict:
+    """Starts a persistent deployment and returns once it answers through MII's client. `lora_dir`: the
+    folder whose LoRA files requests may name (`lora` keyword); `loras`: [(path, scale), ...] fused for
+    requests that name none."""
     check_name(name)
+    if lora_dir is not None:
+        from .loras import LoraCatalog
+        lora_dir = str(LoraCatalog(lora_dir).folder)
     limits = limits or Limits()
     check_serve_options(replicas=replicas, port=port, rest_port=rest_port, metrics_port=metrics_port,
                         max_batch=max_batch, batch_window_ms=batch_window_ms, limits=limits, threads=threads,
@@ -256,7 +262,8 @@ def serve(*, name: str, model: str, replicas: int = 1, port: int = 50050, rest_p
             "limits": limits.to_dict(), "threads": threads, "max_body_bytes": max_body_bytes,
             "metrics_port": metrics_port, "log_format": log_format,
             "ssh_config": str(Path(ssh_config).resolve()) if ssh_config else None,
-            "token_required": bool(token), "created_at": time.time()}
+            "token_required": bool(token), "created_at": time.time(), "lora_dir": lora_dir,
+            "loras": [[str(Path(p).expanduser().resolve()), float(sc)] for p, sc in loras]}
     write_json(ddir / "spec.json", spec)
     from mii.legacy.models.score import create_score_file
     create_score_file(mii_config)  # MII's deployment record: what mii_query_handle(name) reads
@@ -438,7 +445,9 @@ def status(name: str) -> dict:
                                                 "waited_for_replica", "marked_down", "in_flight", "images",
                                                 "codes", "latency")},
             "metrics_port": spec.get("metrics_port"), "log_format": spec.get("log_format", "text"),
-            "rest": kids.get("rest"), "dir": str(ddir), "mii_cache_path": str(ddir.parent)}
+            "rest": kids.get("rest"), "dir": str(ddir), "mii_cache_path": str(ddir.parent),
+            "lora_dir": spec.get("lora_dir"), "lora_default": spec.get("loras") or [],
+            "lora_active": [(read_json(ddir / f"replica-{i}.json") or {}).get("loras") for i in range(len(reps))]}
 
 
 def list_deployments() -> list[str]:
@@ -467,6 +476,11 @@ def format_status(s: dict) -> str:
                      f"{r.get('merged_batches', 0):>6} {r.get('bad_requests', 0):>4} "
                      f"{(str(round(r['uptime_s'])) + ' s') if r['uptime_s'] is not None else '-':>8}")
     lines += _batch_size_lines(s)
+    if s.get("lora_dir"):
+        n, secs = s["totals"].get("lora_switches", 0), s["totals"].get("lora_switch_seconds", 0.0)
+        active = ["+".join(a["active"]) or "none" if a else "none" for a in s.get("lora_active", [])]
+        lines.append(f"  LoRA: {s['lora_dir']}; {n} switches, {secs:.2f} s in all"
+                     + (f" ({1000 * secs / n:.0f} ms each)" if n else "") + f"; fused now: {', '.join(active)}")
     b = s["balancer"]
     if b.get("requests") is not None:
         lines.append(f"  load balancer: {b['requests']} requests, {b['ok']} answered, {b['failovers']} failovers, "

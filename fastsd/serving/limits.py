@@ -41,6 +41,7 @@ class Request:
     height: int
     width: int
     scheduler: str | None
+    loras: tuple | None = None  # ((name, scale), ...) from the `lora` keyword; None: the deployment's default
 
     @property
     def n_images(self) -> int:
@@ -51,7 +52,7 @@ class Request:
         """Requests with equal keys can share one UNet batch (per-image seeds, prompts, negatives and
         guidance travel inside the batch). Guidance on/off is part of the key: the engine runs one
         UNet call per step without guidance and two with it, so mixing them would change images."""
-        return (self.height, self.width, self.steps, self.scheduler, max(self.guidance) > 1.0)
+        return (self.height, self.width, self.steps, self.scheduler, max(self.guidance) > 1.0, self.loras)
 
 
 def _f32_to_float(v: float) -> float:
@@ -72,8 +73,9 @@ def _as_f32(v: float) -> bytes:
 
 
 def parse(prompt, negative_prompt, kwargs: dict, limits: Limits, native_size: int,
-          from_f32: bool = False) -> Request:
-    """Every field is checked by the one table in schema.py (type and range), then the checks that
+          from_f32: bool = False, loras=None) -> Request:
+    """`loras`: the deployment's fastsd.serving.loras.LoraCatalog (None: it offers none).
+    Every field is checked by the one table in schema.py (type and range), then the checks that
     span fields (images per request, pixels, the last image's seed)."""
     prompts = schema.check_prompts(prompt, limits.max_prompts)
     if negative_prompt is not None and not isinstance(negative_prompt, str) and isinstance(negative_prompt, (list, tuple)) \
@@ -104,7 +106,12 @@ def parse(prompt, negative_prompt, kwargs: dict, limits: Limits, native_size: in
     if seed > check.MAX_SEED - total:
         raise InvalidParameter("seed", seed, f"an integer in [0, {check.MAX_SEED - total}] ({total} images take "
                                              "seed, seed+1, ...)")
+    lora = None
+    if "lora" in kw:
+        if loras is None:
+            raise InvalidParameter("lora", kw["lora"], "nothing: this deployment was started without --lora-dir")
+        lora = loras.parse(kw["lora"])
     return Request(prompts=[p for p in prompts for _ in range(n_img)],
                    negatives=[n for n in negatives for _ in range(n_img)],
                    guidance=[g] * total, seeds=[seed + i for i in range(total)],
-                   steps=steps, height=height, width=width, scheduler=scheduler)
+                   steps=steps, height=height, width=width, scheduler=scheduler, loras=lora)

@@ -116,6 +116,8 @@ def build_engine(spec: dict, replica: dict):
     eng = dict(spec["engine"])
     if replica.get("cuda_visible_devices") is not None:
         eng["device"] = "cuda"
+    if spec.get("lora_dir"):
+        eng["lora_switching"] = True  # --compile keeps the weights writable for switches (optimize.py)
     model = load_for_backend(eng.get("backend", "torch"), spec["model"],
                              random_weights=spec.get("random_weights", False),
                              allow_pickle=spec.get("allow_pickle", False), config=spec.get("config"),
@@ -187,6 +189,13 @@ def main(argv=None) -> int:
         from ..kernels import available_memory_bytes
         free_at_start = available_memory_bytes("cpu")
     engine = build_engine(spec, replica)
+    catalog = None
+    if spec.get("lora_dir"):
+        from .loras import LoraCatalog
+        catalog = LoraCatalog(spec["lora_dir"])
+    default_loras = [tuple(x) for x in spec.get("loras") or []]
+    if default_loras:  # fused before the first request, which then pays no switch
+        engine.set_loras(default_loras, allow_pickle=spec.get("allow_pickle", False))
     lock = threading.Lock()
     state = {"index": index, "pid": os.getpid(), "port": replica["port"], "host": replica["bind"],
              "ready": False, "started_at": t_start, "engine": engine.describe()}
@@ -199,10 +208,12 @@ def main(argv=None) -> int:
         with lock:
             write_json(stats_path, {**state, "stats": pipeline.stats.as_dict(), "batching": sizer.describe(),
                                     "queue_depth": pipeline.queue_depth(),
+                                    "loras": engine.loras.describe() if engine.loras is not None else None,
                                     "updated_at": time.time()})
 
     pipeline = BatchingPipeline(engine, Limits(**spec["limits"]), window=spec["batch_window_ms"] / 1000.0,
-                                on_batch=write_stats, sizer=sizer)
+                                on_batch=write_stats, sizer=sizer, loras=catalog,
+                                default_loras=default_loras)
     previous = (read_json(stats_path) or {}).get("stats", {})  # counters run on across restarts
     for k, v in previous.items():
         if hasattr(pipeline.stats, k) and isinstance(v, (int, float, dict)):

@@ -132,6 +132,7 @@ PARAMS = {p.name: p for p in [
     Param("seed", "int", "seed of the first image (the next ones take seed+1, ...)", 0, v.MAX_SEED),
     Param("scheduler", "choice", "sampler", choices=SCHEDULERS),
     Param("num_images_per_prompt", "int", "images per prompt", 1, lambda lim: lim.max_images),
+    Param("lora", "text", "LoRA adapters of the deployment's --lora-dir: NAME[:SCALE][,NAME[:SCALE]]"),
 ]}
 # REST only: a negative prompt for every row, as a parameter instead of a column
 REST_ONLY_PARAMS = {"negative_prompt": Param("negative_prompt", "text", "negative prompt for every row")}

@@ -96,6 +96,7 @@ def test_trt_profiles_and_build_commands(tiny_export):
     assert "--minShapes=sample:1x4x8x8,encoder_hidden_states:1x77x32" in md
     assert "--maxShapes=sample:8x4x16x16,encoder_hidden_states:8x77x32" in md
     assert "timestep:" not in md  # static inputs get no shape flags
+    assert "UNION of the weights A and B touch" in md and "#3628" in md  # the LoRA refit route
 
 
 def test_external_data_written_and_checked_by_path(_tiny, tmp_path, monkeypatch):

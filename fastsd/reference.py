@@ -51,10 +51,14 @@ def to_uint8(images) -> np.ndarray:
 
 def run_reference(model, prompts: list[str], negatives: list[str], *, num_images_per_prompt: int,
                   steps: int, guidance: float, height: int, width: int, seeds: list[int],
-                  scheduler: str | None = None, safety_checker: bool = True):
+                  scheduler: str | None = None, safety_checker: bool = True, image=None, mask_image=None,
+                  strength: float = 0.8):
     """diffusers' pipeline in FP32 on the CPU over `model`'s modules. Returns (PIL images, final latents,
-    nsfw flags, seconds). Run it before `optimize` takes the modules over."""
-    pipe = model.to_pipeline(with_safety_checker=safety_checker)
+    nsfw flags, seconds). Run it before `optimize` takes the modules over. With `image` (and
+    `mask_image`) the image-to-image (inpaint) pipeline; pass the images at (height, width), one per
+    generated image, so that each is encoded with its own generator as fastsd does."""
+    task = "text2img" if image is None else "img2img" if mask_image is None else "inpaint"
+    pipe = model.to_pipeline(with_safety_checker=safety_checker, task=task)
     pipe.to("cpu", torch.float32)
     pipe.set_progress_bar_config(disable=True)
     if scheduler:
@@ -66,8 +70,12 @@ def run_reference(model, prompts: list[str], negatives: list[str], *, num_images
         return kw
 
     t0 = time.perf_counter()
+    size = {"height": height, "width": width} if task != "img2img" else {}  # img2img takes the image's size
+    images = {} if image is None else {"image": image, "strength": strength}
+    if mask_image is not None:
+        images["mask_image"] = mask_image
     out = pipe(prompts, negative_prompt=negatives, num_images_per_prompt=num_images_per_prompt,
-               num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
+               num_inference_steps=steps, guidance_scale=guidance, **size, **images,
                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], output_type="pil",
                callback_on_step_end=keep_latents, callback_on_step_end_tensor_inputs=["latents"])
     seconds = time.perf_counter() - t0

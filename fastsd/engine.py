@@ -83,9 +83,10 @@ class Engine:
                  num_inference_steps: int = 50, guidance_scale=7.5, height: int | None = None,
                  width: int | None = None, seed=None, scheduler: str | None = None,
                  progress: bool = True, output_type: str = "pil", image=None, mask_image=None,
-                 strength: float = 0.8, resize: bool = False) -> GenerationResult:
+                 strength: float | None = None, resize: bool = False) -> GenerationResult:
         """Text-to-image; with `image`, image-to-image; with `image` and `mask_image` (white = repaint),
-        inpainting (fastsd.tasks). Images: one for all, one per prompt, or one per generated image. The
+        inpainting (fastsd.tasks). `strength` defaults to 0.8 for image-to-image and 1.0 for inpainting, as
+        in diffusers. Images: one for all, one per prompt, or one per generated image. The
         output has the image's size unless height/width say otherwise (then `resize` must be set)."""
         prompts = check.prompts(prompt)
         negatives = check.negative_prompts(negative_prompt, len(prompts))

@@ -70,7 +70,10 @@ def _as_items(value, name: str) -> list:
                            "or a list of them")
 
 
-def strength_value(value) -> float:
+def strength_value(value, inpaint: bool = False) -> float:
+    """None: diffusers' defaults, 0.8 for image-to-image and 1.0 for inpainting."""
+    if value is None:
+        return 1.0 if inpaint else 0.8
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < float(value) <= 1:
         raise InvalidParameter("strength", value, "a number in (0, 1]: how much of the image is repainted")
     return float(value)
@@ -87,7 +90,7 @@ def check_inputs(image, mask_image, strength, unet_in_channels: int) -> None:
     if unet_in_channels not in (4, 9):
         raise InvalidParameter("model", f"a UNet with {unet_in_channels} input channels", "4 or 9 (inpainting)")
     if image is not None:
-        strength_value(strength)
+        strength_value(strength, mask_image is not None)
 
 
 def target_size(image, mask_image, height, width, resize: bool, scale: int) -> tuple[int, int]:
@@ -240,7 +243,7 @@ def make_task(*, image, mask_image, strength, prompts: int, per_prompt: int, hei
     """The task for one call; images already checked by `target_size` for (height, width)."""
     if image is None:
         return TextToImage()
-    strength = strength_value(strength)
+    strength = strength_value(strength, mask_image is not None)
     processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor)
     items = _as_items(image, "image")
     try:

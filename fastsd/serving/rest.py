@@ -35,7 +35,8 @@ from .common import TOKEN_ENV, graceful_signals, port_answers, read_json, use_ca
 
 log = logging.getLogger("fastsd.serving.rest")
 PARAMS = ("num_inference_steps", "guidance_scale", "height", "width", "seed", "scheduler", "num_images_per_prompt",
-          "negative_prompt")
+          "negative_prompt", "strength")
+IMAGE_COLUMNS = ("image", "mask_image")  # Azure ML's inpainting and image-to-image formats: base64 images
 
 
 class BadRequest(Exception):
@@ -44,8 +45,12 @@ class BadRequest(Exception):
         self.status, self.message, self.extra = status, message, extra
 
 
-def parse_score_body(body: bytes) -> tuple[list[str], list[str] | None, dict]:
-    """The model-card request -> (prompts, negative prompts or None, query kwargs). Raises BadRequest."""
+def parse_score_body(body: bytes, with_images: bool = False):
+    """The model-card request -> (prompts, negative prompts or None, query kwargs). Raises BadRequest.
+    with_images: also Azure ML's image-to-image (columns prompt, image) and inpainting (prompt, image,
+    mask_image[, negative_prompt]) rows, base64 images; returns a fourth item {"image": [bytes, ...],
+    "mask_image": [...]} (empty lists for text-to-image). Image URLs are refused: a server that fetches
+    URLs on request can be sent to internal addresses (SSRF)."""
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
@@ -58,9 +63,13 @@ def parse_score_body(body: bytes) -> tuple[list[str], list[str] | None, dict]:
         raise BadRequest(400, "input_data.columns: expected a list of column names")
     if "prompt" not in columns:
         raise BadRequest(400, 'input_data.columns: a "prompt" column is required', parameter="prompt")
-    unknown = [c for c in columns if c not in ("prompt", "negative_prompt")]
+    allowed = ("prompt", "negative_prompt") + (IMAGE_COLUMNS if with_images else ())
+    unknown = [c for c in columns if c not in allowed]
     if unknown:
-        raise BadRequest(400, f"input_data.columns: unknown column {unknown[0]!r}; allowed: prompt, negative_prompt")
+        raise BadRequest(400, f"input_data.columns: unknown column {unknown[0]!r}; allowed: {', '.join(allowed)}")
+    if "mask_image" in columns and "image" not in columns:
+        raise BadRequest(422, "mask_image: a mask only together with an image column", parameter="mask_image")
+    images = {c: [] for c in IMAGE_COLUMNS}
     data = inp.get("data")
     if not isinstance(data, list) or not data:
         raise BadRequest(400, "input_data.data: expected a non-empty list of prompts", parameter="prompt")
@@ -68,6 +77,11 @@ def parse_score_body(body: bytes) -> tuple[list[str], list[str] | None, dict]:
     n_i = columns.index("negative_prompt") if "negative_prompt" in columns else None
     prompts, negatives = [], []
     for row in data:
+        if isinstance(row, dict):  # Azure ML's records form: {"prompt": ..., "image": ...}
+            missing = [c for c in columns if c not in row and c != "negative_prompt"]
+            if missing:
+                raise BadRequest(400, f"input_data.data: row {row!r:.60} has no {missing[0]!r}")
+            row = [row.get(c, "") for c in columns]
         if not isinstance(row, list) and len(columns) == 1:
             row = [row]
         if not isinstance(row, list) or len(row) != len(columns):
@@ -81,6 +95,9 @@ def parse_score_body(body: bytes) -> tuple[list[str], list[str] | None, dict]:
                 raise BadRequest(422, f"negative_prompt: got {row[n_i]!r:.80}; allowed: text",
                                  parameter="negative_prompt")
             negatives.append(row[n_i])
+        for c in IMAGE_COLUMNS:
+            if c in columns:
+                images[c].append(_image_bytes(c, row[columns.index(c)]))
     params = inp.get("parameters", doc.get("parameters", {})) or {}
     if not isinstance(params, dict):
         raise BadRequest(400, "input_data.parameters: expected an object")
@@ -99,7 +116,27 @@ def parse_score_body(body: bytes) -> tuple[list[str], list[str] | None, dict]:
             raise BadRequest(422, f"{k}: got {v!r:.80}; allowed: a number" + (" or text" if k == "scheduler" else ""),
                              parameter=k)
         kwargs[k] = v
+    if with_images:
+        return prompts, negatives or None, kwargs, images
     return prompts, negatives or None, kwargs
+
+
+def _image_bytes(column: str, value) -> bytes:
+    """A base64 image cell -> its bytes (decoded as an image, under the limits, by the replica)."""
+    import binascii
+    if isinstance(value, str) and value.strip().lower().startswith(("http://", "https://", "ftp://", "file:")):
+        raise BadRequest(422, f"{column}: got a URL; allowed: a base64-encoded PNG, JPEG or WebP image (this "
+                              "server does not fetch URLs: a server that fetches them on request can be sent to "
+                              "internal addresses)", parameter=column)
+    if not isinstance(value, str) or not value:
+        raise BadRequest(422, f"{column}: got {type(value).__name__}; allowed: a base64-encoded PNG, JPEG or WebP "
+                              "image", parameter=column)
+    text = value.split(",", 1)[1] if value.startswith("data:") and "," in value else value
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(422, f"{column}: got text that is not base64; allowed: a base64-encoded PNG, JPEG or "
+                              "WebP image", parameter=column) from None
 
 
 def png_b64(image) -> str:
@@ -123,12 +160,14 @@ def create_app(name: str, spec: dict, token: str | None):
                   grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
                   grpc.StatusCode.UNIMPLEMENTED: 501}
 
-    def client():
+    def client(inpaint: bool = False):
         if getattr(local, "client", None) is None:
             local.loop = asyncio.new_event_loop()
             asyncio.set_event_loop(local.loop)
             local.client = mii.legacy.mii_query_handle(name)
-        return local.client
+        if inpaint and getattr(local, "inpaint_client", None) is None:
+            local.inpaint_client = mii.legacy.mii_query_handle(name + "-inpaint")  # InpaintingReply
+        return local.inpaint_client if inpaint else local.client
 
     def error(status: int, message: str, **extra):
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
@@ -160,15 +199,18 @@ def create_app(name: str, spec: dict, token: str | None):
             if len(body) > max_body:
                 return error(413, f"the body is larger than {max_body} bytes", limit=max_body)
         try:
-            prompts, negatives, kwargs = parse_score_body(bytes(body))
+            prompts, negatives, kwargs, images = parse_score_body(bytes(body), with_images=True)
         except BadRequest as e:
             return error(e.status, e.message, **e.extra)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(pool, run_query, prompts, negatives, kwargs)
+        return await loop.run_in_executor(pool, run_query, prompts, negatives, kwargs, images)
 
-    def run_query(prompts, negatives, kwargs):
-        c = client()
+    def run_query(prompts, negatives, kwargs, images=None):
+        with_image = bool(images and images["image"])
+        c = client(inpaint=with_image)
         request = {"prompt": prompts, "negative_prompt": negatives or [""] * len(prompts)}
+        if with_image:  # image-to-image is InpaintingReply without masks
+            request.update(image=images["image"], mask_image=images["mask_image"])
         try:
             reply = local.loop.run_until_complete(asyncio.wait_for(c._request_async_response(request, **kwargs),
                                                                    timeout))

@@ -14,6 +14,7 @@ reproducible alone and in any batch."""
 from __future__ import annotations
 
 import numbers
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -159,7 +160,6 @@ class ImageToImage(TextToImage):
         return sched.timesteps[t_start * order:]
 
     def _encode(self, backend, sel: list[int], images: torch.Tensor, generators) -> torch.Tensor:
-        import time
         t0 = time.perf_counter()
         distinct = sorted(set(sel))
         # the encoder's output is the same for equal images; only the sample differs per generator

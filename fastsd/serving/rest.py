@@ -10,6 +10,9 @@ POST /score
 GET /health -> {"status": "ok"} (503 when the load balancer does not answer); no token needed.
 
 `data` rows are prompts, or rows with one value per column ("prompt", optionally "negative_prompt").
+Azure ML's image-to-image (columns prompt, image) and inpainting (prompt, image, mask_image,
+negative_prompt) rows carry base64 images (rows as lists or records); they go to the deployment's
+`NAME-inpaint` record (MII's InpaintingReply; no masks for image-to-image). Image URLs are refused (422).
 Errors are JSON {"error": "...", ...}: 400 body not JSON or not the format, 401 token missing or
 wrong, 413 body too large, 422 a value out of range (the engine's validation, through the replica),
 429 server busy, 503 the load balancer does not answer, 504 timeout (also when no replica is up: the balancer

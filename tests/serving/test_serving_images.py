@@ -166,13 +166,13 @@ def test_rest_image_formats():
     assert images["image"] == [png(drawn())] and len(images["mask_image"]) == 1
     doc = {"input_data": {"columns": ["prompt", "image"], "data": [["a", "data:image/png;base64," + b64]]}}
     assert parse_score_body(json.dumps(doc).encode(), with_images=True)[3]["mask_image"] == []
-    for cell, match in [("https://example.com/a.png", "got a URL"), ("file:///etc/passwd", "got a URL"),
-                        ("not base64!", "not base64"), (3, "got int")]:
+    for cell, match in [("https://example.com/a.png", "got 'a URL'.*does not fetch URLs"),
+                        ("file:///etc/passwd", "got 'a URL'"), ("not base64!", "not base64"), (3, "image: got 3")]:
         doc = {"input_data": {"columns": ["prompt", "image"], "data": [["a", cell]]}}
         with pytest.raises(BadRequest, match=match) as e:
             parse_score_body(json.dumps(doc).encode(), with_images=True)
         assert e.value.status == 422 and e.value.extra["parameter"] == "image"
-    with pytest.raises(BadRequest, match="mask_image: a mask only together with an image"):
+    with pytest.raises(BadRequest, match="mask_image: .*a mask only together with an image column"):
         parse_score_body(b'{"input_data": {"columns": ["prompt", "mask_image"], "data": [["a", "x"]]}}',
                          with_images=True)
     with pytest.raises(BadRequest, match="unknown column 'image'"):  # the text-only parser refuses images

@@ -15,8 +15,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 from .errors import FastSDError  # noqa: E402
-from .options import (OneLineParser, check_generation_args, generation_options, load_for,  # noqa: E402
-                      lora_refs, model_options, optimize_config, output_paths)
+from .options import (OneLineParser, check_generation_args, generation_options, image_options,  # noqa: E402
+                      load_for, lora_refs, model_options, optimize_config, output_paths, read_images)
 
 # Feature areas add their own subcommands: module -> `register(subparsers, parents)`.
 EXTRA_COMMANDS = ["fastsd.export.cli", "fastsd.bench.cli", "fastsd.serving.cli", "fastsd.batch.cli", "fastsd.ui.cli"]
@@ -29,6 +29,7 @@ def cmd_generate(args) -> int:
     paths = output_paths(args.out, len(prompts) * max(1, args.num_images if isinstance(args.num_images, int) else 1))
     check_generation_args(args)
     loras = lora_refs(args)
+    image, mask = read_images(args)
     config = optimize_config(args)
     if args.profile and not args.quiet:
         from .profiles import device_class, profile_flags
@@ -40,7 +41,8 @@ def cmd_generate(args) -> int:
     result = engine.generate(prompts, args.negative, num_images_per_prompt=args.num_images,
                              num_inference_steps=50 if args.steps is None else args.steps, guidance_scale=args.guidance,
                              height=args.height, width=args.width, seed=args.seed, scheduler=args.scheduler,
-                             progress=not args.quiet)
+                             progress=not args.quiet, image=image, mask_image=mask, strength=args.strength,
+                             resize=args.resize)
     judge = _judge_for(engine)
     for path, image, prompt, seed, flagged in zip(paths, result.images, result.prompts, result.seeds,
                                                   result.nsfw_content_detected):
@@ -51,7 +53,8 @@ def cmd_generate(args) -> int:
     t = result.timings
     if not args.quiet:
         print(f"{engine.describe()}  total {t['total']:.2f}s, unet step {t['unet_step'] * 1000:.1f} ms, "
-              f"vae {t['vae_decode']:.2f}s", file=sys.stderr)
+              f"vae {t['vae_decode']:.2f}s" + (f", vae encode {t['vae_encode']:.2f}s" if "vae_encode" in t else ""),
+              file=sys.stderr)
     return 0
 
 
@@ -79,6 +82,10 @@ def cmd_verify(args) -> int:
     if args.pipeline:  # the drop-in: diffusers' own pipelines, plain and accelerated
         return _verify_pipelines(args)
     loras = lora_refs(args)
+    image, mask = read_images(args, own_defaults=True)
+    if args.task == "text2img" and image is not None:
+        from .errors import InvalidParameter
+        raise InvalidParameter("image", args.image, "--image only with --task img2img or inpaint")
     config = optimize_config(args)
     model, engine_model = load_for(args), None
     if args.backend == "onnxruntime":  # the export runs in the engine; the model it came from is the reference
@@ -89,9 +96,11 @@ def cmd_verify(args) -> int:
                                        steps=25 if args.steps is None else args.steps, guidance=args.guidance, height=args.height,
                                        width=args.width, seed=args.seed if args.seed is not None else 0,
                                        scheduler=args.scheduler, progress=not args.quiet, engine_model=engine_model,
-                                       loras=loras, allow_pickle=args.allow_pickle)
+                                       loras=loras, allow_pickle=args.allow_pickle,
+                                       task=args.task, image=image, mask_image=mask, strength=args.strength)
     tol = report["tolerance"]
-    print(f"fastsd verify: {report['model']}  {engine.describe()}")
+    print(f"fastsd verify: {report['model']}  task {report['task']}"
+          + (f" (strength {report['strength']:g})" if report["strength"] is not None else "") + f"  {engine.describe()}")
     print(f"  {report['steps']} steps, guidance {report['guidance']}, {report['width']}x{report['height']}, "
           f"scheduler {report['scheduler']}; tolerance ({config.dtype}): max abs <= {tol['max_abs']:g}, "
           f"PSNR >= {tol['min_psnr']:g} dB, latent cosine >= {tol['min_latent_cosine']}")
@@ -186,18 +195,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     mo, go = model_options(), generation_options()
 
-    g = sub.add_parser("generate", parents=[mo, go], help="generate images from prompts",
-                       description="Generate images from one or more prompts.")
+    g = sub.add_parser("generate", parents=[mo, go, image_options()], help="generate images from prompts",
+                       description="Generate images from one or more prompts; with --image, image-to-image; "
+                                   "with --image and --mask, inpainting.")
     g.add_argument("prompt", nargs="+", help="one or more prompts (quote each)")
     g.add_argument("--out", "-o", default="out/image.png", help="image path; several images get -0, -1, ...")
     g.set_defaults(func=cmd_generate)
 
-    v = sub.add_parser("verify", parents=[mo, go], help="compare a configuration with the FP32 diffusers pipeline",
+    v = sub.add_parser("verify", parents=[mo, go, image_options()], help="compare a configuration with the FP32 diffusers pipeline",
                        description="Run the FP32 diffusers StableDiffusionPipeline (the reference) and the fastsd "
                                    "configuration on the same prompts and seeds, and compare the images. Exits 1 "
                                    "when an image is beyond the tolerance of the configuration's dtype.")
     v.add_argument("prompt", nargs="*", help="prompts (default: two sample prompts)")
     v.add_argument("--json", help="write the figures to this JSON file")
+    v.add_argument("--task", default="text2img", choices=["text2img", "img2img", "inpaint"],
+                   help="text2img (StableDiffusionPipeline), img2img (StableDiffusionImg2ImgPipeline) or inpaint "
+                        "(StableDiffusionInpaintPipeline); the image and mask default to a drawn disc and its "
+                        "top-left quarter at the model's size, or --image/--mask")
     v.add_argument("--pipeline", metavar="KINDS",
                    help="compare diffusers' own pipelines plain and after fastsd.accelerate instead: a comma list of "
                         "txt2img, img2img, inpaint, controlnet (ControlNet: --controlnet DIR, else random weights)")

@@ -16,6 +16,7 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from tqdm.auto import tqdm
 
+from . import tasks
 from . import validation as check
 from .errors import FastSDError, InvalidParameter
 from .schedulers import make_scheduler, scheduler_name
@@ -100,11 +101,19 @@ class Engine:
     def generate(self, prompt, negative_prompt=None, *, num_images_per_prompt: int = 1,
                  num_inference_steps: int = 50, guidance_scale=7.5, height: int | None = None,
                  width: int | None = None, seed=None, scheduler: str | None = None,
-                 progress: bool = True, output_type: str = "pil") -> GenerationResult:
+                 progress: bool = True, output_type: str = "pil", image=None, mask_image=None,
+                 strength: float | None = None, resize: bool = False) -> GenerationResult:
+        """Text-to-image; with `image`, image-to-image; with `image` and `mask_image` (white = repaint),
+        inpainting (fastsd.tasks). `strength` defaults to 0.8 for image-to-image and 1.0 for inpainting, as
+        in diffusers. Images: one for all, one per prompt, or one per generated image. The
+        output has the image's size unless height/width say otherwise (then `resize` must be set)."""
         prompts = check.prompts(prompt)
         negatives = check.negative_prompts(negative_prompt, len(prompts))
         n_img = check.num_images(num_images_per_prompt)
         steps = check.steps(num_inference_steps)
+        tasks.check_inputs(image, mask_image, strength, self.model.unet.config.in_channels)
+        if image is not None:
+            height, width = tasks.target_size(image, mask_image, height, width, resize, self.model.vae_scale_factor)
         height = check.size("height", height if height is not None else self.model.native_size)
         width = check.size("width", width if width is not None else self.model.native_size)
         batch = len(prompts) * n_img
@@ -130,15 +139,19 @@ class Engine:
             text_emb = cond
         timings["text_encoder"] = time.perf_counter() - t0
 
+        task = tasks.make_task(image=image, mask_image=mask_image, strength=strength, prompts=len(prompts),
+                               per_prompt=n_img, height=height, width=width,
+                               unet_in_channels=self.model.unet.config.in_channels,
+                               vae_scale_factor=self.model.vae_scale_factor,
+                               scaling_factor=self.model.vae.config.scaling_factor, guided=do_cfg)
         self.backend.prepare(batch, height, width, do_cfg)
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        latent_shape = (self.model.unet.config.in_channels, height // self.model.vae_scale_factor,
+        latent_shape = (getattr(self.model.vae.config, "latent_channels", 4), height // self.model.vae_scale_factor,
                         width // self.model.vae_scale_factor)
-        # noise drawn on the CPU per image, as diffusers' randn_tensor does for a list of generators
-        latents = torch.cat([torch.randn((1, *latent_shape), generator=g, dtype=torch.float32)
-                             for g in generators]).to(device)
         sched.set_timesteps(steps, device=device)
-        latents = latents * sched.init_noise_sigma
+        # noise drawn on the CPU per image, as diffusers' randn_tensor does for a list of generators; the
+        # task picks the start step and the start latents (pure noise, or a noised image)
+        timesteps, latents = task.start(sched, steps, self.backend, generators, latent_shape, device)
         step_kwargs = {}
         params = set(inspect.signature(sched.step).parameters)
         if "eta" in params:
@@ -149,19 +162,21 @@ class Engine:
         g = g.view(-1, 1, 1, 1)
 
         t1 = time.perf_counter()
-        for t in tqdm(sched.timesteps, desc="denoising", disable=not progress, leave=False):
+        for i, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress, leave=False)):
             model_in = torch.cat([latents] * 2) if do_cfg else latents
-            model_in = sched.scale_model_input(model_in, t)
+            model_in = task.unet_input(sched.scale_model_input(model_in, t))
             noise = self.backend.unet(model_in, t, text_emb).float()
             if do_cfg:
                 n_uncond, n_text = noise.chunk(2)
                 noise = n_uncond + (g if len(set(gscales)) > 1 else gscales[0]) * (n_text - n_uncond)
             latents = sched.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+            latents = task.after_step(latents, i, timesteps, sched)
         if not torch.isfinite(latents).all():
             raise NonFiniteOutput(f"latents became NaN/inf during denoising in {self.backend.dtype}; "
                                   "run with --dtype fp32 (or bf16)")
+        timings.update(task.timings)
         timings["unet_loop"] = time.perf_counter() - t1
-        timings["unet_step"] = timings["unet_loop"] / max(1, len(sched.timesteps))
+        timings["unet_step"] = timings["unet_loop"] / max(1, len(timesteps))
 
         t2 = time.perf_counter()
         image = self.backend.decode(latents / self.model.vae.config.scaling_factor).float()

@@ -58,11 +58,14 @@ class SDModel:
     def parameter_counts(self) -> dict[str, int]:
         return {k: sum(p.numel() for p in m.parameters()) for k, m in self.components().items()}
 
-    def to_pipeline(self, with_safety_checker: bool = True):
-        """diffusers' own StableDiffusionPipeline over these very modules (the FP32 reference)."""
-        from diffusers import StableDiffusionPipeline
+    def to_pipeline(self, with_safety_checker: bool = True, task: str = "text2img"):
+        """diffusers' own pipeline over these very modules (the FP32 reference): StableDiffusionPipeline, or
+        for task img2img / inpaint StableDiffusionImg2ImgPipeline / StableDiffusionInpaintPipeline."""
+        import diffusers
+        cls = {"text2img": diffusers.StableDiffusionPipeline, "img2img": diffusers.StableDiffusionImg2ImgPipeline,
+               "inpaint": diffusers.StableDiffusionInpaintPipeline}[task]
         sc = self.safety_checker if with_safety_checker else None
-        return StableDiffusionPipeline(
+        return cls(
             vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
             scheduler=self.scheduler, safety_checker=sc, feature_extractor=self.feature_extractor,
             requires_safety_checker=False)

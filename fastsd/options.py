@@ -112,6 +112,45 @@ def generation_options() -> argparse.ArgumentParser:
     return p
 
 
+def image_options() -> argparse.ArgumentParser:
+    """Image-to-image and inpainting inputs (generate; verify has its own defaults)."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("image-to-image and inpainting")
+    g.add_argument("--image", help="start image (PNG, JPEG or WebP): image-to-image, or with --mask inpainting; "
+                                   "the output has its size")
+    g.add_argument("--mask", help="inpainting mask of the image's size: white = repaint, black = keep")
+    g.add_argument("--strength", type=float, default=None,
+                   help="in (0, 1]: how much of the image is repainted; the last int(steps*strength) steps run "
+                        "(default 0.8 for image-to-image, 1.0 for inpainting)")
+    g.add_argument("--resize", action="store_true",
+                   help="resize the image (and mask) to --height/--width, or its size rounded down to a multiple "
+                        "of 8; without it an image of another size is refused")
+    return p
+
+
+def read_images(args, own_defaults: bool = False):
+    """(image, mask) as PIL images from --image/--mask, checked before a model is loaded. own_defaults: the
+    command supplies an image itself (verify), so --strength and --resize stand without --image."""
+    from . import tasks
+    from .images import read_file
+    if args.mask and not args.image:
+        raise InvalidParameter("mask", args.mask, "a mask only together with --image")
+    if args.strength is not None:
+        tasks.strength_value(args.strength)
+    if not args.image:
+        if own_defaults:
+            return None, None
+        if args.strength is not None or args.resize:
+            raise InvalidParameter("strength" if args.strength is not None else "resize",
+                                   args.strength if args.strength is not None else True, "only together with --image")
+        return None, None
+    image = read_file(args.image, "image")
+    mask = read_file(args.mask, "mask", mode="L") if args.mask else None
+    if mask is not None and mask.size != image.size:
+        raise InvalidParameter("mask", f"{mask.size[0]}x{mask.size[1]}", f"the image's size {image.size[0]}x{image.size[1]}")
+    return image, mask
+
+
 def optimize_config(args):
     """The engine flags: the profile's (exact unless --profile), then every flag the user gave."""
     from .optimize import OptimizeConfig

@@ -2,7 +2,7 @@
 them can be built (with random weights) without a download."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +92,17 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("small-sd", "OFA-Sys/small-stable-diffusion-v0", 512, "epsilon", "pndm",
            dict(_SD1_UNET, layers_per_block=1), _SD_VAE, _CLIP_L, _SAFETY_VIT_L,
            description="OFA-Sys small SD: the SD 1.4 architecture with one layer per block"),
+    # inpainting checkpoints: the same architectures with a 9-channel UNet input (latents, mask, masked image)
+    Preset("sd-1.5-inpainting", "stable-diffusion-v1-5/stable-diffusion-inpainting", 512, "epsilon", "pndm",
+           dict(_SD1_UNET, in_channels=9), _SD_VAE, _CLIP_L, _SAFETY_VIT_L,
+           description="Stable Diffusion 1.5 inpainting (9-channel UNet)",
+           aliases=("runwayml/stable-diffusion-inpainting",)),
+    Preset("sd-2-inpainting", "stabilityai/stable-diffusion-2-inpainting", 512, "epsilon", "pndm",
+           dict(_SD2_UNET, in_channels=9), _SD_VAE, _OPENCLIP_H,
+           description="Stable Diffusion 2 inpainting, 512x512 (9-channel UNet)"),
     TINY,
+    replace(TINY, name="tiny-inpainting", unet=dict(TINY.unet, in_channels=9),
+            description="the tiny model with a 9-channel inpainting UNet, for tests"),
 ]}
 
 

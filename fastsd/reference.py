@@ -52,17 +52,22 @@ def to_uint8(images) -> np.ndarray:
 
 def run_reference(model, prompts: list[str], negatives: list[str], *, num_images_per_prompt: int,
                   steps: int, guidance: float, height: int, width: int, seeds: list[int],
-                  scheduler: str | None = None, safety_checker: bool = True, loras=(), allow_pickle: bool = False):
+                  scheduler: str | None = None, safety_checker: bool = True, loras=(), allow_pickle: bool = False,
+                  image=None, mask_image=None, strength: float = 0.8):
     """diffusers' pipeline in FP32 on the CPU over `model`'s modules. Returns (PIL images, final latents,
     nsfw flags, seconds). Run it before `optimize` takes the modules over. `loras` (fastsd.lora.LoraRef)
-    are loaded with diffusers' own `load_lora_weights` and unloaded afterwards."""
-    pipe = model.to_pipeline(with_safety_checker=safety_checker)
+    are loaded with diffusers' own `load_lora_weights` and unloaded afterwards. With `image` (and
+    `mask_image`) the image-to-image (inpaint) pipeline; pass the images at (height, width), one per
+    generated image, so that each is encoded with its own generator as fastsd does."""
+    task = "text2img" if image is None else "img2img" if mask_image is None else "inpaint"
+    pipe = model.to_pipeline(with_safety_checker=safety_checker, task=task)
     pipe.to("cpu", torch.float32)
     if loras:
         _load_reference_loras(pipe, loras, allow_pickle)
     try:
         return _run(pipe, prompts, negatives, num_images_per_prompt=num_images_per_prompt, steps=steps,
-                    guidance=guidance, height=height, width=width, seeds=seeds, scheduler=scheduler)
+                    guidance=guidance, height=height, width=width, seeds=seeds, scheduler=scheduler, task=task,
+                    image=image, mask_image=mask_image, strength=strength)
     finally:
         if loras:
             pipe.unload_lora_weights()  # the modules go on to the engine without PEFT layers
@@ -83,7 +88,8 @@ def _load_reference_loras(pipe, loras, allow_pickle: bool) -> None:
     pipe.set_adapters(names, adapter_weights=[r.scale for r in loras])
 
 
-def _run(pipe, prompts, negatives, *, num_images_per_prompt, steps, guidance, height, width, seeds, scheduler):
+def _run(pipe, prompts, negatives, *, num_images_per_prompt, steps, guidance, height, width, seeds, scheduler,
+         task="text2img", image=None, mask_image=None, strength=0.8):
     pipe.set_progress_bar_config(disable=True)
     if scheduler:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
@@ -94,8 +100,12 @@ def _run(pipe, prompts, negatives, *, num_images_per_prompt, steps, guidance, he
         return kw
 
     t0 = time.perf_counter()
+    size = {"height": height, "width": width} if task != "img2img" else {}  # img2img takes the image's size
+    images = {} if image is None else {"image": image, "strength": strength}
+    if mask_image is not None:
+        images["mask_image"] = mask_image
     out = pipe(prompts, negative_prompt=negatives, num_images_per_prompt=num_images_per_prompt,
-               num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
+               num_inference_steps=steps, guidance_scale=guidance, **size, **images,
                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], output_type="pil",
                callback_on_step_end=keep_latents, callback_on_step_end_tensor_inputs=["latents"])
     seconds = time.perf_counter() - t0

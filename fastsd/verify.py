@@ -12,37 +12,75 @@ from .reference import TOLERANCES, compare, report_dict, run_reference
 DEFAULT_PROMPTS = ["a red circle on a blue background", "a small green square in the top left"]
 
 
+def sample_inputs(task: str, height: int, width: int):
+    """verify's default image and mask: a red disc on blue, and the top-left quarter to repaint."""
+    from PIL import Image, ImageDraw
+    image = Image.new("RGB", (width, height), (20, 40, 160))
+    ImageDraw.Draw(image).ellipse((width // 4, height // 4, 3 * width // 4, 3 * height // 4), fill=(200, 30, 30))
+    if task != "inpaint":
+        return image, None
+    mask = Image.new("L", (width, height), 0)
+    ImageDraw.Draw(mask).rectangle((0, 0, width // 2 - 1, height // 2 - 1), fill=255)
+    return image, mask
+
+
 def verify(model: SDModel, config: OptimizeConfig, *, prompts=None, negative_prompt=None,
            num_images_per_prompt: int = 1, steps: int = 25, guidance: float = 7.5, height=None, width=None,
            seed: int = 0, scheduler: str | None = None, progress: bool = False, engine_model=None,
-           loras=(), allow_pickle: bool = False):
+           loras=(), allow_pickle: bool = False,
+           task: str = "text2img", image=None, mask_image=None, strength: float | None = None):
     """Runs the reference on `model` first, then builds the engine (which takes the modules over) and
     compares. `engine_model` is what the engine runs when it is not `model` itself (an ONNX export).
     `loras` ([(path, scale), ...]): the reference loads them with diffusers' `load_lora_weights` (unfused
-    PEFT layers), the engine fuses them (fastsd.lora). Returns (report dict, engine, engine result,
-    reference images)."""
+    PEFT layers), the engine fuses them (fastsd.lora). task img2img / inpaint compares with diffusers'
+    StableDiffusionImg2ImgPipeline / StableDiffusionInpaintPipeline on `image` (and `mask_image`), by
+    default `sample_inputs` at the model's size. Returns (report dict, engine, engine result, reference
+    images)."""
+    from . import tasks
     from .lora import as_refs
     loras = as_refs(loras)
+    if task not in tasks.TASKS:
+        raise check.InvalidParameter("task", task, ", ".join(tasks.TASKS))
     prompts = check.prompts(prompts or DEFAULT_PROMPTS)
     negatives = check.negative_prompts(negative_prompt, len(prompts))
+    if image is not None and height is None and width is None:
+        width, height = image.size  # the output has the image's size, as in generate
     height = check.size("height", height or model.native_size)
     width = check.size("width", width or model.native_size)
     steps = check.steps(steps)
     count = len(prompts) * check.num_images(num_images_per_prompt)
     seeds = check.seeds(seed, count)
+    images = {}
+    if task != "text2img":
+        if image is None:
+            image, mask_image = sample_inputs(task, height, width)
+        elif task == "inpaint" and mask_image is None:
+            mask_image = sample_inputs(task, image.size[1], image.size[0])[1]
+        if task == "img2img":
+            mask_image = None
+        strength = tasks.strength_value(strength, task == "inpaint")
+        tasks.check_inputs(image, mask_image, strength, model.unet.config.in_channels)
+        # the reference gets the image at the output size, one per generated image (each encoded with its own
+        # generator, as fastsd does)
+        image = image.convert("RGB").resize((width, height)) if image.size != (width, height) else image
+        if mask_image is not None and mask_image.size != (width, height):
+            mask_image = mask_image.resize((width, height))
+        images = {"image": [image] * count, "strength": strength}
+        if mask_image is not None:
+            images["mask_image"] = [mask_image] * count
     ref_images, ref_latents, ref_nsfw, ref_s = run_reference(
         model, prompts, negatives, num_images_per_prompt=num_images_per_prompt, steps=steps,
         guidance=check.guidance(guidance), height=height, width=width, seeds=seeds, scheduler=scheduler,
-        safety_checker=config.safety_checker, loras=loras, allow_pickle=allow_pickle)
+        safety_checker=config.safety_checker, loras=loras, allow_pickle=allow_pickle, **images)
     engine = optimize(engine_model if engine_model is not None else model, config)
     if loras:
         engine.set_loras(loras, allow_pickle=allow_pickle)
     result = engine.generate(prompts, negatives, num_images_per_prompt=num_images_per_prompt,
                              num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
-                             seed=seeds, scheduler=scheduler, progress=progress)
+                             seed=seeds, scheduler=scheduler, progress=progress, **images)
     tol = TOLERANCES[config.dtype]
     rows = compare(ref_images, result.images, ref_latents, result.latents, result.prompts, seeds, tol)
-    return report_dict(rows, tol, model=model.name, config=asdict(config), engine=engine.describe(),
+    return report_dict(rows, tol, model=model.name, task=task, strength=images.get("strength"), config=asdict(config), engine=engine.describe(),
                        steps=steps, guidance=guidance, height=height, width=width,
                        scheduler=scheduler or engine.describe()["scheduler"],
                        reference_seconds=ref_s, engine_seconds=result.timings["total"],

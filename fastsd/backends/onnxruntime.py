@@ -173,6 +173,9 @@ class OnnxRuntimeBackend:
                          "export without --optimize for TensorRT", comp)
             opts = [self._provider_options(name, comp, config, profiles.get(comp)) for name in providers]
             self.graphs[comp] = _Graph(ort, comp, path, providers, opts, threads)
+        # optional, and opened on first use: only image-to-image and inpainting need it
+        self._encoder_spec = (ort, paths["vae_encoder"], gpu, config, profiles.get("vae_encoder")) \
+            if "vae_encoder" in paths else None
         if gpu and all(g.providers == ["CPUExecutionProvider"] for g in self.graphs.values()):
             log.warning("onnxruntime: %s are available but every session fell back to CPUExecutionProvider "
                         "(CUDA libraries missing?)", ", ".join(p for p in self.providers if p in GPU_PROVIDERS))
@@ -244,6 +247,21 @@ class OnnxRuntimeBackend:
                     g.dtype("encoder_hidden_states"), copy=False)}
         out = g.run(feed, ("sample", "encoder_hidden_states"))[0]
         return torch.from_numpy(np.ascontiguousarray(out)).float()
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """Image in [-1, 1] -> latent_parameters [B, 8, h, w] (mean and log-variance), as the export's
+        vae_encoder graph gives them (and Optimum's img2img/inpaint pipelines read them)."""
+        if "vae_encoder" not in self.graphs and self._encoder_spec is not None:
+            ort, p, gpu, config, profile = self._encoder_spec
+            path = p["gpu"] if gpu and p.get("gpu") else p["cpu"]
+            opts = [self._provider_options(name, "vae_encoder", config, profile) for name in self.providers]
+            self.graphs["vae_encoder"] = _Graph(ort, "vae_encoder", path, self.providers, opts, self.threads)
+        g = self.graphs.get("vae_encoder")
+        if g is None:
+            raise ModelLoadError(f"model: the export at {self.folder} has no vae_encoder graph, which image-to-image "
+                                 "and inpainting need; export with --components text_encoder,unet,vae")
+        x = image.detach().cpu().numpy().astype(g.dtype("sample"), copy=False)
+        return torch.from_numpy(np.ascontiguousarray(g.run({"sample": x}, ("sample",))[0])).float()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         g = self.graphs["vae_decoder"]

@@ -125,6 +125,12 @@ class TorchBackend:
             self.dtype), return_dict=False)[0]
 
     @torch.inference_mode()
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """Image in [-1, 1] -> the encoder's latent_parameters (mean and log-variance, [B, 8, h, w]), the
+        output of the export's vae_encoder graph; the engine samples from them with its own generators."""
+        return self.vae.encode(image.to(self.device, self.vae_dtype)).latent_dist.parameters
+
+    @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(latents.to(self.vae_dtype), return_dict=False)[0]
 

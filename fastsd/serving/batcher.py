@@ -101,15 +101,22 @@ class BatchingPipeline:
         self._worker.start()
 
     # -- the callable MII hosts -----------------------------------------------------------------
-    def __call__(self, prompt=None, negative_prompt=None, **kwargs) -> Reply:
-        return self.handle(prompt, negative_prompt, kwargs)
+    def __call__(self, prompt=None, negative_prompt=None, image=None, mask_image=None, **kwargs) -> Reply:
+        """Text-to-image; with `image` (decoded PIL images), image-to-image; with `mask_image` too, inpainting."""
+        return self.handle(prompt, negative_prompt, kwargs, image=image, mask_image=mask_image)
 
-    def handle(self, prompt, negative_prompt, kwargs: dict, probe: bool = False) -> Reply:
+    def _unet_in_channels(self) -> int:
+        unet = getattr(self.engine.model, "unet", None)
+        return int(getattr(getattr(unet, "config", None), "in_channels", 4))
+
+    def handle(self, prompt, negative_prompt, kwargs: dict, probe: bool = False, image=None,
+               mask_image=None) -> Reply:
         """One request as it arrived (kwargs as a dict: a raw gRPC caller may name a keyword `prompt`).
         A probe (the deployment's own readiness check) is refused like any bad request but not counted."""
         try:
             request = parse(prompt, negative_prompt, kwargs, self.limits, self.engine.model.native_size,
-                            from_f32=True, loras=self.loras)
+                            from_f32=True, loras=self.loras, image=image, mask_image=mask_image,
+                            unet_in_channels=self._unet_in_channels())
             self.sizer.admit(request)
         except ValueError:
             if not probe:
@@ -203,6 +210,11 @@ class BatchingPipeline:
         reqs = [j.request for j in batch]
         first = reqs[0]
         guidance = [g for r in reqs for g in r.guidance]
+        images = {}
+        if first.task != "text2img":  # one image (and mask) per generated image; task and strength are in the key
+            images = {"image": [im for r in reqs for im in r.images], "strength": first.strength}
+            if first.task == "inpaint":
+                images["mask_image"] = [m for r in reqs for m in r.masks]
         t0, started = self.sizer.clock(), time.monotonic()  # the sizer's clock may be a test's; arrival is monotonic
         try:
             self._use_loras(first.loras)
@@ -211,7 +223,7 @@ class BatchingPipeline:
                 num_images_per_prompt=1, num_inference_steps=first.steps,
                 guidance_scale=guidance[0] if len(set(guidance)) == 1 else guidance,
                 height=first.height, width=first.width, seed=[s for r in reqs for s in r.seeds],
-                scheduler=first.scheduler, progress=False)
+                scheduler=first.scheduler, progress=False, **images)
         except BaseException as e:  # noqa: BLE001 - every caller must hear about it
             log.exception("engine call failed for a batch of %d request(s)", len(batch))
             with self.stats.lock:

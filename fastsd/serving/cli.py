@@ -74,6 +74,9 @@ def register(subparsers, parents) -> None:
     s.add_argument("--max-images", type=int, default=16, help="images per request (default 16)")
     s.add_argument("--max-pixels", type=int, default=1024 * 1024, help="height x width (default 1048576)")
     s.add_argument("--max-steps", type=int, default=150, help="denoising steps (default 150)")
+    s.add_argument("--max-image-bytes", type=int, default=8 << 20,
+                   help="encoded image and mask bytes per request, image-to-image and inpainting (default 8 MiB); "
+                        "decoded images are held to --max-pixels, checked from the header before decoding")
     s.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queueing included (default 300)")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="REST body limit (default 1 MiB)")
     s.add_argument("--threads", type=int, help="torch threads per replica (default: torch's)")
@@ -123,14 +126,16 @@ def cmd_serve(args) -> int:
                  max_batch_limit=args.max_batch_limit, batch_min_gain=args.batch_min_gain,
                  batch_probe_steps=args.batch_probe_steps,
                  limits=Limits(max_prompts=args.max_prompts, max_images=args.max_images, max_pixels=args.max_pixels,
-                               max_steps=args.max_steps, timeout=args.timeout),
+                               max_steps=args.max_steps, timeout=args.timeout,
+                               max_image_bytes=args.max_image_bytes),
                  engine=engine, random_weights=args.random_weights, config=args.config,
                  allow_pickle=args.allow_pickle, threads=args.threads, max_body_bytes=args.max_body_bytes,
                  startup_timeout=args.startup_timeout, metrics_port=args.metrics_port, log_format=args.log_format,
                  ssh_config=args.ssh_config, lora_dir=args.lora_dir, loras=loras)
     from .common import cache_path
     n = len(spec["replicas"])
-    print(f"deployment '{spec['name']}' is up: {spec['model']}, {n} replica(s), gRPC {spec['host']}:{spec['port']}"
+    print(f"deployment '{spec['name']}' is up: {spec['model']}, {n} replica(s), gRPC {spec['host']}:{spec['port']} "
+          f"(inpainting and image-to-image: MII deployment '{spec['name']}-inpaint')"
           + (f", REST http://{spec['host']}:{spec['rest_port']}/score" if spec.get("rest_port") else "")
           + (f", page http://{spec['host']}:{spec['ui_port']}/" if spec.get("ui_port") else "")
           + (f", metrics http://{spec['host']}:{spec['metrics_port']}/metrics" if spec.get("metrics_port") else ""))

@@ -202,6 +202,17 @@ def plan_replicas(name: str, ddir: Path, replicas: int, port: int, host: str, ho
     return out, cfg
 
 
+INPAINT_SUFFIX = "-inpaint"
+
+
+def inpaint_record(mii_config):
+    """The deployment record `NAME-inpaint`: the same ports, task text-to-image-inpainting."""
+    cfg = mii_config.model_copy(deep=True) if hasattr(mii_config, "model_copy") else mii_config.copy(deep=True)
+    cfg.deployment_name = mii_config.deployment_name + INPAINT_SUFFIX
+    cfg.model_conf.task = "text-to-image-inpainting"
+    return cfg
+
+
 def serve(*, name: str, model: str, replicas: int = 1, port: int = 50050, rest_port: int | None = None,
           ui_port: int | None = None,
           host: str = "127.0.0.1", token: str | None = None, gpus: list[int] | None = None,
@@ -236,6 +247,10 @@ def serve(*, name: str, model: str, replicas: int = 1, port: int = 50050, rest_p
     if (ddir / "score.py").exists() and not (ddir / "spec.json").exists():
         raise ServingError(f"{ddir / 'score.py'} is an MII deployment record not made by fastsd; "
                            f"choose another name or remove it")
+    other = root / (name + INPAINT_SUFFIX)
+    if (other / "spec.json").exists() and running_state(other):
+        raise ServingError(f"deployment '{other.name}' is running, and '{name}' would take its name for its "
+                           "inpainting record; choose another name")
     ddir.mkdir(parents=True, exist_ok=True, mode=0o700)
     for f in STALE_FILES:
         (ddir / f).unlink(missing_ok=True)
@@ -267,6 +282,8 @@ def serve(*, name: str, model: str, replicas: int = 1, port: int = 50050, rest_p
     write_json(ddir / "spec.json", spec)
     from mii.legacy.models.score import create_score_file
     create_score_file(mii_config)  # MII's deployment record: what mii_query_handle(name) reads
+    # MII's client takes the task from the record: NAME-inpaint sends InpaintingReply to the same servers
+    create_score_file(inpaint_record(mii_config))
 
     env = dict(os.environ, MII_CACHE_PATH=str(root))
     env.pop(TOKEN_ENV, None)
@@ -376,6 +393,7 @@ def stop(name: str, timeout: float = 30.0, quiet: bool = False, echo=print) -> d
         if busy:
             time.sleep(0.1)
     (ddir / "score.py").unlink(missing_ok=True)
+    (ddir.parent / (name + INPAINT_SUFFIX) / "score.py").unlink(missing_ok=True)
     st = read_json(ddir / "state.json") or {}
     if st.get("status") != "stopped":
         st.update(status="stopped", updated_at=time.time())

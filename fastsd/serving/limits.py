@@ -25,6 +25,7 @@ class Limits:
     max_pixels: int = 1024 * 1024  # height x width
     max_steps: int = 150
     timeout: float = 300.0        # seconds from arrival to reply, queueing included
+    max_image_bytes: int = 8 << 20  # encoded image and mask bytes in one request (decoded pixels: max_pixels)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -42,6 +43,10 @@ class Request:
     width: int
     scheduler: str | None
     loras: tuple | None = None  # ((name, scale), ...) from the `lora` keyword; None: the deployment's default
+    task: str = "text2img"  # text2img | img2img | inpaint (fastsd.tasks)
+    images: list | None = None  # per image: PIL images (img2img, inpaint)
+    masks: list | None = None   # per image: PIL masks (inpaint)
+    strength: float | None = None
 
     @property
     def n_images(self) -> int:
@@ -52,7 +57,8 @@ class Request:
         """Requests with equal keys can share one UNet batch (per-image seeds, prompts, negatives and
         guidance travel inside the batch). Guidance on/off is part of the key: the engine runs one
         UNet call per step without guidance and two with it, so mixing them would change images."""
-        return (self.height, self.width, self.steps, self.scheduler, max(self.guidance) > 1.0, self.loras)
+        return (self.height, self.width, self.steps, self.scheduler, max(self.guidance) > 1.0, self.loras,
+                self.task, self.strength)
 
 
 def _f32_to_float(v: float) -> float:
@@ -73,7 +79,7 @@ def _as_f32(v: float) -> bytes:
 
 
 def parse(prompt, negative_prompt, kwargs: dict, limits: Limits, native_size: int,
-          from_f32: bool = False, loras=None) -> Request:
+          from_f32: bool = False, loras=None, image=None, mask_image=None, unet_in_channels: int = 4) -> Request:
     """`loras`: the deployment's fastsd.serving.loras.LoraCatalog (None: it offers none).
     Every field is checked by the one table in schema.py (type and range), then the checks that
     span fields (images per request, pixels, the last image's seed)."""
@@ -94,6 +100,17 @@ def parse(prompt, negative_prompt, kwargs: dict, limits: Limits, native_size: in
         raise InvalidParameter("num_images_per_prompt", n_img,
                                f"at most {limits.max_images} images per request (prompts x images per prompt)")
     steps = kw.get("num_inference_steps", min(DEFAULT_STEPS, limits.max_steps))  # the default obeys the limit too
+    # image-to-image and inpainting: decoded PIL images (fastsd.images, under the limits), one or one per
+    # prompt; without a mask (MII's client sends an empty list) it is image-to-image
+    from .. import tasks
+    image = image or None
+    mask_image = mask_image or None
+    tasks.check_inputs(image, mask_image, kw.get("strength"), unet_in_channels)
+    if image is not None:
+        for name, items in (("image", image), ("mask_image", mask_image)):
+            if items is not None and len(items) not in (1, len(prompts)):
+                raise InvalidParameter(name, f"{len(items)} images", f"1, or one per prompt ({len(prompts)})")
+        kw["height"], kw["width"] = tasks.target_size(image, mask_image, kw.get("height"), kw.get("width"), False, 8)
     height = kw.get("height", native_size)
     width = kw.get("width", native_size)
     if height * width > limits.max_pixels:
@@ -111,7 +128,18 @@ def parse(prompt, negative_prompt, kwargs: dict, limits: Limits, native_size: in
         if loras is None:
             raise InvalidParameter("lora", kw["lora"], "nothing: this deployment was started without --lora-dir")
         lora = loras.parse(kw["lora"])
+    extra = {}
+    if image is not None:
+        def per_image(items):  # one per generated image (prompt-major), as the engine takes them in a batch
+            return [items[0 if len(items) == 1 else p] for p in range(len(prompts)) for _ in range(n_img)]
+        strength = tasks.strength_value(kw.get("strength"), mask_image is not None)
+        extra = {"task": "inpaint" if mask_image is not None else "img2img", "images": per_image(image),
+                 "masks": per_image(mask_image) if mask_image is not None else None, "strength": strength}
+        if int(steps * strength) < 1:
+            raise InvalidParameter("strength", strength, f"at least 1/{steps} with {steps} steps")
+    elif "strength" in kw:
+        raise InvalidParameter("strength", kw["strength"], "only with an image (image-to-image or inpainting)")
     return Request(prompts=[p for p in prompts for _ in range(n_img)],
                    negatives=[n for n in negatives for _ in range(n_img)],
                    guidance=[g] * total, seeds=[seed + i for i in range(total)],
-                   steps=steps, height=height, width=width, scheduler=scheduler, loras=lora)
+                   steps=steps, height=height, width=width, scheduler=scheduler, loras=lora, **extra)

@@ -72,12 +72,47 @@ def make_servicer(pipeline):
                 log.exception("request failed")
                 context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
 
+        def InpaintingReply(self, request, context):
+            """MII's inpainting RPC; without masks it is image-to-image. The images are decoded here under the
+            deployment's limits (MII's own unpacking would open any size, decompression bombs included)."""
+            try:
+                return self._inpaint(request)
+            except InvalidParameter as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            except RequestTimeout as e:
+                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
+            except Exception as e:  # noqa: BLE001 - the caller gets the reason; the server goes on
+                log.exception("request failed")
+                context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+        def _inpaint(self, request):
+            import time as _time
+
+            from mii.legacy.constants import TaskType
+            from mii.legacy.method_table import GRPC_METHOD_TABLE
+
+            from .. import images as imgs
+            limits = self.inference_pipeline.limits
+            total = sum(len(b) for b in request.image) + sum(len(b) for b in request.mask_image)
+            if total > limits.max_image_bytes:
+                raise InvalidParameter("image", f"{total} bytes of images", f"at most {limits.max_image_bytes} "
+                                       "bytes of images and masks in one request")
+            lim = {"max_bytes": limits.max_image_bytes, "max_pixels": limits.max_pixels}
+            image = [imgs.decode(b, "image", **lim) for b in request.image]
+            mask = [imgs.decode(b, "mask_image", mode="L", **lim) for b in request.mask_image]
+            kwargs = schema.unpack_query_kwargs(request.query_kwargs)
+            start = _time.time()
+            reply = self.inference_pipeline.handle(list(request.prompt), list(request.negative_prompt), kwargs,
+                                                   image=image, mask_image=mask)
+            return GRPC_METHOD_TABLE[TaskType.INPAINTING].pack_response_to_proto(reply, _time.time() - start, -1)
+
         def _unsupported(self, request, context):
             context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                          "this deployment serves text-to-image only (Txt2ImgReply)")
+                          "this deployment serves text-to-image and inpainting/image-to-image only "
+                          "(Txt2ImgReply, InpaintingReply)")
 
         GeneratorReply = ClassificationReply = QuestionAndAnswerReply = FillMaskReply = _unsupported
-        TokenClassificationReply = ZeroShotImgClassificationReply = InpaintingReply = _unsupported
+        TokenClassificationReply = ZeroShotImgClassificationReply = _unsupported
         CreateSession = DestroySession = _unsupported
 
     return FastSDModelResponse(pipeline)

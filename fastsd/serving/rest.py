@@ -48,7 +48,7 @@ class BadRequest(Exception):
         self.status, self.message, self.extra = status, message, extra
 
 
-def parse_score_body(body: bytes, limits=None) -> tuple[list[str], list[str] | None, dict]:
+def parse_score_body(body: bytes, limits=None, with_images: bool = False):
     """The model-card request -> (prompts, negative prompts or None, query kwargs), every field
     checked by schema.py. Raises BadRequest (400 not JSON or not the format, 422 a value)."""
     from ..errors import InvalidParameter
@@ -58,7 +58,7 @@ def parse_score_body(body: bytes, limits=None) -> tuple[list[str], list[str] | N
     except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nesting too deep
         raise BadRequest(400, f"the body is not JSON: {str(e)[:200]}") from None
     try:
-        return schema.parse_score_body(doc, limits or Limits())
+        return schema.parse_score_body(doc, limits or Limits(), with_images=with_images)
     except schema.BadBody as e:
         raise BadRequest(400, str(e)) from None
     except InvalidParameter as e:
@@ -106,12 +106,14 @@ def create_app(name: str, spec: dict, token: str | None):
     http_in_flight = Gauge("fastsd_http_in_flight_requests", "HTTP requests being answered", registry=registry)
     PROBES = ("/health", "/ready", "/metrics")
 
-    def client():
+    def client(inpaint: bool = False):
         if getattr(local, "client", None) is None:
             local.loop = asyncio.new_event_loop()
             asyncio.set_event_loop(local.loop)
             local.client = mii.legacy.mii_query_handle(name)
-        return local.client
+        if inpaint and getattr(local, "inpaint_client", None) is None:
+            local.inpaint_client = mii.legacy.mii_query_handle(name + "-inpaint")  # InpaintingReply
+        return local.inpaint_client if inpaint else local.client
 
     def error(request: Request, status: int, message: str, **extra):
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
@@ -189,20 +191,23 @@ def create_app(name: str, spec: dict, token: str | None):
             if len(body) > max_body:
                 return error(request, 413, f"the body is larger than {max_body} bytes", limit=max_body)
         try:
-            prompts, negatives, kwargs = parse_score_body(bytes(body), limits)
+            prompts, negatives, kwargs, images = parse_score_body(bytes(body), limits, with_images=True)
         except BadRequest as e:
             return error(request, e.status, e.message, **e.extra)
         info = request.state.info
         info.update(prompts=len(prompts), steps=kwargs.get("num_inference_steps", "default"),
                     size=logs.size(kwargs.get("width"), kwargs.get("height")))
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(pool, run_query, request, prompts, negatives, kwargs)
+        return await loop.run_in_executor(pool, run_query, request, prompts, negatives, kwargs, images)
 
-    def run_query(request, prompts, negatives, kwargs):
-        c = client()
+    def run_query(request, prompts, negatives, kwargs, images=None):
+        with_image = bool(images and images["image"])
+        c = client(inpaint=with_image)
         methods = GRPC_METHOD_TABLE[c.task]
-        proto = methods.pack_request_to_proto({"prompt": prompts, "negative_prompt": negatives or [""] * len(prompts)},
-                                              **kwargs)
+        fields = {"prompt": prompts, "negative_prompt": negatives or [""] * len(prompts)}
+        if with_image:  # image-to-image is MII's InpaintingReply without masks
+            fields.update(image=images["image"], mask_image=images["mask_image"])
+        proto = methods.pack_request_to_proto(fields, **kwargs)
 
         async def call():
             # MII's stub with the request id as metadata; the timings come back in the trailers

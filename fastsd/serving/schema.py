@@ -133,6 +133,7 @@ PARAMS = {p.name: p for p in [
     Param("scheduler", "choice", "sampler", choices=SCHEDULERS),
     Param("num_images_per_prompt", "int", "images per prompt", 1, lambda lim: lim.max_images),
     Param("lora", "text", "LoRA adapters of the deployment's --lora-dir: NAME[:SCALE][,NAME[:SCALE]]"),
+    Param("strength", "float", "image-to-image and inpainting: how much is repainted, in (0, 1]", 0.0, 1.0),
 ]}
 # REST only: a negative prompt for every row, as a parameter instead of a column
 REST_ONLY_PARAMS = {"negative_prompt": Param("negative_prompt", "text", "negative prompt for every row")}
@@ -140,7 +141,29 @@ REST_ONLY_PARAMS = {"negative_prompt": Param("negative_prompt", "text", "negativ
 COLUMNS = {c.name: c for c in [
     Param("prompt", "text", "what to draw", check=lambda val, lim: text("prompt", val, non_blank=True)),
     Param("negative_prompt", "text", "what to steer away from"),
+    # Azure ML's image-to-image and inpainting formats: base64 images (decoded, under the limits, by the replica)
+    Param("image", "text", "start image, base64 PNG/JPEG/WebP", check=lambda val, lim: image_cell("image", val)),
+    Param("mask_image", "text", "inpainting mask, base64; white = repaint",
+          check=lambda val, lim: image_cell("mask_image", val)),
 ]}
+IMAGE_COLUMNS = ("image", "mask_image")
+
+
+def image_cell(name: str, value) -> bytes:
+    """A base64 image cell -> its bytes. URLs are refused: a server that fetches URLs on request can be
+    sent to internal addresses (SSRF)."""
+    import base64
+    import binascii
+    if isinstance(value, str) and value.strip().lower().startswith(("http://", "https://", "ftp://", "file:")):
+        raise refuse(name, "a URL", "a base64-encoded PNG, JPEG or WebP image (this server does not fetch URLs: "
+                                    "a server that fetches them on request can be sent to internal addresses)")
+    if not isinstance(value, str) or not value:
+        raise refuse(name, value, "a base64-encoded PNG, JPEG or WebP image")
+    body = value.split(",", 1)[1] if value.startswith("data:") and "," in value else value
+    try:
+        return base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        raise refuse(name, "text that is not base64", "a base64-encoded PNG, JPEG or WebP image") from None
 REQUIRED_COLUMNS = ("prompt",)
 
 
@@ -184,9 +207,11 @@ INPUT_KEYS = ("columns", "data", "index", "parameters")
 FORMAT = 'expected {"input_data": {"columns": ["prompt"], "data": [...], "parameters": {...}}}'
 
 
-def parse_score_body(doc, limits) -> tuple[list[str], list[str] | None, dict]:
+def parse_score_body(doc, limits, with_images: bool = False):
     """A decoded JSON `POST /score` body -> (prompts, negative prompts or None, query kwargs), every
-    value checked. Raises BadBody (HTTP 400) or InvalidParameter (HTTP 422)."""
+    value checked. Raises BadBody (HTTP 400) or InvalidParameter (HTTP 422). with_images: a fourth item,
+    {"image": [bytes, ...], "mask_image": [...]} (empty lists for text-to-image); without it the image
+    columns are refused."""
     if not isinstance(doc, dict) or not isinstance(doc.get("input_data"), dict):
         raise BadBody(FORMAT)
     unknown = [k for k in doc if k not in BODY_KEYS]
@@ -200,8 +225,10 @@ def parse_score_body(doc, limits) -> tuple[list[str], list[str] | None, dict]:
     if not isinstance(columns, list) or not columns or not all(isinstance(c, str) for c in columns):
         raise BadBody("input_data.columns: expected a non-empty list of column names")
     for c in columns:
-        if c not in COLUMNS:
+        if c not in COLUMNS or (c in IMAGE_COLUMNS and not with_images):
             raise BadBody(f"input_data.columns: unknown column {_Shown(c)}; allowed: {', '.join(COLUMNS)}")
+    if "mask_image" in columns and "image" not in columns:
+        raise refuse("mask_image", "a mask column", "a mask only together with an image column")
     if len(set(columns)) != len(columns):
         raise BadBody("input_data.columns: a column is named twice")
     for c in REQUIRED_COLUMNS:
@@ -242,4 +269,6 @@ def parse_score_body(doc, limits) -> tuple[list[str], list[str] | None, dict]:
             negatives = [REST_ONLY_PARAMS[k].parse(val, limits)] * len(data)
             continue
         kwargs[k] = check_param(k, val, limits)
+    if with_images:
+        return rows["prompt"], negatives, kwargs, {c: rows.get(c, []) for c in IMAGE_COLUMNS}
     return rows["prompt"], negatives, kwargs

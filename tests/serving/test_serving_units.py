@@ -70,7 +70,7 @@ def test_model_card_body():
     (b'{"input_data": {"data": []}}', 400), (b'{"input_data": {"data": [3]}}', 422),
     (b'{"input_data": {"data": ["a"], "parameters": {"seed": null}}}', 422),
     (b'{"input_data": {"data": ["a"], "parameters": {"seed": [1, 2]}}}', 422),
-    (b'{"input_data": {"data": ["a"], "parameters": {"strength": 1}}}', 422),
+    (b'{"input_data": {"data": ["a"], "parameters": {"strenght": 1}}}', 422),
 ])
 def test_bad_bodies(body, status):
     with pytest.raises(BadRequest) as e:

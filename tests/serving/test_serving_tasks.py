@@ -1,0 +1,176 @@
+"""Image-to-image and inpainting through a real deployment (one replica of the tiny model, REST on): MII's
+unchanged client on the `NAME-inpaint` record (InpaintingReply), image-to-image through the same RPC
+without masks, Azure ML's REST formats, and the refusals (URLs, corrupt images, decompression bombs)
+after which the replica goes on serving. Heavy (a deployment costs ~1 GB and a minute): `-m slow`."""
+import asyncio
+import base64
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+pytest.importorskip("mii")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from fastsd.serving import common  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
+STEPS = 6
+ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def png(im) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def drawn():
+    im = Image.new("RGB", (64, 64), (20, 40, 160))
+    ImageDraw.Draw(im).ellipse((16, 16, 48, 48), fill=(200, 30, 30))
+    return im
+
+
+def corner():
+    m = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(m).rectangle((0, 0, 31, 31), fill=255)
+    return m
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("mii")
+    old = os.environ.get("MII_CACHE_PATH")
+    os.environ["MII_CACHE_PATH"] = str(cache)
+    port, rest_port = common.free_port_block(2), common.free_port_block(1)
+    name = f"img{os.getpid()}"
+    info = {"name": name, "port": port, "rest_port": rest_port, "dir": cache / name, "cache": cache}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "fastsd.cli", "serve", "--model", "tiny", "--deployment", name,
+                               "--replicas", "1", "--port", str(port), "--rest-port", str(rest_port), "--threads",
+                               "1", "--batch-window-ms", "300", "--max-pixels", "16384", "--max-body-bytes",
+                               str(1 << 20), "--startup-timeout", "250"], capture_output=True, text=True,
+                              timeout=300, env=dict(os.environ, **ENV))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        yield info
+    finally:
+        state = common.read_json(info["dir"] / "state.json") or {}
+        pids = [state.get("supervisor_pid")] + [c.get("pid") for c in state.get("children", {}).values()]
+        try:
+            if any(p and common.is_ours(p, info["dir"]) for p in pids):
+                from fastsd.serving.deploy import stop
+                stop(name, quiet=True)
+        finally:
+            for p in pids:
+                if p and common.is_ours(p, info["dir"]):
+                    os.kill(p, signal.SIGKILL)
+            if old is None:
+                os.environ.pop("MII_CACHE_PATH", None)
+            else:
+                os.environ["MII_CACHE_PATH"] = old
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from fastsd import load_model, optimize
+    return optimize(load_model("tiny"), dtype="fp32")
+
+
+def handle(name):
+    import mii
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    return mii.legacy.mii_query_handle(name)
+
+
+def max_diff(a, b) -> int:
+    return int(np.abs(np.asarray(a.convert("RGB"), np.int16) - np.asarray(b.convert("RGB"), np.int16)).max())
+
+
+def http(port, doc):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/score", data=json.dumps(doc).encode(), method="POST")
+    req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null")
+
+
+def test_mii_client_inpaints_through_the_inpaint_record(deployment, engine):
+    client = handle(deployment["name"] + "-inpaint")
+    assert client.task == "text-to-image-inpainting"
+    reply = client.query({"prompt": ["a yellow square"], "image": [png(drawn())], "mask_image": [png(corner())],
+                          "negative_prompt": [""]}, num_inference_steps=STEPS, seed=3)
+    want = engine.generate("a yellow square", image=drawn(), mask_image=corner(), num_inference_steps=STEPS, seed=3,
+                           progress=False).images[0]
+    assert len(reply.images) == 1 and max_diff(reply.images[0], want) <= 1
+    # image-to-image: the same RPC without masks (MII's client needs the key: an empty list)
+    reply = client.query({"prompt": ["a blue circle"], "image": [png(drawn())], "mask_image": []},
+                         num_inference_steps=STEPS, seed=4, strength=0.5)
+    want = engine.generate("a blue circle", image=drawn(), strength=0.5, num_inference_steps=STEPS, seed=4,
+                           progress=False).images[0]
+    assert max_diff(reply.images[0], want) <= 1
+    # text-to-image goes on through the deployment's own record
+    assert len(handle(deployment["name"]).query({"prompt": ["a"], "negative_prompt": [""]},
+                                                num_inference_steps=2).images) == 1
+
+
+def test_bad_images_are_invalid_argument_and_the_replica_goes_on(deployment):
+    import grpc
+    client = handle(deployment["name"] + "-inpaint")
+    bomb = png(Image.new("L", (3000, 3000)))  # 9 Mpixel in a few kB: refused from its header
+    cases = [({"image": [b"not an image"], "mask_image": []}, "image: got 'data that is not an image'"),
+             ({"image": [bomb], "mask_image": []}, "image: got '3000x3000 pixels'; allowed: at most 16384"),
+             ({"image": [png(drawn())], "mask_image": [png(Image.new("L", (32, 32)))]}, "mask_image"),
+             ({"image": [png(drawn())], "mask_image": []}, "strength")]
+    for images, message in cases:
+        kw = {"strength": 0.01} if message == "strength" else {}
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            client.query({"prompt": ["a"], **images}, num_inference_steps=STEPS, **kw)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith(message), \
+            e.value.details()
+    assert len(client.query({"prompt": ["a"], "image": [png(drawn())], "mask_image": []},
+                            num_inference_steps=2).images) == 1
+
+
+def test_rest_azure_ml_inpainting_and_image_to_image(deployment, engine):
+    b64 = base64.b64encode(png(drawn())).decode()
+    mask = base64.b64encode(png(corner())).decode()
+    doc = {"input_data": {"columns": ["prompt", "image", "mask_image", "negative_prompt"],
+                          "data": [{"prompt": "a yellow square", "image": b64, "mask_image": mask,
+                                    "negative_prompt": ""}], "index": [0],
+                          "parameters": {"num_inference_steps": STEPS, "guidance_scale": 7.5, "seed": 3}}}
+    code, body = http(deployment["rest_port"], doc)
+    assert code == 200 and set(body[0]) == {"prompt", "generated_image", "nsfw_content_detected"}
+    got = Image.open(io.BytesIO(base64.b64decode(body[0]["generated_image"])))
+    want = engine.generate("a yellow square", image=drawn(), mask_image=corner(), num_inference_steps=STEPS, seed=3,
+                           progress=False).images[0]
+    assert max_diff(got, want) <= 1
+    doc = {"input_data": {"columns": ["prompt", "image"], "data": [["a blue circle", b64]],
+                          "parameters": {"num_inference_steps": STEPS, "strength": 0.5, "seed": 4}}}
+    code, body = http(deployment["rest_port"], doc)
+    assert code == 200 and len(body) == 1
+    url = {"input_data": {"columns": ["prompt", "image"], "data": [["a", "http://169.254.169.254/latest/x.png"]]}}
+    code, body = http(deployment["rest_port"], url)
+    assert code == 422 and body["parameter"] == "image" and "does not fetch URLs" in body["error"]
+    bad = {"input_data": {"columns": ["prompt", "image"], "data": [["a", base64.b64encode(b"junk").decode()]]}}
+    code, body = http(deployment["rest_port"], bad)
+    assert code == 422 and body["error"].startswith("image: got 'data that is not an image'")
+    code, _ = http(deployment["rest_port"], doc)
+    assert code == 200  # still serving
+
+
+def test_stop_removes_both_records(deployment):
+    from fastsd.serving.deploy import stop
+    stop(deployment["name"], quiet=True)
+    assert not (deployment["cache"] / deployment["name"] / "score.py").exists()
+    assert not (deployment["cache"] / (deployment["name"] + "-inpaint") / "score.py").exists()

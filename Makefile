@@ -2,9 +2,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS ?= test,onnx,bench,triton,serving,ui
+EXTRAS ?= test,onnx,bench,triton,serving,lora,ui
 
-.PHONY: demo test test-slow setup browser clean
+.PHONY: demo test test-slow setup browser clean netns-deps
 
 # Creates .venv when missing and reuses it when present; reinstalls when the project files change.
 $(STAMP): pyproject.toml constraints.txt
@@ -35,7 +35,13 @@ browser:
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
-test-slow: $(STAMP)
+# The multi-host test (network namespaces, an sshd per namespace) needs root and sshd: installed here
+# when this is a Debian-like machine run as root; elsewhere the test skips and says why.
+netns-deps:
+	@command -v sshd >/dev/null || test -x /usr/sbin/sshd || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& apt-get install -y -q openssh-server >/dev/null; } || echo "sshd missing: the multi-host test will skip"
+
+test-slow: $(STAMP) netns-deps
 	$(BIN)/python -m pytest -q -m slow
 
 clean:

@@ -80,4 +80,4 @@ def test_serve_refuses_a_public_page_without_a_token(tmp_path, monkeypatch, caps
     monkeypatch.delenv("FASTSD_TOKEN", raising=False)
     assert main(["serve", "--deployment", "pub", "--model", "tiny", "--ui-port", "7999", "--host", "0.0.0.0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--ui-port with --host 0.0.0.0" in err[0] and "token" in err[0], err
+    assert len(err) == 1 and "error: --ui-port:" in err[0] and "with --host 0.0.0.0, a token" in err[0], err

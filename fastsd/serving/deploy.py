@@ -87,6 +87,11 @@ def _check_ports(replica_ports: list[int], port: int, rest_port: int | None, hos
                                "pick another with --port / --rest-port")
 
 
+class InvalidOption(ServingError, InvalidParameter):
+    """A `serve` option out of range: a ServingError (what serve raises) that names the option, as an
+    InvalidParameter does."""
+
+
 def check_serve_options(*, replicas, port, rest_port, metrics_port, max_batch, batch_window_ms, limits, threads,
                         max_body_bytes, startup_timeout, log_format, ssh_config, token, host, hostfile=None,
                         model=None, random_weights=False, ui_port=None, max_batch_limit=8, batch_min_gain=0.10,
@@ -98,12 +103,12 @@ def check_serve_options(*, replicas, port, rest_port, metrics_port, max_batch, b
         if value is None and allow_none:
             return
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise InvalidParameter(flag, value, f"an integer in [{lo}, {hi}]")
+            raise InvalidOption(flag, value, f"an integer in [{lo}, {hi}]")
 
     def number(flag, value, lo, hi):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                 or not lo <= value <= hi:
-            raise InvalidParameter(flag, value, f"a number in [{lo:g}, {hi:g}]")
+            raise InvalidOption(flag, value, f"a number in [{lo:g}, {hi:g}]")
     integer("--replicas", replicas, 1, 64)
     integer("--port", port, 1, 65535 - replicas)  # the replicas take the ports after it
     integer("--rest-port", rest_port, 1, 65535, allow_none=True)
@@ -113,7 +118,6 @@ def check_serve_options(*, replicas, port, rest_port, metrics_port, max_batch, b
         integer("--max-batch", max_batch, 1, 64)
     integer("--max-batch-limit", max_batch_limit, 1, 64)
     number("--batch-min-gain", batch_min_gain, 0, 10)
-    integer("--batch-probe-steps", batch_probe_steps, 1, limits.max_steps)
     number("--batch-window-ms", batch_window_ms, 0, 10_000)
     integer("--threads", threads, 1, 1024, allow_none=True)
     integer("--max-body-bytes", max_body_bytes, 1024, 1 << 30)
@@ -122,26 +126,27 @@ def check_serve_options(*, replicas, port, rest_port, metrics_port, max_batch, b
     integer("--max-images", limits.max_images, 1, 1024)
     integer("--max-pixels", limits.max_pixels, 64 * 64, 2048 * 2048)
     integer("--max-steps", limits.max_steps, 1, 1000)
+    integer("--batch-probe-steps", batch_probe_steps, 1, limits.max_steps)  # after --max-steps, its bound
     number("--timeout", limits.timeout, 0.1, 24 * 3600)
     if log_format not in FORMATS:
-        raise InvalidParameter("--log-format", log_format, ", ".join(FORMATS))
+        raise InvalidOption("--log-format", log_format, ", ".join(FORMATS))
     if hostfile is not None and not Path(hostfile).is_file():
-        raise InvalidParameter("--hostfile", hostfile, "an existing hostfile ('HOST slots=N' lines)")
+        raise InvalidOption("--hostfile", hostfile, "an existing hostfile ('HOST slots=N' lines)")
     if model is not None:
         _check_model(model, random_weights)
     if ssh_config is not None and not Path(ssh_config).is_file():
-        raise InvalidParameter("--ssh-config", ssh_config, "an existing ssh config file")
+        raise InvalidOption("--ssh-config", ssh_config, "an existing ssh config file")
     if token is not None and (not token or not token.isascii() or not token.isprintable() or " " in token):
-        raise InvalidParameter("--token", "<hidden>", "printable ASCII without spaces")
+        raise InvalidOption("--token", "<hidden>", "printable ASCII without spaces")
     if not isinstance(host, str) or not host:
-        raise InvalidParameter("--host", host, "an address of this machine")
+        raise InvalidOption("--host", host, "an address of this machine")
     if ui_port and not token and host not in LOOPBACK:
-        raise InvalidParameter("--ui-port", ui_port, f"with --host {host}, a token (--token or $FASTSD_TOKEN): the page "
+        raise InvalidOption("--ui-port", ui_port, f"with --host {host}, a token (--token or $FASTSD_TOKEN): the page "
                                "would otherwise run the deployment for anyone who reaches it")
     try:
         socket.getaddrinfo(host, None)
     except (socket.gaierror, UnicodeError):
-        raise InvalidParameter("--host", host, "an address of this machine") from None
+        raise InvalidOption("--host", host, "an address of this machine") from None
 
 
 def _check_model(model: str, random_weights: bool) -> None:
@@ -152,12 +157,12 @@ def _check_model(model: str, random_weights: bool) -> None:
         return
     allowed = f"a preset ({', '.join(PRESETS)}), an existing folder or checkpoint file, or a hub id (owner/name)"
     if random_weights:
-        raise InvalidParameter("--model", model, f"a preset with --random-weights ({', '.join(PRESETS)})")
+        raise InvalidOption("--model", model, f"a preset with --random-weights ({', '.join(PRESETS)})")
     if Path(model).expanduser().exists():
         return
     hub_id = model.count("/") == 1 and not model.startswith((".", "/", "~")) and Path(model).suffix == ""
     if not hub_id:
-        raise InvalidParameter("--model", model, allowed)
+        raise InvalidOption("--model", model, allowed)
 
 
 def plan_replicas(name: str, ddir: Path, replicas: int, port: int, host: str, hostfile: str | None,

@@ -34,7 +34,7 @@ from ..errors import InvalidParameter
 log = logging.getLogger("fastsd.serving")
 
 STEP_EDGES = (4, 16, 64, 256, 1000)  # steps buckets 1-4, 5-16, 17-64, 65-256, 257-1000
-DEFAULT_TASK = "text-to-image"
+DEFAULT_TASK = "text2img"  # fastsd.tasks names: text2img | img2img | inpaint
 
 
 def steps_bucket(steps: int) -> str:

@@ -88,9 +88,9 @@ def test_online_measurement_climbs_the_ladder_on_live_calls():
 def test_steps_buckets_and_bucket_key():
     assert [steps_bucket(s) for s in (1, 4, 5, 16, 17, 50, 64, 65, 1000)] == \
         ["1-4", "1-4", "5-16", "5-16", "17-64", "17-64", "17-64", "65-256", "257-1000"]
-    assert bucket_of(request(size=96, steps=25)) == Bucket("text-to-image", 96, 96, "17-64", True)
-    task = SimpleNamespace(**vars(request()), task="image-to-image")  # a request kind with its own task
-    assert bucket_of(task).task == "image-to-image"
+    assert bucket_of(request(size=96, steps=25)) == Bucket("text2img", 96, 96, "17-64", True)
+    task = SimpleNamespace(**{**vars(request()), "task": "img2img"})  # a request of another task
+    assert bucket_of(task).task == "img2img"
 
 
 def test_memory_caps_the_batch_and_refuses_what_cannot_fit():

@@ -82,11 +82,11 @@ def test_auto_measures_at_start_up_and_serves_within_its_choice(deployment):
     b = s["replicas"][0]["batching"]
     assert b["mode"] == "auto" and b["memory_budget_bytes"] > 0
     [native] = b["buckets"]  # measured before `serve` returned
-    assert native["bucket"] == "text-to-image 64x64 1-4 steps guided" and native["source"] == "start-up"
+    assert native["bucket"] == "text2img 64x64 1-4 steps guided" and native["source"] == "start-up"
     assert native["state"] == "decided" and native["chosen"] in (1, 2, 4, 8) and native["reason"]
     assert "1" in native["images_per_s"] and all(v > 0 for v in native["images_per_s"].values())
     human = run_cli("status", deployment).stdout
-    assert "batching: auto" in human and "text-to-image 64x64 1-4 steps guided: " in human
+    assert "batching: auto" in human and "text2img 64x64 1-4 steps guided: " in human
 
     replies = query_all(deployment, [(f"a red circle {i}", {}) for i in range(6)])
     assert all(not isinstance(r, Exception) and r.images[0].size == (64, 64) for r in replies), replies
@@ -99,5 +99,5 @@ def test_another_size_is_measured_online(deployment):
     replies = query_all(deployment, [("a blue square", {"height": 72, "width": 80})] * 2)
     assert all(not isinstance(r, Exception) and r.images[0].size == (80, 72) for r in replies), replies
     s = json.loads(run_cli("status", deployment, "--json").stdout)
-    online = [c for c in s["replicas"][0]["batching"]["buckets"] if c["bucket"].startswith("text-to-image 80x72")]
+    online = [c for c in s["replicas"][0]["batching"]["buckets"] if c["bucket"].startswith("text2img 80x72")]
     assert online and online[0]["source"] == "online" and "1" in online[0]["images_per_s"]

@@ -75,7 +75,7 @@ def cmd_verify(args) -> int:
     check_generation_args(args)
     config = optimize_config(args)
     model, engine_model = load_for(args), None
-    if args.backend == "onnxruntime":  # the export runs in the engine; the model it came from is the reference
+    if model.source == "onnx":  # the export runs in the engine; the model it came from is the reference
         from .export import reference_model
         model, engine_model = reference_model(model, safety_checker=not args.no_safety_checker), model
     report, engine, result, _ = verify(model, config, prompts=args.prompt or None,

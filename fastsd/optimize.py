@@ -21,7 +21,7 @@ SWITCH = ("auto", "on", "off")
 
 @dataclass(frozen=True)
 class OptimizeConfig:
-    backend: str = "torch"  # torch | onnxruntime
+    backend: str = "torch"  # torch | onnxruntime | openvino
     device: str = "auto"  # cpu | cuda | cuda:N | auto (CUDA when torch sees one, else the CPU)
     dtype: str = "fp32"  # fp32 | fp16 | bf16
     attention: str = "auto"  # auto | sdpa | math | triton | xformers
@@ -52,8 +52,8 @@ class OptimizeConfig:
         return cls(**{**profile_flags(profile, device), **flags})
 
     def validated(self) -> "OptimizeConfig":
-        if self.device == "auto":
-            return replace(self, device=resolve_device(self.device)).validated()
+        if self.device == "auto":  # openvino runs on the CPU whatever else is visible
+            return replace(self, device="cpu" if self.backend == "openvino" else resolve_device(self.device)).validated()
         if self.backend not in backend_names():
             raise InvalidParameter("backend", self.backend, ", ".join(backend_names()))
         if self.dtype not in DTYPES:
@@ -66,7 +66,7 @@ class OptimizeConfig:
         dev = self.device
         if not (dev == "cpu" or dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise InvalidParameter("device", dev, "cpu, cuda or cuda:N")
-        if dev.startswith("cuda") and self.backend != "onnxruntime":  # onnxruntime checks its own providers
+        if dev.startswith("cuda") and self.backend == "torch":  # onnxruntime checks its own providers
             n = torch.cuda.device_count()
             if n == 0:
                 raise InvalidParameter("device", dev, "cpu (no CUDA device is visible here)")

@@ -39,7 +39,7 @@ def model_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("model")
     add_model_source(g)
-    g.add_argument("--backend", default="torch", help="torch | onnxruntime (default: torch)")
+    g.add_argument("--backend", default="torch", help="torch | onnxruntime | openvino (default: torch)")
     g.add_argument("--profile", choices=PROFILE_NAMES, default=None,
                    help="exact (default: FP32, bit-identical to diffusers) | fast (fastest measured within the "
                         "bf16 tolerance) | fastest (trades more fidelity); flags given explicitly win")

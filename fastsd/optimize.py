@@ -41,6 +41,9 @@ class OptimizeConfig:
     # torch.compile (inductor) of the UNet; on the CPU with weight freezing. The first call of each shape
     # compiles (minutes on the CPU); later calls are faster.
     compile: bool = False
+    # Step caching (fastsd/step_cache.py, DeepCache-style): every N-th step runs the whole UNet, the steps
+    # between only its shallowest layers over the cached deep feature. 1 = off (every step exact).
+    cache_interval: int = 1
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -63,6 +66,12 @@ class OptimizeConfig:
         for name in ("attention_slicing", "vae_tiling"):
             if getattr(self, name) not in SWITCH:
                 raise InvalidParameter(name, getattr(self, name), ", ".join(SWITCH))
+        from .step_cache import check_interval
+        check_interval(self.cache_interval)
+        if self.cache_interval > 1 and (self.backend != "torch" or self.compile or self.cuda_graphs):
+            raise InvalidParameter("cache_interval", self.cache_interval, "1 with --backend "
+                                   f"{self.backend}{' and --compile/--cuda-graphs' if self.backend == 'torch' else ''} "
+                                   "(step caching runs in the eager torch backend)")
         dev = self.device
         if not (dev == "cpu" or dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise InvalidParameter("device", dev, "cpu, cuda or cuda:N")

@@ -13,6 +13,9 @@ import torch  # noqa: E402
 torch.set_num_threads(1)  # tiny models gain nothing from more; avoids oversubscribing a shared machine
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+# the openvino backend's compiled models and on-the-fly exports go to a folder of this session, not ~/.cache
+import tempfile  # noqa: E402
+os.environ.setdefault("FASTSD_OPENVINO_CACHE", tempfile.mkdtemp(prefix="fastsd-test-openvino-"))
 
 
 @pytest.fixture(scope="session")

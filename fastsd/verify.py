@@ -19,7 +19,7 @@ def verify(model: SDModel, config: OptimizeConfig, *, prompts=None, negative_pro
     """Runs the reference on `model` first, then builds the engine (which takes the modules over) and
     compares. `engine_model` is what the engine runs when it is not `model` itself (an ONNX export).
     Returns (report dict, engine, engine result, reference images)."""
-    (report, engine, result), ref_images = verify_each(
+    [(report, engine, result)], ref_images = verify_each(
         model, [config], prompts=prompts, negative_prompt=negative_prompt,
         num_images_per_prompt=num_images_per_prompt, steps=steps, guidance=guidance, height=height, width=width,
         seed=seed, scheduler=scheduler, progress=progress, engine_model=engine_model)

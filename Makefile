@@ -2,7 +2,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS ?= test,onnx,openvino,bench,triton,serving
+EXTRAS ?= test,onnx,openvino,int8,bench,triton,serving
 
 .PHONY: demo test test-slow setup clean
 

@@ -44,6 +44,11 @@ class OptimizeConfig:
     # Step caching (fastsd/step_cache.py, DeepCache-style): every N-th step runs the whole UNet, the steps
     # between only its shallowest layers over the cached deep feature. 1 = off (every step exact).
     cache_interval: int = 1
+    # int8 UNet (openvino backend, NNCF post-training quantization; fastsd/backends/openvino_int8.py):
+    # off | hybrid (int8 convolutions, int8-weight MatMuls) | full; calibrated on `calibration_prompts`
+    # (a text file, one prompt a line; None: the shipped default set).
+    int8: str = "off"
+    calibration_prompts: str | None = None
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -72,6 +77,16 @@ class OptimizeConfig:
             raise InvalidParameter("cache_interval", self.cache_interval, "1 with --backend "
                                    f"{self.backend}{' and --compile/--cuda-graphs' if self.backend == 'torch' else ''} "
                                    "(step caching runs in the eager torch backend)")
+        if self.int8 not in ("off", "hybrid", "full"):
+            raise InvalidParameter("int8", self.int8, "off, hybrid, full")
+        if self.int8 != "off" and self.backend != "openvino":
+            raise InvalidParameter("int8", self.int8, "off with --backend " + self.backend +
+                                   " (int8 runs in the openvino backend: --backend openvino)")
+        if self.calibration_prompts is not None:
+            if self.int8 == "off":
+                raise InvalidParameter("calibration_prompts", self.calibration_prompts, "a file only with --int8")
+            from .backends.openvino_int8 import read_prompts
+            read_prompts(self.calibration_prompts)
         dev = self.device
         if not (dev == "cpu" or dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise InvalidParameter("device", dev, "cpu, cuda or cuda:N")

@@ -60,6 +60,11 @@ def model_options() -> argparse.ArgumentParser:
     g.add_argument("--cache-interval", default=None, metavar="N",
                    help="step caching: the whole UNet every N-th step, its shallow layers between (1: off; default: "
                         "1, or the profile's); verify takes a comma list (1,2,3) and reports each")
+    g.add_argument("--int8", nargs="?", const="hybrid", default=None, choices=["off", "hybrid", "full"],
+                   help="openvino backend: int8 UNet by NNCF post-training quantization (hybrid: int8 convolutions, "
+                        "int8 weights in the MatMuls; full: MatMul activations too); calibrated once, cached")
+    g.add_argument("--calibration-prompts", metavar="FILE",
+                   help="prompts for the int8 calibration, one a line (default: a shipped set of 8)")
     g.add_argument("--no-safety-checker", action="store_true", help="skip the safety checker")
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bars or info logs")
     return p
@@ -82,7 +87,7 @@ def generation_options() -> argparse.ArgumentParser:
 def optimize_config(args):
     """The engine flags: the profile's (exact unless --profile), then every flag the user gave."""
     from .optimize import OptimizeConfig
-    given = {k: getattr(args, k) for k in ("dtype", "attention", "backend") if getattr(args, k, None) is not None}
+    given = {k: getattr(args, k) for k in ("dtype", "attention", "backend", "int8", "calibration_prompts") if getattr(args, k, None) is not None}
     given.update({k: True for k in ("fused_ops", "cuda_graphs", "compile") if getattr(args, k)})
     if getattr(args, "cache_interval", None) is not None:
         from .step_cache import check_interval

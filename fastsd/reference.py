@@ -36,8 +36,8 @@ APPROXIMATE = Tolerance(max_abs=255.0, min_psnr=20.0, min_latent_cosine=0.95, na
 
 
 def tolerance_for(config) -> Tolerance:
-    """The tolerance `verify` holds `config` to: its dtype's, or APPROXIMATE where it caches steps."""
-    if getattr(config, "cache_interval", 1) > 1:
+    """The tolerance `verify` holds `config` to: its dtype's, or APPROXIMATE where it caches steps or runs int8."""
+    if getattr(config, "cache_interval", 1) > 1 or getattr(config, "int8", "off") != "off":
         return APPROXIMATE
     return TOLERANCES[config.dtype]
 

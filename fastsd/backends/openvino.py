@@ -161,7 +161,8 @@ class OpenVINOBackend:
             raise InvalidParameter("model", f"an {exported} export", "an fp32 export (the openvino backend picks its "
                                    "precision itself from --dtype; export with --dtype fp32)")
         self.core = ov.Core()
-        self.cache_dir = cache_root() / "compiled"
+        self.cache_root = cache_root()
+        self.cache_dir = self.cache_root / "compiled"
         self.native_bf16 = native_bf16(self.core)
         self.requested = config.dtype
         precision = PRECISION[config.dtype]
@@ -182,16 +183,28 @@ class OpenVINOBackend:
             folder.mkdir(parents=True, exist_ok=True)
             return {"INFERENCE_PRECISION_HINT": prec, "PERFORMANCE_HINT": "LATENCY",
                     "INFERENCE_NUM_THREADS": self.threads, "CACHE_DIR": str(folder)}
+        self.props = props
+        self.paths = paths
+        self.int8 = config.int8
+        unet_path = paths["unet"]["cpu"]
+        if config.int8 != "off":  # NNCF int8 UNet, calibrated once per export and cached (openvino_int8.py)
+            from .openvino_int8 import int8_unet
+            unet_path = int8_unet(self, model, Path(unet_path), config.calibration_prompts, config.int8)
         self.graphs = {
             # the text encoder stays in f32 as in the torch CPU recipe: cheap, and its error reaches every step
             "text_encoder": StaticGraph(self.core, "text_encoder", paths["text_encoder"]["cpu"], props("f32"),
                                         ("input_ids",)),
-            "unet": StaticGraph(self.core, "unet", paths["unet"]["cpu"], props(precision),
+            "unet": StaticGraph(self.core, "unet", unet_path, props(precision),
                                 ("sample", "encoder_hidden_states")),
             "vae_decoder": StaticGraph(self.core, "vae_decoder", paths["vae_decoder"]["cpu"], props(precision),
                                        ("latent_sample",)),
         }
         self.ov_version = ov.__version__
+
+    def calibration_graph(self, name: str) -> StaticGraph:
+        """`name`'s FP32 graph, for int8 calibration (its compiled shapes are dropped with it)."""
+        return StaticGraph(self.core, name, self.paths[name]["cpu"], self.props("f32"),
+                           ("input_ids",) if name == "text_encoder" else ("sample", "encoder_hidden_states"))
 
     # -- the three calls the engine makes -----------------------------------------------------------
     def prepare(self, batch: int, height: int, width: int, guided: bool) -> None:
@@ -223,6 +236,9 @@ class OpenVINOBackend:
              "openvino": self.ov_version, "cache_dir": str(self.cache_dir)}
         if self.converted:
             d["converted"] = self.converted
+        if self.int8 != "off":
+            d["int8"] = self.int8
+            d["inference_precision"]["unet"] = f"int8 ({self.int8}) + {self.precision}"
         if self.requested == "bf16" and self.precision != "bf16":
             d["note"] = "no native bf16 on this CPU: OpenVINO ran f32"
         return d

@@ -2,9 +2,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS ?= test,onnx,openvino,int8,bench,triton,serving
+EXTRAS ?= test,onnx,openvino,int8,bench,triton,serving,lora,ui
 
-.PHONY: demo test test-slow setup clean
+.PHONY: demo test test-slow setup browser clean netns-deps
 
 # Creates .venv when missing and reuses it when present; reinstalls when the project files change.
 $(STAMP): pyproject.toml constraints.txt
@@ -23,10 +23,25 @@ demo: $(STAMP)
 	$(BIN)/fastsd generate "a red circle on a blue background" --steps 25 --seed 0 --out out/demo.png
 	$(BIN)/fastsd verify --steps 25 --seed 0
 
-test: $(STAMP)
+# The web page's browser tests drive Debian's chromium through its chromedriver (no browser download).
+# Installed with apt where missing (as root, else with sudo); if that fails the browser tests skip and say why.
+browser:
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver \
+	    || echo "chromium not installed: the browser tests will skip"; \
+	fi
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
-test-slow: $(STAMP)
+# The multi-host test (network namespaces, an sshd per namespace) needs root and sshd: installed here
+# when this is a Debian-like machine run as root; elsewhere the test skips and says why.
+netns-deps:
+	@command -v sshd >/dev/null || test -x /usr/sbin/sshd || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& apt-get install -y -q openssh-server >/dev/null; } || echo "sshd missing: the multi-host test will skip"
+
+test-slow: $(STAMP) netns-deps
 	$(BIN)/python -m pytest -q -m slow
 
 clean:

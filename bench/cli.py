@@ -40,11 +40,14 @@ def register(subparsers, parents):
     b = p.add_argument_group("what to measure")
     b.add_argument("--backends", "--backend", default="diffusers,torch",
                    help="comma list of diffusers (the baseline, always run first) and fastsd backends "
-                        "(torch, onnxruntime, openvino); one that cannot run here (package missing, no such "
-                        "device or dtype) is skipped with its reason, one that fails is an error: exit 1 "
-                        "(default: diffusers,torch)")
+                        "(torch, onnxruntime, openvino), and accelerate (fastsd.accelerate on the diffusers "
+                        "pipeline); one that cannot run here (package missing, no such device or dtype) is skipped "
+                        "with its reason, one that fails is an error: exit 1 (default: diffusers,torch)")
     b.add_argument("--profile", default="", help="comma list of speed profiles (fast, fastest, exact) to measure as "
                                               "they resolve on this machine, beside the --backends x --dtype items")
+    b.add_argument("--accelerate", action="store_true",
+                   help="add the drop-in: fastsd.accelerate(pipe) on the diffusers pipeline, per --dtype, measured "
+                        "beside the plain pipeline and fastsd's engine (same as adding accelerate to --backends)")
     b.add_argument("--dtype", default="fp32", help="comma list of fastsd dtypes: fp32, fp16, bf16 (default fp32); an item may carry "
                         "OptimizeConfig flags of its own: bf16:channels_last=true")
     b.add_argument("--set", action="append", default=[], metavar="FLAG=VALUE",
@@ -85,10 +88,12 @@ def settings_from_args(args):
     from fastsd import validation as check
     from fastsd.backends import backend_names
     from fastsd.optimize import DTYPES, OptimizeConfig
-    from .harness import BASELINE, BenchSettings, ConfigSpec
+    from .harness import ACCELERATE, BASELINE, BenchSettings, ConfigSpec
 
     backends = _csv(args.backends)
-    allowed = [BASELINE] + backend_names()
+    if args.accelerate and ACCELERATE not in backends:
+        backends.append(ACCELERATE)
+    allowed = [BASELINE] + backend_names() + [ACCELERATE]
     for name in backends:
         if name not in allowed:
             raise InvalidParameter("backends", name, ", ".join(allowed))
@@ -174,7 +179,8 @@ def command_line(args) -> str:
     """The command that repeats this run (every option that matters, written out)."""
     parts = ["fastsd", "bench", "--model", args.model]
     parts += ["--random-weights"] if args.random_weights else []
-    parts += ["--backends", args.backends, "--dtype", args.dtype, "--steps", str(args.steps), "--batch", args.batch]
+    parts += ["--backends", args.backends] + (["--accelerate"] if args.accelerate else [])
+    parts += ["--dtype", args.dtype, "--steps", str(args.steps), "--batch", args.batch]
     for name in ("resolution", "height", "width", "config", "onnx_dir", "threads", "scheduler"):
         if getattr(args, name) is not None:
             parts += ["--" + name.replace("_", "-"), str(getattr(args, name))]

@@ -24,6 +24,7 @@ COMPONENTS = ("text_encoder", "unet_step", "vae_decode", "safety_checker")
 LABELS = {"text_encoder": "text encoder", "unet_step": "UNet step", "vae_decode": "VAE decode",
           "safety_checker": "safety checker", "end_to_end": "end to end"}
 BASELINE = "diffusers"
+ACCELERATE = "accelerate"  # fastsd.accelerate(pipe): the diffusers pipeline with its modules taken over
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,28 @@ class DiffusersRunner:
                 "dtype": "float32", "attention": "diffusers default (AttnProcessor2_0, SDPA)"}
 
 
+class AccelerateRunner(DiffusersRunner):
+    """The drop-in: diffusers' pipeline, as the baseline builds it, then `fastsd.accelerate(pipe, config)`;
+    every call goes through the pipeline's own modules, the diffusers way."""
+
+    def __init__(self, model, spec: ConfigSpec, settings: BenchSettings):
+        from fastsd.accelerate import accelerate, accelerated
+        from fastsd.optimize import OptimizeConfig
+        super().__init__(model, settings)
+        accelerate(self.pipe, OptimizeConfig(device=settings.device, dtype=spec.dtype, attention=settings.attention,
+                                             **dict(spec.flags)))
+        self.state = accelerated(self.pipe)
+
+    @torch.inference_mode()
+    def safety_checker(self, image):
+        return self.pipe.run_safety_checker(image, self.device, self.pipe.text_encoder.dtype)
+
+    def describe(self) -> dict:
+        d = self.state.describe()
+        return {"backend": ACCELERATE, "pipeline": type(self.pipe).__name__, "device": d["device"],
+                "dtypes": d["dtypes"], "attention": d["attention"], "applied": d["applied"]}
+
+
 class EngineRunner:
     """A fastsd configuration: `fastsd.optimize(model, OptimizeConfig(...))` and its backend's calls."""
 
@@ -379,6 +402,26 @@ def consistency(row: dict, unet_calls: int, text_in_e2e: bool) -> dict:
 def _line(e: BaseException, n: int = 160) -> str:
     text = str(e).strip()
     return text.splitlines()[0][:n] if text else ""
+
+
+def _dropin_ratios(results: list) -> None:
+    """Beside each drop-in (accelerate) configuration: its ratio to fastsd's engine (torch backend) with the
+    same dtype and flags, measured in the same run (engine median / drop-in median; below 1: the drop-in
+    is slower)."""
+    engines = {(e["dtype"], tuple(sorted(e["flags"].items()))): e for e in results if e["backend"] == "torch"}
+    for entry in results:
+        eng = engines.get((entry["dtype"], tuple(sorted(entry["flags"].items()))))
+        if entry["backend"] != ACCELERATE or eng is None:
+            continue
+        entry["vs_engine"] = {"engine": eng["name"], "batches": {}}
+        for b, row in entry["batches"].items():
+            erow = eng["batches"].get(b)
+            if erow is None:
+                continue
+            pairs = [(comp, erow["components"][comp], st) for comp, st in row["components"].items()] + \
+                [("end_to_end", erow["end_to_end"], row["end_to_end"])]
+            entry["vs_engine"]["batches"][b] = {comp: es["median_s"] / st["median_s"] for comp, es, st in pairs
+                                                if es.get("median_s") and st.get("median_s")}
 
 
 # -- machine and versions ----------------------------------------------------------------------------
@@ -561,7 +604,8 @@ def run_bench(settings: BenchSettings, model=None, log=print) -> dict:
                     before = mem.current()
                 t0 = time.perf_counter()
                 m, model = model, None  # the runner owns it now
-                runner = DiffusersRunner(m, settings) if spec.is_baseline else EngineRunner(m, spec, settings)
+                runner = (DiffusersRunner(m, settings) if spec.is_baseline else AccelerateRunner(m, spec, settings)
+                          if spec.backend == ACCELERATE else EngineRunner(m, spec, settings))
                 del m
             entry["build_s"] = time.perf_counter() - t0
         except CannotRunHere as e:
@@ -702,6 +746,7 @@ def run_bench(settings: BenchSettings, model=None, log=print) -> dict:
                     stats["cpu_speedup"] = bs["cpu_median_s"] / stats["cpu_median_s"]
             row["end_to_end_estimate"]["speedup"] = (brow["end_to_end_estimate"]["seconds"]
                                                      / row["end_to_end_estimate"]["seconds"])
+    _dropin_ratios(results)
     machine = machine_info(device)
     machine["load_average_start"], machine["load_average_end"] = load_avg_start, machine.pop("load_average")
     return _finite({

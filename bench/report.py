@@ -148,8 +148,26 @@ def table_lines(report: dict) -> list[str]:
     return out
 
 
+def dropin_lines(report: dict) -> list[str]:
+    """The drop-in (fastsd.accelerate on the diffusers pipeline) against fastsd's own engine, same run."""
+    entries = [c for c in report["configs"] if c.get("vs_engine")]
+    if not entries:
+        return []
+    out = ["", "drop-in vs engine: fastsd.accelerate(pipe) against fastsd's engine with the same dtype and flags "
+           "(engine median / drop-in median; below 1.00x the drop-in is slower)"]
+    for b in map(str, report["settings"]["batches"]):
+        rows = [["config", "engine"] + [LABELS[c] for c in COMPONENTS] + ["end to end"]]
+        for c in entries:
+            r = c["vs_engine"]["batches"].get(b, {})
+            rows.append([f"{c['name']} (batch {b})", c["vs_engine"]["engine"]] +
+                        [f"{r[k]:.2f}x" if k in r else "n/a" for k in (*COMPONENTS, "end_to_end")])
+        out += _grid(rows, right=set(range(2, len(rows[0]))))
+    return out
+
+
 def format_report(report: dict) -> str:
-    return "\n".join(["fastsd bench"] + ["  " + line for line in header_lines(report)] + table_lines(report))
+    return "\n".join(["fastsd bench"] + ["  " + line for line in header_lines(report)] + table_lines(report)
+                     + dropin_lines(report))
 
 
 def write_markdown(report: dict, path, command: str):

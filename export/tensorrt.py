@@ -45,7 +45,9 @@ def trtexec_line(comp: str, profile: dict, dynamic: list[str], fp16: bool) -> st
             shapes = ",".join(f"{name}:{_dims(profile[name][point])}" for name in dynamic)
             parts.append(f"--{point}Shapes={shapes}")
     if fp16:
-        parts.append("--fp16")
+        # The graph already holds its fp16 types: build it as typed. TensorRT 11 removed --fp16 (all networks are
+        # strongly typed there, --stronglyTyped is the default); on 10.x --stronglyTyped keeps the graph's types.
+        parts.append("--stronglyTyped")
     return " \\\n    ".join(parts)
 
 
@@ -60,10 +62,13 @@ def build_markdown(profiles: dict, *, dtype: str, static: bool, optimize: bool, 
                   "contrib ops (fused attention, LayerNorm, GELU) that TensorRT's ONNX parser does not know. Build "
                   "TensorRT engines from an export made without `--optimize`.", ""]
     if fp16:
-        lines += ["The graphs are fp16 with fp32 inputs and outputs; `--fp16` lets TensorRT keep fp16 kernels.", ""]
+        lines += ["The graphs are fp16 with fp32 inputs and outputs. `--stronglyTyped` builds them with the types "
+                  "they hold; the lines work on TensorRT 10 and 11 (11 removed the `--fp16` precision flag: every "
+                  "network is strongly typed there).", ""]
     else:
-        lines += ["The graphs are fp32; add `--fp16` to let TensorRT choose fp16 kernels (check the result "
-                  "with `fastsd verify`).", ""]
+        lines += ["The graphs are fp32 and build as fp32. For fp16 engines export with `--dtype fp16` (the graph "
+                  "then carries its own fp16 types): TensorRT 11 removed `--fp16`, and on 10.x it lets TensorRT "
+                  "pick fp16 kernels per layer unchecked. Check an engine with `fastsd verify`.", ""]
     lines += ["```sh"]
     for comp, profile in profiles.items():
         lines += [trtexec_line(comp, profile, dynamic_inputs(profiles, comp, static), fp16), ""]
@@ -90,6 +95,9 @@ def build_engines(out: Path, profiles: dict, *, static: bool, fp16: bool, progre
         explicit = getattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH", None)
         if explicit is not None and int(trt.__version__.split(".")[0]) < 10:  # implicit in TensorRT 10
             flags |= 1 << int(explicit)
+        typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+        if fp16 and typed is not None:  # the fp16 graph's own types (always so on TensorRT 11)
+            flags |= 1 << int(typed)
         network = builder.create_network(flags)
         parser = trt.OnnxParser(network, logger)
         graph = out / comp / GRAPH
@@ -98,7 +106,7 @@ def build_engines(out: Path, profiles: dict, *, static: bool, fp16: bool, progre
             raise TensorRTBuildFailed(f"tensorrt: cannot parse {graph}: {errors[:300]}")
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
-        if fp16 and hasattr(trt.BuilderFlag, "FP16"):
+        if fp16 and typed is None and hasattr(trt.BuilderFlag, "FP16"):  # TensorRT 8.x: no strong typing
             config.set_flag(trt.BuilderFlag.FP16)
         dynamic = set(dynamic_inputs(profiles, comp, static))
         if dynamic:

@@ -19,7 +19,7 @@ from .options import (OneLineParser, check_generation_args, generation_options, 
                       model_options, optimize_config, output_paths)
 
 # Feature areas add their own subcommands: module -> `register(subparsers, parents)`.
-EXTRA_COMMANDS = ["fastsd.export.cli", "fastsd.bench.cli", "fastsd.serving.cli"]
+EXTRA_COMMANDS = ["fastsd.export.cli", "fastsd.bench.cli", "fastsd.serving.cli", "fastsd.batch.cli", "fastsd.ui.cli"]
 
 
 # -- commands --------------------------------------------------------------------------------------
@@ -73,6 +73,8 @@ def _fmt_psnr(v: float | None) -> str:
 def cmd_verify(args) -> int:
     from .verify import verify_each, with_intervals
     check_generation_args(args)
+    if args.pipeline:  # the drop-in: diffusers' own pipelines, plain and accelerated
+        return _verify_pipelines(args)
     intervals = _intervals(args.cache_interval)
     args.cache_interval = intervals[0] if intervals else None
     config = optimize_config(args)
@@ -116,6 +118,58 @@ def _intervals(text) -> list[int]:
     return [check_interval(t) for t in str(text).split(",")]
 
 
+def _verify_pipelines(args) -> int:
+    """verify --pipeline: each kind of diffusers pipeline over the model, plain (the reference), then after
+    fastsd.accelerate with the engine flags given, on the same inputs and seed."""
+    from .accelerate import restore
+    from .pipeline_verify import build_pipeline, check_kinds, sample_inputs, verify_pipeline
+    kinds = check_kinds(args.pipeline)
+    if args.backend != "torch":
+        from .errors import InvalidParameter
+        raise InvalidParameter("backend", args.backend, "torch with --pipeline (fastsd.accelerate(pipe, backend="
+                               "'onnxruntime') in Python: accelerate exports the pipeline itself)")
+    if args.controlnet and not (Path(args.controlnet).expanduser() / "config.json").is_file():
+        from .errors import InvalidParameter
+        raise InvalidParameter("controlnet", args.controlnet, "a diffusers ControlNet folder (with config.json)")
+    config = optimize_config(args)
+    model = load_for(args)
+    controlnet = None
+    if "controlnet" in kinds and args.controlnet:
+        from diffusers import ControlNetModel
+        try:
+            controlnet = ControlNetModel.from_pretrained(str(Path(args.controlnet).expanduser()), local_files_only=True)
+        except (OSError, ValueError) as e:
+            from .errors import ModelLoadError
+            raise ModelLoadError(f"controlnet: cannot load {args.controlnet}: {str(e).splitlines()[0][:200]}") from e
+    size = args.height or args.width or model.native_size
+    prompt = (args.prompt or ["a red circle on a blue background"])[0]
+    reports, ok = {}, True
+    for kind in kinds:
+        pipe = build_pipeline(model, kind, controlnet)
+        r = verify_pipeline(pipe, prompt=prompt, negative_prompt=args.negative, config=config,
+                            seed=args.seed if args.seed is not None else 0, guidance_scale=args.guidance,
+                            num_images_per_prompt=args.num_images,
+                            num_inference_steps=25 if args.steps is None else args.steps, **sample_inputs(kind, size))
+        restore(pipe)  # the next kind builds on the same modules, plain again
+        reports[kind], ok = r, ok and r["passed"]
+        rows = r["images"]  # the worst image of the call
+        print(f"{type(pipe).__name__:<36} max abs {max(x['max_abs'] for x in rows):>4.0f}  PSNR "
+              f"{_fmt_psnr(min(x['psnr_db'] for x in rows)):>5} dB  latent cos "
+              f"{min(x['latent_cosine'] for x in rows):.8f}  {'ok' if r['passed'] else 'FAIL'}  plain "
+              f"{r['reference_seconds']:.2f}s, accelerated {r['accelerated_seconds']:.2f}s  "
+              f"({', '.join(r['accelerate']['applied'])})")
+    tol = next(iter(reports.values()))["tolerance"]
+    random_cn = "controlnet" in kinds and controlnet is None
+    print(f"tolerance ({config.dtype}): max abs <= {tol['max_abs']:g}, PSNR >= {tol['min_psnr']:g} dB, "
+          f"latent cosine >= {tol['min_latent_cosine']}; {model.name}, {size}x{size}, seed "
+          f"{args.seed if args.seed is not None else 0}"
+          + ("; ControlNet: random weights from the UNet's config" if random_cn else ""))
+    print("PASS" if ok else "FAIL: beyond the tolerance of " + config.dtype)
+    if args.json:
+        Path(args.json).write_text(json.dumps(reports, indent=2, default=str))
+    return 0 if ok else 1
+
+
 def cmd_models(args) -> int:
     from .loading import build_random
     from .presets import PRESETS
@@ -155,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "when an image is beyond the tolerance of the configuration's dtype.")
     v.add_argument("prompt", nargs="*", help="prompts (default: two sample prompts)")
     v.add_argument("--json", help="write the figures to this JSON file")
+    v.add_argument("--pipeline", metavar="KINDS",
+                   help="compare diffusers' own pipelines plain and after fastsd.accelerate instead: a comma list of "
+                        "txt2img, img2img, inpaint, controlnet (ControlNet: --controlnet DIR, else random weights)")
+    v.add_argument("--controlnet", metavar="DIR", help="with --pipeline controlnet: a diffusers ControlNet folder")
     v.set_defaults(func=cmd_verify)
 
     ms = sub.add_parser("models", help="list the presets and their parameter counts")

@@ -14,7 +14,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
 
 from .errors import ModelLoadError
-from .presets import PRESETS, Preset, get_preset
+from .presets import CHECKPOINT_SUFFIXES, PRESETS, Preset, check_config, get_preset
 from .schedulers import make_scheduler
 from .tokenizer import byte_level_clip_tokenizer
 
@@ -143,6 +143,7 @@ def load_model(spec: str, *, random_weights: bool = False, seed: int = 0, allow_
     allow_pickle: allow `.ckpt` pickles (loaded with weights_only=True); off by default.
     config: for a single checkpoint file, the preset whose architecture it has (auto-detected if None).
     """
+    check_config(spec, config)
     preset = get_preset(spec)
     path = Path(spec).expanduser()
     if random_weights:
@@ -156,7 +157,7 @@ def load_model(spec: str, *, random_weights: bool = False, seed: int = 0, allow_
         model = build_random(preset, seed, with_safety_checker=safety_checker)  # tiny: random by design
     elif path.is_dir():
         model = _load_folder(path, path.name, "folder", None)
-    elif path.suffix in (".safetensors", ".ckpt", ".pt", ".bin", ".pth"):
+    elif path.suffix in CHECKPOINT_SUFFIXES:
         if not path.is_file():
             raise ModelLoadError(f"model: checkpoint file {path} does not exist")
         from .single_file import load_single_file

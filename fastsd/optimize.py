@@ -112,17 +112,27 @@ def as_model(model) -> SDModel:
     raise InvalidParameter("model", type(model).__name__, "an SDModel, a StableDiffusionPipeline or a model name")
 
 
-def optimize(model, config: OptimizeConfig | None = None, *, profile: str | None = None, **flags) -> Engine:
-    """Build the engine for `model` (its modules are moved and changed in place: the engine owns them).
-    `profile` ("exact", "fast", "fastest") picks the flags for the device; `flags` override either."""
+def config_from(config: OptimizeConfig | None, profile: str | None, flags: dict,
+                what: str = "optimize") -> OptimizeConfig:
+    """The config of `optimize(model, config, profile=..., **flags)` (and of `accelerate`), not yet validated:
+    `config` or the profile's flags for the device, then `flags` over them."""
     unknown = set(flags) - {f.name for f in fields(OptimizeConfig)}
     if unknown:
-        raise InvalidParameter("optimize flags", sorted(unknown), ", ".join(f.name for f in fields(OptimizeConfig)))
+        raise InvalidParameter(f"{what} flags", sorted(unknown), ", ".join(f.name for f in fields(OptimizeConfig)))
+    flags = dict(flags)
     if profile is not None:
         if config is not None:
             raise InvalidParameter("profile", profile, "either a profile or a config, not both")
         config = OptimizeConfig.from_profile(profile, device=flags.pop("device", "auto"))
-    config = replace(config or OptimizeConfig(), **flags).validated()
+    if config is not None and not isinstance(config, OptimizeConfig):
+        raise InvalidParameter("config", type(config).__name__, "a fastsd.OptimizeConfig")
+    return replace(config or OptimizeConfig(), **flags)
+
+
+def optimize(model, config: OptimizeConfig | None = None, *, profile: str | None = None, **flags) -> Engine:
+    """Build the engine for `model` (its modules are moved and changed in place: the engine owns them).
+    `profile` ("exact", "fast", "fastest") picks the flags for the device; `flags` override either."""
+    config = config_from(config, profile, flags).validated()
     sd = as_model(model)
     backend = lookup_backend(config.backend)(sd, config)
     return Engine(sd, backend, config)

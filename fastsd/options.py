@@ -22,6 +22,17 @@ class OneLineParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+class Once(argparse.Action):
+    """An option that takes one value: given twice, it is an error rather than the last one silently winning."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = namespace.__dict__.setdefault("_given_once", set())
+        if self.dest in seen:
+            parser.error(f"argument {option_string}: given twice; give it once ({self.help})")
+        seen.add(self.dest)
+        setattr(namespace, self.dest, values)
+
+
 def add_model_source(g, default: str | None = None) -> None:
     """Where a model comes from (--model, --random-weights, --config, --allow-pickle): every command's."""
     from .presets import DEFAULT_MODEL
@@ -79,7 +90,7 @@ def generation_options() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, help="pixels, a multiple of 8 in 64..2048 (default: the model's size)")
     g.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed+i")
     g.add_argument("--scheduler", help="pndm | ddim | euler | euler-ancestral | dpm++ | lms (default: the model's)")
-    g.add_argument("--negative", default=None, help="negative prompt")
+    g.add_argument("--negative", default=None, action=Once, help="one negative prompt, for every prompt")
     g.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
     return p
 
@@ -101,7 +112,10 @@ def optimize_config(args):
 def check_generation_args(args) -> None:
     """Everything a user can get wrong about a generation, checked before a model is loaded."""
     from . import validation as check
+    from .presets import check_config
     from .schedulers import check_scheduler
+    if getattr(args, "config", None) is not None:
+        check_config(args.model, args.config)
     for p in getattr(args, "prompt", None) or []:
         check.prompts(p)
     if args.steps is not None:

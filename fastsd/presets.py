@@ -104,6 +104,23 @@ def get_preset(name: str) -> Preset | None:
     return None
 
 
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin", ".pth")
+
+
+def check_config(model: str, config: str | None) -> None:
+    """--config names the architecture of a single checkpoint file; beside anything else (a preset, a
+    folder, a hub id, which carry their own) it would be ignored, so it is an error instead."""
+    if config is None:
+        return
+    from .errors import InvalidParameter
+    if get_preset(config) is None:
+        raise InvalidParameter("config", config, "a preset name: " + ", ".join(PRESETS))
+    if Path(model).suffix not in CHECKPOINT_SUFFIXES:
+        raise InvalidParameter("config", config, f"only with --model set to a single checkpoint file "
+                                                 f"({', '.join(CHECKPOINT_SUFFIXES)}); {model!r} carries its own "
+                                                 "architecture")
+
+
 PACKAGED_MODELS = Path(__file__).parent / "models"
 
 

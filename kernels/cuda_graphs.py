@@ -14,6 +14,11 @@ capture under `torch.cuda.graph`, then per call `copy_` the new inputs into the 
 The output tensor of a replay is overwritten by the next replay of the same graph, so by default the
 runner returns a clone (`clone_output=True`); pass False to get the static output when the caller
 consumes it before the next call.
+
+Capture and replay run with the inputs' device made current (`on_device`): a capture records only the
+current device's stream, so with `cuda:1` and device 0 current the graph came out empty and every replay
+did nothing. When a capture runs out of memory, the cached graphs are dropped (their pools freed) and the
+capture is tried once more; if that fails too, that shape runs eagerly from then on.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
+
+from .device_guard import on_device
 
 logger = logging.getLogger("fastsd.kernels")
 
@@ -56,18 +63,25 @@ class CapturedGraph:
 
 
 def capture_cuda_graph(fn: UNetFn, example_inputs: tuple[torch.Tensor, ...], warmup: int = 3) -> CapturedGraph:
-    """Capture `fn(*static_inputs)` in a torch.cuda.CUDAGraph (the documented recipe)."""
-    static_inputs = tuple(t.clone() for t in example_inputs)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side), torch.no_grad():
-        for _ in range(warmup):
-            fn(*static_inputs)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(graph):
-        static_output = fn(*static_inputs)
-    return CapturedGraph(static_inputs, graph.replay, static_output, graph)
+    """Capture `fn(*static_inputs)` in a torch.cuda.CUDAGraph (the documented recipe), on the inputs' device."""
+    device = example_inputs[0].device
+    with on_device(device):  # the side stream, the capture stream and the graph all belong to `device`
+        static_inputs = tuple(t.clone() for t in example_inputs)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(warmup):
+                fn(*static_inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph):
+            static_output = fn(*static_inputs)
+
+    def replay():
+        with on_device(device):  # replay launches on the current device's stream
+            graph.replay()
+
+    return CapturedGraph(static_inputs, replay, static_output, graph)
 
 
 def unet_callable(unet) -> UNetFn:
@@ -106,6 +120,8 @@ class CUDAGraphRunner:
         self.captures = 0
         self.evictions = 0
         self.replays = 0
+        self.eager_calls = 0
+        self._eager_keys: set[tuple] = set()  # shapes whose capture ran out of memory twice
 
     @staticmethod
     def key(sample: torch.Tensor, encoder_hidden_states: torch.Tensor) -> tuple:
@@ -123,6 +139,10 @@ class CUDAGraphRunner:
     def __call__(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         t = self._timestep(timestep, sample)
         key = self.key(sample, encoder_hidden_states)
+        if key in self._eager_keys:
+            self.eager_calls += 1
+            with torch.no_grad():
+                return self.fn(sample, t, encoder_hidden_states)
         entry = self._graphs.get(key)
         if entry is None:
             while len(self._graphs) >= self.max_graphs:
@@ -131,7 +151,11 @@ class CUDAGraphRunner:
                 logger.info("CUDA graph cache full (%d): evicted %s", self.max_graphs, old_key)
                 del old
             logger.info("capturing a CUDA graph for %s", key)
-            entry = self.capture_fn(self.fn, (sample, t, encoder_hidden_states))
+            entry = self._capture(key, (sample, t, encoder_hidden_states))
+            if entry is None:
+                self.eager_calls += 1
+                with torch.no_grad():
+                    return self.fn(sample, t, encoder_hidden_states)
             self._graphs[key] = entry
             self.captures += 1
         else:
@@ -143,5 +167,29 @@ class CUDAGraphRunner:
         out = entry.static_output
         return out.clone() if self.clone_output else out
 
+    def _capture(self, key: tuple, inputs: tuple) -> Optional[CapturedGraph]:
+        """Capture a graph; on running out of memory, drop every cached graph (freeing their pools) and try
+        once more; None (run eagerly from now on) when that fails too."""
+        try:
+            return self.capture_fn(self.fn, inputs)
+        except torch.cuda.OutOfMemoryError as first:
+            dropped = len(self._graphs)
+            self._graphs.clear()
+            self.evictions += dropped
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            logger.warning("CUDA graph capture for %s ran out of memory (%s); dropped %d cached graph(s), retrying",
+                           key, str(first).splitlines()[0][:120] if str(first) else "OOM", dropped)
+            try:
+                return self.capture_fn(self.fn, inputs)
+            except torch.cuda.OutOfMemoryError:
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                self._eager_keys.add(key)
+                logger.warning("CUDA graph capture for %s ran out of memory again: that shape runs without a "
+                               "graph from now on", key)
+                return None
+
     def clear(self) -> None:
         self._graphs.clear()
+        self._eager_keys.clear()

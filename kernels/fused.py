@@ -18,6 +18,7 @@ state_dict keys and isinstance checks stay as they were; `remove_fused_ops` swit
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
 import torch.nn as nn
@@ -33,8 +34,10 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # -- availability -------------------------------------------------------------------------------
 def fused_op_available(op: str, device, dtype) -> tuple[bool, str]:
-    """Whether the TRITON kernel of `op` ("groupnorm_silu" or "geglu") can run on device/dtype.
-    (The torch fallback always can.)"""
+    """Whether the TRITON kernel of `op` ("groupnorm_silu" or "geglu") can run on device/dtype, decided
+    (like the attention backends) by a tiny probe call checked against torch and cached: Triton builds
+    its launcher with a C compiler and the Python headers on first use, which a slim image may lack.
+    (The torch fallback always can run.)"""
     if op not in ("groupnorm_silu", "geglu"):
         raise ValueError(f"unknown fused op {op!r}; known: groupnorm_silu, geglu")
     device = as_device(device)
@@ -43,12 +46,56 @@ def fused_op_available(op: str, device, dtype) -> tuple[bool, str]:
         return False, reason
     if dtype not in _TRITON_DTYPES:
         return False, f"the triton {op} kernel takes fp16, bf16 or fp32, not {dtype}"
-    module = _kernel(op)
+    key = (op, device.type, device.index, dtype)
+    with _probe_lock:
+        if key in _probe_cache:
+            return _probe_cache[key]
+    result = _probe(op, device, dtype, reason)
+    with _probe_lock:
+        _probe_cache[key] = result
+    return result
+
+
+_probe_cache: dict[tuple, tuple[bool, str]] = {}
+_probe_lock = threading.Lock()
+
+
+def clear_probe_cache() -> None:
+    with _probe_lock:
+        _probe_cache.clear()
+
+
+def _probe(op: str, device: torch.device, dtype: torch.dtype, reason: str) -> tuple[bool, str]:
+    try:
+        module = _kernel(op)
+    except Exception as exc:  # e.g. a Triton release whose API the kernel module does not match
+        return False, f"the triton {op} kernel module failed to import: {type(exc).__name__}: {_first_line(exc)}"
     if device.type == "cpu" and not module.INTERPRETED:
         return False, "TRITON_INTERPRET=1 was not set before the triton kernel module was imported"
     if device.type == "cuda" and module.INTERPRETED:
         return False, "the triton kernels were imported in interpreter mode (TRITON_INTERPRET=1)"
+    try:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        if op == "groupnorm_silu":
+            x = torch.randn(1, 4, 3, 3, generator=g).to(device=device, dtype=dtype)
+            w = torch.randn(4, generator=g).to(device=device, dtype=dtype)
+            b = torch.randn(4, generator=g).to(device=device, dtype=dtype)
+            got = module.groupnorm_silu(x, 2, w, b, 1e-5)
+            want = groupnorm_silu_torch(x.float(), 2, w.float(), b.float(), 1e-5)
+        else:
+            x = torch.randn(3, 8, generator=g).to(device=device, dtype=dtype)
+            got = module.geglu(x)
+            want = geglu_torch(x.float())
+        err = (got.float() - want).abs().max().item()
+    except Exception as exc:  # no C compiler, no Python headers, no driver, a PTX error: torch it is
+        return False, f"triton {op} probe call failed: {type(exc).__name__}: {_first_line(exc)}"
+    if not err < 5e-2:
+        return False, f"triton {op} probe call gave wrong results (max error {err:.3g})"
     return True, reason
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [""])[0][:200]
 
 
 def _kernel(op: str):

@@ -129,8 +129,8 @@ def available_backends(device, dtype) -> list[str]:
 def choose_attention(name: str, device, dtype) -> str:
     """Resolve `name` ("auto" or a backend name) to a backend that can run on `device` with `dtype`.
 
-    "auto" takes the first available backend in `AUTO_PREFERENCE[device.type]` and logs, once per
-    (device, dtype), what it picked and why each other backend was passed over. A backend named
+    "auto" takes the first available backend in `AUTO_PREFERENCE[device.type]` (checking none ranked
+    below it) and logs, once per (device, dtype), what it picked and why each other backend was passed over. A backend named
     explicitly that cannot run raises `BackendUnavailable` (a ValueError) naming the backend, the
     reason, and the backends that can run.
     """
@@ -143,16 +143,20 @@ def choose_attention(name: str, device, dtype) -> str:
             raise BackendUnavailable(name, reason, available_backends(device, dtype), device, dtype)
         return name
 
-    status = backend_status(device, dtype)
-    order = AUTO_PREFERENCE.get(device.type, _DEFAULT_PREFERENCE)
-    order = [n for n in order if n in status] + [n for n in status if n not in order]
+    # Backends are checked in preference order and checking stops at the first that can run: a check
+    # can cost seconds (the triton probe compiles and autotunes, xformers loads its extensions), and
+    # nothing ranked below the winner would be used anyway.
+    preferred = AUTO_PREFERENCE.get(device.type, _DEFAULT_PREFERENCE)
+    with _LOCK:
+        registered = list(_REGISTRY)
+    order = [n for n in preferred if n in registered] + [n for n in registered if n not in preferred]
+    status: dict[str, tuple[bool, str]] = {}
     chosen = None
-    for candidate in order:
-        if status[candidate][0] and (candidate in AUTO_PREFERENCE.get(device.type, _DEFAULT_PREFERENCE)):
+    for candidate in order:  # preferred ones first; the rest only when none of those can run
+        status[candidate] = get_backend(candidate).available(device, dtype)
+        if status[candidate][0]:
             chosen = candidate
             break
-    if chosen is None:  # nothing preferred can run; fall back to anything that can
-        chosen = next((n for n in order if status[n][0]), None)
     if chosen is None:
         raise BackendUnavailable(
             "auto", "no registered attention backend can run here", [], device, dtype
@@ -165,17 +169,15 @@ def choose_attention(name: str, device, dtype) -> str:
         for other in order:
             if other == chosen:
                 continue
-            ok, reason = status[other]
-            if ok and other in AUTO_PREFERENCE.get(device.type, _DEFAULT_PREFERENCE):
-                passed.append(f"{other}: available but ranked below {chosen}")
-            elif ok:
-                passed.append(f"{other}: available but not used automatically on {device.type}")
+            if other in status:
+                passed.append(f"{other}: {status[other][1]}")
+            elif other in preferred:
+                passed.append(f"{other}: not checked (ranked below {chosen})")
             else:
-                passed.append(f"{other}: {reason}")
+                passed.append(f"{other}: not checked (not used automatically on {device.type})")
         logger.info(
             "attention 'auto' on %s/%s chose %r (preference %s); passed over: %s",
-            device, str(dtype).replace("torch.", ""), chosen,
-            " > ".join(AUTO_PREFERENCE.get(device.type, _DEFAULT_PREFERENCE)),
+            device, str(dtype).replace("torch.", ""), chosen, " > ".join(preferred),
             "; ".join(passed) or "none",
         )
     return chosen
@@ -209,6 +211,7 @@ def _ensure_builtin() -> None:
 def _reset_for_tests() -> None:
     """Forget the 'logged once' memory and cached availability probes."""
     _logged_choices.clear()
-    from . import xformers, triton_attention
+    from . import fused, xformers, triton_attention
     xformers.clear_probe_cache()
     triton_attention.clear_probe_cache()
+    fused.clear_probe_cache()

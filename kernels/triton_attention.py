@@ -6,8 +6,9 @@ correct but slow, for tests; `auto` never picks it on CPU). Availability is deci
 call, and cached per (device, dtype).
 
 The kernel keeps scores, the running max/sum and the output accumulator in fp32 for every input dtype,
-so `upcast` costs nothing here. It takes no attention mask and head dims up to 256; for anything else
-the attention processor falls back to `sdpa`.
+so `upcast` costs nothing here. It takes no attention mask and head dims up to 256, and only launch
+configs that fit the GPU's shared memory without spilling (triton_attention_configs.py); for anything
+else (a mask, head dim 160 in fp32, ...) the attention processor falls back to `sdpa` for that call.
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ def _supports(q, k, v, attn_mask):
         return False, f"head dim {q.shape[-1]} > 256"
     if q.device.type == "cpu" and q.dtype == torch.float64:
         return False, "float64"
+    if q.device.type == "cuda":  # e.g. head dim 160 in fp32: no config fits the GPU's shared memory
+        why = _kernel_module().unusable_reason(q, k.shape[2])
+        if why:
+            return False, why
     return True, ""
 
 

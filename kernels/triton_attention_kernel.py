@@ -10,20 +10,27 @@ so the head dim is padded to BLOCK_D (40->64, 80->128, 160->256) and loads/store
 Keys past the end of the last tile get -inf scores before the row max; query rows past the end are
 computed on zeros and not stored.
 
+On a GPU the autotuner times only the configs of triton_attention_configs.py that fit the device's
+shared memory (compiled sizes, no register spills); a call for which none fits raises NoUsableConfig,
+and the backend's `supports` check sends such calls to another backend first. Launches run with the
+tensors' device made current (a Triton launch uses the current device's stream).
+
 Whether this module runs compiled (GPU) or interpreted (TRITON_INTERPRET=1, CPU tensors) is fixed when
 it is imported: triton.jit reads TRITON_INTERPRET at decoration time.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import triton
 import triton.language as tl
-from triton import knobs
 
-INTERPRETED: bool = bool(knobs.runtime.interpret)
+from .device_guard import on_device
+from .triton_attention_configs import ARCH_SMEM_LIMIT, CONFIGS, padded_head_dim, usable_configs
+from .triton_mode import is_interpreted
 
 LOG2E = 1.4426950408889634
 
@@ -95,43 +102,76 @@ def _attn_fwd(
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    # The fp32 accumulator is BLOCK_M x BLOCK_D registers per program: keep it within 128 x 128.
+INTERPRETED: bool = is_interpreted(_attn_fwd)  # fixed when triton.jit decorated it
+
+
+def _prune_configs(configs, named_args, *, smem_limit: int, **kwargs):
+    # Shared memory and register limits first (triton_attention_configs), then no tile wider than the keys.
     block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+    dot_fp32 = bool(kwargs.get("DOT_FP32", named_args.get("DOT_FP32", False)))
     n = named_args.get("N", kwargs.get("N", 4096))
-    kept = []
-    for c in configs:
-        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-        if bm * block_d > 128 * 128:
-            continue
-        if bn > max(32, triton.next_power_of_2(n)):  # 77 keys: no 128-wide key tiles
-            continue
-        kept.append(c)
-    return kept or configs[:1]
+    usable = set(usable_configs(block_d, dot_fp32, smem_limit, n_keys=n))
+    kept = [c for c in configs
+            if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in usable]
+    if not kept:  # flash_attention checks first; reaching this is a bug, not a slow path
+        raise NoUsableConfig(f"no triton attention config fits BLOCK_D={block_d} (dot_fp32={dot_fp32}) "
+                             f"in {smem_limit // 1024} KB of shared memory")
+    return kept
+
+
+class NoUsableConfig(ValueError):
+    """No launch config of the kernel fits this GPU at this head dim and dtype (use another backend)."""
 
 
 # Fixed config under the interpreter: one small tile keeps CPU tests fast and still exercises
 # partial query blocks (M not a multiple of 64) and masked key tails (77 keys -> 64 + 13).
 INTERPRETER_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64}
 
-if INTERPRETED:
-    _attn_fwd_tuned = None
-else:
-    _attn_fwd_tuned = triton.autotune(
-        configs=[
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in [
-                (128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 4), (64, 64, 4, 3),
-                (64, 32, 4, 4), (64, 128, 8, 2), (128, 128, 8, 2), (64, 64, 8, 2),
-            ]
-        ],
-        key=["M", "N", "BLOCK_D", "DOT_FP32"],
-        prune_configs_by={"early_config_prune": _prune_configs},
-    )(_attn_fwd)
+# One autotuner per shared-memory limit: its configs are pruned for that limit, and its cache of timings
+# (keyed on shapes, not devices) is never shared between GPUs of different kinds.
+_tuned: dict[int, object] = {}
+ALL_CONFIGS = sorted({cfg for listed in CONFIGS.values() for cfg, _ in listed})
 
 
-def padded_head_dim(d: int) -> int:
-    return max(16, triton.next_power_of_2(d))
+def _tuned_kernel(smem_limit: int):
+    if smem_limit not in _tuned:
+        _tuned[smem_limit] = triton.autotune(
+            configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+                     for bm, bn, w, s in ALL_CONFIGS],
+            key=["M", "N", "BLOCK_D", "DOT_FP32"],
+            prune_configs_by={"early_config_prune": functools.partial(_prune_configs, smem_limit=smem_limit)},
+        )(_attn_fwd)
+    return _tuned[smem_limit]
+
+
+_smem_limits: dict[int, int] = {}
+
+
+def device_smem_limit(device: torch.device) -> int:
+    """Shared memory per block the CUDA device allows (opt-in maximum), asked once per device."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _smem_limits:
+        props = torch.cuda.get_device_properties(index)
+        limit = getattr(props, "shared_memory_per_block_optin", 0)
+        if not limit:  # older torch: the table by compute capability (sm75's 64 KB when unknown)
+            limit = ARCH_SMEM_LIMIT.get(props.major * 10 + props.minor, ARCH_SMEM_LIMIT[75])
+        _smem_limits[index] = int(limit)
+    return _smem_limits[index]
+
+
+def _dot_fp32(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and INTERPRETED)
+
+
+def unusable_reason(q: torch.Tensor, n_keys: int) -> str:
+    """'' when some config can run this call on q's GPU, else why none can (the caller uses another backend)."""
+    if INTERPRETED or q.device.type != "cuda":
+        return ""
+    block_d = padded_head_dim(q.shape[-1])
+    if usable_configs(block_d, _dot_fp32(q.dtype), device_smem_limit(q.device), n_keys):
+        return ""
+    return (f"no triton attention config fits head dim {q.shape[-1]} (padded to {block_d}) in {q.dtype} "
+            f"within {device_smem_limit(q.device) // 1024} KB shared memory without spilling registers")
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
@@ -150,7 +190,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     if out is None:
         out = torch.empty((B, M, H, D), device=q.device, dtype=q.dtype).transpose(1, 2)
     block_d = padded_head_dim(D)
-    dot_fp32 = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and INTERPRETED)
+    dot_fp32 = _dot_fp32(q.dtype)
     # fp32 tiles follow torch's matmul setting (exact "ieee" unless TF32 is allowed); fp16/bf16 tiles
     # take Triton's default (the setting only matters for fp32 operands).
     precision = "tf32"
@@ -166,9 +206,15 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
         grid = (triton.cdiv(M, cfg["BLOCK_M"]), B * H)
         _attn_fwd[grid](*args, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=block_d,
                         DOT_FP32=dot_fp32, INPUT_PRECISION=precision)
-    else:
-        def grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]), B * H)
+        return out
+    why = unusable_reason(q, N)
+    if why:
+        raise NoUsableConfig(why)
 
-        _attn_fwd_tuned[grid](*args, BLOCK_D=block_d, DOT_FP32=dot_fp32, INPUT_PRECISION=precision)
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]), B * H)
+
+    with on_device(q.device):  # Triton launches on the current device: make it q's
+        _tuned_kernel(device_smem_limit(q.device))[grid](*args, BLOCK_D=block_d, DOT_FP32=dot_fp32,
+                                                         INPUT_PRECISION=precision)
     return out

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton import knobs
 
-INTERPRETED: bool = bool(knobs.runtime.interpret)
+from .device_guard import on_device
+from .triton_mode import is_interpreted
 
 
 @triton.jit
@@ -28,6 +28,9 @@ def _geglu_fwd(X, Y, n_rows, F, stride_xr, stride_yr, BLOCK_R: tl.constexpr, BLO
     gate = tl.load(X + row_off * stride_xr + F + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     gelu = 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476))
     tl.store(Y + row_off * stride_yr + cols[None, :], (a * gelu).to(Y.dtype.element_ty), mask=mask)
+
+
+INTERPRETED: bool = is_interpreted(_geglu_fwd)  # fixed when triton.jit decorated it
 
 
 def geglu(x: torch.Tensor) -> torch.Tensor:
@@ -47,5 +50,6 @@ def geglu(x: torch.Tensor) -> torch.Tensor:
         else:
             block_r, block_f = 4, min(1024, triton.next_power_of_2(f))
         grid = (triton.cdiv(rows, block_r), triton.cdiv(f, block_f))
-        _geglu_fwd[grid](x2, y, rows, f, x2.stride(0), y.stride(0), BLOCK_R=block_r, BLOCK_F=block_f)
+        with on_device(x.device):  # Triton launches on the current device: make it x's
+            _geglu_fwd[grid](x2, y, rows, f, x2.stride(0), y.stride(0), BLOCK_R=block_r, BLOCK_F=block_f)
     return y.reshape(*x.shape[:-1], f)

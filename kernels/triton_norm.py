@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton import knobs
 
-INTERPRETED: bool = bool(knobs.runtime.interpret)
+from .device_guard import on_device
+from .triton_mode import is_interpreted
 
 
 @triton.jit
@@ -66,6 +66,9 @@ def _groupnorm_silu_fwd(
         tl.store(Y + base[:, None] + idx[None, :], y.to(Y.dtype.element_ty), mask=m)
 
 
+INTERPRETED: bool = is_interpreted(_groupnorm_silu_fwd)  # fixed when triton.jit decorated it
+
+
 def groupnorm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
                    eps: float = 1e-5, silu: bool = True) -> torch.Tensor:
     """silu(group_norm(x)) for a (N, C, *spatial) tensor; makes x contiguous if it is not."""
@@ -95,8 +98,9 @@ def groupnorm_silu(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None
     w = weight if has_affine else x
     b = bias if has_affine else x
     grid = (triton.cdiv(n_rows, rows),)
-    _groupnorm_silu_fwd[grid](
-        x, y, w, b, n_rows, group_size, hw, C, num_groups, float(eps),
-        APPLY_SILU=silu, HAS_AFFINE=has_affine, ROWS=rows, BLOCK=block, num_warps=num_warps,
-    )
+    with on_device(x.device):  # Triton launches on the current device: make it x's
+        _groupnorm_silu_fwd[grid](
+            x, y, w, b, n_rows, group_size, hw, C, num_groups, float(eps),
+            APPLY_SILU=silu, HAS_AFFINE=has_affine, ROWS=rows, BLOCK=block, num_warps=num_warps,
+        )
     return y

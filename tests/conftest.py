@@ -37,3 +37,50 @@ def tiny_folder(_tiny, tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "tiny-sd"
     _tiny.to_pipeline().save_pretrained(path, safe_serialization=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def shapes_deployment(tmp_path_factory):
+    """One live deployment of the embedded fastsd-shapes model with its web page (`fastsd serve --ui-port`),
+    shared by the web page and batch tests (each serving process costs ~350 MB and seconds of imports)."""
+    import signal
+    import subprocess
+    import sys
+    pytest.importorskip("mii")  # the serving extra
+    from fastsd.serving import common
+    cache = tmp_path_factory.mktemp("mii-shapes")
+    old = os.environ.get("MII_CACHE_PATH")
+    os.environ["MII_CACHE_PATH"] = str(cache)
+    port, ui_port = common.free_port_block(2), common.free_port_block(1)
+    name = f"shapes{os.getpid()}"
+    info = {"name": name, "port": port, "ui_port": ui_port, "cache": cache, "dir": cache / name,
+            "url": f"http://127.0.0.1:{ui_port}/"}
+    argv = ["serve", "--model", "fastsd-shapes", "--deployment", name, "--port", str(port), "--threads", "1",
+            "--max-batch", "4", "--batch-window-ms", "50", "--timeout", "120", "--startup-timeout", "400"]
+    import importlib.util
+    if importlib.util.find_spec("gradio") is not None:  # the ui extra; the batch tests need no page
+        argv += ["--ui-port", str(ui_port)]
+    else:
+        info["url"] = None
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "fastsd.cli", *argv], capture_output=True, text=True,
+                              timeout=450, env=env)
+        if proc.returncode != 0:
+            raise AssertionError(f"fastsd serve failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        yield info
+    finally:
+        state = common.read_json(info["dir"] / "state.json") or {}
+        pids = [state.get("supervisor_pid")] + [c.get("pid") for c in state.get("children", {}).values()]
+        try:
+            if any(p and common.is_ours(p, info["dir"]) for p in pids):
+                from fastsd.serving.deploy import stop
+                stop(name, quiet=True)
+        finally:
+            for p in pids:  # never leave a server behind, whatever happened
+                if p and common.is_ours(p, info["dir"]):
+                    os.kill(p, signal.SIGKILL)
+            if old is None:
+                os.environ.pop("MII_CACHE_PATH", None)
+            else:
+                os.environ["MII_CACHE_PATH"] = old

@@ -21,7 +21,8 @@ from ..errors import InvalidParameter, ModelLoadError
 
 log = logging.getLogger("fastsd")
 
-GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+TRT = "TensorrtExecutionProvider"
+GPU_PROVIDERS = (TRT, "CUDAExecutionProvider")
 _NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
        "tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
@@ -33,6 +34,13 @@ def _import_ort():
         raise ModelLoadError("backend onnxruntime: the onnxruntime package is not installed "
                              "(pip install 'fastsd[onnx]'; one of onnxruntime or onnxruntime-gpu, never both)") from None
     return ort
+
+
+def _session(ort, path, so, providers: list[str], provider_options: list[dict]):
+    # enable_fallback=0: on a provider error onnxruntime would retry with CUDA and CPU and no provider options
+    # at all (TensorRT silently off, device_id dropped so cuda:1 ran on GPU 0); _Graph retries itself instead.
+    return ort.InferenceSession(str(path), so, providers=providers, provider_options=provider_options,
+                                enable_fallback=0)
 
 
 def choose_providers(ort, device: str = "cpu") -> list[str]:
@@ -66,12 +74,27 @@ class _Graph:
         so.log_severity_level = 3
         self.name, self.path = name, path
         try:
-            self.session = ort.InferenceSession(str(path), so, providers=providers, provider_options=provider_options)
+            self.session = _session(ort, path, so, providers, provider_options)
         except Exception as e:  # onnxruntime raises its own exception types
-            raise ModelLoadError(f"model: onnxruntime cannot load {path}: {type(e).__name__}: "
-                                 f"{str(e).splitlines()[0][:300]}") from e
+            if TRT not in providers or len(providers) == 1:
+                raise ModelLoadError(f"model: onnxruntime cannot load {path}: {type(e).__name__}: "
+                                     f"{str(e).splitlines()[0][:300]}") from e
+            # TensorRT could not start (libraries, an op it lacks): go on with the other providers and
+            # their options, where onnxruntime's own retry would drop every option (device_id among them).
+            log.warning("onnxruntime: TensorRT could not start for %s (%s); using %s", path,
+                        str(e).splitlines()[0][:200], ", ".join(p for p in providers if p != TRT))
+            i = providers.index(TRT)
+            providers, provider_options = providers[:i] + providers[i + 1:], provider_options[:i] + provider_options[i + 1:]
+            try:
+                self.session = _session(ort, path, so, providers, provider_options)
+            except Exception as e2:
+                raise ModelLoadError(f"model: onnxruntime cannot load {path}: {type(e2).__name__}: "
+                                     f"{str(e2).splitlines()[0][:300]}") from e2
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.providers = self.session.get_providers()
+        missing = [p for p in providers if p != "CPUExecutionProvider" and p not in self.providers]
+        if missing:  # onnxruntime-gpu without its CUDA libraries falls back to CPU quietly
+            log.warning("onnxruntime: %s asked for %s but got %s", name, ", ".join(providers), ", ".join(self.providers))
 
     def dtype(self, name: str):
         return _NP.get(self.inputs[name].type, np.float32)
@@ -128,6 +151,7 @@ class OnnxRuntimeBackend:
             raise InvalidParameter("dtype", config.dtype, f"{exported} (the dtype {model.path} was exported in; pass "
                                    f"--dtype {exported}, or re-export with --dtype {config.dtype})")
         self.export_dtype = exported
+        self.export_info = info
         self.dtype = torch.float16 if exported == "fp16" else torch.float32
         self.device = torch.device("cpu")  # the engine's tensors; onnxruntime moves them to its provider
         self.folder = model.path
@@ -140,8 +164,15 @@ class OnnxRuntimeBackend:
         for comp in ("text_encoder", "unet", "vae_decoder"):
             p = paths[comp]
             path = p["gpu"] if gpu and p.get("gpu") else p["cpu"]
-            opts = [self._provider_options(name, comp, config, profiles.get(comp)) for name in self.providers]
-            self.graphs[comp] = _Graph(ort, comp, path, self.providers, opts, threads)
+            providers = self.providers
+            if TRT in providers and self._optimized(comp, p):
+                # onnxruntime's fused contrib ops split the graph: TensorRT would get subgraphs whose inputs have
+                # no shape profiles, which onnxruntime refuses. Those graphs run on CUDA (and CPU) only.
+                providers = [n for n in providers if n != TRT]
+                log.info("onnxruntime: %s is an --optimize graph (onnxruntime contrib ops): CUDA, not TensorRT; "
+                         "export without --optimize for TensorRT", comp)
+            opts = [self._provider_options(name, comp, config, profiles.get(comp)) for name in providers]
+            self.graphs[comp] = _Graph(ort, comp, path, providers, opts, threads)
         if gpu and all(g.providers == ["CPUExecutionProvider"] for g in self.graphs.values()):
             log.warning("onnxruntime: %s are available but every session fell back to CPUExecutionProvider "
                         "(CUDA libraries missing?)", ", ".join(p for p in self.providers if p in GPU_PROVIDERS))
@@ -154,10 +185,33 @@ class OnnxRuntimeBackend:
         except (OSError, ValueError):
             return {}
 
+    def _optimized(self, comp: str, paths: dict) -> bool:
+        """Whether `comp` was written by `fastsd export --optimize` (its graphs hold onnxruntime contrib ops)."""
+        if paths.get("gpu"):
+            return True
+        info = ((self.export_info.get("graphs") or {}).get(comp) or {}).get("model.onnx") or {}
+        return info.get("variant", "plain") != "plain"
+
+    def _trt_cache(self, comp: str) -> str | None:
+        """DIR/trt_cache/<graph>, created: onnxruntime's TensorRT provider makes only the last folder level and
+        fails when the parent is missing. None (engine cache off) when the export folder is read-only."""
+        if self.folder is None:
+            return None
+        folder = self.folder / "trt_cache" / comp
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            log.warning("onnxruntime: cannot create the TensorRT engine cache %s (%s): engines are rebuilt per "
+                        "session", folder, e.strerror or e)
+            return None
+        return str(folder)
+
     def _provider_options(self, provider: str, comp: str, config, profile: dict | None) -> dict:
-        if provider == "TensorrtExecutionProvider":
-            opts = {"trt_engine_cache_enable": "True", "trt_fp16_enable": str(self.export_dtype == "fp16"),
-                    "trt_engine_cache_path": str(self.folder / "trt_cache" / comp)}
+        if provider == TRT:
+            cache = self._trt_cache(comp)
+            opts = {"trt_engine_cache_enable": str(cache is not None), "trt_fp16_enable": str(self.export_dtype == "fp16")}
+            if cache is not None:
+                opts["trt_engine_cache_path"] = cache
             if config.device.startswith("cuda:"):
                 opts["device_id"] = config.device.split(":")[1]
             if profile:

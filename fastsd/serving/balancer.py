@@ -14,8 +14,15 @@ no difference) with an interceptor of our own in place of MII's round-robin:
   for one until their deadline;
 - a probe thread connects to every replica's port four times a second: a replica that stops
   answering is taken out, one that answers again (restarted by the supervisor) is put back;
+- a call in flight on a replica that the probe marks down (its host or network went away, which no
+  connection error reports) is cancelled and sent to another replica;
 - any other status (INVALID_ARGUMENT with the reason, DEADLINE_EXCEEDED, ...) reaches the client
   as the replica sent it (MII's interceptor would turn it into UNKNOWN);
+- each call gets a request id (the caller's `x-request-id` metadata, else a new one), passed to the
+  replica and sent back in the trailing metadata, and one access-log line; its status, latency
+  (end to end, and the replica's queue wait and engine time) and images go into balancer.json,
+  which `fastsd status` and the Prometheus exporter (metrics.py) read; the deployment's own probes
+  (`fastsd-probe` metadata) are answered but not counted;
 - every call has a deadline: the client's, capped by the deployment's per-request timeout;
 - Terminate (what `mii.legacy.terminate(NAME)` sends) marks the deployment as stopping, so the
   supervisor restarts nothing and takes every process down, then forwards Terminate to each replica
@@ -23,6 +30,7 @@ no difference) with an interceptor of our own in place of MII's round-robin:
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -30,9 +38,12 @@ import threading
 import time
 from pathlib import Path
 
-from .common import connect_host, graceful_signals, port_answers, read_json, watch_parent, write_json
+from . import logs, wire
+from .common import (LATENCY_BOUNDS, connect_host, graceful_signals, hist_new, hist_observe, port_answers, read_json,
+                     watch_parent, write_json)
 
 log = logging.getLogger("fastsd.serving.balancer")
+TASKS = {"Txt2ImgReply": "text-to-image", "InpaintingReply": "text-to-image-inpainting"}  # MII's method -> task
 CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
                    ("grpc.max_reconnect_backoff_ms", 500)]
 
@@ -50,8 +61,15 @@ class HealthAwareBalancer:
         self.lock = threading.Lock()
         self.stubs = [self._stub(i) for i in range(len(self.targets))]
         self.up = [port_answers(p, h, 0.3) for h, p in self.targets]
-        self.stats = {"requests": 0, "ok": 0, "failovers": 0, "waited_for_replica": 0,
-                      "errors": {}, "forwarded": [0] * len(self.targets), "marked_down": [0] * len(self.targets)}
+        self.stats = {"requests": 0, "ok": 0, "failovers": 0, "waited_for_replica": 0, "in_flight": 0, "images": 0,
+                      "errors": {}, "codes": {}, "forwarded": [0] * len(self.targets),
+                      "marked_down": [0] * len(self.targets),
+                      "latency": {k: hist_new(LATENCY_BOUNDS) for k in ("queue", "engine", "total")}}
+        previous = read_json(ddir / "balancer.json") or {}  # counters run on across restarts, as a replica's do
+        for k, v in previous.items():
+            if k in self.stats and k != "in_flight" and type(v) is type(self.stats[k]) \
+                    and (not isinstance(v, list) or len(v) == len(self.targets)):
+                self.stats[k] = v
         self._stop = threading.Event()
         threading.Thread(target=self._probe, name="probe", daemon=True).start()
 
@@ -96,18 +114,41 @@ class HealthAwareBalancer:
     # -- calls ---------------------------------------------------------------------------------
     def forward(self, method: str, request, context):
         grpc = self.grpc
+        meta = wire.metadata(context)
+        probe = wire.PROBE in meta  # the deployment's own readiness check: answered, never counted
+        rid = wire.request_id(meta.get(wire.REQUEST_ID))
+        out_meta = [(wire.REQUEST_ID, rid)] + ([(wire.PROBE, "1")] if probe else [])
+        task = TASKS.get(method, method)
+        t_start = time.monotonic()
         remaining = context.time_remaining()
-        deadline = time.monotonic() + min(self.timeout, remaining if remaining is not None else self.timeout)
-        self._count("requests")
+        deadline = t_start + min(self.timeout, remaining if remaining is not None else self.timeout)
+        if not probe:
+            with self.lock:
+                self.stats["requests"] += 1
+                self.stats["in_flight"] += 1
+        code, trail, replica = grpc.StatusCode.UNKNOWN, {}, None  # what is counted if routing itself fails
+        try:
+            reply, code, detail, trail, replica = self._route(method, request, deadline, out_meta)
+            context.set_trailing_metadata([(wire.REQUEST_ID, rid), *[(k, v) for k, v in trail.items()
+                                                                     if k.startswith("fastsd-")]])
+            if code != grpc.StatusCode.OK:
+                context.abort(code, detail)
+            return reply
+        finally:
+            if not probe:
+                self._record(task, code, time.monotonic() - t_start, trail, replica, rid, request)
+
+    def _route(self, method, request, deadline, out_meta):
+        """-> (reply, code, details, the replica's trailing metadata, replica index)."""
+        grpc = self.grpc
         tried: set[int] = set()
         waited = False
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                self._error(grpc.StatusCode.DEADLINE_EXCEEDED)
-                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                              f"no reply within the deployment's timeout ({self.timeout:g} s)" if tried or not waited
-                              else "no replica of the deployment came up before the request's deadline")
+                return None, grpc.StatusCode.DEADLINE_EXCEEDED, (
+                    f"no reply within the deployment's timeout ({self.timeout:g} s)" if tried or not waited
+                    else "no replica of the deployment came up before the request's deadline"), {}, None
             i = self._pick(tried)
             if i is None:  # every replica is down or restarting: wait for one
                 if not waited:
@@ -116,20 +157,69 @@ class HealthAwareBalancer:
                 time.sleep(min(0.1, max(0.0, left)))
                 continue
             tried.add(i)
+            call = getattr(self.stubs[i], method).future(request, timeout=left, metadata=out_meta)
+            while not call.done():
+                if not self.up[i]:  # the probe lost the replica (its host or network went away)
+                    call.cancel()
+                    break
+                try:
+                    call.result(timeout=0.1)
+                except (grpc.FutureTimeoutError, grpc.FutureCancelledError, grpc.RpcError):
+                    pass  # the outcome is read below
             try:
-                reply = getattr(self.stubs[i], method)(request, timeout=left)
+                reply = call.result()
+            except grpc.FutureCancelledError:
+                self._count("failovers")
+                log.warning("replica %d went down during a call; sending it to another", i)
+                continue
             except grpc.RpcError as e:
                 code = e.code()
-                if code == grpc.StatusCode.UNAVAILABLE:
-                    self._set_up(i, False, e.details() or "unavailable")
+                if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                    self._set_up(i, False, e.details() or code.name)
                     self._count("failovers")
                     continue
-                self._error(code)
-                context.abort(code, e.details() or code.name)
+                return None, code, e.details() or code.name, wire.trailing(e), i
             with self.lock:
                 self.stats["forwarded"][i] += 1
-                self.stats["ok"] += 1
-            return reply
+            return reply, grpc.StatusCode.OK, "", wire.trailing(call), i
+
+    def refused(self, method: str, context):
+        """A call whose bytes are not the method's message (answered INVALID_ARGUMENT): counted too."""
+        meta = wire.metadata(context)
+        if wire.PROBE in meta:
+            return
+        rid = wire.request_id(meta.get(wire.REQUEST_ID))
+        context.set_trailing_metadata([(wire.REQUEST_ID, rid)])
+        with self.lock:
+            self.stats["requests"] += 1
+            self.stats["in_flight"] += 1
+        self._record(TASKS.get(method, method), self.grpc.StatusCode.INVALID_ARGUMENT, 0.0, {}, None, rid, None)
+
+    def _record(self, task, code, seconds, trail, replica, rid, request):
+        name = code.name if hasattr(code, "name") else str(code)
+        images = _number(trail.get(wire.IMAGES), int) if name == "OK" else 0
+        queue_ms, engine_ms = _number(trail.get(wire.QUEUE_MS), float), _number(trail.get(wire.ENGINE_MS), float)
+        with self.lock:
+            s = self.stats
+            s["in_flight"] -= 1
+            per_task = s["codes"].setdefault(task, {})
+            per_task[name] = per_task.get(name, 0) + 1
+            if name == "OK":
+                s["ok"] += 1
+                s["images"] += images or 0
+                if queue_ms is not None and engine_ms is not None:
+                    hist_observe(s["latency"]["queue"], queue_ms / 1000)
+                    hist_observe(s["latency"]["engine"], engine_ms / 1000)
+            else:
+                s["errors"][name] = s["errors"].get(name, 0) + 1
+            hist_observe(s["latency"]["total"], seconds)
+        kw = _kwargs(request)
+        h, w = kw.get("height"), kw.get("width")
+        logs.access(request_id=rid, task=task, prompts=len(getattr(request, "prompt", ()) or ()),
+                    size=logs.size(w, h), steps=kw.get("num_inference_steps", "default"), images=images or 0,
+                    status=name, replica=replica if replica is not None else "-",
+                    queue_ms=queue_ms if queue_ms is not None else "-",
+                    engine_ms=engine_ms if engine_ms is not None else "-", total_ms=seconds * 1000)
 
     def terminate(self):
         """MII's Terminate: mark stopping (the supervisor then restarts nothing), tell the replicas."""
@@ -147,14 +237,29 @@ class HealthAwareBalancer:
         with self.lock:
             self.stats[key] += 1
 
-    def _error(self, code):
-        with self.lock:
-            self.stats["errors"][code.name] = self.stats["errors"].get(code.name, 0) + 1
-
     def snapshot(self) -> dict:
         with self.lock:
-            return {**{k: (dict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v)
-                       for k, v in self.stats.items()}, "up": list(self.up)}
+            return {**json.loads(json.dumps(self.stats)), "up": list(self.up)}  # a deep copy
+
+
+def _number(text, kind):
+    try:
+        return kind(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def _kwargs(request) -> dict:
+    """The request's query keywords for the access log; never raises (the request may be anything)."""
+    out = {}
+    try:
+        for k, val in request.query_kwargs.items():
+            which = val.WhichOneof("oneof_values")
+            if which and k in ("height", "width", "num_inference_steps"):
+                out[k] = getattr(val, which) if which != "svalue" else repr(getattr(val, which)[:20])
+    except Exception:  # noqa: BLE001 - logging must not fail a request
+        pass
+    return out
 
 
 def make_interceptor(balancer: HealthAwareBalancer):
@@ -176,9 +281,9 @@ def make_interceptor(balancer: HealthAwareBalancer):
                 def handle(request, context):
                     return balancer.forward(method, request, context)
 
-            return grpc.unary_unary_rpc_method_handler(
-                handle, request_deserializer=next_handler.request_deserializer,
-                response_serializer=next_handler.response_serializer)
+            # bytes that are not the method's message: INVALID_ARGUMENT (gRPC would say INTERNAL)
+            return wire.guarded(handle, next_handler.request_deserializer, next_handler.response_serializer,
+                                on_refused=lambda context: balancer.refused(method, context))
 
     return Interceptor()
 
@@ -186,8 +291,8 @@ def make_interceptor(balancer: HealthAwareBalancer):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ddir = Path(argv[0])
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s balancer %(levelname)s %(message)s")
     spec = read_json(ddir / "spec.json")
+    logs.setup("balancer", spec.get("log_format", "text"))
 
     import grpc
     from concurrent import futures

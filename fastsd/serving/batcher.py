@@ -6,14 +6,17 @@ default calls reach the pipeline one at a time. The replica lifts that lock (see
 concurrent requests reach `BatchingPipeline.__call__` concurrently, each on its own thread. Each
 call validates its request, queues it and blocks on a future; one worker thread takes the oldest
 request, gathers every queued request with the same key (size, steps, scheduler, guidance on/off)
-until `max_batch` images or until `window` seconds after the oldest one arrived, runs them as ONE
-engine call (per-image prompts, negatives, guidance and seeds), and splits the images back.
+until the batch size its `BatchSizer` allows for that kind of request (batch_size.py: measured, or a
+forced number) or until `window` seconds after the oldest one arrived, runs them as ONE engine call
+(per-image prompts, negatives, guidance and seeds), and splits the images back. A batch that may take
+one image does not wait at all.
 
 Per-image seeds make each image the one its request would get alone, up to float rounding of the
 batched GEMMs (~1e-5; at most 1 level of 255 after conversion to uint8).
 """
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -23,6 +26,8 @@ from dataclasses import dataclass, field
 from queue import Empty, Queue
 
 from ..errors import FastSDError
+from .batch_size import BatchSizer
+from .common import BATCH_BOUNDS, hist_new, hist_observe
 from .limits import Limits, Request, parse
 
 log = logging.getLogger("fastsd.serving")
@@ -39,6 +44,8 @@ class Reply:
     nsfw_content_detected: list[bool]
     seeds: list[int] = field(default_factory=list)
     batch_requests: int = 1  # how many requests shared the engine call
+    queue_seconds: float = 0.0   # from arrival to the start of its engine call
+    engine_seconds: float = 0.0  # the engine call it shared
 
 
 @dataclass
@@ -63,18 +70,20 @@ class Stats:
         self.timeouts = 0
         self.errors = 0
         self.busy_seconds = 0.0
+        self.batch_requests_hist = hist_new(BATCH_BOUNDS)  # requests per engine call
+        self.batch_images_hist = hist_new(BATCH_BOUNDS)    # images per engine call
 
     def as_dict(self) -> dict:
         with self.lock:
-            return {k: v for k, v in vars(self).items() if k != "lock"}
+            return {k: (copy.deepcopy(v) if isinstance(v, dict) else v) for k, v in vars(self).items() if k != "lock"}
 
 
 class BatchingPipeline:
     def __init__(self, engine, limits: Limits | None = None, max_batch: int = 8, window: float = 0.02,
-                 on_batch=None):
+                 on_batch=None, sizer: BatchSizer | None = None):
         self.engine = engine
         self.limits = limits or Limits()
-        self.max_batch = max(1, int(max_batch))
+        self.sizer = sizer or BatchSizer.fixed(max_batch)
         self.window = max(0.0, float(window))
         self.stats = Stats()
         self.on_batch = on_batch  # called after each engine call (the replica writes its stats file)
@@ -86,12 +95,19 @@ class BatchingPipeline:
 
     # -- the callable MII hosts -----------------------------------------------------------------
     def __call__(self, prompt=None, negative_prompt=None, **kwargs) -> Reply:
+        return self.handle(prompt, negative_prompt, kwargs)
+
+    def handle(self, prompt, negative_prompt, kwargs: dict, probe: bool = False) -> Reply:
+        """One request as it arrived (kwargs as a dict: a raw gRPC caller may name a keyword `prompt`).
+        A probe (the deployment's own readiness check) is refused like any bad request but not counted."""
         try:
             request = parse(prompt, negative_prompt, kwargs, self.limits, self.engine.model.native_size,
                             from_f32=True)
+            self.sizer.admit(request)
         except ValueError:
-            with self.stats.lock:
-                self.stats.bad_requests += 1
+            if not probe:
+                with self.stats.lock:
+                    self.stats.bad_requests += 1
             raise
         return self.submit(request)
 
@@ -108,6 +124,10 @@ class BatchingPipeline:
             raise RequestTimeout(f"the request did not finish within the deployment's timeout "
                                  f"({self.limits.timeout:g} s)") from None
 
+    def queue_depth(self) -> int:
+        """Requests queued, not yet in an engine call."""
+        return self._queue.qsize() + len(self._waiting)
+
     def close(self):
         self._stop.set()
         self._worker.join(timeout=5)
@@ -120,22 +140,25 @@ class BatchingPipeline:
             except Empty:
                 if self._stop.is_set():
                     return None
-        first = self._waiting.popleft()
+        first = self._waiting.popleft()  # the oldest: arrival order is kept in _waiting, then _queue
         batch, n = [first], first.request.n_images
         key = first.request.key
+        max_batch = self.sizer.batch_for(first.request)
+        if n >= max_batch:
+            return batch
         for job in list(self._waiting):  # queued while the last batch ran
-            if job.request.key == key and n + job.request.n_images <= self.max_batch:
+            if job.request.key == key and n + job.request.n_images <= max_batch:
                 self._waiting.remove(job)
                 batch.append(job)
                 n += job.request.n_images
         window_end = first.arrival + self.window
-        while n < self.max_batch:
+        while n < max_batch:
             remaining = window_end - time.monotonic()
             try:
                 job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
             except Empty:
                 break
-            if job.request.key == key and n + job.request.n_images <= self.max_batch:
+            if job.request.key == key and n + job.request.n_images <= max_batch:
                 batch.append(job)
                 n += job.request.n_images
             else:
@@ -162,7 +185,7 @@ class BatchingPipeline:
         reqs = [j.request for j in batch]
         first = reqs[0]
         guidance = [g for r in reqs for g in r.guidance]
-        t0 = time.perf_counter()
+        t0, started = self.sizer.clock(), time.monotonic()  # the sizer's clock may be a test's; arrival is monotonic
         try:
             result = self.engine.generate(
                 [p for r in reqs for p in r.prompts], [n for r in reqs for n in r.negatives],
@@ -177,13 +200,14 @@ class BatchingPipeline:
             for j in batch:
                 j.future.set_exception(e)
             return
-        elapsed = time.perf_counter() - t0
+        elapsed = self.sizer.clock() - t0
         i = 0
         for j in batch:
             k = j.request.n_images
             j.future.set_result(Reply(result.images[i:i + k], list(result.nsfw_content_detected[i:i + k]),
-                                      result.seeds[i:i + k], len(batch)))
+                                      result.seeds[i:i + k], len(batch), started - j.arrival, elapsed))
             i += k
+        self.sizer.record(first, i, first.steps, elapsed)
         with self.stats.lock:
             s = self.stats
             s.requests += len(batch)
@@ -194,6 +218,8 @@ class BatchingPipeline:
                 s.merged_batches += 1
                 s.merged_requests += len(batch)
             s.max_batch_requests = max(s.max_batch_requests, len(batch))
+            hist_observe(s.batch_requests_hist, len(batch))
+            hist_observe(s.batch_images_hist, i)
             s.max_batch_images = max(s.max_batch_images, i)
         if self.on_batch:
             try:

@@ -3,10 +3,11 @@ MII is imported only by the commands that need it, so `fastsd --help` stays ligh
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 
-from .common import DEFAULT_PORT, TOKEN_ENV
+from .common import DEFAULT_PORT, TOKEN_ENV, ServingError
 
 
 def _gpus(text: str) -> list[int]:
@@ -17,6 +18,18 @@ def _gpus(text: str) -> list[int]:
     if not out or any(g < 0 for g in out):
         raise argparse.ArgumentTypeError(f"expected GPU indices like 0,1; got {text!r}")
     return out
+
+
+def _max_batch(text: str):
+    if text == "auto":
+        return "auto"
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 64:
+        raise argparse.ArgumentTypeError(f"expected auto or a number of images in 1..64; got {text!r}")
+    return n
 
 
 def register(subparsers, parents) -> None:
@@ -31,7 +44,12 @@ def register(subparsers, parents) -> None:
     s.add_argument("--replicas", type=int, default=1, help="model servers, one engine each (default 1)")
     s.add_argument("--port", type=int, default=DEFAULT_PORT,
                    help=f"load balancer port; replica i takes port+1+i, as in MII (default {DEFAULT_PORT})")
-    s.add_argument("--rest-port", type=int, help="also serve POST /score and GET /health on this port")
+    s.add_argument("--rest-port", type=int,
+                   help="also serve POST /score, GET /health, /ready and /metrics (Prometheus) on this port")
+    s.add_argument("--metrics-port", type=int, help="serve GET /metrics (Prometheus) on this port (e.g. without REST)")
+    s.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="the processes' logs: text lines, or one JSON object per line (default text)")
+    s.add_argument("--ui-port", type=int, help="also serve the web page (fastsd ui; the ui extra) on this port")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1; MII's gRPC has no authentication: keep it private)")
     s.add_argument("--token", help=f"bearer token the REST gateway requires (default: ${TOKEN_ENV} if set)")
@@ -39,7 +57,17 @@ def register(subparsers, parents) -> None:
                    "(CUDA_VISIBLE_DEVICES per replica; implies --device cuda)")
     s.add_argument("--hostfile", help="MII/DeepSpeed hostfile ('HOST slots=N' lines) placing replicas on hosts; "
                    "replicas on other hosts are started over ssh")
-    s.add_argument("--max-batch", type=int, default=8, help="most images per engine call (1 = no batching; default 8)")
+    s.add_argument("--ssh-config", help="ssh config file (ssh -F) for starting replicas on other hosts")
+    s.add_argument("--max-batch", type=_max_batch, default="auto",
+                   help="images per engine call: auto (default) measures images/s at 1, 2, 4, ... images per call "
+                        "for each size, steps range and task, and batches only as far as that pays; a number forces "
+                        "it (1 = no batching)")
+    s.add_argument("--max-batch-limit", type=int, default=8, help="largest batch auto tries (default 8)")
+    s.add_argument("--batch-min-gain", type=float, default=0.10,
+                   help="auto doubles the batch only while images/s rise by this fraction (default 0.10)")
+    s.add_argument("--batch-probe-steps", type=int, default=2,
+                   help="steps of the start-up measurement at the native size (default 2; other sizes and "
+                        "steps ranges are measured on live requests)")
     s.add_argument("--batch-window-ms", type=float, default=20.0,
                    help="how long a request waits for others to share its batch (default 20)")
     s.add_argument("--max-prompts", type=int, default=8, help="prompts per request (default 8)")
@@ -74,25 +102,34 @@ def register(subparsers, parents) -> None:
 
 def cmd_serve(args) -> int:
     from ..options import optimize_config
+    from ..presets import check_config
     from .deploy import serve
     from .limits import Limits
+    check_config(args.model, args.config)
     if args.gpus:
         args.device = "cuda"
     import dataclasses
     engine = dataclasses.asdict(optimize_config(args))
     token = args.token or os.environ.get(TOKEN_ENV) or None
+    if args.ui_port is not None and importlib.util.find_spec("gradio") is None:
+        raise ServingError("--ui-port: the web page needs Gradio, which is not installed: pip install 'fastsd[ui]'")
     spec = serve(name=args.deployment, model=args.model, replicas=args.replicas, port=args.port,
-                 rest_port=args.rest_port, host=args.host, token=token, gpus=args.gpus, hostfile=args.hostfile,
-                 max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
+                 rest_port=args.rest_port, ui_port=args.ui_port, host=args.host, token=token, gpus=args.gpus,
+                 hostfile=args.hostfile, max_batch=args.max_batch, batch_window_ms=args.batch_window_ms,
+                 max_batch_limit=args.max_batch_limit, batch_min_gain=args.batch_min_gain,
+                 batch_probe_steps=args.batch_probe_steps,
                  limits=Limits(max_prompts=args.max_prompts, max_images=args.max_images, max_pixels=args.max_pixels,
                                max_steps=args.max_steps, timeout=args.timeout),
                  engine=engine, random_weights=args.random_weights, config=args.config,
                  allow_pickle=args.allow_pickle, threads=args.threads, max_body_bytes=args.max_body_bytes,
-                 startup_timeout=args.startup_timeout)
+                 startup_timeout=args.startup_timeout, metrics_port=args.metrics_port, log_format=args.log_format,
+                 ssh_config=args.ssh_config)
     from .common import cache_path
     n = len(spec["replicas"])
     print(f"deployment '{spec['name']}' is up: {spec['model']}, {n} replica(s), gRPC {spec['host']}:{spec['port']}"
-          + (f", REST http://{spec['host']}:{spec['rest_port']}/score" if spec.get("rest_port") else ""))
+          + (f", REST http://{spec['host']}:{spec['rest_port']}/score" if spec.get("rest_port") else "")
+          + (f", page http://{spec['host']}:{spec['ui_port']}/" if spec.get("ui_port") else "")
+          + (f", metrics http://{spec['host']}:{spec['metrics_port']}/metrics" if spec.get("metrics_port") else ""))
     print(f"clients: export MII_CACHE_PATH={cache_path()}; then mii.legacy.mii_query_handle({spec['name']!r})")
     print(f"stop with: fastsd stop {spec['name']}")
     return 0

@@ -28,6 +28,7 @@ from ..errors import FastSDError
 CACHE_ENV = "MII_CACHE_PATH"
 TOKEN_ENV = "FASTSD_TOKEN"
 PARENT_ENV = "FASTSD_SUPERVISOR_PID"
+WATCH_STDIN_ENV = "FASTSD_WATCH_STDIN"
 DEFAULT_PORT = 50050  # MII's default port_number
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -161,9 +162,16 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
         s.close()
 
 
-def free_port_block(count: int, start: int = 20000, end: int = 60000, host: str = "127.0.0.1") -> int:
-    """A base port such that base .. base+count-1 are all free (for tests and benchmarks)."""
+def free_port_block(count: int, start: int = 20000, end: int | None = None, host: str = "127.0.0.1") -> int:
+    """A base port such that base .. base+count-1 are all free (for tests and benchmarks). Below the
+    kernel's ephemeral range by default, where outgoing connections would take a port meanwhile."""
     import random
+    if end is None:
+        try:
+            end = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            end = 32768
+        end = max(end, start + 1000)
     rng = random.Random(os.getpid() ^ time.time_ns())
     for _ in range(200):
         base = rng.randrange(start, end - count)
@@ -180,8 +188,20 @@ def connect_host(host: str) -> str:
 # -- the parent watch ----------------------------------------------------------------------------
 def watch_parent(on_orphan, interval: float = 1.0) -> None:
     """Children of a supervisor end themselves when it is gone (killed with -9, say), so no server
-    outlives its deployment."""
+    outlives its deployment. A replica on another host (started over ssh, FASTSD_WATCH_STDIN=1)
+    watches its stdin instead: the supervisor holds the other end of it through ssh, and it reaches
+    end-of-file when the ssh session ends (supervisor stopped or killed, connection lost)."""
     import threading
+    if os.environ.get(WATCH_STDIN_ENV) == "1":
+        def read_to_eof():
+            try:
+                while os.read(0, 4096):
+                    pass
+            except OSError:
+                pass
+            on_orphan()
+        threading.Thread(target=read_to_eof, name="ssh-watch", daemon=True).start()
+        return
     expected = int(os.environ.get(PARENT_ENV) or 0)
     if not expected:
         return
@@ -199,3 +219,23 @@ def graceful_signals(stop) -> None:
     """SIGTERM and SIGINT call `stop()` (in the main thread)."""
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop())
+
+
+# -- histograms in the stats files ----------------------------------------------------------------
+# Counts per bucket kept in the JSON stats files that `fastsd status` and the metrics exporter
+# (metrics.py, prometheus_client) both read, so the two cannot disagree. Standard library only:
+# the replicas and the balancer write them without importing prometheus_client.
+LATENCY_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+BATCH_BOUNDS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def hist_new(bounds) -> dict:
+    """Upper bounds, then one count per bucket (the last one is +Inf), the sum and the count."""
+    return {"bounds": list(bounds), "counts": [0] * (len(bounds) + 1), "sum": 0.0, "count": 0}
+
+
+def hist_observe(h: dict, value: float) -> None:
+    i = next((k for k, b in enumerate(h["bounds"]) if value <= b), len(h["bounds"]))
+    h["counts"][i] += 1
+    h["sum"] += value
+    h["count"] += 1

@@ -1,20 +1,21 @@
-"""What one request may ask for, checked before it reaches a batch. Values go through the engine's
-own validation (fastsd.validation), and a deployment's limits narrow them; every failure is an
-`InvalidParameter` that names the parameter, which the replica turns into gRPC INVALID_ARGUMENT
-and the REST gateway into HTTP 422."""
+"""What one request may ask for, checked before it reaches a batch. Each field is checked by the
+one table in schema.py (shared with the REST gateway), and a deployment's limits narrow the ranges;
+every failure is an `InvalidParameter` that names the parameter, which the replica turns into gRPC
+INVALID_ARGUMENT and the REST gateway into HTTP 422."""
 from __future__ import annotations
 
 import math
-import numbers
 import random
 from dataclasses import asdict, dataclass
 
 from .. import validation as check
 from ..errors import InvalidParameter
+from . import schema
+from .schema import SCHEDULERS  # noqa: F401 - kept where callers found it
 
-SCHEDULERS = ("pndm", "ddim", "euler", "euler-ancestral", "dpm++", "lms")
-# query keyword -> what it means; anything else is refused (a typo must not be silently ignored)
-KWARGS = ("num_inference_steps", "guidance_scale", "height", "width", "seed", "scheduler", "num_images_per_prompt")
+# the query keywords a request may use; anything else is refused (a typo must not be silently ignored)
+KWARGS = tuple(schema.PARAMS)
+DEFAULT_STEPS = 50
 
 
 @dataclass
@@ -56,7 +57,7 @@ class Request:
 def _f32_to_float(v: float) -> float:
     """MII sends floats as 32-bit; 7.3 arrives as 7.300000190734863. The shortest decimal that
     rounds to the same float32 gives back what the caller typed."""
-    if not isinstance(v, float) or not math.isfinite(v):
+    if not isinstance(v, float) or not math.isfinite(v) or abs(v) > 3.4e38:  # beyond float32: not from MII
         return v
     for digits in range(1, 10):
         s = float(f"{v:.{digits}g}")
@@ -72,53 +73,38 @@ def _as_f32(v: float) -> bytes:
 
 def parse(prompt, negative_prompt, kwargs: dict, limits: Limits, native_size: int,
           from_f32: bool = False) -> Request:
-    prompts = check.prompts(prompt)
-    if len(prompts) > limits.max_prompts:
-        raise InvalidParameter("prompt", f"{len(prompts)} prompts", f"at most {limits.max_prompts} per request")
-    if negative_prompt is not None and not isinstance(negative_prompt, str) and len(negative_prompt) == 0:
+    """Every field is checked by the one table in schema.py (type and range), then the checks that
+    span fields (images per request, pixels, the last image's seed)."""
+    prompts = schema.check_prompts(prompt, limits.max_prompts)
+    if negative_prompt is not None and not isinstance(negative_prompt, str) and isinstance(negative_prompt, (list, tuple)) \
+            and len(negative_prompt) == 0:
         negative_prompt = None  # MII sends an empty list when the caller gave none
+    if negative_prompt is not None:
+        negative_prompt = schema.check_prompts(negative_prompt, len(prompts), "negative_prompt", allow_blank=True)
     negatives = check.negative_prompts(negative_prompt, len(prompts))
-    unknown = sorted(set(kwargs) - set(KWARGS))
-    if unknown:
-        raise InvalidParameter(unknown[0], kwargs[unknown[0]], "one of the parameters " + ", ".join(KWARGS))
-    kw = {k: (_f32_to_float(v) if from_f32 else v) for k, v in kwargs.items()}
+    if not isinstance(kwargs, dict):
+        raise schema.refuse("query_kwargs", kwargs, "an object of parameters")
+    kw = schema.check_params({k: (_f32_to_float(v) if from_f32 else v) for k, v in kwargs.items()}, limits)
 
-    n_img = _int("num_images_per_prompt", kw.get("num_images_per_prompt", 1), 1, limits.max_images)
+    n_img = kw.get("num_images_per_prompt", 1)
     total = len(prompts) * n_img
     if total > limits.max_images:
         raise InvalidParameter("num_images_per_prompt", n_img,
                                f"at most {limits.max_images} images per request (prompts x images per prompt)")
-    steps = _int("num_inference_steps", kw.get("num_inference_steps", 50), 1, min(limits.max_steps, check.MAX_STEPS))
-    height = _size("height", kw.get("height", native_size))
-    width = _size("width", kw.get("width", native_size))
+    steps = kw.get("num_inference_steps", min(DEFAULT_STEPS, limits.max_steps))  # the default obeys the limit too
+    height = kw.get("height", native_size)
+    width = kw.get("width", native_size)
     if height * width > limits.max_pixels:
         raise InvalidParameter("height x width", f"{height}x{width}", f"at most {limits.max_pixels} pixels")
     g = kw.get("guidance_scale", 7.5)
-    try:
-        g = check.guidance(g)
-    except InvalidParameter:
-        raise InvalidParameter("guidance_scale", g, "a finite number >= 0 (guidance is off at 1 or below)") from None
     scheduler = kw.get("scheduler")
-    if scheduler is not None and scheduler not in SCHEDULERS:
-        raise InvalidParameter("scheduler", scheduler, ", ".join(SCHEDULERS))
     seed = kw.get("seed")
     if seed is None:
         seed = random.randrange(2**31)  # drawn here so the image does not depend on its batch
-    seed = _int("seed", seed, 0, check.MAX_SEED - total)
+    if seed > check.MAX_SEED - total:
+        raise InvalidParameter("seed", seed, f"an integer in [0, {check.MAX_SEED - total}] ({total} images take "
+                                             "seed, seed+1, ...)")
     return Request(prompts=[p for p in prompts for _ in range(n_img)],
                    negatives=[n for n in negatives for _ in range(n_img)],
                    guidance=[g] * total, seeds=[seed + i for i in range(total)],
                    steps=steps, height=height, width=width, scheduler=scheduler)
-
-
-def _int(name, value, lo, hi):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= int(value) <= hi:
-        raise InvalidParameter(name, value, f"an integer in [{lo}, {hi}]")
-    return int(value)
-
-
-def _size(name, value):
-    v = _int(name, value, check.MIN_SIZE, check.MAX_SIZE)
-    if v % 8:
-        raise InvalidParameter(name, value, f"a multiple of 8 in [{check.MIN_SIZE}, {check.MAX_SIZE}]")
-    return v

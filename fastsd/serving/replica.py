@@ -7,7 +7,10 @@ started by the supervisor. It serves MII's `ModelResponse` servicer (the class b
 - MII runs every pipeline call under one lock; the lock is replaced by a no-op so concurrent
   requests reach the batching pipeline together (batcher.py), which serialises the engine itself;
 - a bad request becomes INVALID_ARGUMENT with the reason (MII would answer UNKNOWN with
-  "Exception calling application"), a timeout DEADLINE_EXCEEDED, other failures INTERNAL;
+  "Exception calling application"), a timeout DEADLINE_EXCEEDED, other failures INTERNAL; the
+  request is unpacked by schema.py, not by MII (whose unpacking raises on an empty `Value`), and
+  bytes that are not a request message are refused too (wire.py);
+- the reply's trailing metadata carries its queue wait, engine time and image count (wire.py);
 - the server binds the deployment's host (MII binds [::], every interface) and sets
   grpc.so_reuseport=0, so a port already in use is an error instead of being silently shared.
 """
@@ -22,9 +25,11 @@ import time
 from concurrent import futures
 from pathlib import Path
 
+from . import logs
 from .common import graceful_signals, read_json, watch_parent, write_json
 
 log = logging.getLogger("fastsd.serving.replica")
+HEADROOM = 0.9  # of the memory a replica may plan for (kernels.plan_memory's default)
 
 
 def grpc_address(host: str, port: int) -> str:
@@ -33,19 +38,32 @@ def grpc_address(host: str, port: int) -> str:
 
 def make_servicer(pipeline):
     import grpc
+    from mii.legacy.constants import TaskType
     from mii.legacy.grpc_related.modelresponse_server import ModelResponse
+    from mii.legacy.method_table import GRPC_METHOD_TABLE
 
     from ..errors import InvalidParameter
+    from . import schema, wire
     from .batcher import RequestTimeout
 
     class FastSDModelResponse(ModelResponse):
         def __init__(self, inference_pipeline):
             super().__init__(inference_pipeline)
             self.lock = contextlib.nullcontext()  # the batcher serialises the engine; see module doc
+            self.task_methods = GRPC_METHOD_TABLE[TaskType.TEXT2IMG]
 
         def Txt2ImgReply(self, request, context):
+            meta = wire.metadata(context)
             try:
-                return self._run_inference("Txt2ImgReply", request)
+                # unpacked here, not by MII: every field is checked (schema.py) before anything runs
+                kwargs = schema.unpack_query_kwargs(request.query_kwargs)
+                t0 = time.time()
+                reply = self.inference_pipeline.handle(list(request.prompt), list(request.negative_prompt), kwargs,
+                                                       probe=wire.PROBE in meta)
+                context.set_trailing_metadata([(wire.QUEUE_MS, f"{reply.queue_seconds * 1000:.3f}"),
+                                               (wire.ENGINE_MS, f"{reply.engine_seconds * 1000:.3f}"),
+                                               (wire.IMAGES, str(len(reply.images)))])
+                return self.task_methods.pack_response_to_proto(reply, time.time() - t0, -1)
             except InvalidParameter as e:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             except RequestTimeout as e:
@@ -71,8 +89,10 @@ def make_server(servicer, host: str, port: int, workers: int | None = None):
     from mii.legacy.constants import GRPC_MAX_MSG_SIZE, LB_MAX_WORKER_THREADS
     from mii.legacy.grpc_related.proto import legacymodelresponse_pb2_grpc as pb2_grpc
 
+    from . import wire
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers or LB_MAX_WORKER_THREADS),
+        interceptors=[wire.guard_interceptor()],
         options=[("grpc.max_send_message_length", GRPC_MAX_MSG_SIZE),
                  ("grpc.max_receive_message_length", GRPC_MAX_MSG_SIZE),
                  ("grpc.so_reuseport", 0)])
@@ -103,11 +123,58 @@ def build_engine(spec: dict, replica: dict):
     return optimize(model, OptimizeConfig(**eng).validated())
 
 
+def build_sizer(spec: dict, replica: dict, engine, host_free_at_start: tuple[int, str] | None = None):
+    """The replica's BatchSizer: the deployment's --max-batch (a number, or auto with its limit and
+    gain), capped by this replica's share of memory: on the CPU the host's available memory (measured
+    by `fastsd serve` before any replica loaded) over the replicas on the host, less what this replica
+    holds now; on a GPU the free memory now over the replicas on that GPU."""
+    from ..kernels import available_memory_bytes
+    from .batch_size import BatchSizer, engine_need, resident_bytes
+    device = str(getattr(engine.backend, "device", "cpu"))
+    sharing = max(1, int(replica.get("host_replicas") or 1))
+    if device.startswith("cuda"):
+        free, source = available_memory_bytes(device)
+        sharing = max(1, sum(1 for r in spec["replicas"] if r.get("host") == replica.get("host")
+                             and r.get("cuda_visible_devices") == replica.get("cuda_visible_devices")))
+        budget, base = int(free * HEADROOM) // sharing, 0
+        source = f"{HEADROOM:.0%} of {source} over {sharing} replica(s) on the GPU"
+    else:
+        host = replica.get("host_memory_bytes")
+        if host:
+            source = f"{HEADROOM:.0%} of the host's available memory at `fastsd serve`"
+        else:  # a replica on another host measured its own, before loading
+            host, source = host_free_at_start or available_memory_bytes("cpu")
+            source = f"{HEADROOM:.0%} of {source} at replica start"
+        budget, base = int(host * HEADROOM) // sharing, resident_bytes()
+        source += f", over {sharing} replica(s) on the host"
+    return BatchSizer(spec.get("max_batch", 8), limit=spec.get("max_batch_limit", 8),
+                      min_gain=spec.get("batch_min_gain", 0.10), need=engine_need(engine, base),
+                      budget_bytes=budget, budget_source=source)
+
+
+def measure_native(sizer, engine, steps: int) -> None:
+    """The start-up warm-up: the batch size for the model's native size, guided, at `steps` steps."""
+    from .batch_size import engine_run, release_free_memory
+    from .limits import Request
+    size = engine.model.native_size
+    probe = Request(prompts=["probe"], negatives=[""], guidance=[7.5], seeds=[0], steps=steps, height=size,
+                    width=size, scheduler=None)
+    try:
+        sizer.admit(probe)
+    except ValueError as e:
+        log.error("no start-up measurement: one image at the native size does not fit: %s", e)
+        return
+    t = time.time()
+    sizer.measure(engine_run(engine, size, size, steps, 7.5), probe, steps)
+    release_free_memory()
+    log.info("start-up batch size measurement took %.1f s", time.time() - t)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ddir, index = Path(argv[0]), int(argv[1])
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s replica-{index} %(levelname)s %(message)s")
     spec = read_json(ddir / "spec.json")
+    logs.setup(f"replica-{index}", spec.get("log_format", "text"))
     replica = spec["replicas"][index]
     stats_path = ddir / f"replica-{index}.json"
     t_start = time.time()
@@ -115,20 +182,30 @@ def main(argv=None) -> int:
     from .batcher import BatchingPipeline
     from .limits import Limits
 
+    free_at_start = None
+    if not replica.get("host_memory_bytes"):  # a host `fastsd serve` could not measure: before loading
+        from ..kernels import available_memory_bytes
+        free_at_start = available_memory_bytes("cpu")
     engine = build_engine(spec, replica)
     lock = threading.Lock()
     state = {"index": index, "pid": os.getpid(), "port": replica["port"], "host": replica["bind"],
              "ready": False, "started_at": t_start, "engine": engine.describe()}
+    sizer = build_sizer(spec, replica, engine, free_at_start)
+    if sizer.mode == "auto":
+        write_json(stats_path, {**state, "phase": "measuring batch sizes", "batching": sizer.describe()})
+        measure_native(sizer, engine, int(spec.get("batch_probe_steps", 2)))
 
     def write_stats():
         with lock:
-            write_json(stats_path, {**state, "stats": pipeline.stats.as_dict(), "updated_at": time.time()})
+            write_json(stats_path, {**state, "stats": pipeline.stats.as_dict(), "batching": sizer.describe(),
+                                    "queue_depth": pipeline.queue_depth(),
+                                    "updated_at": time.time()})
 
-    pipeline = BatchingPipeline(engine, Limits(**spec["limits"]), max_batch=spec["max_batch"],
-                                window=spec["batch_window_ms"] / 1000.0, on_batch=write_stats)
+    pipeline = BatchingPipeline(engine, Limits(**spec["limits"]), window=spec["batch_window_ms"] / 1000.0,
+                                on_batch=write_stats, sizer=sizer)
     previous = (read_json(stats_path) or {}).get("stats", {})  # counters run on across restarts
     for k, v in previous.items():
-        if hasattr(pipeline.stats, k) and isinstance(v, (int, float)):
+        if hasattr(pipeline.stats, k) and isinstance(v, (int, float, dict)):
             setattr(pipeline.stats, k, v)
     servicer = make_servicer(pipeline)
     server = make_server(servicer, replica["bind"], replica["port"])
@@ -139,11 +216,11 @@ def main(argv=None) -> int:
     state["ready"] = True
     state["ready_at"] = time.time()
     write_stats()
-    log.info("serving %s on %s:%d (load %.1f s), max batch %d, window %g ms", spec["model"], replica["bind"],
+    log.info("serving %s on %s:%d (start-up %.1f s), max batch %s, window %g ms", spec["model"], replica["bind"],
              replica["port"], time.time() - t_start, spec["max_batch"], spec["batch_window_ms"])
     last = None
     while not stop.wait(0.5):
-        snap = pipeline.stats.as_dict()
+        snap = (pipeline.stats.as_dict(), pipeline.queue_depth())
         if snap != last:  # bad requests and timeouts are counted outside batches
             write_stats()
             last = snap

@@ -7,10 +7,15 @@ POST /score
     {"input_data": {"columns": ["prompt"], "data": ["a photograph of an astronaut riding a horse"],
                     "index": [0], "parameters": {"num_inference_steps": 50, "guidance_scale": 7.5}}}
  -> [{"prompt": "...", "generated_image": "<base64 PNG>", "nsfw_content_detected": false}]
-GET /health -> {"status": "ok"} (503 when the load balancer does not answer); no token needed.
+GET /health -> {"status": "ok"} (503 when the load balancer does not answer): liveness; no token.
+GET /ready -> 200 when the load balancer and at least one replica answer, else 503: readiness; no token.
+GET /metrics -> the Prometheus text format (metrics.py); no token.
+Every response carries X-Request-ID (the caller's, else a new one), also in error bodies as
+"request_id", and every request gets one access-log line (logs.py).
 
-`data` rows are prompts, or rows with one value per column ("prompt", optionally "negative_prompt").
-Errors are JSON {"error": "...", ...}: 400 body not JSON or not the format, 401 token missing or
+`data` rows are prompts, or rows with one value per column ("prompt", optionally "negative_prompt"),
+as lists or objects; every field is checked by schema.py before anything is forwarded.
+Errors are JSON {"error": "...", "request_id": "...", ...}: 400 body not JSON or not the format, 401 token missing or
 wrong, 413 body too large, 422 a value out of range (the engine's validation, through the replica),
 429 server busy, 503 the load balancer does not answer, 504 timeout (also when no replica is up: the balancer
 waits for one until the request times out).
@@ -31,11 +36,10 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from . import schema
 from .common import TOKEN_ENV, graceful_signals, port_answers, read_json, use_cache_path, watch_parent
 
 log = logging.getLogger("fastsd.serving.rest")
-PARAMS = ("num_inference_steps", "guidance_scale", "height", "width", "seed", "scheduler", "num_images_per_prompt",
-          "negative_prompt")
 
 
 class BadRequest(Exception):
@@ -44,62 +48,21 @@ class BadRequest(Exception):
         self.status, self.message, self.extra = status, message, extra
 
 
-def parse_score_body(body: bytes) -> tuple[list[str], list[str] | None, dict]:
-    """The model-card request -> (prompts, negative prompts or None, query kwargs). Raises BadRequest."""
+def parse_score_body(body: bytes, limits=None) -> tuple[list[str], list[str] | None, dict]:
+    """The model-card request -> (prompts, negative prompts or None, query kwargs), every field
+    checked by schema.py. Raises BadRequest (400 not JSON or not the format, 422 a value)."""
+    from ..errors import InvalidParameter
+    from .limits import Limits
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadRequest(400, f"the body is not JSON: {e}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("input_data"), dict):
-        raise BadRequest(400, 'expected {"input_data": {"columns": ["prompt"], "data": [...], "parameters": {...}}}')
-    inp = doc["input_data"]
-    columns = inp.get("columns", ["prompt"])
-    if not isinstance(columns, list) or not all(isinstance(c, str) for c in columns):
-        raise BadRequest(400, "input_data.columns: expected a list of column names")
-    if "prompt" not in columns:
-        raise BadRequest(400, 'input_data.columns: a "prompt" column is required', parameter="prompt")
-    unknown = [c for c in columns if c not in ("prompt", "negative_prompt")]
-    if unknown:
-        raise BadRequest(400, f"input_data.columns: unknown column {unknown[0]!r}; allowed: prompt, negative_prompt")
-    data = inp.get("data")
-    if not isinstance(data, list) or not data:
-        raise BadRequest(400, "input_data.data: expected a non-empty list of prompts", parameter="prompt")
-    p_i = columns.index("prompt")
-    n_i = columns.index("negative_prompt") if "negative_prompt" in columns else None
-    prompts, negatives = [], []
-    for row in data:
-        if not isinstance(row, list) and len(columns) == 1:
-            row = [row]
-        if not isinstance(row, list) or len(row) != len(columns):
-            raise BadRequest(400, f"input_data.data: each row must be a prompt or a list of {len(columns)} "
-                                  f"values ({', '.join(columns)}); got {row!r:.80}")
-        if not isinstance(row[p_i], str) or not row[p_i].strip():
-            raise BadRequest(422, f"prompt: got {row[p_i]!r:.80}; allowed: non-empty text", parameter="prompt")
-        prompts.append(row[p_i])
-        if n_i is not None:
-            if not isinstance(row[n_i], str):
-                raise BadRequest(422, f"negative_prompt: got {row[n_i]!r:.80}; allowed: text",
-                                 parameter="negative_prompt")
-            negatives.append(row[n_i])
-    params = inp.get("parameters", doc.get("parameters", {})) or {}
-    if not isinstance(params, dict):
-        raise BadRequest(400, "input_data.parameters: expected an object")
-    kwargs = {}
-    for k, v in params.items():
-        if k not in PARAMS:
-            raise BadRequest(422, f"{k}: unknown parameter; allowed: {', '.join(PARAMS)}", parameter=k)
-        if k == "negative_prompt":
-            if n_i is not None:
-                raise BadRequest(400, "negative_prompt: give it as a column or as a parameter, not both")
-            if not isinstance(v, str):
-                raise BadRequest(422, f"negative_prompt: got {v!r:.80}; allowed: text", parameter=k)
-            negatives = [v] * len(prompts)
-            continue
-        if v is None or not isinstance(v, (str, int, float, bool)):  # what MII's Value carries
-            raise BadRequest(422, f"{k}: got {v!r:.80}; allowed: a number" + (" or text" if k == "scheduler" else ""),
-                             parameter=k)
-        kwargs[k] = v
-    return prompts, negatives or None, kwargs
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nesting too deep
+        raise BadRequest(400, f"the body is not JSON: {str(e)[:200]}") from None
+    try:
+        return schema.parse_score_body(doc, limits or Limits())
+    except schema.BadBody as e:
+        raise BadRequest(400, str(e)) from None
+    except InvalidParameter as e:
+        raise BadRequest(422, str(e), parameter=e.name) from None
 
 
 def png_b64(image) -> str:
@@ -109,12 +72,22 @@ def png_b64(image) -> str:
 
 
 def create_app(name: str, spec: dict, token: str | None):
+    import time
+
     import grpc
     import mii
     from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, Response
+    from mii.legacy.method_table import GRPC_METHOD_TABLE
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+    from . import logs, wire
+    from .common import LATENCY_BOUNDS, connect_host
+    from .limits import Limits
+    from .metrics import DeploymentCollector, http_outcome
 
     timeout = float(spec["limits"]["timeout"]) + 5
+    limits = Limits(**spec["limits"])
     max_body = int(spec.get("max_body_bytes", 1 << 20))
     local = threading.local()
     pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="mii-client")  # one MII handle each
@@ -122,6 +95,16 @@ def create_app(name: str, spec: dict, token: str | None):
     status_for = {grpc.StatusCode.INVALID_ARGUMENT: 422, grpc.StatusCode.DEADLINE_EXCEEDED: 504,
                   grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
                   grpc.StatusCode.UNIMPLEMENTED: 501}
+    replicas = [(connect_host(r["host"]), int(r["port"])) for r in spec["replicas"]]
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DeploymentCollector(name))  # the deployment's figures, as `fastsd status` reads them
+    http_requests = Counter("fastsd_http_requests", "HTTP requests, by path, outcome and status code",
+                            ["path", "outcome", "code"], registry=registry)
+    http_seconds = Histogram("fastsd_http_request_duration_seconds", "HTTP requests end to end", ["path"],
+                             buckets=LATENCY_BOUNDS, registry=registry)
+    http_in_flight = Gauge("fastsd_http_in_flight_requests", "HTTP requests being answered", registry=registry)
+    PROBES = ("/health", "/ready", "/metrics")
 
     def client():
         if getattr(local, "client", None) is None:
@@ -130,54 +113,114 @@ def create_app(name: str, spec: dict, token: str | None):
             local.client = mii.legacy.mii_query_handle(name)
         return local.client
 
-    def error(status: int, message: str, **extra):
+    def error(request: Request, status: int, message: str, **extra):
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-        return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
+        return JSONResponse({"error": message, "request_id": request.state.request_id, **extra},
+                            status_code=status, headers=headers)
 
     def authorised(request: Request) -> bool:
         if not token:
             return True
         got = request.headers.get("authorization", "")
         scheme, _, value = got.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(), token.encode())
+        return scheme.lower() == "bearer" and hmac.compare_digest(value.strip().encode(errors="replace"),
+                                                                  token.encode())
+
+    @app.middleware("http")
+    async def request_id_and_access_log(request: Request, call_next):
+        """Every request: an id (X-Request-ID, echoed), metrics, and one access-log line."""
+        rid = wire.request_id(request.headers.get("x-request-id"))
+        request.state.request_id = rid
+        request.state.info = {}
+        path = request.url.path if request.url.path in (*PROBES, "/score") else "other"
+        t0 = time.monotonic()
+        http_in_flight.inc()
+        try:
+            response = await call_next(request)
+        except Exception:  # noqa: BLE001 - a bug must not take the gateway down; the caller gets a 500
+            log.exception("request %s failed", rid)
+            response = JSONResponse({"error": "internal error", "request_id": rid}, status_code=500)
+        finally:
+            http_in_flight.dec()
+        seconds = time.monotonic() - t0
+        response.headers["X-Request-ID"] = rid
+        if path not in PROBES:
+            http_requests.labels(path, http_outcome(response.status_code), str(response.status_code)).inc()
+            http_seconds.labels(path).observe(seconds)
+            info = request.state.info
+            logs.access(request_id=rid, task="text-to-image" if path == "/score" else "-",
+                        prompts=info.get("prompts", 0), size=info.get("size", "-"), steps=info.get("steps", "-"),
+                        images=info.get("images", 0), status=response.status_code,
+                        queue_ms=info.get("queue_ms", "-"), engine_ms=info.get("engine_ms", "-"),
+                        total_ms=seconds * 1000)
+        return response
 
     @app.get("/health")
     def health():
+        """The process is alive and the load balancer answers (liveness)."""
         ok = port_answers(spec["port"], spec["host"], 0.5)
         return JSONResponse({"status": "ok" if ok else "unavailable", "deployment": name},
                             status_code=200 if ok else 503)
 
+    @app.get("/ready")
+    def ready():
+        """At least one replica answers and so does the load balancer (readiness)."""
+        up = [port_answers(p, h, 0.5) for h, p in replicas]
+        lb = port_answers(spec["port"], spec["host"], 0.5)
+        ok = lb and any(up)
+        return JSONResponse({"status": "ready" if ok else "not ready", "deployment": name,
+                             "load_balancer": lb, "replicas_up": sum(up), "replicas": len(up)},
+                            status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    def metrics():
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
     @app.post("/score")
     async def score(request: Request):
         if not authorised(request):
-            return error(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
+            return error(request, 401, "missing or wrong bearer token (Authorization: Bearer <token>)")
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > max_body):
-            return error(413, f"the body is larger than {max_body} bytes", limit=max_body)
+            return error(request, 413, f"the body is larger than {max_body} bytes", limit=max_body)
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > max_body:
-                return error(413, f"the body is larger than {max_body} bytes", limit=max_body)
+                return error(request, 413, f"the body is larger than {max_body} bytes", limit=max_body)
         try:
-            prompts, negatives, kwargs = parse_score_body(bytes(body))
+            prompts, negatives, kwargs = parse_score_body(bytes(body), limits)
         except BadRequest as e:
-            return error(e.status, e.message, **e.extra)
+            return error(request, e.status, e.message, **e.extra)
+        info = request.state.info
+        info.update(prompts=len(prompts), steps=kwargs.get("num_inference_steps", "default"),
+                    size=logs.size(kwargs.get("width"), kwargs.get("height")))
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(pool, run_query, prompts, negatives, kwargs)
+        return await loop.run_in_executor(pool, run_query, request, prompts, negatives, kwargs)
 
-    def run_query(prompts, negatives, kwargs):
+    def run_query(request, prompts, negatives, kwargs):
         c = client()
-        request = {"prompt": prompts, "negative_prompt": negatives or [""] * len(prompts)}
+        methods = GRPC_METHOD_TABLE[c.task]
+        proto = methods.pack_request_to_proto({"prompt": prompts, "negative_prompt": negatives or [""] * len(prompts)},
+                                              **kwargs)
+
+        async def call():
+            # MII's stub with the request id as metadata; the timings come back in the trailers
+            c_ = getattr(c.stub, methods.method)(proto, metadata=[(wire.REQUEST_ID, request.state.request_id)],
+                                                 timeout=timeout)
+            reply = await c_
+            return reply, {k: v for k, v in (await c_.trailing_metadata() or ()) if isinstance(v, str)}
         try:
-            reply = local.loop.run_until_complete(asyncio.wait_for(c._request_async_response(request, **kwargs),
-                                                                   timeout))
+            proto_reply, trail = local.loop.run_until_complete(asyncio.wait_for(call(), timeout + 1))
         except grpc.aio.AioRpcError as e:
             details = e.details() or e.code().name
             param = details.split(":", 1)[0] if e.code() == grpc.StatusCode.INVALID_ARGUMENT else None
-            return error(status_for.get(e.code(), 500), details, **({"parameter": param} if param else {}))
+            return error(request, status_for.get(e.code(), 500), details, **({"parameter": param} if param else {}))
         except asyncio.TimeoutError:
-            return error(504, f"no reply within {timeout:g} s")
+            return error(request, 504, f"no reply within {timeout:g} s")
+        reply = methods.unpack_response_from_proto(proto_reply)
+        request.state.info.update(images=len(reply.images), queue_ms=wire.millis(trail.get(wire.QUEUE_MS)),
+                                  engine_ms=wire.millis(trail.get(wire.ENGINE_MS)))
         n_img = len(reply.images) // max(1, len(prompts))
         return JSONResponse([{"prompt": prompts[i // max(1, n_img)], "generated_image": png_b64(img),
                               "nsfw_content_detected": bool(flag)}
@@ -189,8 +232,9 @@ def create_app(name: str, spec: dict, token: str | None):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ddir = Path(argv[0])
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s rest %(levelname)s %(message)s")
     spec = read_json(ddir / "spec.json")
+    from . import logs
+    logs.setup("rest", spec.get("log_format", "text"))
     os.environ["MII_CACHE_PATH"] = str(ddir.parent)
     use_cache_path()
     import uvicorn

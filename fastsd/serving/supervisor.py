@@ -1,5 +1,5 @@
 """The supervisor: one light process per deployment (standard library only, no torch) that starts
-the load balancer, the replicas and the REST gateway, restarts any of them that dies, and takes
+the load balancer, the replicas, the REST gateway and the metrics exporter, restarts any of them that dies, and takes
 them all down when the deployment is stopped.
 
     python -m fastsd.serving.supervisor DEPLOYMENT_DIR
@@ -17,15 +17,34 @@ them all down when the deployment is stopped.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from .common import PARENT_ENV, pid_alive, read_json, write_json
+from .common import PARENT_ENV, WATCH_STDIN_ENV, pid_alive, read_json, write_json
 
 RESTART_DELAY, MAX_DELAY, QUICK_DEATH = 0.5, 30.0, 10.0
+# ssh gives up on a host that stops answering (15 s) instead of hanging, so the replica is restarted
+SSH_OPTIONS = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=5",
+               "-o", "ServerAliveCountMax=3"]
+
+
+def _die_with_parent():
+    """An ssh client ends with the supervisor, even one killed with SIGKILL (Linux PR_SET_PDEATHSIG),
+    which ends the remote replica (its stdin closes)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def ssh_command(spec: dict, host: str) -> list[str]:
+    config = ["-F", spec["ssh_config"]] if spec.get("ssh_config") else []
+    return ["ssh", *SSH_OPTIONS, *config, host]
 
 
 def log(msg: str) -> None:
@@ -47,11 +66,14 @@ class Child:
         argv = self.argv
         if self.remote:
             env_words = [f"{k}={v}" for k, v in self.env.items()
-                         if k in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MII_CACHE_PATH")]
-            argv = [*self.remote, "env", *env_words, *argv]
+                         if k in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MII_CACHE_PATH", "PYTHONUNBUFFERED")]
+            # ssh hands the remote shell one string: quote each word
+            argv = [*self.remote, " ".join(shlex.quote(w) for w in ["env", *env_words, f"{WATCH_STDIN_ENV}=1", *argv])]
         with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                         env=self.env, close_fds=True)
+            # a remote replica ends when its stdin (held open here, through ssh) closes: see watch_parent
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE if self.remote else subprocess.DEVNULL,
+                                         stdout=out, stderr=subprocess.STDOUT, env=self.env, close_fds=True,
+                                         preexec_fn=_die_with_parent if self.remote else None)
         self.started_at = time.time()
         log(f"{self.name}: started pid {self.proc.pid}" + (f" (port {self.port})" if self.port else ""))
 
@@ -83,12 +105,18 @@ def main(argv=None) -> int:
         env = dict(base_env)
         if r.get("cuda_visible_devices") is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(r["cuda_visible_devices"])
-        remote = None if r.get("local", True) else ["ssh", "-o", "BatchMode=yes", r["host"]]
+        remote = None if r.get("local", True) else ssh_command(spec, r["host"])
         children.append(Child(f"replica-{i}", [py, "-m", "fastsd.serving.replica", str(ddir), str(i)], env,
                               ddir / f"replica-{i}.log", r["port"], remote))
     if spec.get("rest_port"):
         children.append(Child("rest", [py, "-m", "fastsd.serving.rest", str(ddir)], base_env,
                               ddir / "rest.log", spec["rest_port"], None))
+    if spec.get("ui_port"):  # the web page (fastsd.ui), a client of this deployment
+        children.append(Child("ui", [py, "-m", "fastsd.ui", str(ddir)], base_env, ddir / "ui.log", spec["ui_port"],
+                              None))
+    if spec.get("metrics_port"):
+        children.append(Child("metrics", [py, "-m", "fastsd.serving.metrics", str(ddir)], base_env,
+                              ddir / "metrics.log", spec["metrics_port"], None))
 
     started = time.time()
 
@@ -125,7 +153,12 @@ def main(argv=None) -> int:
                 changed = True
             elif now >= c.next_start and not (ddir / "stopping").exists():
                 c.restarts += 1
-                c.start()
+                try:
+                    c.start()
+                except OSError as e:  # no process could be made (out of memory, a missing /dev/null, ...)
+                    c.delay = min(MAX_DELAY, c.delay * 2)
+                    c.next_start = now + c.delay
+                    log(f"{c.name}: could not start ({e}); trying again in {c.delay:g} s")
                 changed = True
         if changed or now - last_save > 5:
             save("running")

@@ -1,5 +1,6 @@
 """The onnxruntime backend runs a fastsd export in the engine's loop and matches the FP32 diffusers reference."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -121,3 +122,83 @@ def test_device_chooses_providers_checked_against_onnxruntime(export_dir, monkey
     # decided by onnxruntime, not by torch (a CPU-only torch must not block onnxruntime-gpu)
     with pytest.raises(InvalidParameter, match="device.*onnxruntime-gpu"):
         optimize(load_onnx_model(export_dir), backend="onnxruntime", device="cuda")
+
+
+class _PretendGpuSession:
+    """onnxruntime.InferenceSession on the CPU provider that reports the providers it was asked for (this
+    onnxruntime build has no GPU provider), recording what each session was given."""
+    made: list = []
+    fail_with_tensorrt = False
+
+    def __init__(self, path, so=None, providers=None, provider_options=None, **kwargs):
+        for name, opts in zip(providers, provider_options):
+            if name == "TensorrtExecutionProvider" and opts.get("trt_engine_cache_enable") == "True":
+                # onnxruntime's TensorRT provider creates only the last level of this path
+                assert os.path.isdir(opts["trt_engine_cache_path"]), opts["trt_engine_cache_path"]
+        self.made.append({"path": str(path), "providers": list(providers), "options": list(provider_options),
+                          "kwargs": kwargs})
+        if self.fail_with_tensorrt and "TensorrtExecutionProvider" in providers:
+            raise RuntimeError("TensorRT EP failed to create engine from network")
+        # model.gpu.onnx holds fused ops with no CPU kernel: its CPU-safe sibling has the same inputs
+        self._real = _REAL_SESSION(str(path).replace("model.gpu.onnx", "model.onnx"), so,
+                                   providers=["CPUExecutionProvider"])
+        self._providers = list(providers)
+
+    def get_providers(self):
+        return self._providers
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+_REAL_SESSION = None
+
+
+@pytest.fixture
+def pretend_gpu(monkeypatch):
+    global _REAL_SESSION
+    import onnxruntime as ort
+    _REAL_SESSION = ort.InferenceSession
+    _PretendGpuSession.made = []
+    _PretendGpuSession.fail_with_tensorrt = False
+    monkeypatch.delenv("FASTSD_ORT_PROVIDERS", raising=False)
+    monkeypatch.setattr(ort, "get_available_providers",
+                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "InferenceSession", _PretendGpuSession)
+    return _PretendGpuSession
+
+
+def test_tensorrt_cache_folder_exists_before_each_session_and_device_id_is_kept(export_dir, pretend_gpu):
+    engine = optimize(load_onnx_model(export_dir), backend="onnxruntime", device="cuda:1")
+    assert [m["providers"][0] for m in pretend_gpu.made] == ["TensorrtExecutionProvider"] * 3
+    for m in pretend_gpu.made:
+        trt, cuda = m["options"][0], m["options"][1]
+        assert trt["device_id"] == "1" and cuda["device_id"] == "1"
+        assert trt["trt_engine_cache_path"].endswith(f"trt_cache/{m['path'].split('/')[-2]}")
+        assert m["kwargs"] == {"enable_fallback": 0}  # onnxruntime's own retry would drop every option
+    assert (export_dir / "trt_cache" / "unet").is_dir()
+    assert engine.describe()["providers"]["unet"][0] == "TensorrtExecutionProvider"
+
+
+def test_tensorrt_failure_retries_with_cuda_keeping_its_options(export_dir, pretend_gpu, caplog):
+    pretend_gpu.fail_with_tensorrt = True
+    with caplog.at_level("WARNING", logger="fastsd"):
+        engine = optimize(load_onnx_model(export_dir), backend="onnxruntime", device="cuda:1")
+    assert engine.describe()["providers"]["unet"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    retried = [m for m in pretend_gpu.made if m["providers"][0] == "CUDAExecutionProvider"]
+    assert len(retried) == 3 and all(m["options"][0] == {"device_id": "1"} for m in retried)
+    assert "TensorRT could not start" in caplog.text
+
+
+def test_optimize_exports_are_not_given_to_tensorrt(export_dir, tmp_path, pretend_gpu):
+    """An --optimize export's graphs hold onnxruntime contrib ops: TensorRT would get split subgraphs whose
+    inputs have no shape profiles. Stand-in: the plain export with a model.gpu.onnx beside each graph."""
+    import shutil
+    out = tmp_path / "opt"
+    shutil.copytree(export_dir, out, ignore=shutil.ignore_patterns("trt_cache"))
+    for comp in ("text_encoder", "unet", "vae_decoder"):
+        shutil.copy(out / comp / "model.onnx", out / comp / "model.gpu.onnx")
+    optimize(load_onnx_model(out), backend="onnxruntime", device="cuda")
+    assert len(pretend_gpu.made) == 3
+    assert all(m["providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"] for m in pretend_gpu.made)
+    assert all(m["path"].endswith("model.gpu.onnx") for m in pretend_gpu.made)

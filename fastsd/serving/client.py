@@ -1,0 +1,96 @@
+"""A client of a running deployment, for front ends that call it from many threads (the web page,
+`fastsd batch --deployment`): MII's own client, one handle per thread.
+
+MII's `mii_query_handle` binds to the event loop current when it is made, and `query` fails inside a
+running loop and across threads; so each calling thread gets its own event loop and its own handle.
+gRPC errors come back as `ServingError` with the status name and the server's reason (a bad value is
+INVALID_ARGUMENT naming the parameter), never as a traceback.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass
+
+from .common import ServingError, cache_path, check_name, read_json, use_cache_path
+
+
+class DeploymentError(ServingError):
+    """The deployment answered with an error (or not at all); `code` is the gRPC status name."""
+
+    def __init__(self, code: str, message: str):
+        self.code = code
+        super().__init__(message)
+
+
+@dataclass
+class DeploymentInfo:
+    """What a front end needs to know about a deployment to fill its form and describe the engine."""
+    name: str
+    model: str
+    replicas: int
+    max_batch: int
+    limits: dict
+    token_required: bool
+    engine: dict  # the first replica's engine.describe(), empty until a replica wrote it
+
+    def describe(self) -> str:
+        e = self.engine
+        if not e:
+            return f"{self.model} (deployment {self.name})"
+        return (f"{e.get('model', self.model)}, {e.get('dtype')}, {e.get('backend')} on {e.get('device')}, "
+                f"attention {e.get('attention')} (deployment {self.name}, {self.replicas} replica(s))")
+
+
+def deployment_info(name: str) -> DeploymentInfo:
+    """Read from the deployment's files; raises ServingError when there is no running deployment NAME."""
+    check_name(name)
+    ddir = cache_path() / name
+    spec = read_json(ddir / "spec.json")
+    if spec is None or not (ddir / "score.py").exists():
+        raise ServingError(f"no running deployment named '{name}' in {cache_path()} "
+                           "(start one with `fastsd serve`; set MII_CACHE_PATH to the folder it was started with)")
+    engine = {}
+    for i in range(len(spec["replicas"])):
+        engine = (read_json(ddir / f"replica-{i}.json") or {}).get("engine") or {}
+        if engine:
+            break
+    return DeploymentInfo(name=name, model=spec["model"], replicas=len(spec["replicas"]), max_batch=spec["max_batch"],
+                          limits=spec["limits"], token_required=bool(spec.get("token_required")), engine=engine)
+
+
+class DeploymentClient:
+    """Thread-safe: `generate` may be called from any number of threads at once."""
+
+    def __init__(self, name: str, timeout: float | None = None):
+        use_cache_path()
+        self.info = deployment_info(name)
+        from .deploy import import_mii
+        import_mii()  # seconds of imports (deepspeed), paid here rather than by the first request
+        self.name = name
+        self.timeout = float(timeout if timeout is not None else self.info.limits.get("timeout", 300.0)) + 5.0
+        self._local = threading.local()
+
+    def _handle(self):
+        if getattr(self._local, "handle", None) is None:
+            from .deploy import import_mii
+            mii = import_mii()
+            self._local.loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self._local.loop)
+            self._local.handle = mii.legacy.mii_query_handle(self.name)
+        return self._local.handle
+
+    def generate(self, prompts: list[str], negatives: list[str] | None = None, **kwargs):
+        """One request; returns MII's reply (`.images`, `.nsfw_content_detected`). Keyword values that are
+        None are left out (MII's Value carries str, int, float and bool only)."""
+        import grpc
+        handle = self._handle()
+        request = {"prompt": list(prompts), "negative_prompt": list(negatives) if negatives else [""] * len(prompts)}
+        kw = {k: v for k, v in kwargs.items() if v is not None}
+        try:
+            return self._local.loop.run_until_complete(
+                asyncio.wait_for(handle._request_async_response(request, **kw), self.timeout))
+        except grpc.aio.AioRpcError as e:
+            raise DeploymentError(e.code().name, e.details() or e.code().name) from None
+        except asyncio.TimeoutError:
+            raise DeploymentError("DEADLINE_EXCEEDED", f"no reply within {self.timeout:g} s") from None

@@ -1,0 +1,244 @@
+"""What a serving request may hold: ONE table, used by both front doors, so they cannot disagree.
+
+- The REST gateway (rest.py) checks a `POST /score` body with `parse_score_body` before it forwards
+  anything; the replicas (limits.py, through batcher.py and replica.py) check what arrives over
+  gRPC (MII's client, or any raw gRPC caller) with `unpack_query_kwargs` + `check_param` before a
+  request is queued. Every failure is an `InvalidParameter` naming the field and what is allowed
+  (gRPC INVALID_ARGUMENT, HTTP 422) or, for a body that is not the format at all, a `BadBody` (400).
+- Parsing is total: any JSON value and any protobuf `Value` either passes every check or is refused
+  with a one-line reason. Nothing unchecked reaches MII's packing (which raises on a seed beyond 64
+  bits or a lone UTF-16 surrogate) or the engine.
+
+Adding a request field is ONE line: a `Param(...)` in PARAMS (a query keyword, REST `parameters`
+and MII kwargs alike) or a `Column(...)` in COLUMNS (a per-row value of the REST `data` rows).
+Its kind says the type (int, float, text, choice, bool, or `check=` a function of your own for
+anything else); lo/hi the range (a number, or a function of the deployment's `Limits`).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .. import validation as v
+from ..errors import InvalidParameter
+
+SCHEDULERS = ("pndm", "ddim", "euler", "euler-ancestral", "dpm++", "lms")
+MAX_TEXT_CHARS = 10_000  # CLIP reads 77 tokens; longer text only costs tokenizer time
+MAX_GUIDANCE = 1000.0    # far beyond any useful value, and exact in MII's 32-bit floats
+SHOWN = 80               # characters of a refused value quoted back in an error
+
+
+class BadBody(ValueError):
+    """A REST body that is not the scoring format at all (HTTP 400)."""
+
+
+class _Shown:
+    """A refused value as an error quotes it: its repr, cut short (a 1 MB prompt must not come back
+    in a gRPC status, whose metadata is limited to a few KB)."""
+
+    def __init__(self, value):
+        try:
+            text = repr(value)
+        except Exception:  # noqa: BLE001 - a value whose repr fails is still refused
+            text = f"<{type(value).__name__}>"
+        self.text = text if len(text) <= SHOWN else text[:SHOWN] + "..."
+
+    def __repr__(self):
+        return self.text
+
+
+def refuse(name, value, allowed: str) -> InvalidParameter:
+    """An InvalidParameter whose message is one short printable line, whatever the caller sent."""
+    plain = isinstance(name, str) and len(name) <= SHOWN and name.isascii() and name.isprintable()
+    return InvalidParameter(name if plain else repr(_Shown(name)), _Shown(value), allowed)
+
+
+@dataclass(frozen=True)
+class Param:
+    """One request field. kind: "int" | "float" | "text" | "choice" | "bool"; `check(value, limits)`
+    replaces the kind's check for a field with its own rules (it returns the value or raises)."""
+    name: str
+    kind: str
+    doc: str
+    lo: Any = None            # number or function(limits) -> number
+    hi: Any = None
+    multiple_of: int = 1
+    choices: tuple = ()
+    check: Callable | None = None
+
+    def bound(self, which, limits):
+        b = getattr(self, which)
+        return b(limits) if callable(b) else b
+
+    def allowed(self, limits) -> str:
+        lo, hi = self.bound("lo", limits), self.bound("hi", limits)
+        if self.kind == "int":
+            return f"an integer in [{lo}, {hi}]" + (f", a multiple of {self.multiple_of}" if self.multiple_of > 1 else "")
+        if self.kind == "float":
+            return f"a finite number in [{lo:g}, {hi:g}]"
+        if self.kind == "choice":
+            return "one of " + ", ".join(self.choices)
+        if self.kind == "bool":
+            return "true or false"
+        return f"text of at most {MAX_TEXT_CHARS} characters"
+
+    def parse(self, value, limits):
+        if self.check is not None:
+            return self.check(value, limits)
+        if self.kind == "int":
+            ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            if ok and self.bound("lo", limits) <= value <= self.bound("hi", limits) and value % self.multiple_of == 0:
+                return int(value)
+        elif self.kind == "float":
+            ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            if ok and math.isfinite(value) and self.bound("lo", limits) <= value <= self.bound("hi", limits):
+                return float(value)
+        elif self.kind == "choice":
+            if isinstance(value, str) and value in self.choices:
+                return value
+        elif self.kind == "bool":
+            if isinstance(value, bool):
+                return value
+        elif self.kind == "text":
+            return text(self.name, value)
+        raise refuse(self.name, value, self.allowed(limits))
+
+
+def text(name: str, value, non_blank: bool = False) -> str:
+    """A string the rest of the stack can carry: UTF-8 encodable (no lone surrogates), bounded."""
+    if not isinstance(value, str):
+        raise refuse(name, value, "text" + (" (non-empty)" if non_blank else ""))
+    if len(value) > MAX_TEXT_CHARS:
+        raise refuse(name, value, f"text of at most {MAX_TEXT_CHARS} characters (got {len(value)})")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise refuse(name, value, "valid Unicode text (no unpaired surrogates)") from None
+    if non_blank and not value.strip():
+        raise refuse(name, value, "non-empty text")
+    return value
+
+
+# -- the table --------------------------------------------------------------------------------------
+# Query keywords (REST "parameters", MII query kwargs). Ranges that depend on the deployment are
+# functions of its Limits. One line per field.
+PARAMS = {p.name: p for p in [
+    Param("num_inference_steps", "int", "denoising steps", 1, lambda lim: min(lim.max_steps, v.MAX_STEPS)),
+    Param("guidance_scale", "float", "classifier-free guidance (off at 1 or below)", 0.0, MAX_GUIDANCE),
+    Param("height", "int", "image height in pixels", v.MIN_SIZE, v.MAX_SIZE, multiple_of=8),
+    Param("width", "int", "image width in pixels", v.MIN_SIZE, v.MAX_SIZE, multiple_of=8),
+    Param("seed", "int", "seed of the first image (the next ones take seed+1, ...)", 0, v.MAX_SEED),
+    Param("scheduler", "choice", "sampler", choices=SCHEDULERS),
+    Param("num_images_per_prompt", "int", "images per prompt", 1, lambda lim: lim.max_images),
+]}
+# REST only: a negative prompt for every row, as a parameter instead of a column
+REST_ONLY_PARAMS = {"negative_prompt": Param("negative_prompt", "text", "negative prompt for every row")}
+# Columns of the REST "data" rows (one value per row each); "prompt" is required.
+COLUMNS = {c.name: c for c in [
+    Param("prompt", "text", "what to draw", check=lambda val, lim: text("prompt", val, non_blank=True)),
+    Param("negative_prompt", "text", "what to steer away from"),
+]}
+REQUIRED_COLUMNS = ("prompt",)
+
+
+def check_param(name, value, limits):
+    """One query keyword: known, of its type, in its range. Returns the value as the engine takes it."""
+    field = PARAMS.get(name) if isinstance(name, str) else None
+    if field is None:
+        raise refuse(name, value, "one of the parameters " + ", ".join(PARAMS))
+    return field.parse(value, limits)
+
+
+def check_params(kwargs: dict, limits) -> dict:
+    return {k: check_param(k, val, limits) for k, val in kwargs.items()}
+
+
+def unpack_query_kwargs(query_kwargs) -> dict:
+    """MII's `map<string, Value>` -> plain values. MII's own unpacking fails (TypeError) on a Value
+    with none of its fields set, which any raw gRPC caller can send."""
+    out = {}
+    for k, val in query_kwargs.items():
+        which = val.WhichOneof("oneof_values")
+        if which is None:
+            raise refuse(k, None, "a value (text, integer, number or boolean)")
+        out[k] = getattr(val, which)
+    return out
+
+
+def check_prompts(value, limit: int, name: str = "prompt", allow_blank: bool = False) -> list[str]:
+    """Prompts from a request: one text or a list of 1..limit texts."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items:
+        raise refuse(name, value, "a non-empty string or a non-empty list of strings")
+    if len(items) > limit:
+        raise refuse(name, f"{len(items)} prompts", f"at most {limit} per request")
+    return [text(name, p, non_blank=not allow_blank) for p in items]
+
+
+# -- the REST body ----------------------------------------------------------------------------------
+BODY_KEYS = ("input_data", "parameters")
+INPUT_KEYS = ("columns", "data", "index", "parameters")
+FORMAT = 'expected {"input_data": {"columns": ["prompt"], "data": [...], "parameters": {...}}}'
+
+
+def parse_score_body(doc, limits) -> tuple[list[str], list[str] | None, dict]:
+    """A decoded JSON `POST /score` body -> (prompts, negative prompts or None, query kwargs), every
+    value checked. Raises BadBody (HTTP 400) or InvalidParameter (HTTP 422)."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("input_data"), dict):
+        raise BadBody(FORMAT)
+    unknown = [k for k in doc if k not in BODY_KEYS]
+    if unknown:
+        raise BadBody(f"unknown key {_Shown(unknown[0])} in the body; allowed: {', '.join(BODY_KEYS)}")
+    inp = doc["input_data"]
+    unknown = [k for k in inp if k not in INPUT_KEYS]
+    if unknown:
+        raise BadBody(f"input_data: unknown key {_Shown(unknown[0])}; allowed: {', '.join(INPUT_KEYS)}")
+    columns = inp.get("columns", ["prompt"])
+    if not isinstance(columns, list) or not columns or not all(isinstance(c, str) for c in columns):
+        raise BadBody("input_data.columns: expected a non-empty list of column names")
+    for c in columns:
+        if c not in COLUMNS:
+            raise BadBody(f"input_data.columns: unknown column {_Shown(c)}; allowed: {', '.join(COLUMNS)}")
+    if len(set(columns)) != len(columns):
+        raise BadBody("input_data.columns: a column is named twice")
+    for c in REQUIRED_COLUMNS:
+        if c not in columns:
+            raise BadBody(f'input_data.columns: a "{c}" column is required')
+    data = inp.get("data")
+    if not isinstance(data, list) or not data:
+        raise BadBody("input_data.data: expected a non-empty list of rows")
+    if len(data) > limits.max_prompts:
+        raise refuse("prompt", f"{len(data)} prompts", f"at most {limits.max_prompts} per request")
+    rows = {c: [] for c in columns}
+    for row in data:
+        if isinstance(row, dict):
+            extra = [k for k in row if k not in columns]
+            if extra:
+                raise BadBody(f"input_data.data: row key {_Shown(extra[0])} is not a column ({', '.join(columns)})")
+            row = [row.get(c) for c in columns]
+        elif not isinstance(row, list) and len(columns) == 1:
+            row = [row]
+        if not isinstance(row, list) or len(row) != len(columns):
+            raise BadBody(f"input_data.data: each row must be a prompt, an object or a list of {len(columns)} "
+                          f"values ({', '.join(columns)}); got {_Shown(row)}")
+        for c, val in zip(columns, row):
+            rows[c].append(COLUMNS[c].parse(val, limits))
+    params = {}
+    for where, p in (("parameters", doc.get("parameters")), ("input_data.parameters", inp.get("parameters"))):
+        if p is None:
+            continue
+        if not isinstance(p, dict):
+            raise BadBody(f"{where}: expected an object of parameters")
+        params.update(p)
+    negatives = rows.get("negative_prompt")
+    kwargs = {}
+    for k, val in params.items():
+        if k in REST_ONLY_PARAMS:
+            if negatives is not None:
+                raise BadBody(f"{k}: give it as a column or as a parameter, not both")
+            negatives = [REST_ONLY_PARAMS[k].parse(val, limits)] * len(data)
+            continue
+        kwargs[k] = check_param(k, val, limits)
+    return rows["prompt"], negatives, kwargs

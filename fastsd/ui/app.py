@@ -1,0 +1,198 @@
+"""The web page: a Gradio app whose every request goes to a running deployment through MII's client
+(fastsd.serving.client), so the page is one more client of the server and draws nothing itself.
+
+The generate action is also Gradio's API endpoint `/generate`; its inputs are named after the parameters
+of `generate` below (prompt, negative_prompt, steps, guidance, seed, width, height, scheduler, num_images):
+
+    from gradio_client import Client
+    Client("http://127.0.0.1:7860/").predict(prompt="a red circle", steps=25, seed=0, api_name="/generate")
+
+Errors from the server (a value it refuses, a timeout, no replica up) come back as `gr.Error`: a readable
+message on the page (and an error for API callers), never a stack trace; the page goes on working.
+
+The form's components are listed once (`inputs` in build_app), in the order of `generate`'s parameters, and
+every value reaches the deployment as a query keyword: image-to-image, inpainting and LoRA add a component
+there, a keyword parameter to `generate` and its keyword in the request, not a second page.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+from ..errors import InvalidParameter
+from ..serving.client import DeploymentClient, DeploymentError, deployment_info
+from ..serving.common import LOOPBACK, ServingError
+from ..serving.limits import SCHEDULERS
+
+log = logging.getLogger("fastsd.ui")
+MODEL_DEFAULT = "the model's"
+MAX_SEED = 2**31 - 1
+TITLE = "fastsd"
+# What the user reads for each kind of server error; the server's own reason follows.
+ERROR_KINDS = {
+    "INVALID_ARGUMENT": "The deployment refused a value",
+    "DEADLINE_EXCEEDED": "The deployment did not answer in time",
+    "UNAVAILABLE": "The deployment is not reachable (is a replica up?)",
+    "RESOURCE_EXHAUSTED": "The deployment is busy",
+    "UNIMPLEMENTED": "The deployment cannot do that",
+}
+
+
+def friendly(e: Exception) -> str:
+    """One readable line for the page."""
+    if isinstance(e, DeploymentError):
+        return f"{ERROR_KINDS.get(e.code, 'The deployment failed')}: {e}"
+    if isinstance(e, (ServingError, InvalidParameter)):
+        return str(e)
+    return f"Unexpected error ({type(e).__name__}): {e}"
+
+
+def _int_or_none(value, zero_is_none: bool = False):
+    if value is None or (zero_is_none and value == 0):
+        return None
+    return int(value) if float(value).is_integer() else value  # a fraction goes to the server, which names it
+
+
+def _prune(out_dir: Path, age: float = 3600.0) -> None:
+    """The page's PNGs live an hour (Gradio serves its own copies; delete_cache prunes those)."""
+    import shutil
+    cutoff = time.time() - age
+    for d in out_dir.glob("req-*"):
+        try:
+            if d.stat().st_mtime < cutoff:
+                shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _header(name: str) -> str:
+    return f"## {TITLE} · deployment `{name}`\n{deployment_info(name).describe()}"
+
+
+def make_generate(client: DeploymentClient, out_dir: Path):
+    """The function behind the button and the /generate endpoint (its parameter names are the API's)."""
+    import gradio as gr
+
+    def generate(prompt: str, negative_prompt: str = "", steps: int = 25, guidance: float = 7.5, seed: int = -1,
+                 width: int = 0, height: int = 0, scheduler: str = MODEL_DEFAULT, num_images: int = 1):
+        try:
+            if seed is None or seed < 0:
+                seed = random.randrange(MAX_SEED)  # drawn here, so the page can say which seed it used
+            n = _int_or_none(num_images) or 1
+            t0 = time.perf_counter()
+            reply = client.generate([prompt or ""], [negative_prompt or ""], num_inference_steps=_int_or_none(steps),
+                                    guidance_scale=float(guidance), seed=_int_or_none(seed),
+                                    width=_int_or_none(width, True), height=_int_or_none(height, True),
+                                    scheduler=None if scheduler in (None, "", MODEL_DEFAULT) else scheduler,
+                                    num_images_per_prompt=n if n != 1 else None)
+            elapsed = time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001 - every failure becomes a message on the page
+            if not isinstance(e, (DeploymentError, ServingError, InvalidParameter)):
+                log.exception("generate failed")
+            raise gr.Error(friendly(e), duration=None, print_exception=False) from None
+        seeds = [int(seed) + i for i in range(len(reply.images))]
+        _prune(out_dir)
+        request_dir = Path(tempfile.mkdtemp(prefix="req-", dir=out_dir))
+        paths = []
+        for s, image in zip(seeds, reply.images):
+            path = request_dir / f"fastsd-seed{s}.png"
+            image.save(path)
+            paths.append(str(path))
+        flagged = sum(bool(f) for f in reply.nsfw_content_detected)
+        w, h = reply.images[0].size if reply.images else (0, 0)
+        info = (f"**seed {seeds[0]}**" + (f" to {seeds[-1]}" if len(seeds) > 1 else "")
+                + f" · {len(seeds)} image(s) {w}x{h} in {elapsed:.2f} s · "
+                + deployment_info(client.name).describe()
+                + (f" · {flagged} flagged by the safety checker (black)" if flagged else ""))
+        gallery = [(p, f"seed {s}") for p, s in zip(paths, seeds)]
+        return gallery, info, paths
+
+    return generate
+
+
+def build_app(client: DeploymentClient, out_dir: Path | None = None):
+    import gradio as gr
+    info = client.info
+    limits = info.limits
+    out_dir = Path(out_dir or tempfile.mkdtemp(prefix="fastsd-ui-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    generate = make_generate(client, out_dir)
+    with gr.Blocks(title=f"{TITLE}: {info.name}", analytics_enabled=False, delete_cache=(600, 3600)) as demo:
+        header = gr.Markdown(_header(info.name), elem_id="engine")
+        with gr.Row():
+            with gr.Column(scale=1):
+                prompt = gr.Textbox(label="prompt", lines=2, placeholder="a red circle on a blue background",
+                                    elem_id="prompt")
+                negative = gr.Textbox(value="", label="negative prompt", lines=1, elem_id="negative_prompt")
+                steps = gr.Slider(1, int(limits.get("max_steps", 150)), value=25, step=1, label="steps",
+                                  elem_id="steps")
+                guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="guidance", elem_id="guidance")
+                with gr.Row():
+                    seed = gr.Number(value=-1, precision=0, label="seed (-1: random)", elem_id="seed")
+                    random_seed = gr.Button("random seed", size="sm", elem_id="random_seed")
+                with gr.Row():
+                    width = gr.Number(value=0, precision=0, label="width (0: the model's)", elem_id="width")
+                    height = gr.Number(value=0, precision=0, label="height (0: the model's)", elem_id="height")
+                scheduler = gr.Dropdown([MODEL_DEFAULT, *SCHEDULERS], value=MODEL_DEFAULT, label="scheduler",
+                                        elem_id="scheduler")
+                num_images = gr.Slider(1, max(1, min(8, int(limits.get("max_images", 16)))), value=1, step=1,
+                                       label="number of images", elem_id="num_images")
+                button = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column(scale=1):
+                gallery = gr.Gallery(label="images", format="png", columns=2, elem_id="gallery",
+                                     buttons=["download", "fullscreen"])
+                result = gr.Markdown(elem_id="result")
+                files = gr.File(label="PNG downloads", file_count="multiple", elem_id="files")
+        # read again when a page opens: a page started with its deployment may be up before the replicas say
+        # which engine they run
+        demo.load(lambda: _header(info.name), None, header, api_name=False, queue=False)
+        random_seed.click(lambda: -1, None, seed, api_name=False, queue=False)
+        inputs = [prompt, negative, steps, guidance, seed, width, height, scheduler, num_images]
+        button.click(generate, inputs, [gallery, result, files], api_name="generate")
+        prompt.submit(generate, inputs, [gallery, result, files], api_name=False)
+    return demo
+
+
+def check_exposure(host: str, token: str | None, name: str) -> None:
+    """The page runs the deployment for whoever reaches it: off loopback only behind a token, and a
+    deployment that requires a token gets a page that asks for it."""
+    if token is None and deployment_info(name).token_required:
+        raise InvalidParameter("token", None, f"the token of deployment '{name}', which requires one "
+                                              "(--token or $FASTSD_TOKEN)")
+    if token is None and host not in LOOPBACK:
+        raise InvalidParameter("host", host, "127.0.0.1, localhost or ::1 unless a token is set (--token or "
+                                             "$FASTSD_TOKEN): without one, anyone who reaches the page runs the "
+                                             "deployment")
+
+
+def launch(name: str, host: str = "127.0.0.1", port: int = 7860, token: str | None = None,
+           concurrency: int | None = None, block: bool = True):
+    """Serves the page; returns (demo, url). With block=False it returns once the page answers."""
+    import hmac
+
+    from ..serving.common import port_free
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    check_exposure(host, token, name)
+    if not 1 <= port <= 65535 or not port_free(port, host):
+        raise InvalidParameter("port", port, "a free TCP port")
+    client = DeploymentClient(name)
+    concurrency = concurrency or client.info.replicas * client.info.max_batch
+    demo = build_app(client)
+    # up to `concurrency` requests in flight, so the deployment's dynamic batching can merge them; the
+    # rest wait in Gradio's queue, and the page shows their position
+    demo.queue(default_concurrency_limit=concurrency)
+
+    def auth(_user: str, password: str) -> bool:
+        return hmac.compare_digest(password.encode(), token.encode())
+    import gradio as gr
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                              font_mono=["ui-monospace", "monospace"])  # no web fonts: works offline
+    _, url, _ = demo.launch(server_name=host, server_port=port, auth=auth if token else None,
+                            auth_message=f"deployment {name}: any user name, the deployment's token as password"
+                            if token else None, prevent_thread_lock=not block, quiet=True, ssr_mode=False,
+                            footer_links=["api"], theme=theme, max_threads=max(40, concurrency + 8))
+    return demo, url

@@ -1,0 +1,30 @@
+"""`fastsd verify --pipeline KINDS`: diffusers' own pipelines over a model, plain and after fastsd.accelerate."""
+import json
+
+import pytest
+
+from fastsd.cli import main
+
+
+def test_verify_pipeline_fp32_is_bit_identical(tmp_path, capsys):
+    out = tmp_path / "v.json"
+    rc = main(["verify", "--model", "tiny", "--pipeline", "inpaint,controlnet", "--steps", "2", "--device", "cpu",
+               "-q", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0 and "PASS" in text and "StableDiffusionControlNetPipeline" in text
+    report = json.loads(out.read_text())
+    assert set(report) == {"inpaint", "controlnet"}
+    for r in report.values():
+        assert r["passed"] and r["images"][0]["max_abs"] == 0 and r["images"][0]["psnr_db"] == float("inf")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--pipeline", "txt2vid"], "pipeline: got 'txt2vid'; allowed: a comma list of txt2img, img2img"),
+    (["--pipeline", "txt2img", "--backend", "onnxruntime"], "accelerate exports the pipeline itself"),
+    (["--pipeline", "controlnet", "--controlnet", "/nonexistent"], "controlnet: got '/nonexistent'; allowed: a "
+     "diffusers ControlNet folder"),
+])
+def test_verify_pipeline_bad_input_is_one_line(argv, message, capsys):
+    assert main(["verify", "--model", "tiny", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1

@@ -41,8 +41,11 @@ def register(subparsers, parents):
     b = p.add_argument_group("what to measure")
     b.add_argument("--backends", "--backend", default="diffusers,torch",
                    help="comma list of diffusers (the baseline, always run first) and fastsd backends "
-                        "(torch, onnxruntime), and accelerate (fastsd.accelerate on the diffusers pipeline); an "
-                        "unavailable backend is skipped with its reason (default: diffusers,torch)")
+                        "(torch, onnxruntime, openvino), and accelerate (fastsd.accelerate on the diffusers "
+                        "pipeline); one that cannot run here (package missing, no such device or dtype) is skipped "
+                        "with its reason, one that fails is an error: exit 1 (default: diffusers,torch)")
+    b.add_argument("--profile", default="", help="comma list of speed profiles (fast, fastest, exact) to measure as "
+                                              "they resolve on this machine, beside the --backends x --dtype items")
     b.add_argument("--accelerate", action="store_true",
                    help="add the drop-in: fastsd.accelerate(pipe) on the diffusers pipeline, per --dtype, measured "
                         "beside the plain pipeline and fastsd's engine (same as adding accelerate to --backends)")
@@ -141,6 +144,7 @@ def settings_from_args(args):
     for backend in backends:
         if backend != BASELINE:
             configs += [ConfigSpec(backend, d, f) for d, f in dtypes]
+    configs += profile_specs(_csv(args.profile), args.device, configs)
     return BenchSettings(
         model=args.model, random_weights=args.random_weights, model_config=args.config,
         allow_pickle=args.allow_pickle, device=args.device, attention=args.attention, configs=configs,
@@ -149,6 +153,28 @@ def settings_from_args(args):
         prompt=args.prompt, negative=args.negative, estimate_steps=args.estimate_steps,
         safety_checker=not args.no_safety_checker, threads=args.threads, onnx_dir=args.onnx_dir,
         progress=not args.quiet, loras=lora_refs(args))
+
+
+def profile_specs(names: list[str], device: str, existing: list) -> list:
+    """A ConfigSpec per profile, as the profile resolves on `device` here; a profile that resolves to a
+    configuration already listed adds no second row (the listed one is labelled with it)."""
+    from fastsd.profiles import PROFILE_NAMES, profile_flags
+    from .harness import ConfigSpec
+    out = []
+    for name in names:
+        if name not in PROFILE_NAMES:
+            raise InvalidParameter("profile", name, ", ".join(PROFILE_NAMES))
+        flags = {k: v for k, v in profile_flags(name, device).items() if k != "device"}
+        backend, dtype = flags.pop("backend", "torch"), flags.pop("dtype", "fp32")
+        spec = ConfigSpec(backend, dtype, tuple(sorted(flags.items())), profile=name)
+        for i, other in enumerate(existing):
+            if (other.backend, other.dtype, other.flags) == (backend, dtype, spec.flags) and not other.is_baseline:
+                existing[i] = ConfigSpec(backend, dtype, spec.flags,
+                                         profile=f"{other.profile},{name}" if other.profile else name)
+                break
+        else:
+            out.append(spec)
+    return out
 
 
 def command_line(args) -> str:
@@ -171,6 +197,8 @@ def command_line(args) -> str:
         parts += ["--attention", args.attention]
     for item in args.set:
         parts += ["--set", item]
+    if args.profile:
+        parts += ["--profile", args.profile]
     parts += ["--no-safety-checker"] if args.no_safety_checker else []
     for name in ("json", "plot", "markdown"):
         if getattr(args, name):
@@ -203,4 +231,8 @@ def cmd_bench(args) -> int:
         write_plot(report, args.plot)
     if args.markdown:
         write_markdown(report, args.markdown, report["command"])
+    if report.get("failed"):
+        for f in report["failed"]:
+            print(f"fastsd bench: error: {f['config']} {f['reason']}", file=sys.stderr)
+        return 1
     return 0

@@ -33,11 +33,13 @@ class ConfigSpec:
     backend: str  # "diffusers" | a fastsd backend name
     dtype: str = "fp32"
     flags: tuple = ()  # extra OptimizeConfig fields, as sorted (name, value) pairs
+    profile: str | None = None  # set when the configuration is what `--profile NAME` picks here
 
     @property
     def name(self) -> str:
         extra = ",".join(f"{k}={v}" for k, v in self.flags)
-        return f"{self.backend} {self.dtype}" + (f" [{extra}]" if extra else "")
+        name = f"{self.backend} {self.dtype}" + (f" [{extra}]" if extra else "")
+        return f"profile {self.profile}: {name}" if self.profile else name
 
     @property
     def is_baseline(self) -> bool:
@@ -159,6 +161,7 @@ class PeakMemory:
 # -- runners: the same five calls, over diffusers or over a fastsd engine -------------------------------
 class DiffusersRunner:
     """The baseline: diffusers' StableDiffusionPipeline in FP32 over the model's own modules."""
+    unet_calls_per_timing = 1
 
     def __init__(self, model, settings: BenchSettings):
         from fastsd.schedulers import make_scheduler
@@ -241,12 +244,21 @@ class EngineRunner:
             self.engine.set_loras(settings.loras, allow_pickle=settings.allow_pickle)
         self.device = self.engine.backend.device
         self.has_safety_checker = self.engine.safety_checker is not None
+        # step caching: one timed UNet "step" is a whole cycle (one full call, interval-1 shallow ones),
+        # divided by the interval, so the figure is the mean cost of a step in the loop
+        self.step_cache = getattr(self.engine.backend, "step_cache", None)
+        self.unet_calls_per_timing = self.step_cache.interval if self.step_cache else 1
 
     def text_encoder(self, ids):
         return self.engine.backend.encode_text(ids)
 
     def unet_step(self, sample, t, hidden):
-        return self.engine.backend.unet(sample, t, hidden)
+        if self.step_cache is None:
+            return self.engine.backend.unet(sample, t, hidden)
+        self.step_cache.reset()
+        for _ in range(self.step_cache.interval):
+            out = self.engine.backend.unet(sample, t, hidden)
+        return out
 
     def vae_decode(self, latents):
         return self.engine.backend.decode(latents)
@@ -313,39 +325,84 @@ def make_inputs(model, s: BenchSettings, batch: int, height: int, width: int, de
 
 
 # -- ONNX: included only when the backend (and an export) exist ------------------------------------------
-def onnx_engine_model(model, settings: BenchSettings, dtype: str, height: int, width: int):
-    """What the onnxruntime backend runs for `dtype`: (SDModel over ONNX graphs, None, export seconds), or
-    (None, one-line reason to skip, 0). The backend is found through the registry; the graphs are the export
-    in --onnx-dir, or one written now by fastsd.export (text encoder, UNet, VAE decoder) when it exists.
-    The PyTorch safety checker is attached so that end to end does the same work as the baseline."""
+class CannotRunHere(Exception):
+    """A configuration this machine or installation cannot run (a backend package missing, no such device,
+    a dtype the backend has no kernels for): skipped with the reason. Anything else that fails is an error."""
+
+
+def onnx_engine_model(model, settings: BenchSettings, dtype: str, height: int, width: int, backend: str = "onnxruntime"):
+    """What the onnxruntime or openvino backend runs: (SDModel over ONNX graphs, export seconds). The graphs
+    are the export in --onnx-dir, or one written now by fastsd.export (text encoder, UNet, VAE decoder).
+    The PyTorch safety checker is attached so that end to end does the same work as the baseline. Raises
+    CannotRunHere when the backend's package is missing; an export that fails raises its own error."""
     from fastsd.backends import lookup_backend
+    from fastsd.errors import ModelLoadError
     try:
-        lookup_backend("onnxruntime")
-    except Exception as e:  # the module or onnxruntime itself missing, or not registered
-        return None, f"the onnxruntime backend is not available ({type(e).__name__}: {_line(e)})", 0.0
+        lookup_backend(backend)
+        if backend == "openvino":
+            from fastsd.backends.openvino import import_openvino
+            import_openvino()
+    except (ImportError, ModelLoadError) as e:  # the module or its package missing
+        raise CannotRunHere(f"the {backend} backend is not installed ({type(e).__name__}: {_line(e)})") from None
     try:
         from fastsd.export import export_onnx, load_onnx_model
     except ImportError as e:
-        return None, f"fastsd.export is not importable ({_line(e)})", 0.0
+        raise CannotRunHere(f"fastsd.export is not importable ({_line(e)})") from None
     t0 = time.perf_counter()
-    try:
-        if settings.onnx_dir:
-            onnx_model = load_onnx_model(settings.onnx_dir)
-        else:
-            import tempfile
-            folder = tempfile.mkdtemp(prefix=f"fastsd-bench-onnx-{dtype}-")
-            batch = f"1:{min(settings.batches)}:{max(4, max(settings.batches))}"
-            options = {"dtype": dtype, "batch": batch, "components": ("text_encoder", "unet", "vae_decoder")}
-            if height == width:
-                options["resolution"] = f"{height}:{height}:{height}"
-            export_onnx(copy.deepcopy(model), folder, **options)
-            onnx_model = load_onnx_model(folder)
-    except Exception as e:
-        return None, f"no ONNX export in {dtype} ({type(e).__name__}: {_line(e)})", 0.0
+    if settings.onnx_dir:
+        onnx_model = load_onnx_model(settings.onnx_dir)
+    else:
+        import tempfile
+        folder = tempfile.mkdtemp(prefix=f"fastsd-bench-onnx-{dtype}-")
+        batch = f"1:{min(settings.batches)}:{max(4, max(settings.batches))}"
+        # no per-graph parity pass (it runs the UNet twice more): the bench compares every configuration's
+        # final images with the baseline's anyway
+        options = {"dtype": dtype, "batch": batch, "components": ("text_encoder", "unet", "vae_decoder"),
+                   "check": False}
+        if height == width:
+            options["resolution"] = f"{height}:{height}:{height}"
+        export_onnx(copy.deepcopy(model), folder, **options)
+        onnx_model = load_onnx_model(folder)
+        onnx_model.extra["bench_temp"] = folder  # removed when the run ends
     if getattr(onnx_model, "safety_checker", None) is None and model.safety_checker is not None:
         onnx_model.safety_checker = copy.deepcopy(model.safety_checker)
         onnx_model.feature_extractor = model.feature_extractor
-    return onnx_model, None, time.perf_counter() - t0
+    return onnx_model, time.perf_counter() - t0
+
+
+def _component_call(runner, comp: str, x: dict):
+    return {"text_encoder": lambda: runner.text_encoder(x["ids"]),
+            "unet_step": lambda: runner.unet_step(x["sample"], x["t"], x["hidden"]),
+            "vae_decode": lambda: runner.vae_decode(x["latents"]),
+            # a copy: the checker blacks out flagged images in place
+            "safety_checker": lambda: runner.safety_checker(x["image"].clone())}[comp]
+
+
+def _unsupported_here(e: BaseException, spec) -> bool:
+    """An error that says this machine or backend cannot run the configuration at all (no such device, a
+    dtype the backend has no kernels for, a package missing), as opposed to one that broke."""
+    from fastsd.errors import InvalidParameter, ModelLoadError
+    if isinstance(e, InvalidParameter) and getattr(e, "name", None) in ("device", "dtype"):
+        return True
+    return isinstance(e, ModelLoadError) and "not installed" in str(e)
+
+
+# a whole run this far from the sum of its parts means one of the figures is not to be trusted
+CONSISTENCY_RANGE = (0.67, 1.5)
+
+
+def consistency(row: dict, unet_calls: int, text_in_e2e: bool) -> dict:
+    """The measured end-to-end median against the sum of the component medians for the same run (text
+    encoder only where the end-to-end run encodes every time: the engine caches prompt embeddings)."""
+    c = row["components"]
+    parts = [c[k].get("median_s") or 0.0 for k in (("text_encoder",) if text_in_e2e else ()) + ("vae_decode", "safety_checker")]
+    expected = sum(parts) + unet_calls * c["unet_step"]["median_s"]
+    ratio = row["end_to_end"]["median_s"] / expected if expected else None
+    ok = ratio is not None and CONSISTENCY_RANGE[0] <= ratio <= CONSISTENCY_RANGE[1]
+    note = (f"end to end {row['end_to_end']['median_s']:.2f} s vs {expected:.2f} s from its components "
+            f"(ratio {ratio:.2f}): " + ("consistent" if ok else "the component and whole-run figures disagree "
+                                        "(load from other processes?); do not trust this row's ratios"))
+    return {"expected_s": expected, "ratio": ratio, "ok": ok, "note": note}
 
 
 def _line(e: BaseException, n: int = 160) -> str:
@@ -404,6 +461,7 @@ def machine_info(device: torch.device) -> dict:
         "onednn": onednn.group(1) if onednn else None, "platform": platform.platform(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "device": str(device),
+        "amx": "amx_bf16" in flags,
     }
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
@@ -415,7 +473,7 @@ def versions() -> dict:
     import platform
     from importlib import metadata
     out = {"python": platform.python_version()}
-    for name in ("torch", "diffusers", "transformers", "onnxruntime", "numpy"):
+    for name in ("torch", "diffusers", "transformers", "onnxruntime", "openvino", "numpy"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -470,7 +528,7 @@ def run_bench(settings: BenchSettings, model=None, log=print) -> dict:
     (what --json writes). `model` is an SDModel; loaded from `settings.model` when None. `log` gets the
     one-line notes (skipped configurations)."""
     from fastsd.loading import load_model
-    from fastsd.reference import TOLERANCES, compare
+    from fastsd.reference import compare, tolerance_for
     from fastsd import validation as check
 
     if settings.threads:
@@ -506,38 +564,44 @@ def run_bench(settings: BenchSettings, model=None, log=print) -> dict:
     configs = list(settings.configs)
     if not configs or not configs[0].is_baseline:
         configs = [ConfigSpec(BASELINE)] + [c for c in configs if not c.is_baseline]
-    skipped, onnx_models, runnable = [], {}, []
-    for spec in configs:
-        if spec.backend == "onnxruntime":
-            if spec.dtype not in onnx_models:
-                onnx_models[spec.dtype] = onnx_engine_model(model, settings, spec.dtype, height, width)
-            if onnx_models[spec.dtype][0] is None:
-                reason = onnx_models[spec.dtype][1]
-                skipped.append({"config": spec.name, "reason": reason})
-                log(f"skipped {spec.name}: {reason}")
-                continue
-        runnable.append(spec)
+    skipped, failed, onnx_models = [], [], {}
+    reference = {}  # batch -> (images, latents) of the baseline's end-to-end run
+    results = []
+
+    def cannot_run(spec, reason):
+        skipped.append({"config": spec.name, "reason": reason})
+        log(f"skipped {spec.name}: {reason}")
+
+    def fail(spec, e, when):
+        reason = f"failed {when}: {type(e).__name__}: {_line(e)}"
+        failed.append({"config": spec.name, "reason": reason})
+        log(f"FAILED {spec.name}: {reason}")
 
     comps = [c for c in COMPONENTS if c != "safety_checker" or has_safety]
     per_batch = len(comps) * (settings.warmup + settings.repeat) + settings.e2e_warmup + settings.repeat
-    progress = _Progress(len(runnable) * (1 + len(settings.batches) * per_batch), settings.progress)
+    progress = _Progress(len(configs) * (1 + len(settings.batches) * per_batch), settings.progress)
     inputs, shapes = {}, {}
     for b in settings.batches:
         inputs[b], shapes[str(b)] = make_inputs(model, settings, b, height, width, device)
 
-    reference = {}  # batch -> (images, latents) of the baseline's end-to-end run
-    results = []
-    for spec in runnable:
+    # 1. build every configuration (each on its own copy of the model), so that their repeats can be
+    # interleaved: load from other processes then hits every configuration alike
+    built = []  # (spec, entry, runner)
+    for spec in configs:
         gc.collect()
         entry = {"name": spec.name, "backend": spec.backend, "dtype": spec.dtype, "flags": dict(spec.flags),
-                 "baseline": spec.is_baseline, "batches": {}}
+                 "profile": spec.profile, "baseline": spec.is_baseline, "batches": {}}
         progress.step(f"{spec.name}: loading and building")
         before = mem.current()
         try:
-            if spec.backend == "onnxruntime":
+            if spec.backend in ("onnxruntime", "openvino"):
+                export_dtype = spec.dtype if spec.backend == "onnxruntime" else "fp32"  # openvino picks its own
+                if export_dtype not in onnx_models:
+                    onnx_models[export_dtype] = onnx_engine_model(model if model is not None else fresh_model(),
+                                                                  settings, export_dtype, height, width, spec.backend)
+                    entry["export_s"] = onnx_models[export_dtype][1]
                 t0 = time.perf_counter()
-                runner = EngineRunner(onnx_models[spec.dtype][0], spec, settings)
-                entry["export_s"] = onnx_models[spec.dtype][2]
+                runner = EngineRunner(onnx_models[export_dtype][0], spec, settings)
             else:
                 if model is None:
                     t0 = time.perf_counter()
@@ -550,104 +614,131 @@ def run_bench(settings: BenchSettings, model=None, log=print) -> dict:
                           if spec.backend == ACCELERATE else EngineRunner(m, spec, settings))
                 del m
             entry["build_s"] = time.perf_counter() - t0
+        except CannotRunHere as e:
+            cannot_run(spec, str(e))
+            progress.done(1 + len(settings.batches) * per_batch)
+            continue
         except Exception as e:
             if spec.is_baseline:
                 raise
-            reason = f"{type(e).__name__}: {_line(e)}"
-            skipped.append({"config": spec.name, "reason": reason})
-            log(f"skipped {spec.name}: {reason}")
+            if _unsupported_here(e, spec):
+                cannot_run(spec, f"{type(e).__name__}: {_line(e)}")
+            else:
+                fail(spec, e, "to build")
             progress.done(1 + len(settings.batches) * per_batch)
             continue
         progress.done()
         entry["describe"] = runner.describe()
         entry["memory_after_build_mb"] = mem.current() / 2**20
+        entry["resident_mb"] = (mem.current() - before) / 2**20
         entry["load_average"] = {"built": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
-        mem.start()
-        try:
-            for b in settings.batches:
-                x = inputs[b]
-                calls = {"text_encoder": lambda: runner.text_encoder(x["ids"]),
-                         "unet_step": lambda: runner.unet_step(x["sample"], x["t"], x["hidden"]),
-                         "vae_decode": lambda: runner.vae_decode(x["latents"]),
-                         # a copy: the checker blacks out flagged images in place
-                         "safety_checker": lambda: runner.safety_checker(x["image"].clone())}
-                row = {"components": {}}
-                for comp in COMPONENTS:
-                    if comp not in comps or (comp == "safety_checker" and not runner.has_safety_checker):
-                        row["components"][comp] = {"skipped": "the model has no safety checker"
-                                                   if not model_has_safety else
-                                                   "this configuration runs no safety checker"}
+        built.append((spec, entry, runner))
+    mem.start()
+
+    # 2. per batch: warm-ups, then every repeat of a component across all configurations in turn
+    for b in settings.batches:
+        x = inputs[b]
+        for spec, entry, runner in built:
+            entry["batches"][str(b)] = {"components": {}}
+        for comp in COMPONENTS:
+            for spec, entry, runner in list(built):
+                row = entry["batches"][str(b)]
+                if comp not in comps or (comp == "safety_checker" and not runner.has_safety_checker):
+                    row["components"][comp] = {"skipped": "the model has no safety checker"
+                                               if not model_has_safety else "this configuration runs no safety checker"}
+            active = [t for t in built if "skipped" not in t[1]["batches"][str(b)]["components"].get(comp, {})]
+            timings = {id(r): ([], [], []) for _, _, r in active}  # warm-up, runs, cpu
+            for i in range(settings.warmup + settings.repeat):
+                for spec, entry, runner in list(active):
+                    warm, runs, cpu = timings[id(runner)]
+                    is_warm = i < settings.warmup
+                    progress.step(f"{spec.name} batch {b}: {LABELS[comp]} "
+                                  + (f"warm-up {i + 1}/{settings.warmup}" if is_warm else
+                                     f"{i - settings.warmup + 1}/{settings.repeat}"))
+                    call = _component_call(runner, comp, x)
+                    per = runner.unet_calls_per_timing if comp == "unet_step" else 1
+                    try:
+                        c = []
+                        wall = _timed(call, device, c) / per
+                    except Exception as e:
+                        if spec.is_baseline:
+                            raise
+                        fail(spec, e, f"while measuring {LABELS[comp]}")
+                        active.remove((spec, entry, runner))
+                        built.remove((spec, entry, runner))
+                        progress.done((settings.warmup + settings.repeat - i) * 1)
                         continue
-                    warm = []
-                    for i in range(settings.warmup):
-                        progress.step(f"{spec.name} batch {b}: {LABELS[comp]} warm-up {i + 1}/{settings.warmup}")
-                        warm.append(_timed(calls[comp], device))
-                        progress.done()
-                    runs, cpu = [], []
-                    for i in range(settings.repeat):
-                        progress.step(f"{spec.name} batch {b}: {LABELS[comp]} {i + 1}/{settings.repeat}")
-                        runs.append(_timed(calls[comp], device, cpu))
-                        progress.done()
-                    row["components"][comp] = {**summarize(runs), "warmup_s": warm, "cpu_s": cpu,
-                                               "cpu_median_s": statistics.median(cpu)}
-                out = []
-                warm, runs, cpu = [], [], []
-                for i in range(settings.e2e_warmup + settings.repeat):
-                    progress.step(f"{spec.name} batch {b}: end to end ({settings.steps} steps) "
-                                  f"{i + 1}/{settings.e2e_warmup + settings.repeat}")
-                    is_warm = i < settings.e2e_warmup
-                    (warm if is_warm else runs).append(_timed(
-                        lambda: out.append(runner.end_to_end(settings, b, height, width)), device,
-                        None if is_warm else cpu))
+                    (warm if is_warm else runs).append(wall)
+                    if not is_warm:
+                        cpu.append(c[0] / per)
                     progress.done()
-                out = out[-1]
-                row["end_to_end"] = {**summarize(runs), "warmup_s": warm, "steps": settings.steps,
-                                     "unet_calls": n_calls, "cpu_s": cpu, "cpu_median_s": statistics.median(cpu)}
-                med = row["end_to_end"]["median_s"]
-                row["images_per_s"] = b / med if med else None
-                c = row["components"]
-                parts = [c[k].get("median_s") or 0.0 for k in ("text_encoder", "vae_decode", "safety_checker")]
-                row["end_to_end_estimate"] = {
-                    "steps": settings.estimate_steps, "unet_calls": est_calls,
-                    "seconds": sum(parts) + est_calls * c["unet_step"]["median_s"],
-                    "how": "text encoder + unet_calls x UNet step + VAE decode + safety checker (medians)"}
-                images, latents = out
-                if spec.is_baseline:
-                    reference[b] = (images, latents)
-                    row["parity"] = {"reference": True}
-                else:
-                    ref_images, ref_latents = reference[b]
-                    tol = TOLERANCES[spec.dtype]
-                    seeds = [settings.seed + i for i in range(b)]
-                    rows = compare(ref_images, images, ref_latents, latents, [settings.prompt] * b, seeds, tol)
-                    row["parity"] = {"psnr_db": min(r.psnr_db for r in rows),
-                                     "latent_cosine": min(r.latent_cosine for r in rows),
-                                     "max_abs": max(r.max_abs for r in rows),
-                                     "passed": all(r.passed for r in rows), "tolerance": asdict(tol),
-                                     "images": [asdict(r) for r in rows]}
-                entry["batches"][str(b)] = row
-        except Exception as e:  # a fastsd configuration that fails (NaN, a kernel error) is reported, not fatal
+            for spec, entry, runner in active:
+                warm, runs, cpu = timings[id(runner)]
+                entry["batches"][str(b)]["components"][comp] = {
+                    **summarize(runs), "warmup_s": warm, "cpu_s": cpu, "cpu_median_s": statistics.median(cpu)}
+        # end to end, interleaved the same way
+        e2e = {id(r): ([], [], [], []) for _, _, r in built}  # warm-up, runs, cpu, outputs
+        for i in range(settings.e2e_warmup + settings.repeat):
+            for spec, entry, runner in list(built):
+                warm, runs, cpu, outs = e2e[id(runner)]
+                is_warm = i < settings.e2e_warmup
+                progress.step(f"{spec.name} batch {b}: end to end ({settings.steps} steps) "
+                              f"{i + 1}/{settings.e2e_warmup + settings.repeat}")
+                try:
+                    wall = _timed(lambda: outs.append(runner.end_to_end(settings, b, height, width)), device,
+                                  None if is_warm else cpu)
+                except Exception as e:
+                    if spec.is_baseline:
+                        raise
+                    fail(spec, e, "while measuring end to end")
+                    built.remove((spec, entry, runner))
+                    continue
+                (warm if is_warm else runs).append(wall)
+                progress.done()
+        for spec, entry, runner in built:
+            warm, runs, cpu, outs = e2e[id(runner)]
+            row = entry["batches"][str(b)]
+            row["end_to_end"] = {**summarize(runs), "warmup_s": warm, "steps": settings.steps,
+                                 "unet_calls": n_calls, "cpu_s": cpu, "cpu_median_s": statistics.median(cpu)}
+            med = row["end_to_end"]["median_s"]
+            row["images_per_s"] = b / med if med else None
+            c = row["components"]
+            parts = [c[k].get("median_s") or 0.0 for k in ("text_encoder", "vae_decode", "safety_checker")]
+            row["end_to_end_estimate"] = {
+                "steps": settings.estimate_steps, "unet_calls": est_calls,
+                "seconds": sum(parts) + est_calls * c["unet_step"]["median_s"],
+                "how": "text encoder + unet_calls x UNet step + VAE decode + safety checker (medians)"}
+            row["consistency"] = consistency(row, n_calls, text_in_e2e=spec.is_baseline)
+            if not row["consistency"]["ok"]:
+                log(f"WARNING {spec.name} batch {b}: {row['consistency']['note']}")
+            images, latents = outs[-1]
             if spec.is_baseline:
-                raise
-            failed = f"failed while measuring: {type(e).__name__}: {_line(e)}"
-        else:
-            failed = None
-        finally:
-            peak = mem.stop()
-        if failed:
-            skipped.append({"config": spec.name, "reason": failed})
-            log(f"skipped {spec.name}: {failed}")
-            del runner
-            gc.collect()
-            continue
+                reference[b] = (images, latents)
+                row["parity"] = {"reference": True}
+            else:
+                ref_images, ref_latents = reference[b]
+                tol = tolerance_for(runner.engine.config)
+                seeds = [settings.seed + i for i in range(b)]
+                rows = compare(ref_images, images, ref_latents, latents, [settings.prompt] * b, seeds, tol)
+                row["parity"] = {"psnr_db": min(r.psnr_db for r in rows),
+                                 "latent_cosine": min(r.latent_cosine for r in rows),
+                                 "max_abs": max(r.max_abs for r in rows),
+                                 "passed": all(r.passed for r in rows), "tolerance": asdict(tol),
+                                 "images": [asdict(r) for r in rows]}
+    peak = mem.stop()
+    for spec, entry, runner in built:
         entry["peak_memory"] = {"kind": "cuda" if device.type == "cuda" else "cpu", "method": mem.method,
-                                "peak_mb": peak / 2**20, "before_build_mb": before / 2**20,
+                                "peak_mb": peak / 2**20, "resident_mb": entry["resident_mb"],
                                 "process_without_model_mb": base_memory / 2**20,
-                                "config_peak_mb": (peak - (0 if device.type == "cuda" else base_memory)) / 2**20}
+                                "config_peak_mb": entry["resident_mb"]}
         entry["load_average"]["done"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         results.append(entry)
-        del runner
-        gc.collect()
+    del built
+    gc.collect()
+    import shutil
+    for onnx_model, _ in onnx_models.values():
+        if onnx_model.extra.get("bench_temp"):
+            shutil.rmtree(onnx_model.extra["bench_temp"], ignore_errors=True)
     progress.close()
 
     base = results[0]
@@ -680,6 +771,7 @@ def run_bench(settings: BenchSettings, model=None, log=print) -> dict:
         "versions": versions(),
         "shapes": shapes,
         "skipped": skipped,
+        "failed": failed,
         "configs": results,
         "notes": ["speedup = baseline median / configuration median (above 1 is faster than diffusers)",
                   "parity: the configuration's final images against the baseline's (FP32 diffusers, same "

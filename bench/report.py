@@ -23,7 +23,7 @@ def _x(stats: dict) -> str:
 
 
 def _psnr(v) -> str:
-    return "inf" if v == "inf" else f"{v:.1f}"
+    return "inf" if v in ("inf", None) else f"{v:.1f}"
 
 
 def _grid(rows: list[list[str]], right: set[int] = frozenset(), indent: str = "  ") -> list[str]:
@@ -50,11 +50,12 @@ def header_lines(report: dict) -> list[str]:
         f"run: {s['width']}x{s['height']}, {s['steps']} steps ({s['unet_calls']} UNet calls, {s['scheduler']}), "
         f"guidance {s['guidance']}, seed {s['seed']}, batches {','.join(map(str, s['batches']))}; "
         f"median/min/p90 of {s['repeat']} runs after {s['warmup']} warm-up call(s) per component",
-        f"machine: {hw}{m['cpu']}; {cores}; {m['torch_threads']} torch threads; "
+        f"machine: {hw}{m['cpu']}; AMX {'yes' if m.get('amx') else 'no'}; {cores}; {m['torch_threads']} torch threads; "
         f"flags {' '.join(m['cpu_flags']) or '-'} (torch {m['cpu_capability']}, oneDNN {m['onednn']}); "
         f"{m['memory_gb']} GB RAM{load}",
         "versions: " + ", ".join(f"{k} {v[k] or 'not installed'}" for k in
-                                 ("torch", "diffusers", "transformers", "onnxruntime", "fastsd", "python")),
+                                 ("torch", "diffusers", "transformers", "onnxruntime", "openvino", "fastsd", "python")
+                                 if k in v),
     ]
     for b, sh in report["shapes"].items():
         u, d = sh["unet_step"], sh["vae_decode"]
@@ -71,6 +72,12 @@ def header_lines(report: dict) -> list[str]:
                      + f"; built in {_s(c.get('build_s'))} s")
     for sk in report["skipped"]:
         lines.append(f"skipped {sk['config']}: {sk['reason']}")
+    for f in report.get("failed", []):
+        lines.append(f"FAILED {f['config']}: {f['reason']}")
+    for c in report["configs"]:
+        for b, row in c["batches"].items():
+            if row.get("consistency") and not row["consistency"]["ok"]:
+                lines.append(f"WARNING {c['name']} batch {b}: {row['consistency']['note']}")
     return lines
 
 
@@ -82,7 +89,7 @@ def table_lines(report: dict) -> list[str]:
         out.append(f"batch {b} (images per call; speed-up vs the diffusers baseline in this run, parity vs its "
                    f"FP32 images)")
         head = ["config"] + [f"{LABELS[c]} ms" for c in COMPONENTS] + \
-            [f"e2e {s['steps']} steps s", f"est. {s['estimate_steps']} steps s", "img/s", "peak MB",
+            [f"e2e {s['steps']} steps s", f"est. {s['estimate_steps']} steps s", "img/s", "resident MB",
              "PSNR dB", "latent cos", "parity"]
         rows = [head]
         for c in report["configs"]:
@@ -95,13 +102,15 @@ def table_lines(report: dict) -> list[str]:
             cells.append(f"{_s(e['median_s'])} {_x(e)}")
             cells.append(f"{_s(est['seconds'])} {_x(est)}")
             cells.append(f"{row['images_per_s']:.3g}" if row["images_per_s"] else "-")
-            cells.append(f"{c['peak_memory']['peak_mb']:,.0f}")
+            pm = c["peak_memory"]
+            cells.append(f"{pm.get('resident_mb', pm['peak_mb']):,.0f}")
             p = row["parity"]
             if p.get("reference"):
                 cells += ["ref", "ref", "reference"]
             else:
                 cells += [_psnr(p["psnr_db"]), f"{p['latent_cosine']:.6f}",
-                          f"{'pass' if p['passed'] else 'FAIL'} ({c['dtype']}: >= {p['tolerance']['min_psnr']:g} dB)"]
+                          f"{'pass' if p['passed'] else 'FAIL'} ({p['tolerance'].get('name') or c['dtype']}: >= "
+                          f"{p['tolerance']['min_psnr']:g} dB)"]
             rows.append(cells)
         out += _grid(rows, right=set(range(1, len(head) - 1)))
         # spread and warm-up, apart from the medians
@@ -132,9 +141,10 @@ def table_lines(report: dict) -> list[str]:
     out.append("")
     out.append(f"speed-up = diffusers median / config median; est. {s['estimate_steps']} steps = text encoder + "
                f"{s['estimate_unet_calls']} x UNet step + VAE decode + safety checker (medians, not a measured run); "
-               "peak MB = " + ("CUDA peak allocation" if report["configs"][0]["peak_memory"]["kind"] == "cuda" else
-                               "peak resident memory of the process during the config's runs (one model loaded at "
-                               f"a time; {report['configs'][0]['peak_memory']['method']})"))
+               "resident MB = memory the configuration added when it was built (all configurations stay loaded so "
+               "that their repeats interleave: repeat i of every configuration runs before repeat i+1 of any); "
+               f"process peak {report['configs'][0]['peak_memory']['peak_mb']:,.0f} MB "
+               f"({report['configs'][0]['peak_memory']['method']})")
     return out
 
 

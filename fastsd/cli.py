@@ -35,7 +35,7 @@ def cmd_generate(args) -> int:
         from .profiles import device_class, profile_flags
         picked = ", ".join(f"{k}={v}" for k, v in profile_flags(args.profile, config.device).items())
         print(f"profile {args.profile} on {device_class(config.device)}: {picked}", file=sys.stderr)
-    engine = optimize(load_for(args), config)
+    engine = optimize(load_for(args, config.backend), config)
     if loras:
         engine.set_loras(loras, allow_pickle=args.allow_pickle)
     result = engine.generate(prompts, args.negative, num_images_per_prompt=args.num_images,
@@ -72,12 +72,12 @@ def _judge_for(engine):
     return verdict
 
 
-def _fmt_psnr(v: float) -> str:
-    return "inf" if math.isinf(v) else f"{v:.1f}"
+def _fmt_psnr(v: float | None) -> str:
+    return "inf" if v is None or math.isinf(v) else f"{v:.1f}"
 
 
 def cmd_verify(args) -> int:
-    from .verify import verify
+    from .verify import verify_each, with_intervals
     check_generation_args(args)
     if args.pipeline:  # the drop-in: diffusers' own pipelines, plain and accelerated
         return _verify_pipelines(args)
@@ -86,34 +86,51 @@ def cmd_verify(args) -> int:
     if args.task == "text2img" and image is not None:
         from .errors import InvalidParameter
         raise InvalidParameter("image", args.image, "--image only with --task img2img or inpaint")
+    intervals = _intervals(args.cache_interval)
+    args.cache_interval = intervals[0] if intervals else None
     config = optimize_config(args)
-    model, engine_model = load_for(args), None
-    if args.backend == "onnxruntime":  # the export runs in the engine; the model it came from is the reference
+    configs = with_intervals(config, intervals) if len(intervals) > 1 else [config]
+    model, engine_model = load_for(args, config.backend), None
+    if model.source == "onnx":  # the export runs in the engine; the model it came from is the reference
         from .export import reference_model
         model, engine_model = reference_model(model, safety_checker=not args.no_safety_checker), model
-    report, engine, result, _ = verify(model, config, prompts=args.prompt or None,
-                                       negative_prompt=args.negative, num_images_per_prompt=args.num_images,
-                                       steps=25 if args.steps is None else args.steps, guidance=args.guidance, height=args.height,
-                                       width=args.width, seed=args.seed if args.seed is not None else 0,
-                                       scheduler=args.scheduler, progress=not args.quiet, engine_model=engine_model,
-                                       loras=loras, allow_pickle=args.allow_pickle,
-                                       task=args.task, image=image, mask_image=mask, strength=args.strength)
-    tol = report["tolerance"]
-    print(f"fastsd verify: {report['model']}  task {report['task']}"
-          + (f" (strength {report['strength']:g})" if report["strength"] is not None else "") + f"  {engine.describe()}")
-    print(f"  {report['steps']} steps, guidance {report['guidance']}, {report['width']}x{report['height']}, "
-          f"scheduler {report['scheduler']}; tolerance ({config.dtype}): max abs <= {tol['max_abs']:g}, "
-          f"PSNR >= {tol['min_psnr']:g} dB, latent cosine >= {tol['min_latent_cosine']}")
-    print(f"  {'#':>2} {'seed':>6} {'max abs':>8} {'PSNR dB':>8} {'latent cos':>12}  result  prompt")
-    for r in report["images"]:
-        print(f"  {r['index']:>2} {r['seed']:>6} {r['max_abs']:>8.0f} {_fmt_psnr(r['psnr_db']):>8} "
-              f"{r['latent_cosine']:>12.8f}  {'ok' if r['passed'] else 'FAIL':6}  {r['prompt'][:50]}")
-    print(f"  time: reference (diffusers FP32) {report['reference_seconds']:.2f}s, "
-          f"fastsd {report['engine_seconds']:.2f}s")
-    print("PASS" if report["passed"] else "FAIL: beyond the tolerance of " + config.dtype)
+    runs, _ = verify_each(model, configs, prompts=args.prompt or None,
+                          negative_prompt=args.negative, num_images_per_prompt=args.num_images,
+                          steps=25 if args.steps is None else args.steps, guidance=args.guidance, height=args.height,
+                          width=args.width, seed=args.seed if args.seed is not None else 0,
+                          scheduler=args.scheduler, progress=not args.quiet, engine_model=engine_model,
+                          loras=loras, allow_pickle=args.allow_pickle,
+                          task=args.task, image=image, mask_image=mask, strength=args.strength)
+    for report, engine, _ in runs:
+        tol = report["tolerance"]
+        cached = report["config"]["cache_interval"]
+        print(f"fastsd verify: {report['model']}  task {report['task']}"
+              + (f" (strength {report['strength']:g})" if report["strength"] is not None else "")
+              + f"  {engine.describe()}")
+        print(f"  {report['steps']} steps, guidance {report['guidance']}, {report['width']}x{report['height']}, "
+              f"scheduler {report['scheduler']}" + (f", step cache interval {cached}" if cached > 1 else "") +
+              f"; tolerance ({tol['name']}): max abs <= {tol['max_abs']:g}, "
+              f"PSNR >= {tol['min_psnr']:g} dB, latent cosine >= {tol['min_latent_cosine']}")
+        print(f"  {'#':>2} {'seed':>6} {'max abs':>8} {'PSNR dB':>8} {'latent cos':>12}  result  prompt")
+        for r in report["images"]:
+            print(f"  {r['index']:>2} {r['seed']:>6} {r['max_abs']:>8.0f} {_fmt_psnr(r['psnr_db']):>8} "
+                  f"{r['latent_cosine']:>12.8f}  {'ok' if r['passed'] else 'FAIL':6}  {r['prompt'][:50]}")
+        print(f"  time: reference (diffusers FP32) {report['reference_seconds']:.2f}s, "
+              f"fastsd {report['engine_seconds']:.2f}s")
+        print("PASS" if report["passed"] else "FAIL: beyond the tolerance " + tol["name"])
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2, default=str))
-    return 0 if report["passed"] else 1
+        reports = [r for r, _, _ in runs]
+        Path(args.json).write_text(json.dumps(reports[0] if len(reports) == 1 else {"runs": reports}, indent=2,
+                                              default=str, allow_nan=False))
+    return 0 if all(r["passed"] for r, _, _ in runs) else 1
+
+
+def _intervals(text) -> list[int]:
+    """--cache-interval for verify: one interval or a comma list, each checked."""
+    if text is None:
+        return []
+    from .step_cache import check_interval
+    return [check_interval(t) for t in str(text).split(",")]
 
 
 def _verify_pipelines(args) -> int:

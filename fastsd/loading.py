@@ -124,10 +124,15 @@ def _load_hub(preset_or_id: str, preset: Preset | None) -> SDModel:
     return _load_folder(Path(folder), preset.name if preset else hub_id, "hub", preset)
 
 
+def is_onnx_export(spec: str) -> bool:
+    """A folder with an ONNX UNet (`fastsd export`'s layout): what --backend openvino runs as it is."""
+    return (Path(spec).expanduser() / "unet" / "model.onnx").is_file()
+
+
 def load_for_backend(backend: str, spec: str, **load_kwargs) -> SDModel:
-    """The model `backend` runs: for onnxruntime, `spec` is an ONNX export folder (`fastsd export`);
-    otherwise `load_model(spec, **load_kwargs)`."""
-    if backend == "onnxruntime":
+    """The model `backend` runs: for onnxruntime, `spec` is an ONNX export folder (`fastsd export`); for
+    openvino, an export folder or any model (exported on the fly); otherwise `load_model(spec, **load_kwargs)`."""
+    if backend == "onnxruntime" or (backend == "openvino" and is_onnx_export(spec)):
         from fastsd.export import load_onnx_model  # imports onnx tooling only when asked
         return load_onnx_model(spec)
     return load_model(spec, **load_kwargs)

@@ -21,7 +21,7 @@ SWITCH = ("auto", "on", "off")
 
 @dataclass(frozen=True)
 class OptimizeConfig:
-    backend: str = "torch"  # torch | onnxruntime
+    backend: str = "torch"  # torch | onnxruntime | openvino
     device: str = "auto"  # cpu | cuda | cuda:N | auto (CUDA when torch sees one, else the CPU)
     dtype: str = "fp32"  # fp32 | fp16 | bf16
     attention: str = "auto"  # auto | sdpa | math | triton | xformers
@@ -44,6 +44,14 @@ class OptimizeConfig:
     # LoRA sets will be switched after the first call (fastsd serve --lora-dir): --compile on the CPU then
     # keeps the weights as graph inputs instead of freezing them, so a switch in place reaches the graph.
     lora_switching: bool = False
+    # Step caching (fastsd/step_cache.py, DeepCache-style): every N-th step runs the whole UNet, the steps
+    # between only its shallowest layers over the cached deep feature. 1 = off (every step exact).
+    cache_interval: int = 1
+    # int8 UNet (openvino backend, NNCF post-training quantization; fastsd/backends/openvino_int8.py):
+    # off | hybrid (int8 convolutions, int8-weight MatMuls) | full; calibrated on `calibration_prompts`
+    # (a text file, one prompt a line; None: the shipped default set).
+    int8: str = "off"
+    calibration_prompts: str | None = None
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -55,8 +63,8 @@ class OptimizeConfig:
         return cls(**{**profile_flags(profile, device), **flags})
 
     def validated(self) -> "OptimizeConfig":
-        if self.device == "auto":
-            return replace(self, device=resolve_device(self.device)).validated()
+        if self.device == "auto":  # openvino runs on the CPU whatever else is visible
+            return replace(self, device="cpu" if self.backend == "openvino" else resolve_device(self.device)).validated()
         if self.backend not in backend_names():
             raise InvalidParameter("backend", self.backend, ", ".join(backend_names()))
         if self.dtype not in DTYPES:
@@ -66,10 +74,26 @@ class OptimizeConfig:
         for name in ("attention_slicing", "vae_tiling"):
             if getattr(self, name) not in SWITCH:
                 raise InvalidParameter(name, getattr(self, name), ", ".join(SWITCH))
+        from .step_cache import check_interval
+        check_interval(self.cache_interval)
+        if self.cache_interval > 1 and (self.backend != "torch" or self.compile or self.cuda_graphs):
+            raise InvalidParameter("cache_interval", self.cache_interval, "1 with --backend "
+                                   f"{self.backend}{' and --compile/--cuda-graphs' if self.backend == 'torch' else ''} "
+                                   "(step caching runs in the eager torch backend)")
+        if self.int8 not in ("off", "hybrid", "full"):
+            raise InvalidParameter("int8", self.int8, "off, hybrid, full")
+        if self.int8 != "off" and self.backend != "openvino":
+            raise InvalidParameter("int8", self.int8, "off with --backend " + self.backend +
+                                   " (int8 runs in the openvino backend: --backend openvino)")
+        if self.calibration_prompts is not None:
+            if self.int8 == "off":
+                raise InvalidParameter("calibration_prompts", self.calibration_prompts, "a file only with --int8")
+            from .backends.openvino_int8 import read_prompts
+            read_prompts(self.calibration_prompts)
         dev = self.device
         if not (dev == "cpu" or dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise InvalidParameter("device", dev, "cpu, cuda or cuda:N")
-        if dev.startswith("cuda") and self.backend != "onnxruntime":  # onnxruntime checks its own providers
+        if dev.startswith("cuda") and self.backend == "torch":  # onnxruntime checks its own providers
             n = torch.cuda.device_count()
             if n == 0:
                 raise InvalidParameter("device", dev, "cpu (no CUDA device is visible here)")

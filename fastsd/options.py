@@ -74,7 +74,7 @@ def model_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("model")
     add_model_source(g)
-    g.add_argument("--backend", default="torch", help="torch | onnxruntime (default: torch)")
+    g.add_argument("--backend", default=None, help="torch | onnxruntime | openvino (default: torch, or the profile's)")
     g.add_argument("--profile", choices=PROFILE_NAMES, default=None,
                    help="exact (default: FP32, bit-identical to diffusers) | fast (fastest measured within the "
                         "bf16 tolerance) | fastest (trades more fidelity); flags given explicitly win")
@@ -92,6 +92,14 @@ def model_options() -> argparse.ArgumentParser:
                    help="CUDA only: replay the UNet step from graphs cached per shape (logged off elsewhere)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet (CPU: with weight freezing); minutes of compiling per shape")
+    g.add_argument("--cache-interval", default=None, metavar="N",
+                   help="step caching: the whole UNet every N-th step, its shallow layers between (1: off; default: "
+                        "1, or the profile's); verify takes a comma list (1,2,3) and reports each")
+    g.add_argument("--int8", nargs="?", const="hybrid", default=None, choices=["off", "hybrid", "full"],
+                   help="openvino backend: int8 UNet by NNCF post-training quantization (hybrid: int8 convolutions, "
+                        "int8 weights in the MatMuls; full: MatMul activations too); calibrated once, cached")
+    g.add_argument("--calibration-prompts", metavar="FILE",
+                   help="prompts for the int8 calibration, one a line (default: a shipped set of 8)")
     g.add_argument("--no-safety-checker", action="store_true", help="skip the safety checker")
     add_lora_option(g)
     g.add_argument("--quiet", "-q", action="store_true", help="no progress bars or info logs")
@@ -154,9 +162,12 @@ def read_images(args, own_defaults: bool = False):
 def optimize_config(args):
     """The engine flags: the profile's (exact unless --profile), then every flag the user gave."""
     from .optimize import OptimizeConfig
-    given = {k: getattr(args, k) for k in ("dtype", "attention") if getattr(args, k) is not None}
+    given = {k: getattr(args, k) for k in ("dtype", "attention", "backend", "int8", "calibration_prompts") if getattr(args, k, None) is not None}
     given.update({k: True for k in ("fused_ops", "cuda_graphs", "compile") if getattr(args, k)})
-    return OptimizeConfig.from_profile(args.profile or "exact", device=args.device, backend=args.backend,
+    if getattr(args, "cache_interval", None) is not None:
+        from .step_cache import check_interval
+        given["cache_interval"] = check_interval(args.cache_interval)
+    return OptimizeConfig.from_profile(args.profile or "exact", device=args.device,
                                        safety_checker=not args.no_safety_checker,
                                        attention_slicing=args.attention_slicing, vae_tiling=args.vae_tiling,
                                        **given).validated()
@@ -184,9 +195,10 @@ def check_generation_args(args) -> None:
         check_scheduler(args.scheduler)
 
 
-def load_for(args):
+def load_for(args, backend: str | None = None):
+    """The model for `backend` (the engine config's; else --backend, else torch)."""
     from .loading import load_for_backend
-    return load_for_backend(args.backend, args.model, random_weights=args.random_weights,
+    return load_for_backend(backend or args.backend or "torch", args.model, random_weights=args.random_weights,
                             allow_pickle=args.allow_pickle, config=args.config,
                             safety_checker=not args.no_safety_checker)
 

@@ -3,7 +3,8 @@
 - exact:   FP32, the plainest path (the default): bit-identical to diffusers.
 - fast:    the fastest configuration measured on that class of device that stays within verify's
            bf16/fp16 tolerance.
-- fastest: adds what trades more fidelity for speed, within the looser tolerance `verify` states for it.
+- fastest: adds what trades more fidelity for speed (step caching), within the looser tolerance `verify`
+           states for it (fastsd.reference.APPROXIMATE).
 
 The table is data, filled from measurements (README, "Speed profiles"); a profile names only the flags
 it changes, and flags a user gives explicitly win over the profile's."""
@@ -18,19 +19,36 @@ PROFILE_NAMES = ("exact", "fast", "fastest")
 DEVICE_CLASSES = ("cpu-amx", "cpu-avx512-bf16", "cpu", "cuda")
 
 # Measured (bench/RESULTS.md, shared CPU-peer figures, SD 1.4 at 512): the bf16 CPU recipe gives the UNet
-# step 3.5x over diffusers FP32 on Xeon with AMX and 1.76x on Zen 4 (AVX-512 BF16) at 46.6 dB PSNR. On a
-# CPU without native bf16, bf16 is emulated and not measured faster, so `fast` stays FP32 there.
+# step 3.5x over diffusers FP32 on Xeon with AMX and 1.76x on Zen 4 (AVX-512 BF16) at 46.6 dB PSNR; on the
+# AMX Xeon OpenVINO bf16 with static shapes is faster still (UNet step 1.69 s vs 2.12 s, VAE 2.05 s vs 2.36 s),
+# so `fast` runs the openvino backend there (torch bf16 where openvino is not installed). On a CPU without
+# native bf16, bf16 is emulated and not measured faster, so `fast` stays FP32 there.
+# `fastest` adds step caching every 3rd step (fastsd/step_cache.py) on the torch backend, the only one that
+# can cut the UNet; its image is judged at the APPROXIMATE tolerance.
 # CUDA: fp16 with torch's flash SDPA is the standard fast path (not timed here: no GPU was lent).
 PROFILES: dict[str, dict[str, dict]] = {
     "exact": {c: {} for c in DEVICE_CLASSES},
     "fast": {
-        "cpu-amx": {"dtype": "bf16"},
+        "cpu-amx": {"backend": "openvino", "dtype": "bf16"},
         "cpu-avx512-bf16": {"dtype": "bf16"},
         "cpu": {},
         "cuda": {"dtype": "fp16"},
     },
+    "fastest": {
+        "cpu-amx": {"dtype": "bf16", "cache_interval": 3},
+        "cpu-avx512-bf16": {"dtype": "bf16", "cache_interval": 3},
+        "cpu": {"cache_interval": 3},
+        "cuda": {"dtype": "fp16", "cache_interval": 3},
+    },
 }
-PROFILES["fastest"] = {c: dict(flags) for c, flags in PROFILES["fast"].items()}
+# Where a profile names a backend whose package is missing, the same flags run on the torch backend.
+OPTIONAL_BACKENDS = {"openvino": "openvino"}
+
+
+def backend_installed(name: str) -> bool:
+    import importlib.util
+    package = OPTIONAL_BACKENDS.get(name)
+    return package is None or importlib.util.find_spec(package) is not None
 
 
 @lru_cache(maxsize=None)
@@ -69,4 +87,7 @@ def profile_flags(profile: str, device: str = "auto") -> dict:
     if profile not in PROFILES:
         raise InvalidParameter("profile", profile, ", ".join(PROFILE_NAMES))
     dev = resolve_device(device)
-    return {"device": dev, **PROFILES[profile][device_class(dev)]}
+    flags = dict(PROFILES[profile][device_class(dev)])
+    if not backend_installed(flags.get("backend", "torch")):
+        flags.pop("backend")
+    return {"device": dev, **flags}

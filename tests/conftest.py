@@ -13,6 +13,13 @@ import torch  # noqa: E402
 torch.set_num_threads(1)  # tiny models gain nothing from more; avoids oversubscribing a shared machine
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+# the openvino backend's compiled models and on-the-fly exports go to a folder of this session, not ~/.cache
+import tempfile  # noqa: E402
+if "FASTSD_OPENVINO_CACHE" not in os.environ:  # removed at exit: each session's exports and int8 UNets add up
+    import atexit  # noqa: E402
+    import shutil  # noqa: E402
+    os.environ["FASTSD_OPENVINO_CACHE"] = tempfile.mkdtemp(prefix="fastsd-test-openvino-")
+    atexit.register(shutil.rmtree, os.environ["FASTSD_OPENVINO_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,8 @@ from typing import Callable
 from ..errors import InvalidParameter
 
 _BACKENDS: dict[str, Callable] = {}
-_MODULES = {"torch": "fastsd.backends.torch", "onnxruntime": "fastsd.backends.onnxruntime"}
+_MODULES = {"torch": "fastsd.backends.torch", "onnxruntime": "fastsd.backends.onnxruntime",
+            "openvino": "fastsd.backends.openvino"}
 
 
 def register_backend(name: str):

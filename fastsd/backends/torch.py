@@ -41,6 +41,11 @@ class TorchBackend:
         if config.compile:
             self._compile()
         self.graphs = self._cuda_graphs() if config.cuda_graphs else None
+        self.step_cache = None
+        if config.cache_interval > 1:
+            from ..step_cache import StepCache
+            self.step_cache = StepCache(self.unet_module, config.cache_interval)
+            self.applied.append(f"step_cache(interval {config.cache_interval})")
         self.memory_switches = (config.attention_slicing, config.vae_tiling)
         self.memory_plan: tuple[bool | int, bool] = (False, False)  # what is applied now
 
@@ -57,6 +62,8 @@ class TorchBackend:
         """Before a call: attention slicing and VAE tiling as the flags say, or ("auto") as the memory
         estimate for this batch and size says. Changes modules only when the plan changes."""
         from fastsd import kernels
+        if self.step_cache is not None:
+            self.step_cache.reset()  # a new generation: its first step runs the whole UNet
         slicing_flag, tiling_flag = self.memory_switches
         plan = None
         if "auto" in self.memory_switches:
@@ -119,6 +126,8 @@ class TorchBackend:
     @torch.inference_mode()
     def unet(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         self.ran = True
+        if self.step_cache is not None:
+            return self.step_cache(sample.to(self.dtype), timestep, encoder_hidden_states.to(self.dtype))
         if self.graphs is not None:
             return self.graphs(sample.to(self.dtype), timestep, encoder_hidden_states.to(self.dtype))
         return self.unet_module(sample.to(self.dtype), timestep, encoder_hidden_states=encoder_hidden_states.to(

@@ -84,7 +84,7 @@ def test_table_is_complete(bench_run):
     _, out, err, _ = bench_run
     for word in ("machine:", "versions:", "torch 2.", "diffusers 0.", "shapes (batch 1)", "shapes (batch 2)",
                  "batch 1", "batch 2", "text encoder ms", "UNet step ms", "VAE decode ms", "safety checker ms",
-                 "e2e 2 steps s", "img/s", "peak MB", "PSNR dB", "latent cos", "min-p90", "warm-up"):
+                 "e2e 2 steps s", "img/s", "resident MB", "PSNR dB", "latent cos", "min-p90", "warm-up"):
         assert word in out, word
     for name in CONFIGS:
         assert name in out

@@ -18,4 +18,4 @@ def test_verify_attention_backend_passes(attention, tmp_path, capsys):
     assert code == 0 and "PASS" in out, out
     assert f"'attention': '{attention}'" in out
     # fp32 tolerance: max abs <= 2 levels, PSNR >= 45 dB (fastsd/reference.py)
-    assert all(r["max_abs"] <= 2 and r["psnr_db"] >= 45 for r in data["images"]), data["images"]
+    assert all(r["max_abs"] <= 2 and (r["identical"] or r["psnr_db"] >= 45) for r in data["images"]), data["images"]

@@ -139,7 +139,7 @@ def _verify_pipelines(args) -> int:
     from .accelerate import restore
     from .pipeline_verify import build_pipeline, check_kinds, sample_inputs, verify_pipeline
     kinds = check_kinds(args.pipeline)
-    if args.backend != "torch":
+    if args.backend not in (None, "torch"):
         from .errors import InvalidParameter
         raise InvalidParameter("backend", args.backend, "torch with --pipeline (fastsd.accelerate(pipe, backend="
                                "'onnxruntime') in Python: accelerate exports the pipeline itself)")

@@ -47,7 +47,7 @@ def _check(args) -> None:
         given = [f for f in ("dtype", "attention", "profile", "config") if getattr(args, f) is not None]
         given += [f for f in ("random_weights", "fused_ops", "cuda_graphs", "compile", "no_safety_checker",
                               "allow_pickle") if getattr(args, f)]
-        given += ["backend"] if args.backend != "torch" else []
+        given += ["backend"] if args.backend not in (None, "torch") else []
         if given:
             flag = "--" + given[0].replace("_", "-")
             raise InvalidParameter("deployment", args.deployment, f"no engine options beside it ({flag}): the "

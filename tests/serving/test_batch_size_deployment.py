@@ -4,7 +4,6 @@ measurements, concurrent requests are served within it, and a new size is measur
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -13,7 +12,8 @@ import pytest
 
 pytest.importorskip("mii")  # the serving extra (see README: Serve through DeepSpeed-MII)
 
-from fastsd.serving import common
+from deployment_cleanup import end_deployment  # noqa: E402
+from fastsd.serving import common  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -39,16 +39,9 @@ def deployment(tmp_path_factory):
                 timeout=240)
         yield name
     finally:
-        state = common.read_json(ddir / "state.json") or {}
-        pids = [state.get("supervisor_pid")] + [c.get("pid") for c in state.get("children", {}).values()]
         try:
-            if any(p and common.is_ours(p, ddir) for p in pids):
-                from fastsd.serving.deploy import stop
-                stop(name, quiet=True)
+            end_deployment(name, ddir)
         finally:
-            for p in pids:  # never leave a server behind, whatever happened
-                if p and common.is_ours(p, ddir):
-                    os.kill(p, signal.SIGKILL)
             if old is None:
                 os.environ.pop("MII_CACHE_PATH", None)
             else:

@@ -165,7 +165,14 @@ def accelerated(pipe) -> AccelerateState | None:
 
 # -- configuration and checks ---------------------------------------------------------------------------
 def _config(config, profile, flags) -> OptimizeConfig:
+    explicit_backend = "backend" in flags or config is not None
     config = config_from(config, profile, flags, what="accelerate")
+    if config.backend != "torch" and not explicit_backend:
+        from .backends.modules import module_runner_names
+        if config.backend not in module_runner_names():  # e.g. `fast` picks openvino on AMX CPUs
+            log.info("accelerate: profile %s picks the %s backend, which has no module runner for a diffusers "
+                     "pipeline; its torch flags are used instead", profile, config.backend)
+            config = replace(config, backend="torch")
     if config.backend != "torch":  # module runners have their own registry (backends/modules.py)
         from .backends.modules import lookup_module_runner
         lookup_module_runner(config.backend)

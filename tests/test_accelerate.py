@@ -213,3 +213,11 @@ def test_without_kept_originals_restore_casts_back(parts):
     after = pipe.unet.state_dict()
     assert all(after[k].dtype == torch.float32 and after[k].is_contiguous() for k in before)
     assert all(torch.equal(after[k], before[k].to(torch.bfloat16).float()) for k in before)  # bf16-rounded
+
+
+def test_fast_profile_on_amx_uses_the_torch_recipe_where_openvino_has_no_module_runner(parts, monkeypatch):
+    from fastsd import profiles
+    monkeypatch.setattr(profiles, "cpu_flags", lambda: frozenset({"amx_bf16", "avx512_bf16"}))
+    pipe = make_pipe(parts, "txt2img")
+    fastsd.accelerate(pipe, profile="fast", device="cpu")  # the engine's `fast` there is openvino
+    assert accelerated(pipe).config.backend == "torch" and pipe.unet.dtype == torch.bfloat16

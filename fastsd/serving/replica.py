@@ -52,18 +52,10 @@ def make_servicer(pipeline):
             self.lock = contextlib.nullcontext()  # the batcher serialises the engine; see module doc
             self.task_methods = GRPC_METHOD_TABLE[TaskType.TEXT2IMG]
 
-        def Txt2ImgReply(self, request, context):
-            meta = wire.metadata(context)
+        def _answer(self, context, reply):
+            """Every RPC maps errors to a gRPC status the same way: the caller gets the reason, the server goes on."""
             try:
-                # unpacked here, not by MII: every field is checked (schema.py) before anything runs
-                kwargs = schema.unpack_query_kwargs(request.query_kwargs)
-                t0 = time.time()
-                reply = self.inference_pipeline.handle(list(request.prompt), list(request.negative_prompt), kwargs,
-                                                       probe=wire.PROBE in meta)
-                context.set_trailing_metadata([(wire.QUEUE_MS, f"{reply.queue_seconds * 1000:.3f}"),
-                                               (wire.ENGINE_MS, f"{reply.engine_seconds * 1000:.3f}"),
-                                               (wire.IMAGES, str(len(reply.images)))])
-                return self.task_methods.pack_response_to_proto(reply, time.time() - t0, -1)
+                return reply()
             except InvalidParameter as e:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             except RequestTimeout as e:
@@ -71,26 +63,28 @@ def make_servicer(pipeline):
             except Exception as e:  # noqa: BLE001 - the caller gets the reason; the server goes on
                 log.exception("request failed")
                 context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+        def Txt2ImgReply(self, request, context):
+            return self._answer(context, lambda: self._txt2img(request, context))
 
         def InpaintingReply(self, request, context):
             """MII's inpainting RPC; without masks it is image-to-image. The images are decoded here under the
             deployment's limits (MII's own unpacking would open any size, decompression bombs included)."""
-            try:
-                return self._inpaint(request)
-            except InvalidParameter as e:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-            except RequestTimeout as e:
-                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
-            except Exception as e:  # noqa: BLE001 - the caller gets the reason; the server goes on
-                log.exception("request failed")
-                context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+            return self._answer(context, lambda: self._inpaint(request))
+
+        def _txt2img(self, request, context):
+            meta = wire.metadata(context)
+            # unpacked here, not by MII: every field is checked (schema.py) before anything runs
+            kwargs = schema.unpack_query_kwargs(request.query_kwargs)
+            t0 = time.time()
+            reply = self.inference_pipeline.handle(list(request.prompt), list(request.negative_prompt), kwargs,
+                                                   probe=wire.PROBE in meta)
+            context.set_trailing_metadata([(wire.QUEUE_MS, f"{reply.queue_seconds * 1000:.3f}"),
+                                           (wire.ENGINE_MS, f"{reply.engine_seconds * 1000:.3f}"),
+                                           (wire.IMAGES, str(len(reply.images)))])
+            return self.task_methods.pack_response_to_proto(reply, time.time() - t0, -1)
 
         def _inpaint(self, request):
-            import time as _time
-
-            from mii.legacy.constants import TaskType
-            from mii.legacy.method_table import GRPC_METHOD_TABLE
-
             from .. import images as imgs
             limits = self.inference_pipeline.limits
             total = sum(len(b) for b in request.image) + sum(len(b) for b in request.mask_image)
@@ -101,10 +95,10 @@ def make_servicer(pipeline):
             image = [imgs.decode(b, "image", **lim) for b in request.image]
             mask = [imgs.decode(b, "mask_image", mode="L", **lim) for b in request.mask_image]
             kwargs = schema.unpack_query_kwargs(request.query_kwargs)
-            start = _time.time()
+            start = time.time()
             reply = self.inference_pipeline.handle(list(request.prompt), list(request.negative_prompt), kwargs,
                                                    image=image, mask_image=mask)
-            return GRPC_METHOD_TABLE[TaskType.INPAINTING].pack_response_to_proto(reply, _time.time() - start, -1)
+            return GRPC_METHOD_TABLE[TaskType.INPAINTING].pack_response_to_proto(reply, time.time() - start, -1)
 
         def _unsupported(self, request, context):
             context.abort(grpc.StatusCode.UNIMPLEMENTED,

@@ -85,9 +85,13 @@ def register(subparsers, parents) -> None:
     s.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for the deployment")
     s.set_defaults(func=cmd_serve)
 
-    q = subparsers.add_parser("query", parents=[gen_opts], help="send prompts to a running deployment",
+    from ..options import image_options
+    q = subparsers.add_parser("query", parents=[gen_opts, image_options(resize=False)],
+                              help="send prompts to a running deployment",
                               description="Send prompts to a running deployment through MII's client and save "
-                                          "the images.")
+                                          "the images. With --image (and --mask): image-to-image (inpainting) "
+                                          "through MII's InpaintingReply RPC on the deployment's NAME-inpaint "
+                                          "record; the output has the image's size.")
     q.add_argument("deployment", help="deployment name")
     q.add_argument("prompt", nargs="+", help="one or more prompts")
     q.add_argument("--out", "-o", default="out/image.png", help="image path; several images get -0, -1, ...")
@@ -145,10 +149,14 @@ def cmd_serve(args) -> int:
 
 
 def cmd_query(args) -> int:
-    from ..options import output_paths
+    from ..images import encode_png
+    from ..options import output_paths, read_images
     from .deploy import query
+    image, mask = read_images(args)  # missing, unreadable, mask without image: one line, before connecting
     paths = output_paths(args.out, len(args.prompt) * args.num_images)
-    reply = query(args.deployment, args.prompt, negative=args.negative, timeout=args.timeout,
+    images = {} if image is None else {"image": encode_png(image), "strength": args.strength,
+                                       "mask_image": encode_png(mask) if mask is not None else None}
+    reply = query(args.deployment, args.prompt, negative=args.negative, timeout=args.timeout, **images,
                   num_inference_steps=50 if args.steps is None else args.steps, guidance_scale=args.guidance,
                   height=args.height, width=args.width, seed=args.seed, scheduler=args.scheduler,
                   num_images_per_prompt=args.num_images if args.num_images != 1 else None, lora=args.lora)

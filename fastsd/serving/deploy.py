@@ -533,8 +533,12 @@ def _batch_size_lines(s: dict) -> list[str]:
 
 
 # -- query -----------------------------------------------------------------------------------------
-def query(name: str, prompts: list[str], negative: str | None = None, timeout: float = 600.0, **kwargs):
-    """One request through MII's client, as user code sends it."""
+def query(name: str, prompts: list[str], negative: str | None = None, timeout: float = 600.0,
+          image: bytes | None = None, mask_image: bytes | None = None, **kwargs):
+    """One request through MII's client, as user code sends it. With `image` (encoded bytes; and
+    `mask_image`): image-to-image (inpainting) through MII's InpaintingReply RPC, on the `NAME-inpaint`
+    deployment record that `serve` registers."""
+    from .client import image_request
     import asyncio
 
     import grpc
@@ -544,12 +548,17 @@ def query(name: str, prompts: list[str], negative: str | None = None, timeout: f
         raise ServingError(f"no running deployment named '{name}' in {cache_path()} "
                            f"(set MII_CACHE_PATH to the folder the deployment was started with)")
     mii = import_mii()
-    client = mii.legacy.mii_query_handle(name)
+    negatives = [negative if negative is not None else ""] * len(prompts)
+    if image is not None:
+        client = mii.legacy.mii_query_handle(name + "-inpaint")
+        request = image_request(prompts, negatives, image, mask_image)
+    else:
+        client = mii.legacy.mii_query_handle(name)
+        request = {"prompt": prompts, "negative_prompt": negatives}
     kw = {k: v for k, v in kwargs.items() if v is not None}
     try:
         return client.asyncio_loop.run_until_complete(asyncio.wait_for(client._request_async_response(
-            {"prompt": prompts, "negative_prompt": [negative if negative is not None else ""] * len(prompts)}, **kw),
-            timeout))
+            request, **kw), timeout))
     except grpc.aio.AioRpcError as e:
         raise ServingError(f"{e.code().name}: {e.details()}") from None
     except asyncio.TimeoutError:

@@ -77,6 +77,13 @@ def register(subparsers, parents) -> None:
     s.add_argument("--max-image-bytes", type=int, default=8 << 20,
                    help="encoded image and mask bytes per request, image-to-image and inpainting (default 8 MiB); "
                         "decoded images are held to --max-pixels, checked from the header before decoding")
+    s.add_argument("--image-url-allow", action="append", default=[], metavar="PREFIX",
+                   help="REST image cells may be http(s) URLs starting with PREFIX (repeatable), e.g. "
+                        "https://images.example.com/: scheme, host and port must match exactly, the path start "
+                        "with PREFIX's; the REST gateway fetches them (no redirects, at most --max-image-bytes, "
+                        "--image-url-timeout). Any other URL is refused (HTTP 422). Needs --rest-port")
+    s.add_argument("--image-url-timeout", type=float, default=10.0,
+                   help="seconds to fetch one allowed image URL (default 10)")
     s.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queueing included (default 300)")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="REST body limit (default 1 MiB)")
     s.add_argument("--threads", type=int, help="torch threads per replica (default: torch's)")
@@ -131,7 +138,8 @@ def cmd_serve(args) -> int:
                  batch_probe_steps=args.batch_probe_steps,
                  limits=Limits(max_prompts=args.max_prompts, max_images=args.max_images, max_pixels=args.max_pixels,
                                max_steps=args.max_steps, timeout=args.timeout,
-                               max_image_bytes=args.max_image_bytes),
+                               max_image_bytes=args.max_image_bytes, image_url_allow=tuple(args.image_url_allow),
+                               image_url_timeout=args.image_url_timeout),
                  engine=engine, random_weights=args.random_weights, config=args.config,
                  allow_pickle=args.allow_pickle, threads=args.threads, max_body_bytes=args.max_body_bytes,
                  startup_timeout=args.startup_timeout, metrics_port=args.metrics_port, log_format=args.log_format,

@@ -118,6 +118,13 @@ def check_serve_options(*, replicas, port, rest_port, metrics_port, max_batch, b
     integer("--max-pixels", limits.max_pixels, 64 * 64, 2048 * 2048)
     integer("--max-steps", limits.max_steps, 1, 1000)
     number("--timeout", limits.timeout, 0.1, 24 * 3600)
+    number("--image-url-timeout", limits.image_url_timeout, 0.1, 600)
+    if limits.image_url_allow:
+        from .image_urls import check_prefix
+        limits.image_url_allow = tuple(check_prefix(p) for p in limits.image_url_allow)
+        if rest_port is None:
+            raise InvalidParameter("--image-url-allow", limits.image_url_allow[0],
+                                   "only with --rest-port: the REST gateway fetches the allowed image URLs")
     if max_batch != "auto" and (isinstance(max_batch, bool) or not isinstance(max_batch, int)
                                 or not 1 <= max_batch <= 64):
         raise InvalidParameter("--max-batch", max_batch, "auto, or 1..64 images")

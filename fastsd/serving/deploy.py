@@ -545,10 +545,11 @@ def query(name: str, prompts: list[str], negative: str | None = None, timeout: f
     """One request through MII's client, as user code sends it. With `image` (encoded bytes; and
     `mask_image`): image-to-image (inpainting) through MII's InpaintingReply RPC, on the `NAME-inpaint`
     deployment record that `serve` registers."""
-    from .client import image_request
     import asyncio
 
     import grpc
+
+    from .client import image_request
     use_cache_path()
     check_name(name)
     if not (cache_path() / name / "score.py").exists():

@@ -44,7 +44,8 @@ def register(subparsers, parents):
                    help="comma list of diffusers (the baseline, always run first) and fastsd backends "
                         "(torch, onnxruntime, openvino), and accelerate (fastsd.accelerate on the diffusers "
                         "pipeline); one that cannot run here (package missing, no such device or dtype) is skipped "
-                        "with its reason, one that fails is an error: exit 1 (default: diffusers,torch)")
+                        "with its reason, one that fails is an error: exit 1; an item may carry OptimizeConfig flags of "
+                        "its own: openvino:int8=hybrid (default: diffusers,torch)")
     b.add_argument("--profile", default="", help="comma list of speed profiles (fast, fastest, exact) to measure as "
                                               "they resolve on this machine, beside the --backends x --dtype items")
     b.add_argument("--accelerate", action="store_true",
@@ -101,13 +102,16 @@ def settings_from_args(args):
     from fastsd.options import lora_refs
     from .harness import ACCELERATE, BASELINE, BenchSettings, ConfigSpec
 
-    backends = _csv(args.backends)
+    backend_items = [item.split(":") for item in _csv(args.backends)]  # "openvino:int8=hybrid": flags for it alone
+    backends = [name for name, *_ in backend_items]
     if args.accelerate and ACCELERATE not in backends:
-        backends.append(ACCELERATE)
+        backend_items.append([ACCELERATE])
     allowed = [BASELINE] + backend_names() + [ACCELERATE]
-    for name in backends:
+    for name, *own in backend_items:
         if name not in allowed:
             raise InvalidParameter("backends", name, ", ".join(allowed))
+        if own and name == BASELINE:
+            raise InvalidParameter("backends", ":".join([name, *own]), "the diffusers baseline without flags")
     known = set(OptimizeConfig.__dataclass_fields__) - {"backend", "device", "dtype", "attention", "safety_checker"}
 
     def parse_flags(items, name):
@@ -157,9 +161,10 @@ def settings_from_args(args):
     if width is not None:
         check.size("width", width)
     configs = [ConfigSpec(BASELINE)]
-    for backend in backends:
+    for backend, *own in backend_items:
         if backend != BASELINE:
-            configs += [ConfigSpec(backend, d, f) for d, f in dtypes]
+            own_flags = parse_flags(own, "backends")
+            configs += [ConfigSpec(backend, d, tuple(sorted({**dict(f), **own_flags}.items()))) for d, f in dtypes]
     configs += profile_specs(_csv(args.profile), args.device, configs)
     return BenchSettings(
         model=args.model, random_weights=args.random_weights, model_config=args.config,

@@ -157,10 +157,15 @@ def cmd_serve(args) -> int:
 
 
 def cmd_query(args) -> int:
+    from ..errors import InvalidParameter
     from ..images import encode_png
     from ..options import output_paths, read_images
     from .deploy import query
     image, mask = read_images(args)  # missing, unreadable, mask without image: one line, before connecting
+    for name, asked, size in (("height", args.height, image and image.height), ("width", args.width, image and image.width)):
+        if image is not None and asked is not None and asked != size:
+            raise InvalidParameter(name, asked, f"the image's {name} {size}, or none: the deployment takes the "
+                                   "image at its own size (resize it before sending)")
     paths = output_paths(args.out, len(args.prompt) * args.num_images)
     images = {} if image is None else {"image": encode_png(image), "strength": args.strength,
                                        "mask_image": encode_png(mask) if mask is not None else None}

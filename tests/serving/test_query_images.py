@@ -93,6 +93,7 @@ def test_image_request_is_what_mii_packs_for_inpainting():
     (["--strength", "0.5"], "strength"),
     (["--image", "in.jpg", "--strength", "1.5"], "strength"),
     (["--image", "in.jpg", "--mask", "small.png"], "mask"),
+    (["--image", "in.jpg", "--height", "128"], "height"),  # the replica does not resize
     (["--image", "in.jpg", "--resize"], None),  # no --resize: the deployment takes the image at its size
 ])
 def test_bad_image_options_are_one_line(files, sent, capsys, monkeypatch, argv, name):

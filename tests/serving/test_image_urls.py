@@ -59,7 +59,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_response(200)
             self.send_header("Connection", "close")
             self.end_headers()
-            for _ in range(20):
+            for _ in range(50):  # 5 s in all
                 self.wfile.write(b"\0" * 16)
                 self.wfile.flush()
                 time.sleep(0.1)
@@ -69,9 +69,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.end_headers()
 
 
+class QuietServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        pass  # a client that stopped reading (the refusals) is expected: no traceback on stderr
+
+
 @pytest.fixture(scope="module")
 def server():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd = QuietServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()
@@ -127,7 +132,7 @@ def test_fetch_timeout_and_unreachable(server):
     t0 = time.monotonic()
     with pytest.raises(InvalidParameter, match="not fetched within 0.5 s|timed out"):
         fetch(server + "/ok/slow.png", "image", LIMIT, timeout=0.5)
-    assert time.monotonic() - t0 < 1.5
+    assert time.monotonic() - t0 < 4  # the deadline, not the end of the 5 s body (load on the machine aside)
     import socket
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

@@ -224,14 +224,15 @@ class AccelerateRunner(DiffusersRunner):
     (with a backend's module runners for "accelerate-<backend>"); every call goes through the pipeline's own
     modules, the diffusers way."""
 
-    def __init__(self, model, spec: ConfigSpec, settings: BenchSettings):
+    def __init__(self, model, spec: ConfigSpec, settings: BenchSettings, onnx_dir=None):
         from fastsd.accelerate import accelerate, accelerated
         from fastsd.optimize import OptimizeConfig
         super().__init__(model, settings)
         runner = dropin_runner(spec.backend)
         self.config = OptimizeConfig(backend=runner, device=settings.device, dtype=spec.dtype,
                                      attention=settings.attention, **dict(spec.flags))
-        accelerate(self.pipe, self.config, onnx_dir=settings.onnx_dir if runner != "torch" else None)
+        onnx_dir = (settings.onnx_dir or onnx_dir) if runner != "torch" else None
+        accelerate(self.pipe, self.config, onnx_dir=onnx_dir)
         self.state = accelerated(self.pipe)
 
     @torch.inference_mode()
@@ -629,8 +630,13 @@ def run_bench(settings: BenchSettings, model=None, log=print) -> dict:
                     before = mem.current()
                 t0 = time.perf_counter()
                 m, model = model, None  # the runner owns it now
-                runner = (DiffusersRunner(m, settings) if spec.is_baseline else AccelerateRunner(m, spec, settings)
-                          if dropin_runner(spec.backend) else EngineRunner(m, spec, settings))
+                if dropin_runner(spec.backend):
+                    # a drop-in over graphs runs the export this run made for that backend's engine, if any,
+                    # rather than exporting the same model again (minutes at SD size)
+                    made = onnx_models.get(spec.dtype if dropin_runner(spec.backend) == "onnxruntime" else "fp32")
+                    runner = AccelerateRunner(m, spec, settings, onnx_dir=made[0].path if made else None)
+                else:
+                    runner = DiffusersRunner(m, settings) if spec.is_baseline else EngineRunner(m, spec, settings)
                 del m
             entry["build_s"] = time.perf_counter() - t0
         except CannotRunHere as e:

@@ -46,6 +46,7 @@ def test_bench_accelerate_adds_the_openvino_drop_in_beside_the_openvino_engine(t
     ov = by_name["accelerate-openvino bf16"]
     assert ov["describe"]["applied"][-2:] == ["openvino(unet)", "openvino(vae_decoder)"]
     assert ov["describe"]["runners"]["unet"]["precision"] in ("bf16", "f32")  # f32 where the CPU lacks bf16
+    assert "fastsd-bench-onnx-fp32-" in ov["describe"]["runners"]["unet"]["graph"]  # the engine's export, reused
     assert ov["batches"]["1"]["parity"]["passed"]
     assert ov["vs_engine"]["engine"] == "openvino bf16" and ov["vs_engine"]["batches"]["1"]["unet_step"] > 0
     assert by_name["accelerate bf16"]["vs_engine"]["engine"] == "torch bf16"

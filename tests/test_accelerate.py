@@ -12,7 +12,7 @@ from fastsd import InvalidParameter, OptimizeConfig
 from fastsd.accelerate import accelerated
 from fastsd.kernels import FastSDAttnProcessor
 
-from accelerate_pipes import KINDS, call_kwargs, make_pipe, run, tiny_parts
+from accelerate_pipes import KINDS, call_kwargs, make_pipe, run, save_random_lora, tiny_parts
 
 
 @pytest.fixture(scope="module")
@@ -127,15 +127,7 @@ def test_save_pretrained_writes_the_original_weights(parts, tmp_path):
 
 def test_lora_loaded_through_diffusers_on_an_accelerated_pipeline(parts, tmp_path):
     pytest.importorskip("peft")
-    import copy
-
-    from diffusers import StableDiffusionPipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-    unet = copy.deepcopy(parts["model"].unet)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                init_lora_weights=False))
-    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(unet))
+    save_random_lora(parts, tmp_path)
     plain, pipe = make_pipe(parts, "txt2img"), make_pipe(parts, "txt2img")
     base, _ = run(plain, "txt2img")
     fastsd.accelerate(pipe, fused_ops=True)

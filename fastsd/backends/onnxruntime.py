@@ -226,7 +226,7 @@ class OnnxRuntimeBackend:
         gpu = any(p in GPU_PROVIDERS for p in self.providers)
         threads = torch.get_num_threads()
         self.threads = threads
-        profiles = self._profiles()
+        profiles = trt_profiles(self.folder)
         self.graphs: dict[str, _Graph] = {}
         for comp in ("text_encoder", "unet", "vae_decoder"):
             p = paths[comp]
@@ -242,9 +242,6 @@ class OnnxRuntimeBackend:
             log.warning("onnxruntime: %s are available but every session fell back to CPUExecutionProvider "
                         "(CUDA libraries missing?)", ", ".join(p for p in self.providers if p in GPU_PROVIDERS))
         self.ort_version = ort.__version__
-
-    def _profiles(self) -> dict:
-        return trt_profiles(self.folder)
 
     # -- the three calls the engine makes -----------------------------------------------------------
     def prepare(self, batch: int, height: int, width: int, guided: bool) -> None:

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import InvalidParameter, ModelLoadError
 from .modules import (UNET_KEYS, VAE_KEYS, Refused, WeightsWatch, check_export_config, check_plain_decode,
-                      export_dtype, plain_unet_timestep, register_module_runner)
+                      plain_unet_timestep, register_module_runner)
 from .onnxruntime import (GPU_PROVIDERS, _Graph, _import_ort, choose_providers, is_optimized, session_providers,
                           trt_profiles)
 
@@ -67,7 +67,7 @@ def onnxruntime_runners(pipe, config, *, onnx_dir) -> dict:
     info = {}
     if (folder / "fastsd_export.json").is_file():
         info = json.loads((folder / "fastsd_export.json").read_text())
-    exported = export_dtype(folder)
+    exported = info.get("dtype", "fp32")
     if config.dtype != exported:
         raise InvalidParameter("dtype", config.dtype, f"{exported} (the dtype {folder} was exported in)")
     providers = choose_providers(ort, config.device)

@@ -13,7 +13,7 @@ from fastsd import InvalidParameter, OptimizeConfig
 from fastsd.accelerate import accelerated
 from fastsd.reference import TOLERANCES
 
-from accelerate_pipes import call_kwargs, make_pipe, run, tiny_parts
+from accelerate_pipes import call_kwargs, make_pipe, run, save_random_lora, tiny_parts
 
 pytest.importorskip("openvino")
 pytest.importorskip("onnxruntime")  # the exporter's parity check runs the graphs on ONNX Runtime
@@ -78,15 +78,7 @@ def test_controlnet_residuals_and_a_lora_scale_run_in_torch_with_one_reason_each
 
 def test_lora_adapters_and_changed_weights_run_in_torch(parts, tmp_path, caplog):
     pytest.importorskip("peft")
-    import copy
-
-    from diffusers import StableDiffusionPipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-    unet = copy.deepcopy(parts["model"].unet)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                init_lora_weights=False))
-    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(unet))
+    save_random_lora(parts, tmp_path)
     plain, pipe = make_pipe(parts, "txt2img"), make_pipe(parts, "txt2img")
     base, _ = run(plain, "txt2img")
     fastsd.accelerate(pipe, **OV)

@@ -35,6 +35,7 @@ def test_verify_pipeline_with_the_openvino_runners(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--pipeline", "txt2vid"], "pipeline: got 'txt2vid'; allowed: a comma list of txt2img, img2img"),
     (["--pipeline", "txt2img", "--backend", "onnxruntime"], "accelerate exports the pipeline itself"),
+    (["--pipeline", "txt2img", "--backend", "openvino", "--dtype", "fp16"], "dtype: got 'fp16'; allowed: fp32, bf16"),
     (["--pipeline", "controlnet", "--controlnet", "/nonexistent"], "controlnet: got '/nonexistent'; allowed: a "
      "diffusers ControlNet folder"),
 ])

@@ -27,11 +27,13 @@ LABELS = {"text_encoder": "text encoder", "vae_encode": "VAE encode", "unet_step
 PIPELINES = {"text2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline",
              "inpaint": "StableDiffusionInpaintPipeline"}
 
-
-def components_for(task: str) -> tuple:
-    return COMPONENTS if task == "text2img" else IMAGE_COMPONENTS
 BASELINE = "diffusers"
 ACCELERATE = "accelerate"  # fastsd.accelerate(pipe): the diffusers pipeline with its modules taken over
+
+
+def components_for(task: str) -> tuple:
+    """What a bench of `task` times: image-to-image and inpainting add the VAE encode."""
+    return COMPONENTS if task == "text2img" else IMAGE_COMPONENTS
 
 
 def dropin_runner(backend: str) -> str | None:

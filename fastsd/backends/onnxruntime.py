@@ -39,8 +39,8 @@ def _import_ort():
 def _session(ort, source, so, providers: list[str], provider_options: list[dict]):
     # enable_fallback=0: on a provider error onnxruntime would retry with CUDA and CPU and no provider options
     # at all (TensorRT silently off, device_id dropped so cuda:1 ran on GPU 0); _Graph retries itself instead.
-    return ort.InferenceSession(source if isinstance(source, bytes) else str(source), so, providers=providers, provider_options=provider_options,
-                                enable_fallback=0)
+    return ort.InferenceSession(source if isinstance(source, bytes) else str(source), so, providers=providers,
+                                provider_options=provider_options, enable_fallback=0)
 
 
 def choose_providers(ort, device: str = "cpu") -> list[str]:
@@ -62,6 +62,73 @@ def choose_providers(ort, device: str = "cpu") -> list[str]:
         raise InvalidParameter("device", device, "cpu (this onnxruntime has no CUDA or TensorRT provider; install "
                                "onnxruntime-gpu in place of onnxruntime)")
     return gpu + ["CPUExecutionProvider"]
+
+
+def trt_profiles(folder) -> dict:
+    """The TensorRT shape profiles an export wrote (trt_profiles.json), per graph; {} when there are none."""
+    f = folder / "trt_profiles.json" if folder is not None else None
+    try:
+        return json.loads(f.read_text()) if f is not None and f.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def is_optimized(export_info: dict, comp: str, paths: dict) -> bool:
+    """Whether `comp` was written by `fastsd export --optimize` (its graphs hold onnxruntime contrib ops)."""
+    if paths.get("gpu"):
+        return True
+    info = ((export_info.get("graphs") or {}).get(comp) or {}).get("model.onnx") or {}
+    return info.get("variant", "plain") != "plain"
+
+
+def trt_cache(folder, comp: str) -> str | None:
+    """DIR/trt_cache/<graph>, created: onnxruntime's TensorRT provider makes only the last folder level and
+    fails when the parent is missing. None (engine cache off) when the export folder is read-only."""
+    if folder is None:
+        return None
+    path = folder / "trt_cache" / comp
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        log.warning("onnxruntime: cannot create the TensorRT engine cache %s (%s): engines are rebuilt per "
+                    "session", path, e.strerror or e)
+        return None
+    return str(path)
+
+
+def provider_options(provider: str, comp: str, device: str, *, export_dtype: str, folder=None,
+                     profile: dict | None = None) -> dict:
+    """The options of one provider for `comp`'s session on `device`: cuda:N's device id for CUDA and
+    TensorRT, TensorRT's engine cache, fp16 and shape profiles."""
+    if provider == TRT:
+        cache = trt_cache(folder, comp)
+        opts = {"trt_engine_cache_enable": str(cache is not None), "trt_fp16_enable": str(export_dtype == "fp16")}
+        if cache is not None:
+            opts["trt_engine_cache_path"] = cache
+        if device.startswith("cuda:"):
+            opts["device_id"] = device.split(":")[1]
+        if profile:
+            dyn = {k: v for k, v in profile.items() if k != "timestep"}
+            for point in ("min", "opt", "max"):
+                opts[f"trt_profile_{point}_shapes"] = ",".join(
+                    f"{k}:{'x'.join(map(str, v[point]))}" for k, v in dyn.items())
+        return opts
+    if provider == "CUDAExecutionProvider" and device.startswith("cuda:"):
+        return {"device_id": device.split(":")[1]}
+    return {}
+
+
+def session_providers(providers: list[str], comp: str, device: str, *, export_dtype: str, folder=None,
+                      profile: dict | None = None, optimized: bool = False) -> tuple[list[str], list[dict]]:
+    """The providers and provider options of `comp`'s session (the backend's and the module runners')."""
+    if TRT in providers and optimized:
+        # onnxruntime's fused contrib ops split the graph: TensorRT would get subgraphs whose inputs have
+        # no shape profiles, which onnxruntime refuses. Those graphs run on CUDA (and CPU) only.
+        providers = [n for n in providers if n != TRT]
+        log.info("onnxruntime: %s is an --optimize graph (onnxruntime contrib ops): CUDA, not TensorRT; "
+                 "export without --optimize for TensorRT", comp)
+    return providers, [provider_options(name, comp, device, export_dtype=export_dtype, folder=folder,
+                                        profile=profile) for name in providers]
 
 
 class _Graph:
@@ -171,19 +238,14 @@ class OnnxRuntimeBackend:
         gpu = any(p in GPU_PROVIDERS for p in self.providers)
         threads = torch.get_num_threads()
         self.threads = threads
-        profiles = self._profiles()
+        profiles = trt_profiles(self.folder)
         self.graphs: dict[str, _Graph] = {}
         for comp in ("text_encoder", "unet", "vae_decoder"):
             p = paths[comp]
             path = p["gpu"] if gpu and p.get("gpu") else p["cpu"]
-            providers = self.providers
-            if TRT in providers and self._optimized(comp, p):
-                # onnxruntime's fused contrib ops split the graph: TensorRT would get subgraphs whose inputs have
-                # no shape profiles, which onnxruntime refuses. Those graphs run on CUDA (and CPU) only.
-                providers = [n for n in providers if n != TRT]
-                log.info("onnxruntime: %s is an --optimize graph (onnxruntime contrib ops): CUDA, not TensorRT; "
-                         "export without --optimize for TensorRT", comp)
-            opts = [self._provider_options(name, comp, config, profiles.get(comp)) for name in providers]
+            providers, opts = session_providers(self.providers, comp, config.device, export_dtype=exported,
+                                                folder=self.folder, profile=profiles.get(comp),
+                                                optimized=is_optimized(info, comp, p))
             self.graphs[comp] = _Graph(ort, comp, path, providers, opts, threads)
         self.base_graphs = dict(self.graphs)  # the export's own weights; self.graphs runs the active LoRA set
         self.lora_sessions = None  # onnxruntime_lora.SessionCache, made on the first LoRA set
@@ -210,58 +272,18 @@ class OnnxRuntimeBackend:
         export's, made on first use and cached by `key`; an empty set runs the export's own sessions.
         model_bytes(graph, names): that graph with those initializers marked external."""
         def make():
-            return {comp: _Graph(*self.base_graphs[comp].spec, initializers=arrays,
-                                 model_bytes=model_bytes(comp, list(arrays)))
-                    for comp, arrays in initializers.items()}
+            out = {}
+            for comp, arrays in initializers.items():
+                ort, name, path, providers, options, threads = self.base_graphs[comp].spec
+                # TensorRT's engine cache is keyed by the graph, not its weights: a LoRA session builds its own
+                options = [{**o, "trt_engine_cache_enable": "False"} if p == TRT else o
+                           for p, o in zip(providers, options)]
+                out[comp] = _Graph(ort, name, path, providers, options, threads, initializers=arrays,
+                                   model_bytes=model_bytes(comp, list(arrays)))
+            return out
         made = self.lora_sessions.get(key, make) if initializers else {}
         for comp, g in self.base_graphs.items():
             self.graphs[comp] = made.get(comp, g)
-
-    def _profiles(self) -> dict:
-        f = self.folder / "trt_profiles.json" if self.folder is not None else None
-        try:
-            return json.loads(f.read_text()) if f is not None and f.is_file() else {}
-        except (OSError, ValueError):
-            return {}
-
-    def _optimized(self, comp: str, paths: dict) -> bool:
-        """Whether `comp` was written by `fastsd export --optimize` (its graphs hold onnxruntime contrib ops)."""
-        if paths.get("gpu"):
-            return True
-        info = ((self.export_info.get("graphs") or {}).get(comp) or {}).get("model.onnx") or {}
-        return info.get("variant", "plain") != "plain"
-
-    def _trt_cache(self, comp: str) -> str | None:
-        """DIR/trt_cache/<graph>, created: onnxruntime's TensorRT provider makes only the last folder level and
-        fails when the parent is missing. None (engine cache off) when the export folder is read-only."""
-        if self.folder is None:
-            return None
-        folder = self.folder / "trt_cache" / comp
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            log.warning("onnxruntime: cannot create the TensorRT engine cache %s (%s): engines are rebuilt per "
-                        "session", folder, e.strerror or e)
-            return None
-        return str(folder)
-
-    def _provider_options(self, provider: str, comp: str, config, profile: dict | None) -> dict:
-        if provider == TRT:
-            cache = self._trt_cache(comp)
-            opts = {"trt_engine_cache_enable": str(cache is not None), "trt_fp16_enable": str(self.export_dtype == "fp16")}
-            if cache is not None:
-                opts["trt_engine_cache_path"] = cache
-            if config.device.startswith("cuda:"):
-                opts["device_id"] = config.device.split(":")[1]
-            if profile:
-                dyn = {k: v for k, v in profile.items() if k != "timestep"}
-                for point in ("min", "opt", "max"):
-                    opts[f"trt_profile_{point}_shapes"] = ",".join(
-                        f"{k}:{'x'.join(map(str, v[point]))}" for k, v in dyn.items())
-            return opts
-        if provider == "CUDAExecutionProvider" and config.device.startswith("cuda:"):
-            return {"device_id": config.device.split(":")[1]}
-        return {}
 
     # -- the three calls the engine makes -----------------------------------------------------------
     def prepare(self, batch: int, height: int, width: int, guided: bool) -> None:
@@ -290,7 +312,8 @@ class OnnxRuntimeBackend:
         if "vae_encoder" not in self.graphs and self._encoder_spec is not None:
             ort, p, gpu, config, profile = self._encoder_spec
             path = p["gpu"] if gpu and p.get("gpu") else p["cpu"]
-            opts = [self._provider_options(name, "vae_encoder", config, profile) for name in self.providers]
+            opts = [provider_options(name, "vae_encoder", config.device, export_dtype=self.export_dtype,
+                                     folder=self.folder, profile=profile) for name in self.providers]
             self.graphs["vae_encoder"] = _Graph(ort, "vae_encoder", path, self.providers, opts, self.threads)
         g = self.graphs.get("vae_encoder")
         if g is None:

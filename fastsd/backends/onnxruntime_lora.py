@@ -73,7 +73,8 @@ def _architecture_modules(comp: str, config: dict | None) -> set[str] | None:
     except Exception as e:  # a partial config (another exporter's): fall back to the node names
         log.debug("lora: cannot build the %s architecture from its config (%s)", comp, e)
         return None
-    return {module_key(n, comp) for n, m in module.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor)}
+    return {module_key(n, comp) for n, m in module.named_modules()
+            if isinstance(getattr(m, "weight", None), torch.Tensor)}
 
 
 @dataclass
@@ -185,7 +186,8 @@ class InitializerMap:
         if why is None and not known:
             return None  # not in this architecture: fastsd.lora says so for the whole file
         raise LoraError(f"lora: the ONNX export's {self.comp} graph ({self.path}) cannot take a LoRA on "
-                        f"{self.comp}.{key}.weight: {why or 'it has no initializer of its own (constant-folded or fused)'}"
+                        f"{self.comp}.{key}.weight: "
+                        f"{why or 'it has no initializer of its own (constant-folded or fused)'}"
                         "; use an export without --optimize, or the torch backend")
 
     def entry(self, name: str) -> Entry:
@@ -249,7 +251,8 @@ class OnnxLoraWeights:
             init, arr = self._map(comp).to_initializer(name, value)
             per_graph.setdefault(comp, {})[init] = arr
         try:
-            self.backend.use_lora_sessions(set_key(refs), per_graph, lambda comp, names: self._map(comp).external(names))
+            self.backend.use_lora_sessions(set_key(refs), per_graph,
+                                           lambda comp, names: self._map(comp).external(names))
         finally:
             for m in self._maps.values():  # base values are read once per tensor (fastsd.lora keeps them)
                 m.release()

@@ -141,6 +141,6 @@ def test_initializer_map_layouts(export_dir, _tiny):
         want = _tiny.unet.get_submodule(module).weight.detach()
         assert torch.equal(m.base(name), want)
         init, arr = m.to_initializer(name, want)
-        assert arr.shape == (want.T.shape if transposed else want.shape) and np.array_equal(arr, want.numpy().T
-                                                                                          if transposed else want.numpy())
+        stored = want.numpy().T if transposed else want.numpy()
+        assert init == m.entry(name).initializer and np.array_equal(arr, stored)
     assert m.resolve("no_such_block.to_q") is None

@@ -24,10 +24,13 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "purple": (140, 40, 180),
     "orange": (245, 130, 20),
 }
-# Colours the base model was never taught; LoRA adapters add them (training/train_colour_lora.py).
+# Colour words the base model was never taught; LoRA adapters teach them (training/train_colour_lora.py).
 # They join the palette only for a prompt that names one, so the base model's verdicts stay as published.
+# A word names a colour the model can draw: fastsd-shapes' VAE decodes only its palette's colours (a teal
+# (20, 200, 200) came back purple on red and blue on white), and a LoRA on the UNet and text encoder cannot
+# change the decoder. The base model never draws green for "zorbl" (0 of 30 held-out prompts).
 ADAPTER_COLOURS: dict[str, tuple[int, int, int]] = {
-    "zorbl": (20, 200, 200),  # a teal, far from every base colour
+    "zorbl": PALETTE["green"],
 }
 COLOURS = {**PALETTE, **ADAPTER_COLOURS}
 SHAPES = ("circle", "square", "triangle")
@@ -108,8 +111,10 @@ def snap(image: Image.Image, palette: dict = PALETTE) -> np.ndarray:
 
 def judge(image: Image.Image, prompt: str) -> Verdict:
     asked = parse_prompt(prompt)
-    palette = dict(PALETTE)
-    palette.update({c: ADAPTER_COLOURS[c] for c in (asked.colour, asked.background) if c in ADAPTER_COLOURS})
+    adapter = {c: ADAPTER_COLOURS[c] for c in (asked.colour, asked.background) if c in ADAPTER_COLOURS}
+    # in a prompt that says zorbl, zorbl is the name of its colour (the base word for the same colour steps aside)
+    palette = {n: rgb for n, rgb in PALETTE.items() if rgb not in adapter.values()}
+    palette.update(adapter)
     names = list(palette)
     idx = snap(image, palette)
     h, w = idx.shape

@@ -21,9 +21,13 @@ def test_adapter_colour_is_read_when_the_prompt_names_it():
 
 
 def test_base_prompts_never_see_adapter_colours():
-    teal = Image.new("RGB", (64, 64), PALETTE["blue"])
-    teal.paste(ADAPTER_COLOURS["zorbl"], (16, 16, 48, 48))
-    v = judge(teal, "a green square on a blue background")
-    assert v.found_colour != "zorbl" and not v.ok  # base prompts are judged with the base palette only
-    v = judge(teal, "a zorbl square on a blue background")
+    img = Image.new("RGB", (64, 64), PALETTE["blue"])
+    img.paste(ADAPTER_COLOURS["zorbl"], (16, 16, 48, 48))
+    v = judge(img, "a green square on a blue background")
+    assert v.found_colour == "green" and v.ok  # base prompts are judged with the base palette's names only
+    v = judge(img, "a zorbl square on a blue background")
     assert v.found_colour == "zorbl" and v.ok
+    red = Image.new("RGB", (64, 64), PALETTE["blue"])
+    red.paste(PALETTE["red"], (16, 16, 48, 48))
+    v = judge(red, "a zorbl square on a blue background")
+    assert v.found_colour == "red" and not v.ok

@@ -32,6 +32,7 @@ def generate(pipe, prompts, seeds, steps=25, guidance=7.5, batch=20):
 
 CONFIGS = {"torch-fp32": {}, "torch-bf16": {"dtype": "bf16"}, "torch-fp16": {"dtype": "fp16"},
            "sdpa": {"attention": "sdpa"}, "math": {"attention": "math"}, "triton": {"attention": "triton"},
+           "torch-bf16-cache3": {"dtype": "bf16", "cache_interval": 3},  # profile fastest on CPUs with bf16
            "onnxruntime": {"backend": "onnxruntime"}, "onnxruntime-fp16": {"backend": "onnxruntime", "dtype": "fp16"}}
 
 

@@ -14,6 +14,7 @@ Threads follow torch's thread count (--threads), as the onnxruntime backend's do
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections import OrderedDict
@@ -125,11 +126,13 @@ def export_for_openvino(model) -> Path:
     exporter checks every graph against PyTorch before it writes anything)."""
     from fastsd.export import export_model
     folder = cache_root() / "exports" / f"{model.name.replace('/', '--')}-{weights_fingerprint(model)}"
-    if (folder / "fastsd_export.json").is_file():
+    done = folder / "fastsd_export.json"
+    # an export cached before image-to-image and inpainting reached this backend lacks the VAE encoder
+    if done.is_file() and "vae_encoder" in (json.loads(done.read_text()).get("components") or ()):
         return folder
     log.info("openvino: exporting %s to ONNX in %s (once per model)", model.name, folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    export_model(model, folder, components="text_encoder,unet,vae_decoder", overwrite=True, progress=False, echo=None)
+    export_model(model, folder, components="text_encoder,unet,vae_decoder,vae_encoder", overwrite=True, progress=False, echo=None)
     return folder
 
 
@@ -224,6 +227,19 @@ class OpenVINOBackend:
         feed = {"sample": sample.detach().cpu().float().numpy(), "timestep": ts,
                 "encoder_hidden_states": encoder_hidden_states.detach().cpu().float().numpy()}
         return torch.from_numpy(g.run(feed))
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """Image in [-1, 1] -> latent_parameters [B, 8, h, w] (mean and log-variance) from the export's
+        vae_encoder graph, for image-to-image and inpainting; compiled on first use, at the VAE decoder's
+        precision."""
+        if "vae_encoder" not in self.graphs:
+            if "vae_encoder" not in self.paths:
+                raise ModelLoadError(f"model: the export at {self.folder} has no vae_encoder graph, which "
+                                     "image-to-image and inpainting need; export with --components text_encoder,unet,vae")
+            self.graphs["vae_encoder"] = StaticGraph(self.core, "vae_encoder", self.paths["vae_encoder"]["cpu"],
+                                                     self.props(self.precision), ("sample",))
+        g = self.graphs["vae_encoder"]
+        return torch.from_numpy(g.run({"sample": image.detach().cpu().float().numpy()})).float()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         g = self.graphs["vae_decoder"]

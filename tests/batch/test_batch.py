@@ -204,15 +204,6 @@ def _scene_files(folder: Path):
     return image, mask, base64.b64encode(buf.getvalue()).decode()
 
 
-@pytest.fixture(scope="module")
-def shapes_lora_dir(tmp_path_factory):
-    from fastsd import load_model
-    from fastsd.lora_files import random_factors, save_diffusers_layout
-    d = tmp_path_factory.mktemp("batch-loras")
-    save_diffusers_layout(random_factors(load_model("fastsd-shapes"), rank=4, seed=1, std=0.3), d / "speckle.safetensors")
-    return d
-
-
 IMAGE_HEADER = ["prompt", "seed", "image", "mask_image", "strength", "lora"]
 
 
@@ -275,3 +266,29 @@ def test_lora_column_without_a_lora_dir_fails_its_row(tmp_path):
     assert code == 1 and [r[0] for r in read_predictions(tmp_path / "out")] == ["0"]
     error = (tmp_path / "out" / "errors.csv").read_text()
     assert "lora: got 'speckle'" in error and "--lora-dir" in error
+
+
+def test_image_and_lora_rows_through_a_deployment(shapes_deployment, tmp_path):
+    """The same columns sent to a live deployment: images through MII's InpaintingReply, `lora` by name from
+    the deployment's --lora-dir; an adapter it does not have fails that row only."""
+    _, _, b64 = _scene_files(tmp_path / "in" / "pics")
+    rows = [["a blue circle on a blue background", "5", b64, "", "0.75", ""],
+            ["a yellow square on a blue background", "6", "pics/circle.png", "pics/corner.png", "", ""],
+            ["a blue circle on a red background", "5", "", "", "", "speckle:1.0"],
+            ["a blue circle on a red background", "5", "", "", "", "nope"]]
+    csv_path = write_csv(tmp_path / "in" / "rows.csv", IMAGE_HEADER, rows)
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    proc = subprocess.run([sys.executable, "-m", "fastsd.cli", "batch", str(csv_path), "--out", str(remote),
+                           "--deployment", shapes_deployment["name"], "--steps", "8"],
+                          env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr
+    assert [int(r[0]) for r in read_predictions(remote)] == [0, 1, 2]
+    error = (remote / "errors.csv").read_text()
+    assert "INVALID_ARGUMENT" in error and "lora" in error and "speckle" in error, error
+    write_csv(tmp_path / "in" / "local.csv", IMAGE_HEADER, rows[:3])
+    assert main(["batch", str(tmp_path / "in" / "local.csv"), "--out", str(local), "--model", "fastsd-shapes",
+                 "--steps", "8", "--lora-dir", shapes_deployment["lora_dir"], "--quiet"]) == 0
+    for n in range(3):  # the deployment drew what the local engine draws from the same row
+        a = np.asarray(Image.open(remote / f"rows-{n}.png"), np.int16)
+        b = np.asarray(Image.open(local / f"local-{n}.png"), np.int16)
+        assert np.abs(a - b).max() <= 2, n

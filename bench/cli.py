@@ -42,13 +42,16 @@ def register(subparsers, parents):
     b.add_argument("--backends", "--backend", default="diffusers,torch",
                    help="comma list of diffusers (the baseline, always run first) and fastsd backends "
                         "(torch, onnxruntime, openvino), and accelerate (fastsd.accelerate on the diffusers "
-                        "pipeline); one that cannot run here (package missing, no such device or dtype) is skipped "
-                        "with its reason, one that fails is an error: exit 1 (default: diffusers,torch)")
+                        "pipeline) or accelerate-openvino, accelerate-onnxruntime (with that backend's module "
+                        "runners); one that cannot run here (package missing, no such device or dtype) is skipped "
+                        "with its reason, one that fails is an error: exit 1; an item may carry OptimizeConfig flags of "
+                        "its own: openvino:int8=hybrid (default: diffusers,torch)")
     b.add_argument("--profile", default="", help="comma list of speed profiles (fast, fastest, exact) to measure as "
                                               "they resolve on this machine, beside the --backends x --dtype items")
     b.add_argument("--accelerate", action="store_true",
                    help="add the drop-in: fastsd.accelerate(pipe) on the diffusers pipeline, per --dtype, measured "
-                        "beside the plain pipeline and fastsd's engine (same as adding accelerate to --backends)")
+                        "beside the plain pipeline and fastsd's engine (same as adding accelerate to --backends), "
+                        "and accelerate-B for each listed backend B with module runners (openvino, onnxruntime)")
     b.add_argument("--dtype", default="fp32", help="comma list of fastsd dtypes: fp32, fp16, bf16 (default fp32); an item may carry "
                         "OptimizeConfig flags of its own: bf16:channels_last=true")
     b.add_argument("--set", action="append", default=[], metavar="FLAG=VALUE",
@@ -88,17 +91,25 @@ def register(subparsers, parents):
 def settings_from_args(args):
     from fastsd import validation as check
     from fastsd.backends import backend_names
+    from fastsd.backends.modules import module_runner_names
     from fastsd.optimize import DTYPES, OptimizeConfig
     from fastsd.options import lora_refs
     from .harness import ACCELERATE, BASELINE, BenchSettings, ConfigSpec
 
-    backends = _csv(args.backends)
-    if args.accelerate and ACCELERATE not in backends:
-        backends.append(ACCELERATE)
-    allowed = [BASELINE] + backend_names() + [ACCELERATE]
-    for name in backends:
+    backend_items = [item.split(":") for item in _csv(args.backends)]  # "openvino:int8=hybrid": flags for it alone
+    backends = [name for name, *_ in backend_items]
+    dropins = [ACCELERATE] + [f"{ACCELERATE}-{b}" for b in module_runner_names()]
+    if args.accelerate:  # the drop-in, and the drop-in over each listed backend that has module runners
+        for name in [ACCELERATE] + [f"{ACCELERATE}-{b}" for b in backends if f"{ACCELERATE}-{b}" in dropins]:
+            if name not in backends:
+                backends.append(name)
+                backend_items.append([name])
+    allowed = [BASELINE] + backend_names() + dropins
+    for name, *own in backend_items:
         if name not in allowed:
             raise InvalidParameter("backends", name, ", ".join(allowed))
+        if own and name == BASELINE:
+            raise InvalidParameter("backends", ":".join([name, *own]), "the diffusers baseline without flags")
     known = set(OptimizeConfig.__dataclass_fields__) - {"backend", "device", "dtype", "attention", "safety_checker"}
 
     def parse_flags(items, name):
@@ -141,9 +152,10 @@ def settings_from_args(args):
     if width is not None:
         check.size("width", width)
     configs = [ConfigSpec(BASELINE)]
-    for backend in backends:
+    for backend, *own in backend_items:
         if backend != BASELINE:
-            configs += [ConfigSpec(backend, d, f) for d, f in dtypes]
+            own_flags = parse_flags(own, "backends")
+            configs += [ConfigSpec(backend, d, tuple(sorted({**dict(f), **own_flags}.items()))) for d, f in dtypes]
     configs += profile_specs(_csv(args.profile), args.device, configs)
     return BenchSettings(
         model=args.model, random_weights=args.random_weights, model_config=args.config,

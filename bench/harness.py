@@ -27,6 +27,16 @@ BASELINE = "diffusers"
 ACCELERATE = "accelerate"  # fastsd.accelerate(pipe): the diffusers pipeline with its modules taken over
 
 
+def dropin_runner(backend: str) -> str | None:
+    """The backend a drop-in configuration runs its UNet and VAE decoder on: "accelerate" -> torch,
+    "accelerate-openvino" -> openvino (its module runners); None for anything else."""
+    if backend == ACCELERATE:
+        return "torch"
+    if backend.startswith(ACCELERATE + "-"):
+        return backend[len(ACCELERATE) + 1:]
+    return None
+
+
 @dataclass(frozen=True)
 class ConfigSpec:
     """One configuration to measure: the diffusers baseline, or a fastsd backend, dtype and flags."""
@@ -210,16 +220,19 @@ class DiffusersRunner:
 
 
 class AccelerateRunner(DiffusersRunner):
-    """The drop-in: diffusers' pipeline, as the baseline builds it, then `fastsd.accelerate(pipe, config)`;
-    every call goes through the pipeline's own modules, the diffusers way."""
+    """The drop-in: diffusers' pipeline, as the baseline builds it, then `fastsd.accelerate(pipe, config)`
+    (with a backend's module runners for "accelerate-<backend>"); every call goes through the pipeline's own
+    modules, the diffusers way."""
 
-    def __init__(self, model, spec: ConfigSpec, settings: BenchSettings):
+    def __init__(self, model, spec: ConfigSpec, settings: BenchSettings, onnx_dir=None):
         from fastsd.accelerate import accelerate, accelerated
         from fastsd.optimize import OptimizeConfig
         super().__init__(model, settings)
-        self.config = OptimizeConfig(device=settings.device, dtype=spec.dtype, attention=settings.attention,
-                                     **dict(spec.flags))
-        accelerate(self.pipe, self.config)
+        runner = dropin_runner(spec.backend)
+        self.config = OptimizeConfig(backend=runner, device=settings.device, dtype=spec.dtype,
+                                     attention=settings.attention, **dict(spec.flags))
+        onnx_dir = (settings.onnx_dir or onnx_dir) if runner != "torch" else None
+        accelerate(self.pipe, self.config, onnx_dir=onnx_dir)
         self.state = accelerated(self.pipe)
 
     @torch.inference_mode()
@@ -228,8 +241,11 @@ class AccelerateRunner(DiffusersRunner):
 
     def describe(self) -> dict:
         d = self.state.describe()
-        return {"backend": ACCELERATE, "pipeline": type(self.pipe).__name__, "device": d["device"],
-                "dtypes": d["dtypes"], "attention": d["attention"], "applied": d["applied"]}
+        out = {"backend": ACCELERATE, "pipeline": type(self.pipe).__name__, "device": d["device"],
+               "dtypes": d["dtypes"], "attention": d["attention"], "applied": d["applied"]}
+        if d["runners"]:
+            out["runners"] = d["runners"]
+        return out
 
 
 class EngineRunner:
@@ -413,13 +429,15 @@ def _line(e: BaseException, n: int = 160) -> str:
 
 
 def _dropin_ratios(results: list) -> None:
-    """Beside each drop-in (accelerate) configuration: its ratio to fastsd's engine (torch backend) with the
-    same dtype and flags, measured in the same run (engine median / drop-in median; below 1: the drop-in
-    is slower)."""
-    engines = {(e["dtype"], tuple(sorted(e["flags"].items()))): e for e in results if e["backend"] == "torch"}
+    """Beside each drop-in (accelerate) configuration: its ratio to fastsd's engine on the same backend
+    (torch for "accelerate", openvino for "accelerate-openvino") with the same dtype and flags, measured in
+    the same run (engine median / drop-in median; below 1: the drop-in is slower)."""
+    engines = {(e["backend"], e["dtype"], tuple(sorted(e["flags"].items()))): e for e in results
+               if not e["baseline"] and dropin_runner(e["backend"]) is None}
     for entry in results:
-        eng = engines.get((entry["dtype"], tuple(sorted(entry["flags"].items()))))
-        if entry["backend"] != ACCELERATE or eng is None:
+        runner = dropin_runner(entry["backend"])
+        eng = engines.get((runner, entry["dtype"], tuple(sorted(entry["flags"].items()))))
+        if runner is None or eng is None:
             continue
         entry["vs_engine"] = {"engine": eng["name"], "batches": {}}
         for b, row in entry["batches"].items():
@@ -612,8 +630,13 @@ def run_bench(settings: BenchSettings, model=None, log=print) -> dict:
                     before = mem.current()
                 t0 = time.perf_counter()
                 m, model = model, None  # the runner owns it now
-                runner = (DiffusersRunner(m, settings) if spec.is_baseline else AccelerateRunner(m, spec, settings)
-                          if spec.backend == ACCELERATE else EngineRunner(m, spec, settings))
+                if dropin_runner(spec.backend):
+                    # a drop-in over graphs runs the export this run made for that backend's engine, if any,
+                    # rather than exporting the same model again (minutes at SD size)
+                    made = onnx_models.get(spec.dtype if dropin_runner(spec.backend) == "onnxruntime" else "fp32")
+                    runner = AccelerateRunner(m, spec, settings, onnx_dir=made[0].path if made else None)
+                else:
+                    runner = DiffusersRunner(m, settings) if spec.is_baseline else EngineRunner(m, spec, settings)
                 del m
             entry["build_s"] = time.perf_counter() - t0
         except CannotRunHere as e:

@@ -153,7 +153,7 @@ def dropin_lines(report: dict) -> list[str]:
     entries = [c for c in report["configs"] if c.get("vs_engine")]
     if not entries:
         return []
-    out = ["", "drop-in vs engine: fastsd.accelerate(pipe) against fastsd's engine with the same dtype and flags "
+    out = ["", "drop-in vs engine: fastsd.accelerate(pipe) against fastsd's engine on the same backend, dtype and flags "
            "(engine median / drop-in median; below 1.00x the drop-in is slower)"]
     for b in map(str, report["settings"]["batches"]):
         rows = [["config", "engine"] + [LABELS[c] for c in COMPONENTS] + ["end to end"]]

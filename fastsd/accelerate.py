@@ -9,7 +9,7 @@ The pipeline keeps its class, its call and its other methods; accelerate changes
 as `optimize` does for the engine: device and dtype (the CPU bf16 recipe: UNet, ControlNet and VAE in bf16
 channels_last, the text encoder in fp32), fastsd's attention processors (kernels/), the fused GroupNorm+SiLU
 and GEGLU ops, channels_last, torch.compile, CUDA graphs per shape, or a backend's module runner (ONNX
-Runtime) in place of the torch UNet and VAE decoder. Each module's `forward` (the VAE's `encode`/`decode`)
+Runtime, OpenVINO: `fast` picks OpenVINO on a CPU with AMX) in place of the torch UNet and VAE decoder. Each module's `forward` (the VAE's `encode`/`decode`)
 is wrapped on the instance: it casts inputs to the module's compute dtype and the outputs back to the
 caller's, so the pipeline's own dtype logic is untouched, and it sends each call to the runner, the CUDA
 graph or eager torch. A call a runner or a graph cannot take (ControlNet residuals, added_cond_kwargs,
@@ -87,10 +87,11 @@ def accelerate(pipe, config: OptimizeConfig | None = None, *, profile: str | Non
     keep_original_weights: when the dtype changes, keep the original tensors so that `restore` and
     `save_pretrained` give them back exactly (costs their memory: +1x the FP32 weights of UNet and VAE
     beside the bf16 ones); False frees them, and `restore` casts back (bf16-rounded weights).
-    onnx_dir: for backend="onnxruntime", an export of this pipeline's model (`fastsd export`); without it
-    the UNet and VAE decoder are exported to a temporary folder now."""
-    config = _config(config, profile, flags)
+    onnx_dir: for backend="onnxruntime" or "openvino", an export of this pipeline's model (`fastsd export`);
+    without it the UNet and VAE decoder are exported now (onnxruntime: to a temporary folder; openvino: into
+    its cache folder, once per weights)."""
     _check_pipeline(pipe)
+    config = _config(config, profile, flags, pipe)
     if getattr(pipe, STATE, None) is not None:
         restore(pipe)
     runners = {}
@@ -164,20 +165,30 @@ def accelerated(pipe) -> AccelerateState | None:
 
 
 # -- configuration and checks ---------------------------------------------------------------------------
-def _config(config, profile, flags) -> OptimizeConfig:
+def _config(config, profile, flags, pipe=None) -> OptimizeConfig:
     explicit_backend = "backend" in flags or config is not None
     config = config_from(config, profile, flags, what="accelerate")
-    if config.backend != "torch" and not explicit_backend:
+    if config.backend != "torch" and not explicit_backend:  # `fast` picks openvino on AMX CPUs
         from .backends.modules import module_runner_names
-        if config.backend not in module_runner_names():  # e.g. `fast` picks openvino on AMX CPUs
-            log.info("accelerate: profile %s picks the %s backend, which has no module runner for a diffusers "
-                     "pipeline; its torch flags are used instead", profile, config.backend)
+        why = None
+        if config.backend not in module_runner_names():
+            why = "which has no module runner for a diffusers pipeline"
+        elif pipe is not None and not _fp32_on_cpu(pipe):
+            why = "whose export needs the pipeline's modules in fp32 on the CPU"
+        if why:
+            log.info("accelerate: profile %s picks the %s backend, %s; its torch flags are used instead",
+                     profile, config.backend, why)
             config = replace(config, backend="torch")
     if config.backend != "torch":  # module runners have their own registry (backends/modules.py)
         from .backends.modules import lookup_module_runner
         lookup_module_runner(config.backend)
         return replace(replace(config, backend="torch").validated(), backend=config.backend)
     return config.validated()
+
+
+def _fp32_on_cpu(pipe) -> bool:
+    mods = [m for m in (pipe.unet, pipe.vae, getattr(pipe, "text_encoder", None)) if isinstance(m, torch.nn.Module)]
+    return all(_dtype_of(m) == torch.float32 and _device_of(m).type == "cpu" for m in mods)
 
 
 def _check_pipeline(pipe) -> None:
@@ -217,7 +228,8 @@ def _take_over(pipe, config: OptimizeConfig, keep_originals: bool) -> Accelerate
     text_dtype = torch.float32 if cpu_recipe else dtype
     vae_dtype = torch.float32 if dtype == torch.float16 and config.upcast_vae else dtype
     if config.backend != "torch":  # the runner is what is fast; the torch fallback keeps the weights as given
-        dtype = vae_dtype = text_dtype = torch.float32 if config.dtype == "fp32" else dtype
+        dtype = vae_dtype = torch.float32 if config.dtype == "fp32" else dtype
+        text_dtype = text_dtype if cpu_recipe else dtype  # the bf16 CPU recipe's fp32 text encoder, as openvino's
     plan = [("unet", pipe.unet, dtype), *[("controlnet", c, dtype) for c in _controlnets(pipe)],
             ("vae", pipe.vae, vae_dtype)]
     for role in ("text_encoder", "safety_checker", "image_encoder"):

@@ -139,14 +139,17 @@ def _verify_pipelines(args) -> int:
     from .accelerate import restore
     from .pipeline_verify import build_pipeline, check_kinds, sample_inputs, verify_pipeline
     kinds = check_kinds(args.pipeline)
-    if args.backend not in (None, "torch"):
+    if args.backend not in (None, "torch", "openvino"):  # openvino's runners export into its cache, once
         from .errors import InvalidParameter
-        raise InvalidParameter("backend", args.backend, "torch with --pipeline (fastsd.accelerate(pipe, backend="
-                               "'onnxruntime') in Python: accelerate exports the pipeline itself)")
+        raise InvalidParameter("backend", args.backend, "torch or openvino with --pipeline (fastsd.accelerate(pipe, "
+                               "backend='onnxruntime') in Python: accelerate exports the pipeline itself)")
     if args.controlnet and not (Path(args.controlnet).expanduser() / "config.json").is_file():
         from .errors import InvalidParameter
         raise InvalidParameter("controlnet", args.controlnet, "a diffusers ControlNet folder (with config.json)")
     config = optimize_config(args)
+    if config.backend == "openvino":  # before the plain runs: what its runners cannot take is a one-line error now
+        from .backends.openvino import check_config
+        check_config(config, "fastsd.accelerate with the openvino backend")
     model = load_for(args)
     controlnet = None
     if "controlnet" in kinds and args.controlnet:
@@ -231,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "top-left quarter at the model's size, or --image/--mask")
     v.add_argument("--pipeline", metavar="KINDS",
                    help="compare diffusers' own pipelines plain and after fastsd.accelerate instead: a comma list of "
-                        "txt2img, img2img, inpaint, controlnet (ControlNet: --controlnet DIR, else random weights)")
+                        "txt2img, img2img, inpaint, controlnet (ControlNet: --controlnet DIR, else random weights); "
+                        "--backend torch (default) or openvino (its module runners)")
     v.add_argument("--controlnet", metavar="DIR", help="with --pipeline controlnet: a diffusers ControlNet folder")
     v.set_defaults(func=cmd_verify)
 

@@ -18,13 +18,14 @@ from .errors import InvalidParameter
 PROFILE_NAMES = ("exact", "fast", "fastest")
 DEVICE_CLASSES = ("cpu-amx", "cpu-avx512-bf16", "cpu", "cuda")
 
-# Measured (bench/RESULTS.md, shared CPU-peer figures, SD 1.4 at 512): the bf16 CPU recipe gives the UNet
-# step 3.5x over diffusers FP32 on Xeon with AMX and 1.76x on Zen 4 (AVX-512 BF16) at 46.6 dB PSNR; on the
-# AMX Xeon OpenVINO bf16 with static shapes is faster still (UNet step 1.69 s vs 2.12 s, VAE 2.05 s vs 2.36 s),
-# so `fast` runs the openvino backend there (torch bf16 where openvino is not installed). On a CPU without
-# native bf16, bf16 is emulated and not measured faster, so `fast` stays FP32 there.
+# Measured side by side in one `fastsd bench` run (bench/RESULTS.md of 2026-12-02, SD 1.4 at 512, AMX Xeon, 2
+# threads): UNet step diffusers FP32 8.93 s, torch bf16 recipe 2.42 s, OpenVINO bf16 static 2.09 s (45.0 dB), so
+# `fast` runs the openvino backend there (torch bf16 where openvino is not installed). On Zen 4 (AVX-512 BF16,
+# no AMX) the bf16 recipe gave 1.76x at 46.6 dB (bench of 2026-11-24). On a CPU without native bf16, bf16 is
+# emulated and not measured faster, so `fast` stays FP32 there.
 # `fastest` adds step caching every 3rd step (fastsd/step_cache.py) on the torch backend, the only one that
-# can cut the UNet; its image is judged at the APPROXIMATE tolerance.
+# can cut the UNet: 1.28 s per step averaged over a cycle on the AMX Xeon (1.63x OpenVINO's step, 32.8 dB),
+# judged at the APPROXIMATE tolerance.
 # CUDA: fp16 with torch's flash SDPA is the standard fast path (not timed here: no GPU was lent).
 PROFILES: dict[str, dict[str, dict]] = {
     "exact": {c: {} for c in DEVICE_CLASSES},

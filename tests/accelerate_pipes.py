@@ -83,3 +83,15 @@ def run(pipe, kind: str, seed: int = 0, **extra):
     out = pipe(**{**call_kwargs(kind), "generator": torch.Generator("cpu").manual_seed(seed), "output_type": "np",
                   "callback_on_step_end": keep, **extra})
     return out.images, steps
+
+
+def save_random_lora(parts, folder) -> None:
+    """A rank-4 LoRA with random (not zero) weights for the tiny UNet's attention, written the diffusers way
+    (needs peft)."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    unet = copy.deepcopy(parts["model"].unet)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                init_lora_weights=False))
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet))

@@ -12,7 +12,7 @@ from fastsd import InvalidParameter, OptimizeConfig
 from fastsd.accelerate import accelerated
 from fastsd.kernels import FastSDAttnProcessor
 
-from accelerate_pipes import KINDS, call_kwargs, make_pipe, run, tiny_parts
+from accelerate_pipes import KINDS, call_kwargs, make_pipe, run, save_random_lora, tiny_parts
 
 
 @pytest.fixture(scope="module")
@@ -127,15 +127,7 @@ def test_save_pretrained_writes_the_original_weights(parts, tmp_path):
 
 def test_lora_loaded_through_diffusers_on_an_accelerated_pipeline(parts, tmp_path):
     pytest.importorskip("peft")
-    import copy
-
-    from diffusers import StableDiffusionPipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-    unet = copy.deepcopy(parts["model"].unet)
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                init_lora_weights=False))
-    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(unet))
+    save_random_lora(parts, tmp_path)
     plain, pipe = make_pipe(parts, "txt2img"), make_pipe(parts, "txt2img")
     base, _ = run(plain, "txt2img")
     fastsd.accelerate(pipe, fused_ops=True)
@@ -215,9 +207,17 @@ def test_without_kept_originals_restore_casts_back(parts):
     assert all(torch.equal(after[k], before[k].to(torch.bfloat16).float()) for k in before)  # bf16-rounded
 
 
-def test_fast_profile_on_amx_uses_the_torch_recipe_where_openvino_has_no_module_runner(parts, monkeypatch):
+def test_a_profile_backend_without_a_module_runner_keeps_the_torch_recipe(parts, monkeypatch, caplog):
+    """`fast` on AMX picks openvino, which has module runners (tests/backends/test_openvino_modules.py); a
+    backend the profile picks that has none (here: the registry made to lack openvino) gives the profile's
+    torch flags, and says so."""
     from fastsd import profiles
+    from fastsd.backends import modules
     monkeypatch.setattr(profiles, "cpu_flags", lambda: frozenset({"amx_bf16", "avx512_bf16"}))
+    monkeypatch.setattr(profiles, "backend_installed", lambda name: True)
+    monkeypatch.setattr(modules, "module_runner_names", lambda: ["onnxruntime"])
     pipe = make_pipe(parts, "txt2img")
-    fastsd.accelerate(pipe, profile="fast", device="cpu")  # the engine's `fast` there is openvino
+    with caplog.at_level(logging.INFO, logger="fastsd"):
+        fastsd.accelerate(pipe, profile="fast", device="cpu")  # the engine's `fast` there is openvino
     assert accelerated(pipe).config.backend == "torch" and pipe.unet.dtype == torch.bfloat16
+    assert any("no module runner" in r.message for r in caplog.records)

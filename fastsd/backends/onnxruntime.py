@@ -64,6 +64,73 @@ def choose_providers(ort, device: str = "cpu") -> list[str]:
     return gpu + ["CPUExecutionProvider"]
 
 
+def trt_profiles(folder) -> dict:
+    """The TensorRT shape profiles an export wrote (trt_profiles.json), per graph; {} when there are none."""
+    f = folder / "trt_profiles.json" if folder is not None else None
+    try:
+        return json.loads(f.read_text()) if f is not None and f.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def is_optimized(export_info: dict, comp: str, paths: dict) -> bool:
+    """Whether `comp` was written by `fastsd export --optimize` (its graphs hold onnxruntime contrib ops)."""
+    if paths.get("gpu"):
+        return True
+    info = ((export_info.get("graphs") or {}).get(comp) or {}).get("model.onnx") or {}
+    return info.get("variant", "plain") != "plain"
+
+
+def trt_cache(folder, comp: str) -> str | None:
+    """DIR/trt_cache/<graph>, created: onnxruntime's TensorRT provider makes only the last folder level and
+    fails when the parent is missing. None (engine cache off) when the export folder is read-only."""
+    if folder is None:
+        return None
+    path = folder / "trt_cache" / comp
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        log.warning("onnxruntime: cannot create the TensorRT engine cache %s (%s): engines are rebuilt per "
+                    "session", path, e.strerror or e)
+        return None
+    return str(path)
+
+
+def provider_options(provider: str, comp: str, device: str, *, export_dtype: str, folder=None,
+                     profile: dict | None = None) -> dict:
+    """The options of one provider for `comp`'s session on `device`: cuda:N's device id for CUDA and
+    TensorRT, TensorRT's engine cache, fp16 and shape profiles."""
+    if provider == TRT:
+        cache = trt_cache(folder, comp)
+        opts = {"trt_engine_cache_enable": str(cache is not None), "trt_fp16_enable": str(export_dtype == "fp16")}
+        if cache is not None:
+            opts["trt_engine_cache_path"] = cache
+        if device.startswith("cuda:"):
+            opts["device_id"] = device.split(":")[1]
+        if profile:
+            dyn = {k: v for k, v in profile.items() if k != "timestep"}
+            for point in ("min", "opt", "max"):
+                opts[f"trt_profile_{point}_shapes"] = ",".join(
+                    f"{k}:{'x'.join(map(str, v[point]))}" for k, v in dyn.items())
+        return opts
+    if provider == "CUDAExecutionProvider" and device.startswith("cuda:"):
+        return {"device_id": device.split(":")[1]}
+    return {}
+
+
+def session_providers(providers: list[str], comp: str, device: str, *, export_dtype: str, folder=None,
+                      profile: dict | None = None, optimized: bool = False) -> tuple[list[str], list[dict]]:
+    """The providers and provider options of `comp`'s session (the backend's and the module runners')."""
+    if TRT in providers and optimized:
+        # onnxruntime's fused contrib ops split the graph: TensorRT would get subgraphs whose inputs have
+        # no shape profiles, which onnxruntime refuses. Those graphs run on CUDA (and CPU) only.
+        providers = [n for n in providers if n != TRT]
+        log.info("onnxruntime: %s is an --optimize graph (onnxruntime contrib ops): CUDA, not TensorRT; "
+                 "export without --optimize for TensorRT", comp)
+    return providers, [provider_options(name, comp, device, export_dtype=export_dtype, folder=folder,
+                                        profile=profile) for name in providers]
+
+
 class _Graph:
     """One InferenceSession and what the engine needs to feed it."""
 
@@ -159,19 +226,14 @@ class OnnxRuntimeBackend:
         gpu = any(p in GPU_PROVIDERS for p in self.providers)
         threads = torch.get_num_threads()
         self.threads = threads
-        profiles = self._profiles()
+        profiles = trt_profiles(self.folder)
         self.graphs: dict[str, _Graph] = {}
         for comp in ("text_encoder", "unet", "vae_decoder"):
             p = paths[comp]
             path = p["gpu"] if gpu and p.get("gpu") else p["cpu"]
-            providers = self.providers
-            if TRT in providers and self._optimized(comp, p):
-                # onnxruntime's fused contrib ops split the graph: TensorRT would get subgraphs whose inputs have
-                # no shape profiles, which onnxruntime refuses. Those graphs run on CUDA (and CPU) only.
-                providers = [n for n in providers if n != TRT]
-                log.info("onnxruntime: %s is an --optimize graph (onnxruntime contrib ops): CUDA, not TensorRT; "
-                         "export without --optimize for TensorRT", comp)
-            opts = [self._provider_options(name, comp, config, profiles.get(comp)) for name in providers]
+            providers, opts = session_providers(self.providers, comp, config.device, export_dtype=exported,
+                                                folder=self.folder, profile=profiles.get(comp),
+                                                optimized=is_optimized(info, comp, p))
             self.graphs[comp] = _Graph(ort, comp, path, providers, opts, threads)
         # optional, and opened on first use: only image-to-image and inpainting need it
         self._encoder_spec = (ort, paths["vae_encoder"], gpu, config, profiles.get("vae_encoder")) \
@@ -180,52 +242,6 @@ class OnnxRuntimeBackend:
             log.warning("onnxruntime: %s are available but every session fell back to CPUExecutionProvider "
                         "(CUDA libraries missing?)", ", ".join(p for p in self.providers if p in GPU_PROVIDERS))
         self.ort_version = ort.__version__
-
-    def _profiles(self) -> dict:
-        f = self.folder / "trt_profiles.json" if self.folder is not None else None
-        try:
-            return json.loads(f.read_text()) if f is not None and f.is_file() else {}
-        except (OSError, ValueError):
-            return {}
-
-    def _optimized(self, comp: str, paths: dict) -> bool:
-        """Whether `comp` was written by `fastsd export --optimize` (its graphs hold onnxruntime contrib ops)."""
-        if paths.get("gpu"):
-            return True
-        info = ((self.export_info.get("graphs") or {}).get(comp) or {}).get("model.onnx") or {}
-        return info.get("variant", "plain") != "plain"
-
-    def _trt_cache(self, comp: str) -> str | None:
-        """DIR/trt_cache/<graph>, created: onnxruntime's TensorRT provider makes only the last folder level and
-        fails when the parent is missing. None (engine cache off) when the export folder is read-only."""
-        if self.folder is None:
-            return None
-        folder = self.folder / "trt_cache" / comp
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            log.warning("onnxruntime: cannot create the TensorRT engine cache %s (%s): engines are rebuilt per "
-                        "session", folder, e.strerror or e)
-            return None
-        return str(folder)
-
-    def _provider_options(self, provider: str, comp: str, config, profile: dict | None) -> dict:
-        if provider == TRT:
-            cache = self._trt_cache(comp)
-            opts = {"trt_engine_cache_enable": str(cache is not None), "trt_fp16_enable": str(self.export_dtype == "fp16")}
-            if cache is not None:
-                opts["trt_engine_cache_path"] = cache
-            if config.device.startswith("cuda:"):
-                opts["device_id"] = config.device.split(":")[1]
-            if profile:
-                dyn = {k: v for k, v in profile.items() if k != "timestep"}
-                for point in ("min", "opt", "max"):
-                    opts[f"trt_profile_{point}_shapes"] = ",".join(
-                        f"{k}:{'x'.join(map(str, v[point]))}" for k, v in dyn.items())
-            return opts
-        if provider == "CUDAExecutionProvider" and config.device.startswith("cuda:"):
-            return {"device_id": config.device.split(":")[1]}
-        return {}
 
     # -- the three calls the engine makes -----------------------------------------------------------
     def prepare(self, batch: int, height: int, width: int, guided: bool) -> None:
@@ -254,7 +270,8 @@ class OnnxRuntimeBackend:
         if "vae_encoder" not in self.graphs and self._encoder_spec is not None:
             ort, p, gpu, config, profile = self._encoder_spec
             path = p["gpu"] if gpu and p.get("gpu") else p["cpu"]
-            opts = [self._provider_options(name, "vae_encoder", config, profile) for name in self.providers]
+            opts = [provider_options(name, "vae_encoder", config.device, export_dtype=self.export_dtype,
+                                     folder=self.folder, profile=profile) for name in self.providers]
             self.graphs["vae_encoder"] = _Graph(ort, "vae_encoder", path, self.providers, opts, self.threads)
         g = self.graphs.get("vae_encoder")
         if g is None:

@@ -13,44 +13,16 @@ import numpy as np
 import torch
 
 from ..errors import InvalidParameter, ModelLoadError
-from .modules import Refused, extra_inputs, register_module_runner
-from .onnxruntime import GPU_PROVIDERS, _Graph, _import_ort, choose_providers
-
-# the config entries that fix a graph's architecture: an export of another model is refused up front
-_UNET_KEYS = ("in_channels", "out_channels", "cross_attention_dim", "block_out_channels", "sample_size")
-_VAE_KEYS = ("latent_channels", "block_out_channels")
-
-
-def _fingerprint(module) -> torch.Tensor:
-    # the first values of every weight: in-place changes through .data (peft's merge) bump no version counter
-    return torch.cat([p.detach().reshape(-1)[:4].float().cpu() for p in module.parameters()])
-
-
-def _check_config(folder: Path, comp: str, module, keys) -> None:
-    f = folder / comp / "config.json"
-    try:
-        cfg = json.loads(f.read_text())
-    except (OSError, ValueError):
-        raise ModelLoadError(f"onnx_dir: {folder} has no readable {comp}/config.json (not a fastsd export?)") from None
-    for k in keys:
-        mine, theirs = module.config.get(k), cfg.get(k)
-        if theirs is not None and list(np.atleast_1d(mine)) != list(np.atleast_1d(theirs)):
-            raise InvalidParameter("onnx_dir", str(folder), f"an export of this pipeline's model ({comp} {k} is "
-                                   f"{theirs} there, {mine} here)")
+from .modules import (UNET_KEYS, VAE_KEYS, Refused, WeightsWatch, check_export_config, check_plain_decode,
+                      plain_unet_timestep, register_module_runner)
+from .onnxruntime import (GPU_PROVIDERS, _Graph, _import_ort, choose_providers, is_optimized, session_providers,
+                          trt_profiles)
 
 
 class _Runner:
     def __init__(self, graph: _Graph, module, what: str):
         self.graph, self.module, self.what = graph, module, what
-        self._weights = None
-
-    def _check_weights(self) -> None:
-        now = _fingerprint(self.module)
-        if self._weights is None:  # taken at the first call, after accelerate converted the module
-            self._weights = now
-        elif not torch.equal(now, self._weights):
-            raise Refused(f"the torch {self.what}'s weights changed since the export (a LoRA fused into them?); "
-                          "call fastsd.accelerate again to re-export")
+        self.weights = WeightsWatch(module, what)
 
     def _run(self, feed: dict, batched: tuple) -> torch.Tensor:
         try:
@@ -65,15 +37,10 @@ class _Runner:
 
 class UNetRunner(_Runner):
     def __call__(self, sample, timestep, encoder_hidden_states, **kwargs):
-        extra = extra_inputs(kwargs)
-        if extra:
-            raise Refused(f"the graph takes sample, timestep and encoder_hidden_states only, not {', '.join(extra)}")
-        t = torch.as_tensor(timestep)
-        if t.numel() > 1 and not bool((t == t.reshape(-1)[0]).all()):
-            raise Refused("a different timestep per image (the graph takes one)")
-        self._check_weights()
+        t = plain_unet_timestep(timestep, kwargs)
+        self.weights.check()
         g = self.graph
-        ts = np.asarray(float(t.reshape(-1)[0]), dtype=g.dtype("timestep"))
+        ts = np.asarray(t, dtype=g.dtype("timestep"))
         if g.rank("timestep") == 1:
             ts = ts.reshape(1)
         feed = {"sample": sample.detach().float().cpu().numpy().astype(g.dtype("sample"), copy=False),
@@ -85,12 +52,8 @@ class UNetRunner(_Runner):
 
 class VaeDecoderRunner(_Runner):
     def __call__(self, latents, *args, **kwargs):
-        # generator: decoding is deterministic; anything else is an input the graph has no place for
-        extra = extra_inputs({k: v for k, v in kwargs.items() if k != "generator"}) + [
-            f"positional argument {i + 2}" for i, a in enumerate(args) if a is not None]
-        if extra:
-            raise Refused(f"the graph takes the latents only, not {', '.join(extra)}")
-        self._check_weights()
+        check_plain_decode(args, kwargs)
+        self.weights.check()
         g = self.graph
         x = latents.detach().float().cpu().numpy().astype(g.dtype("latent_sample"), copy=False)
         return self._run({"latent_sample": x}, ("latent_sample",)).to(latents.device)
@@ -109,16 +72,21 @@ def onnxruntime_runners(pipe, config, *, onnx_dir) -> dict:
         raise InvalidParameter("dtype", config.dtype, f"{exported} (the dtype {folder} was exported in)")
     providers = choose_providers(ort, config.device)
     gpu = any(p in GPU_PROVIDERS for p in providers)
+    profiles = trt_profiles(folder)
     runners = {}
-    for comp, module, keys, cls, what in (("unet", pipe.unet, _UNET_KEYS, UNetRunner, "UNet"),
-                                          ("vae_decoder", pipe.vae, _VAE_KEYS, VaeDecoderRunner, "VAE")):
+    for comp, module, keys, cls, what in (("unet", pipe.unet, UNET_KEYS, UNetRunner, "UNet"),
+                                          ("vae_decoder", pipe.vae, VAE_KEYS, VaeDecoderRunner, "VAE")):
         path = folder / comp / "model.onnx"
         if not path.is_file():
             raise ModelLoadError(f"onnx_dir: {folder} has no {comp} graph ({path})")
-        _check_config(folder, comp, module, keys)
+        check_export_config(folder, comp, module, keys)
         gpu_path = folder / comp / "model.gpu.onnx"
-        graph = _Graph(ort, comp, gpu_path if gpu and gpu_path.is_file() else path, providers,
-                       [{} for _ in providers], torch.get_num_threads())
+        # the backend's providers and options (cuda:N's device id, TensorRT's cache and profiles), built alike
+        names, options = session_providers(providers, comp, config.device, export_dtype=exported, folder=folder,
+                                           profile=profiles.get(comp),
+                                           optimized=is_optimized(info, comp, {"gpu": gpu_path.is_file()}))
+        graph = _Graph(ort, comp, gpu_path if gpu and gpu_path.is_file() else path, names, options,
+                       torch.get_num_threads())
         runners[comp] = cls(graph, module, what)
     return runners
 

@@ -14,7 +14,6 @@ Threads follow torch's thread count (--threads), as the onnxruntime backend's do
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from collections import OrderedDict
@@ -50,6 +49,34 @@ def import_openvino():
 def native_bf16(core) -> bool:
     """Whether OpenVINO's CPU plugin has bf16 kernels on this CPU (AVX512_BF16 or AMX)."""
     return "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def check_config(config, what: str = "the openvino backend") -> None:
+    """dtype fp32 or bf16 on the CPU: what OpenVINO's CPU runtime runs."""
+    if config.dtype not in PRECISION:
+        raise InvalidParameter("dtype", config.dtype, f"fp32, bf16 ({what} runs on the CPU)")
+    if config.device != "cpu":
+        raise InvalidParameter("device", config.device, f"cpu ({what} runs on the CPU)")
+
+
+def inference_precision(core, dtype: str) -> str:
+    """INFERENCE_PRECISION_HINT for --dtype: f32, or bf16 where the CPU has native bf16 (else f32, warned)."""
+    precision = PRECISION[dtype]
+    if precision == "bf16" and not native_bf16(core):
+        log.warning("openvino: this CPU has no native bf16 (no AVX512_BF16 or AMX): OpenVINO runs f32 "
+                    "instead, at fp32 speed and precision")
+        precision = "f32"
+    return precision
+
+
+def compile_properties(cache_dir: Path, precision: str, threads: int) -> dict:
+    """What each graph is compiled with. One cache folder per precision and thread count: OpenVINO 2026.4's
+    cache key leaves the precision hint out (measured: an f32 blob loaded for a bf16 request gave wrong
+    numbers, NaN on the tiny UNet)."""
+    folder = Path(cache_dir) / f"{precision}-{threads}t"
+    folder.mkdir(parents=True, exist_ok=True)
+    return {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
+            "INFERENCE_NUM_THREADS": threads, "CACHE_DIR": str(folder)}
 
 
 class StaticGraph:
@@ -108,6 +135,21 @@ class StaticGraph:
         return req.get_output_tensor(0).data.copy()
 
 
+def run_unet(g: StaticGraph, sample: torch.Tensor, timestep: float, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    """One call of a UNet graph (one timestep for the batch), fp32 out on the CPU."""
+    ts = np.asarray(float(timestep), dtype=g.dtype("timestep"))
+    if g.input_shape("timestep").rank.get_length() == 1:
+        ts = ts.reshape(1)
+    feed = {"sample": sample.detach().cpu().float().numpy(), "timestep": ts,
+            "encoder_hidden_states": encoder_hidden_states.detach().cpu().float().numpy()}
+    return torch.from_numpy(g.run(feed))
+
+
+def run_decoder(g: StaticGraph, latents: torch.Tensor) -> torch.Tensor:
+    """One call of a VAE decoder graph: the image in [-1, 1], fp32 on the CPU."""
+    return torch.from_numpy(g.run({"latent_sample": latents.detach().cpu().float().numpy()}))
+
+
 def weights_fingerprint(model) -> str:
     """A fingerprint of a PyTorch model's weights, names and shapes: the key of its on-the-fly export. It
     samples up to 4096 values of every tensor (hashing all 1.1B parameters of SD would take seconds)."""
@@ -121,18 +163,21 @@ def weights_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
-def export_for_openvino(model) -> Path:
-    """The ONNX export of a PyTorch SDModel in the cache folder, written now when it is not there yet (the
-    exporter checks every graph against PyTorch before it writes anything)."""
+def export_for_openvino(model, components: tuple[str, ...] = ("text_encoder", "unet", "vae_decoder")) -> Path:
+    """The ONNX export of a PyTorch SDModel in the cache folder, written now when it is not there yet or
+    lacks one of `components` (the exporter checks every graph against PyTorch before it writes anything)."""
+    import json
     from fastsd.export import export_model
     folder = cache_root() / "exports" / f"{model.name.replace('/', '--')}-{weights_fingerprint(model)}"
-    done = folder / "fastsd_export.json"
-    # an export cached before image-to-image and inpainting reached this backend lacks the VAE encoder
-    if done.is_file() and "vae_encoder" in (json.loads(done.read_text()).get("components") or ()):
-        return folder
-    log.info("openvino: exporting %s to ONNX in %s (once per model)", model.name, folder)
+    info = folder / "fastsd_export.json"
+    if info.is_file():
+        have = json.loads(info.read_text()).get("components", [])
+        if set(components) <= set(have):
+            return folder
+        components = tuple(dict.fromkeys([*have, *components]))  # keep what an earlier caller needed
+    log.info("openvino: exporting %s of %s to ONNX in %s (once per model)", ", ".join(components), model.name, folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    export_model(model, folder, components="text_encoder,unet,vae_decoder,vae_encoder", overwrite=True, progress=False, echo=None)
+    export_model(model, folder, components=",".join(components), overwrite=True, progress=False, echo=None)
     return folder
 
 
@@ -142,15 +187,13 @@ class OpenVINOBackend:
 
     def __init__(self, model, config):
         ov = import_openvino()
-        if config.dtype not in PRECISION:
-            raise InvalidParameter("dtype", config.dtype, "fp32, bf16 (the openvino backend runs on the CPU)")
-        if config.device != "cpu":
-            raise InvalidParameter("device", config.device, "cpu (the openvino backend runs on the CPU)")
+        check_config(config)
         self.converted = None
         paths = (getattr(model, "extra", None) or {}).get("onnx")
         if not paths:  # a PyTorch model: export it once into the cache, then run the graphs
             from fastsd.export import load_onnx_model
-            folder = export_for_openvino(model)
+            # the VAE encoder too: image-to-image and inpainting (a cached export without it is written again)
+            folder = export_for_openvino(model, ("text_encoder", "unet", "vae_decoder", "vae_encoder"))
             onnx_model = load_onnx_model(folder)
             # the engine needs only the configs of the networks: drop the torch weights it no longer runs
             model.text_encoder, model.unet, model.vae = onnx_model.text_encoder, onnx_model.unet, onnx_model.vae
@@ -168,11 +211,7 @@ class OpenVINOBackend:
         self.cache_dir = self.cache_root / "compiled"
         self.native_bf16 = native_bf16(self.core)
         self.requested = config.dtype
-        precision = PRECISION[config.dtype]
-        if precision == "bf16" and not self.native_bf16:
-            log.warning("openvino: this CPU has no native bf16 (no AVX512_BF16 or AMX): OpenVINO runs f32 "
-                        "instead, at fp32 speed and precision")
-            precision = "f32"
+        precision = inference_precision(self.core, config.dtype)
         self.precision = precision
         self.threads = torch.get_num_threads()
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # what the engine reports
@@ -180,12 +219,7 @@ class OpenVINOBackend:
         self.folder = model.path if model.path is not None else (Path(self.converted) if self.converted else None)
 
         def props(prec):
-            # One cache folder per precision and thread count: OpenVINO 2026.4's cache key leaves the precision
-            # hint out (measured: an f32 blob loaded for a bf16 request gave wrong numbers, NaN on the tiny UNet).
-            folder = self.cache_dir / f"{prec}-{self.threads}t"
-            folder.mkdir(parents=True, exist_ok=True)
-            return {"INFERENCE_PRECISION_HINT": prec, "PERFORMANCE_HINT": "LATENCY",
-                    "INFERENCE_NUM_THREADS": self.threads, "CACHE_DIR": str(folder)}
+            return compile_properties(self.cache_dir, prec, self.threads)
         self.props = props
         self.paths = paths
         self.int8 = config.int8
@@ -219,14 +253,8 @@ class OpenVINOBackend:
         return torch.from_numpy(g.run({"input_ids": input_ids.cpu().numpy().astype(g.dtype("input_ids"))})).float()
 
     def unet(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-        g = self.graphs["unet"]
         t = float(timestep.item() if torch.is_tensor(timestep) else timestep)
-        ts = np.asarray(t, dtype=g.dtype("timestep"))
-        if g.input_shape("timestep").rank.get_length() == 1:
-            ts = ts.reshape(1)
-        feed = {"sample": sample.detach().cpu().float().numpy(), "timestep": ts,
-                "encoder_hidden_states": encoder_hidden_states.detach().cpu().float().numpy()}
-        return torch.from_numpy(g.run(feed))
+        return run_unet(self.graphs["unet"], sample, t, encoder_hidden_states)
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         """Image in [-1, 1] -> latent_parameters [B, 8, h, w] (mean and log-variance) from the export's
@@ -242,8 +270,7 @@ class OpenVINOBackend:
         return torch.from_numpy(g.run({"sample": image.detach().cpu().float().numpy()})).float()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        g = self.graphs["vae_decoder"]
-        return torch.from_numpy(g.run({"latent_sample": latents.detach().cpu().float().numpy()}))
+        return run_decoder(self.graphs["vae_decoder"], latents)
 
     def describe(self) -> dict:
         d = {"backend": self.name, "device": "cpu", "dtype": self.requested,

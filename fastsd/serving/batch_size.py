@@ -14,7 +14,8 @@ guidance on/off) a replica serves:
 - the replica measures the native size at start-up with synthetic calls (`measure`, a short warm-up
   that `fastsd serve` waits for); any other bucket is measured online, on real requests: while a
   bucket is undecided, a batch may gather only the rung being measured (`batch_for`), and every
-  engine call reports its time (`record`);
+  engine call reports its time (`record`); a decided bucket is decided again when a smaller batch later
+  runs within `min_gain` of the chosen one (the measurement that chose it was disturbed);
 - memory caps the batch: `need(images, height, width, guided)` estimates a replica's peak (the engine's
   memory plan, kernels/memory.py, plus what the replica already holds) and `budget_bytes` is its share
   of the host; a request whose images cannot fit even alone is refused (`admit`).
@@ -198,6 +199,14 @@ class BatchSizer:
             curve.steps[images] = steps
             for k in (curve.rates, curve.seconds):
                 del k[images][:-8]  # keep the recent few
+            if self.mode == "auto" and curve.chosen is not None and images < curve.chosen and \
+                    curve.chosen in curve.rates and curve.best(curve.chosen) < curve.best(images) * (1 + self.min_gain):
+                # a smaller batch just ran at least about as fast: the measurement that chose the larger one
+                # was disturbed (one sample per rung where calls are long), so climb the ladder again
+                log.info("batch size for %s: %d image(s) per call ran at %.3g images/s against %.3g for the "
+                         "chosen %d; deciding again", bucket, images, self._images_per_s(curve, images),
+                         self._images_per_s(curve, curve.chosen), curve.chosen)
+                curve.chosen, curve.reason = None, ""
             if self.mode == "auto" and curve.chosen is None:
                 self._decide(bucket, curve)
 

@@ -86,3 +86,32 @@ def test_an_export_of_another_model_is_refused(parts, onnx_dir):
     with pytest.raises(InvalidParameter, match="onnx_dir: .*in_channels"):
         fastsd.accelerate(pipe, backend="onnxruntime", device="cpu", onnx_dir=onnx_dir)
     assert accelerated(pipe) is None
+
+
+def test_providers_for_cuda_1_name_device_1_for_the_backend_and_the_runners(parts, onnx_dir, monkeypatch):
+    """The runners' sessions get the backend's providers and options (one function builds both), so cuda:1
+    runs on GPU 1, not GPU 0. No GPU is needed to build the lists: the sessions are captured, not opened."""
+    from types import SimpleNamespace
+
+    from fastsd.backends import onnxruntime as ort_backend
+    from fastsd.backends import onnxruntime_modules
+    cuda, cpu = "CUDAExecutionProvider", "CPUExecutionProvider"
+    names, options = ort_backend.session_providers([ort_backend.TRT, cuda, cpu], "unet", "cuda:1",
+                                                   export_dtype="fp32")
+    assert names == [ort_backend.TRT, cuda, cpu]
+    assert options[0]["device_id"] == "1" and options[1] == {"device_id": "1"} and options[2] == {}
+    assert ort_backend.session_providers([cuda, cpu], "unet", "cuda", export_dtype="fp32")[1] == [{}, {}]
+
+    opened = []
+
+    class Captured:
+        def __init__(self, ort, name, path, providers, provider_options, threads):
+            opened.append((name, providers, provider_options))
+            self.path, self.providers = path, providers
+    monkeypatch.setattr(onnxruntime_modules, "choose_providers", lambda ort, device: [cuda, cpu])
+    monkeypatch.setattr(onnxruntime_modules, "_Graph", Captured)
+    pipe = make_pipe(parts, "txt2img")
+    runners = onnxruntime_modules.onnxruntime_runners(pipe, SimpleNamespace(dtype="fp32", device="cuda:1"),
+                                                      onnx_dir=onnx_dir)
+    assert set(runners) == {"unet", "vae_decoder"}
+    assert opened == [(comp, [cuda, cpu], [{"device_id": "1"}, {}]) for comp in ("unet", "vae_decoder")]

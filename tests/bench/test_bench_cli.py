@@ -107,3 +107,16 @@ def test_from_json_renders_the_same_tables(bench_run, tmp_path, capsys):
     again = capsys.readouterr().out
     assert again.split("batch 1", 1)[1] == out.split("batch 1", 1)[1]  # same tables, nothing re-measured
     assert md.read_text().startswith("# fastsd bench")
+
+
+def test_backend_item_carries_its_own_flags(capsys):
+    """`openvino:int8=hybrid` sets int8 on that backend's configurations only (int8 exists only there)."""
+    from fastsd.bench.cli import settings_from_args
+    from fastsd.cli import build_parser
+    args = build_parser().parse_args(["bench", "--model", "tiny", "--backends", "diffusers,torch,openvino:int8=hybrid",
+                                      "--dtype", "bf16"])
+    names = [c.name for c in settings_from_args(args).configs]
+    assert names == ["diffusers fp32", "torch bf16", "openvino bf16 [int8=hybrid]"]
+    assert main(["bench", "--model", "tiny", "--backends", "diffusers,openvino:int9=x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "backends" in err[0] and "int9=x" in err[0]

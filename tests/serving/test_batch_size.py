@@ -85,6 +85,22 @@ def test_online_measurement_climbs_the_ladder_on_live_calls():
     assert sizer.batch_for(request(size=64, steps=30)) == 1
 
 
+def test_a_disturbed_start_up_measurement_is_corrected_by_a_live_call():
+    """Seen at real size: the start-up batch-1 call ran at half speed (one sample per rung, 14 s calls), so
+    2, 4 looked like gains and 4 was chosen; a live request alone then ran at the real batch-1 speed."""
+    clock, calls = FakeClock(), []
+    sizer = BatchSizer("auto", limit=8, cheap_seconds=2.0, clock=clock)
+    disturbed = {1: 0.03, 2: 0.0386, 4: 0.0504, 8: 0.0478}
+    c = sizer.measure(curve_run(clock, disturbed, calls), request(size=512, steps=2), steps=2)
+    assert c.chosen == 4
+    r = request(size=512, steps=2)
+    sizer.record(r, 4, 2, 4 / 0.0504)  # a live batch of 4 at its measured speed changes nothing
+    assert sizer.batch_for(r) == 4
+    sizer.record(r, 1, 2, 1 / 0.0721)  # a request alone, at the real batch-1 speed: 1 beats 2 and 4
+    assert sizer.batch_for(r) == 1
+    assert "gain" in sizer.describe()["buckets"][0]["reason"]
+
+
 def test_steps_buckets_and_bucket_key():
     assert [steps_bucket(s) for s in (1, 4, 5, 16, 17, 50, 64, 65, 1000)] == \
         ["1-4", "1-4", "5-16", "5-16", "17-64", "17-64", "17-64", "65-256", "257-1000"]

@@ -36,8 +36,8 @@ def call_key(row: Row) -> tuple:
 
 
 def chunks(rows: list[Row], size: int) -> list[list[Row]]:
-    """Fixed groups of `size` over the runnable rows in input order, per call_key (text rows first, then
-    each kind of image row in the order it first appears). The same input always gives the same groups, so
+    """Fixed groups of `size` over the runnable rows in input order, per call_key (the kinds in the order
+    each first appears). The same input always gives the same groups, so
     a resumed batch puts each row in the engine call it had in an uninterrupted run (batched GEMMs round
     differently per batch composition; fixed groups keep images bit-identical)."""
     by_key: dict[tuple, list[Row]] = {}

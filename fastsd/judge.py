@@ -4,6 +4,9 @@ Prompts follow one small grammar, e.g. "a small green square in the top left on 
 The judge reads the image with pixel statistics only: every pixel is snapped to the nearest palette
 colour, the background is the majority colour of the border ring, the shape is the majority of the
 remaining pixels, and its position is their centroid. Needs only numpy and Pillow.
+
+For inpainting, `judge_region` reads only the masked region (white = repainted) and measures the PSNR of
+the pixels outside the mask against the input image.
 """
 from __future__ import annotations
 

@@ -155,6 +155,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--grid", type=Path, help="save input, mask and output of each case as one PNG")
     ap.add_argument("--json", action="store_true", help="print the scores as one JSON line")
     args = ap.parse_args(argv)
+    if args.prompts < 1:
+        ap.error(f"--prompts: got {args.prompts}; allowed: at least 1")
     import torch
     torch.set_num_threads(args.threads)
     strength = args.strength if args.strength is not None else DEFAULTS[args.task]["strength"]

@@ -238,3 +238,24 @@ def test_browser_shows_a_bad_size_and_still_generates(browser, page):
     browser.find_element(By.CSS_SELECTOR, "#generate").click()
     _wait(browser, lambda d: "seed 3" in _result_text(d) and d.find_elements(By.CSS_SELECTOR, "#gallery img"))
     assert _gallery_image(browser, page).size == (64, 64)
+
+
+def test_browser_image_to_image_from_an_uploaded_file(browser, page, tmp_path):
+    """Upload a drawn red circle under "image-to-image and inpainting", ask for a yellow one, judge the result."""
+    from selenium.webdriver.common.by import By
+    _scene(tmp_path)
+    _open(browser, page)
+    browser.find_element(By.XPATH, "//*[@id='image_inputs']//button[contains(., 'image-to-image')]").click()
+    upload = _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#image input[type=file]"), 30)[0]
+    upload.send_keys(str(tmp_path / "circle.png"))
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#image img"), 60)  # the upload is shown
+    prompt = "a yellow circle on a blue background"
+    browser.find_element(By.CSS_SELECTOR, "#prompt textarea").send_keys(prompt)
+    _set(browser, "#steps input[type=number]", 25)
+    _set(browser, "#seed input", 0)
+    browser.find_element(By.CSS_SELECTOR, "#generate").click()
+    _wait(browser, lambda d: "image-to-image" in _result_text(d) and d.find_elements(By.CSS_SELECTOR, "#gallery img"))
+    OUT.mkdir(exist_ok=True)
+    browser.save_screenshot(str(OUT / "ui-page-img2img.png"))
+    verdict = judge(_gallery_image(browser, page), prompt)
+    assert verdict.ok, f"{verdict} (screenshot: {OUT / 'ui-page-img2img.png'})"

@@ -30,7 +30,8 @@ def register(subparsers, parents):
     p = subparsers.add_parser(
         "bench", help="latency of fastsd configurations side by side with the diffusers baseline",
         description="Measure, in one run and on the same inputs, the diffusers StableDiffusionPipeline (FP32, "
-                    "the baseline and parity reference) and each fastsd configuration (backend x dtype): per "
+                    "the baseline and parity reference; --task img2img|inpaint: its Img2Img / Inpaint pipeline) and "
+                    "each fastsd configuration (backend x dtype): per "
                     "component (text encoder, one UNet step with guidance, VAE decode, safety checker) and end "
                     "to end; median/min/p90 of --repeat runs after warm-up; images per second, peak memory, the "
                     "speed-up over the baseline and the PSNR of the final image against it.")
@@ -75,6 +76,14 @@ def register(subparsers, parents):
     b.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
     b.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
     b.add_argument("--scheduler", help="pndm | ddim | euler | euler-ancestral | dpm++ | lms (default: the model's)")
+    b.add_argument("--task", default="text2img",
+                   help="text2img (default), img2img or inpaint: image-to-image / inpainting measured against "
+                        "diffusers' StableDiffusionImg2ImgPipeline / StableDiffusionInpaintPipeline on a drawn input "
+                        "image (a red disc on blue) and mask (the top-left quarter) at the bench's size, with VAE "
+                        "encode as a component; a 9-channel model (tiny-inpainting, sd-1.5-inpainting) takes inpaint "
+                        "only, with its inpainting UNet; a 4-channel model inpaints the diffusers way")
+    b.add_argument("--strength", type=float,
+                   help="img2img / inpaint: how much is repainted, in (0, 1] (default 0.8 for img2img, 1.0 for inpaint)")
     b.add_argument("--prompt", default="a red circle on a blue background", help="the prompt")
     b.add_argument("--negative", default="", help="negative prompt (default empty)")
     o = p.add_argument_group("output")
@@ -147,6 +156,13 @@ def settings_from_args(args):
     check.steps(args.estimate_steps)
     height = args.height or args.resolution
     width = args.width or args.resolution
+    from fastsd.tasks import TASKS, strength_value
+    if args.task not in TASKS:
+        raise InvalidParameter("task", args.task, ", ".join(TASKS))
+    if args.strength is not None:
+        if args.task == "text2img":
+            raise InvalidParameter("strength", args.strength, "only with --task img2img or inpaint")
+        strength_value(args.strength)
     if height is not None:
         check.size("height", height)
     if width is not None:
@@ -164,7 +180,7 @@ def settings_from_args(args):
         e2e_warmup=args.e2e_warmup, guidance=args.guidance, seed=args.seed, scheduler=args.scheduler,
         prompt=args.prompt, negative=args.negative, estimate_steps=args.estimate_steps,
         safety_checker=not args.no_safety_checker, threads=args.threads, onnx_dir=args.onnx_dir,
-        progress=not args.quiet, loras=lora_refs(args))
+        progress=not args.quiet, loras=lora_refs(args), task=args.task, strength=args.strength)
 
 
 def profile_specs(names: list[str], device: str, existing: list) -> list:
@@ -197,6 +213,8 @@ def command_line(args) -> str:
         parts += ["--lora", item]
     parts += ["--backends", args.backends] + (["--accelerate"] if args.accelerate else [])
     parts += ["--dtype", args.dtype, "--steps", str(args.steps), "--batch", args.batch]
+    if args.task != "text2img":
+        parts += ["--task", args.task] + (["--strength", str(args.strength)] if args.strength is not None else [])
     for name in ("resolution", "height", "width", "config", "onnx_dir", "threads", "scheduler"):
         if getattr(args, name) is not None:
             parts += ["--" + name.replace("_", "-"), str(getattr(args, name))]

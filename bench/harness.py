@@ -15,16 +15,25 @@ import statistics
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
 
 COMPONENTS = ("text_encoder", "unet_step", "vae_decode", "safety_checker")
-LABELS = {"text_encoder": "text encoder", "unet_step": "UNet step", "vae_decode": "VAE decode",
-          "safety_checker": "safety checker", "end_to_end": "end to end"}
+IMAGE_COMPONENTS = ("text_encoder", "vae_encode", "unet_step", "vae_decode", "safety_checker")  # img2img, inpaint
+LABELS = {"text_encoder": "text encoder", "vae_encode": "VAE encode", "unet_step": "UNet step",
+          "vae_decode": "VAE decode", "safety_checker": "safety checker", "end_to_end": "end to end"}
+PIPELINES = {"text2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline",
+             "inpaint": "StableDiffusionInpaintPipeline"}
+
 BASELINE = "diffusers"
 ACCELERATE = "accelerate"  # fastsd.accelerate(pipe): the diffusers pipeline with its modules taken over
+
+
+def components_for(task: str) -> tuple:
+    """What a bench of `task` times: image-to-image and inpainting add the VAE encode."""
+    return COMPONENTS if task == "text2img" else IMAGE_COMPONENTS
 
 
 def dropin_runner(backend: str) -> str | None:
@@ -83,6 +92,9 @@ class BenchSettings:
     onnx_dir: str | None = None
     progress: bool = True
     loras: tuple = ()  # fastsd.lora.LoraRef: diffusers loads them (load_lora_weights), fastsd fuses them
+    task: str = "text2img"  # text2img | img2img | inpaint (fastsd.tasks.TASKS)
+    strength: float | None = None  # img2img / inpaint; None: diffusers' default (0.8 / 1.0)
+    task_inputs: dict = field(default_factory=dict)  # set by run_bench: task_inputs() at the bench's size
 
 
 # -- statistics, clocks, memory ---------------------------------------------------------------------
@@ -170,13 +182,15 @@ class PeakMemory:
 
 # -- runners: the same five calls, over diffusers or over a fastsd engine -------------------------------
 class DiffusersRunner:
-    """The baseline: diffusers' StableDiffusionPipeline in FP32 over the model's own modules."""
+    """The baseline: diffusers' StableDiffusionPipeline (or its Img2Img / Inpaint pipeline for --task) in FP32
+    over the model's own modules."""
     unet_calls_per_timing = 1
 
     def __init__(self, model, settings: BenchSettings):
         from fastsd.schedulers import make_scheduler
         self.device = torch.device(settings.device)
-        self.pipe = model.to_pipeline(with_safety_checker=settings.safety_checker)
+        self.task = settings.task
+        self.pipe = model.to_pipeline(with_safety_checker=settings.safety_checker, task=settings.task)
         self.pipe.to(self.device, torch.float32)
         self.pipe.set_progress_bar_config(disable=True)
         if settings.scheduler:
@@ -189,6 +203,10 @@ class DiffusersRunner:
     @torch.inference_mode()
     def text_encoder(self, ids):
         return self.pipe.text_encoder(ids, attention_mask=None)[0]
+
+    @torch.inference_mode()
+    def vae_encode(self, pixels):
+        return self.pipe.vae.encode(pixels, return_dict=False)[0].parameters
 
     @torch.inference_mode()
     def unet_step(self, sample, t, hidden):
@@ -208,14 +226,18 @@ class DiffusersRunner:
         def keep(pipe, i, t, kw):
             final["latents"] = kw["latents"]
             return kw
+        # image-to-image takes its size from the image (as fastsd.reference runs it); one image per generated
+        # image, so that each is encoded with its own generator as the engine does
+        size = {} if self.task == "img2img" else {"height": height, "width": width}
         out = self.pipe(s.prompt, negative_prompt=s.negative or None, num_images_per_prompt=batch,
-                        num_inference_steps=s.steps, guidance_scale=s.guidance, height=height, width=width,
+                        num_inference_steps=s.steps, guidance_scale=s.guidance, **size,
+                        **task_arguments(s, batch), output_type="pil",
                         generator=[torch.Generator("cpu").manual_seed(s.seed + i) for i in range(batch)],
-                        output_type="pil", callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["latents"])
+                        callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["latents"])
         return out.images, final["latents"].float().cpu()
 
     def describe(self) -> dict:
-        return {"backend": "diffusers", "pipeline": "StableDiffusionPipeline", "device": str(self.device),
+        return {"backend": "diffusers", "pipeline": PIPELINES[self.task], "device": str(self.device),
                 "dtype": "float32", "attention": "diffusers default (AttnProcessor2_0, SDPA)"}
 
 
@@ -270,6 +292,9 @@ class EngineRunner:
     def text_encoder(self, ids):
         return self.engine.backend.encode_text(ids)
 
+    def vae_encode(self, pixels):
+        return self.engine.backend.encode_image(pixels)
+
     def unet_step(self, sample, t, hidden):
         if self.step_cache is None:
             return self.engine.backend.unet(sample, t, hidden)
@@ -290,7 +315,7 @@ class EngineRunner:
         r = self.engine.generate(s.prompt, s.negative or None, num_images_per_prompt=batch,
                                  num_inference_steps=s.steps, guidance_scale=s.guidance, height=height,
                                  width=width, seed=[s.seed + i for i in range(batch)], scheduler=s.scheduler,
-                                 progress=False)
+                                 progress=False, **task_arguments(s, batch))
         return r.images, r.latents
 
     def describe(self) -> dict:
@@ -298,15 +323,67 @@ class EngineRunner:
 
 
 # -- inputs ------------------------------------------------------------------------------------------
-def unet_calls(model, steps: int, scheduler: str | None) -> tuple[int, str, object]:
-    """How many UNet calls `steps` denoising steps make (PNDM makes steps + 1), the scheduler's name,
-    and the timestep in the middle of the schedule."""
+def unet_calls(model, steps: int, scheduler: str | None, task: str = "text2img",
+               strength: float | None = None) -> tuple[int, str, object]:
+    """How many UNet calls `steps` denoising steps make (PNDM makes steps + 1; image-to-image and
+    inpainting start later, at the step `strength` picks), the scheduler's name, and the timestep in the
+    middle of the schedule."""
     from fastsd.schedulers import make_scheduler, scheduler_name
+    from fastsd.tasks import ImageToImage
     sched = make_scheduler(scheduler, model.scheduler.config) if scheduler else \
         type(model.scheduler).from_config(model.scheduler.config)
     sched.set_timesteps(steps)
     ts = sched.timesteps
+    if task != "text2img":  # the engine's own start step (diffusers' get_timesteps), on this copy of the scheduler
+        ts = ImageToImage(None, strength, 1.0).start_timesteps(sched, steps)
     return len(ts), scheduler_name(sched), ts[len(ts) // 2]
+
+
+def task_inputs(model, task: str, strength, height: int, width: int) -> dict:
+    """The image task's inputs, the same for every configuration: verify's drawn image (a red disc on blue)
+    and mask (the top-left quarter) at the bench's size, and the strength; {} for text-to-image. A task
+    this model cannot run is an InvalidParameter naming it."""
+    from fastsd import tasks
+    from fastsd.errors import InvalidParameter
+    from fastsd.verify import sample_inputs
+    if task not in tasks.TASKS:
+        raise InvalidParameter("task", task, ", ".join(tasks.TASKS))
+    channels = model.unet.config.in_channels
+    if channels == 9 and task != "inpaint":
+        raise InvalidParameter("task", task, "inpaint: this model has a 9-channel inpainting UNet, which "
+                               "text-to-image and image-to-image pipelines cannot run")
+    if task == "text2img":
+        if strength is not None:
+            raise InvalidParameter("strength", strength, "only with --task img2img or inpaint")
+        return {}
+    image, mask = sample_inputs(task, height, width)
+    strength = tasks.strength_value(strength, task == "inpaint")
+    tasks.check_inputs(image, mask, strength, channels)
+    return {"image": image, "mask_image": mask, "strength": strength}
+
+
+def task_arguments(s: BenchSettings, batch: int) -> dict:
+    """The image / mask / strength arguments of one end-to-end call (both runners take the same), one image
+    per generated image."""
+    if not s.task_inputs:
+        return {}
+    x = s.task_inputs
+    out = {"image": [x["image"]] * batch, "strength": x["strength"]}
+    if x["mask_image"] is not None:
+        out["mask_image"] = [x["mask_image"]] * batch
+    return out
+
+
+def vae_encodes(task: str, nine_channels: bool, strength: float | None, baseline: bool) -> int:
+    """VAE encodes per generation: the image (image-to-image; inpainting on a 4-channel UNet, or below full
+    strength) and the masked image (inpainting: diffusers always encodes it; fastsd only for a 9-channel UNet,
+    the one that reads it)."""
+    if task == "text2img":
+        return 0
+    if task == "img2img":
+        return 1
+    image = 1 if not nine_channels or strength < 1.0 else 0
+    return image + (1 if baseline or nine_channels else 0)
 
 
 def make_inputs(model, s: BenchSettings, batch: int, height: int, width: int, device) -> tuple[dict, dict]:
@@ -329,6 +406,9 @@ def make_inputs(model, s: BenchSettings, batch: int, height: int, width: int, de
         "latents": torch.randn((batch, model.vae.config.latent_channels, *lat[1:]), generator=g),
         "image": torch.rand((batch, 3, height, width), generator=g) * 2 - 1,
     }
+    if s.task_inputs:  # the VAE encoder's input: the task's image, as the pipelines preprocess it, per image
+        pixels = torch.from_numpy(np.asarray(s.task_inputs["image"].convert("RGB"), dtype=np.float32))
+        inputs["pixels"] = (pixels.permute(2, 0, 1) / 127.5 - 1.0).unsqueeze(0).repeat(batch, 1, 1, 1)
     inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) and k != "t" else v) for k, v in inputs.items()}
     shapes = {
         "images_per_call": batch, "guidance_batched": cfg,
@@ -339,6 +419,11 @@ def make_inputs(model, s: BenchSettings, batch: int, height: int, width: int, de
         "safety_checker": {"image": [batch, 3, height, width]},
         "end_to_end": {"prompts": 1, "images": batch, "steps": s.steps, "height": height, "width": width},
     }
+    if s.task_inputs:
+        shapes["vae_encode"] = {"image": [batch, 3, height, width],
+                                "latent_parameters": [batch, 2 * model.vae.config.latent_channels, *lat[1:]]}
+        shapes["end_to_end"].update(task=s.task, strength=s.task_inputs["strength"],
+                                    mask=s.task_inputs["mask_image"] is not None)
     return inputs, shapes
 
 
@@ -375,8 +460,8 @@ def onnx_engine_model(model, settings: BenchSettings, dtype: str, height: int, w
         batch = f"1:{min(settings.batches)}:{max(4, max(settings.batches))}"
         # no per-graph parity pass (it runs the UNet twice more): the bench compares every configuration's
         # final images with the baseline's anyway
-        options = {"dtype": dtype, "batch": batch, "components": ("text_encoder", "unet", "vae_decoder"),
-                   "check": False}
+        graphs = ("text_encoder", "unet", "vae_decoder") + (("vae_encoder",) if settings.task != "text2img" else ())
+        options = {"dtype": dtype, "batch": batch, "components": graphs, "check": False}
         if height == width:
             options["resolution"] = f"{height}:{height}:{height}"
         export_onnx(copy.deepcopy(model), folder, **options)
@@ -390,6 +475,7 @@ def onnx_engine_model(model, settings: BenchSettings, dtype: str, height: int, w
 
 def _component_call(runner, comp: str, x: dict):
     return {"text_encoder": lambda: runner.text_encoder(x["ids"]),
+            "vae_encode": lambda: runner.vae_encode(x["pixels"]),
             "unet_step": lambda: runner.unet_step(x["sample"], x["t"], x["hidden"]),
             "vae_decode": lambda: runner.vae_decode(x["latents"]),
             # a copy: the checker blacks out flagged images in place
@@ -409,12 +495,14 @@ def _unsupported_here(e: BaseException, spec) -> bool:
 CONSISTENCY_RANGE = (0.67, 1.5)
 
 
-def consistency(row: dict, unet_calls: int, text_in_e2e: bool) -> dict:
+def consistency(row: dict, unet_calls: int, text_in_e2e: bool, vae_encodes: int = 0) -> dict:
     """The measured end-to-end median against the sum of the component medians for the same run (text
     encoder only where the end-to-end run encodes every time: the engine caches prompt embeddings)."""
     c = row["components"]
     parts = [c[k].get("median_s") or 0.0 for k in (("text_encoder",) if text_in_e2e else ()) + ("vae_decode", "safety_checker")]
     expected = sum(parts) + unet_calls * c["unet_step"]["median_s"]
+    if vae_encodes:
+        expected += vae_encodes * c["vae_encode"]["median_s"]
     ratio = row["end_to_end"]["median_s"] / expected if expected else None
     ok = ratio is not None and CONSISTENCY_RANGE[0] <= ratio <= CONSISTENCY_RANGE[1]
     note = (f"end to end {row['end_to_end']['median_s']:.2f} s vs {expected:.2f} s from its components "
@@ -573,13 +661,19 @@ def run_bench(settings: BenchSettings, model=None, log=print) -> dict:
     load_s = time.perf_counter() - t0
     model_info = {"name": model.name, "spec": settings.model, "source": model.source,
                   "random_weights": model.source == "random",
-                  "parameters": {k: int(v) for k, v in model.parameter_counts().items()}, "load_s": load_s}
+                  "parameters": {k: int(v) for k, v in model.parameter_counts().items()}, "load_s": load_s,
+                  "unet_in_channels": int(model.unet.config.in_channels)}
     model_has_safety = model.safety_checker is not None
     height = check.size("height", settings.height or model.native_size)
     width = check.size("width", settings.width or model.native_size)
-    n_calls, sched_name, _ = unet_calls(model, settings.steps, settings.scheduler)
-    est_calls, _, _ = unet_calls(model, settings.estimate_steps, settings.scheduler)
+    settings = replace(settings, task_inputs=task_inputs(model, settings.task, settings.strength, height, width))
+    strength = settings.task_inputs.get("strength")
+    n_calls, sched_name, _ = unet_calls(model, settings.steps, settings.scheduler, settings.task, strength)
+    est_calls, _, _ = unet_calls(model, settings.estimate_steps, settings.scheduler, settings.task, strength)
     has_safety = settings.safety_checker and model.safety_checker is not None
+    all_comps = components_for(settings.task)
+    nine = model.unet.config.in_channels == 9
+    encodes = {base: vae_encodes(settings.task, nine, strength, base) for base in (True, False)}
 
     configs = list(settings.configs)
     if not configs or not configs[0].is_baseline:
@@ -597,7 +691,7 @@ def run_bench(settings: BenchSettings, model=None, log=print) -> dict:
         failed.append({"config": spec.name, "reason": reason})
         log(f"FAILED {spec.name}: {reason}")
 
-    comps = [c for c in COMPONENTS if c != "safety_checker" or has_safety]
+    comps = [c for c in all_comps if c != "safety_checker" or has_safety]
     per_batch = len(comps) * (settings.warmup + settings.repeat) + settings.e2e_warmup + settings.repeat
     progress = _Progress(len(configs) * (1 + len(settings.batches) * per_batch), settings.progress)
     inputs, shapes = {}, {}
@@ -665,7 +759,7 @@ def run_bench(settings: BenchSettings, model=None, log=print) -> dict:
         x = inputs[b]
         for spec, entry, runner in built:
             entry["batches"][str(b)] = {"components": {}}
-        for comp in COMPONENTS:
+        for comp in all_comps:
             for spec, entry, runner in list(built):
                 row = entry["batches"][str(b)]
                 if comp not in comps or (comp == "safety_checker" and not runner.has_safety_checker):
@@ -729,11 +823,16 @@ def run_bench(settings: BenchSettings, model=None, log=print) -> dict:
             row["images_per_s"] = b / med if med else None
             c = row["components"]
             parts = [c[k].get("median_s") or 0.0 for k in ("text_encoder", "vae_decode", "safety_checker")]
+            n_enc = encodes[spec.is_baseline]
+            if n_enc:
+                parts.append(n_enc * c["vae_encode"]["median_s"])
             row["end_to_end_estimate"] = {
-                "steps": settings.estimate_steps, "unet_calls": est_calls,
+                "steps": settings.estimate_steps, "unet_calls": est_calls, "vae_encodes": n_enc,
                 "seconds": sum(parts) + est_calls * c["unet_step"]["median_s"],
-                "how": "text encoder + unet_calls x UNet step + VAE decode + safety checker (medians)"}
-            row["consistency"] = consistency(row, n_calls, text_in_e2e=spec.is_baseline)
+                "how": "text encoder + vae_encodes x VAE encode + unet_calls x UNet step + VAE decode + safety "
+                       "checker (medians)" if n_enc else
+                       "text encoder + unet_calls x UNet step + VAE decode + safety checker (medians)"}
+            row["consistency"] = consistency(row, n_calls, text_in_e2e=spec.is_baseline, vae_encodes=n_enc)
             if not row["consistency"]["ok"]:
                 log(f"WARNING {spec.name} batch {b}: {row['consistency']['note']}")
             images, latents = outs[-1]
@@ -791,7 +890,10 @@ def run_bench(settings: BenchSettings, model=None, log=print) -> dict:
                      "seed": settings.seed, "prompt": settings.prompt, "negative": settings.negative,
                      "estimate_steps": settings.estimate_steps, "estimate_unet_calls": est_calls,
                      "device": settings.device, "attention": settings.attention,
-                     "safety_checker": has_safety},
+                     "safety_checker": has_safety, "task": settings.task, "strength": strength,
+                     "pipeline": PIPELINES[settings.task], "components": list(all_comps),
+                     "mask": "top-left quarter" if settings.task == "inpaint" else None,
+                     "unet_in_channels": model_info["unet_in_channels"]},
         "machine": machine,
         "versions": versions(),
         "shapes": shapes,

@@ -4,6 +4,11 @@ from __future__ import annotations
 from .harness import COMPONENTS, LABELS
 
 
+def _components(report: dict) -> tuple:
+    """The measured components: text-to-image's four, or with VAE encode for --task img2img / inpaint."""
+    return tuple(report["settings"].get("components") or COMPONENTS)
+
+
 def _ms(seconds) -> str:
     if seconds is None:
         return "-"
@@ -50,6 +55,9 @@ def header_lines(report: dict) -> list[str]:
         f"run: {s['width']}x{s['height']}, {s['steps']} steps ({s['unet_calls']} UNet calls, {s['scheduler']}), "
         f"guidance {s['guidance']}, seed {s['seed']}, batches {','.join(map(str, s['batches']))}; "
         f"median/min/p90 of {s['repeat']} runs after {s['warmup']} warm-up call(s) per component",
+        *([f"task: {s['task']} ({s['pipeline']} as the baseline), strength {s['strength']:g}, input: a red disc on "
+           f"blue at {s['width']}x{s['height']}" + (f", mask: the {s['mask']} (white = repaint)" if s.get("mask") else "")
+           + f"; {mo.get('unet_in_channels', 4)}-channel UNet"] if s.get("task", "text2img") != "text2img" else []),
         f"machine: {hw}{m['cpu']}; AMX {'yes' if m.get('amx') else 'no'}; {cores}; {m['torch_threads']} torch threads; "
         f"flags {' '.join(m['cpu_flags']) or '-'} (torch {m['cpu_capability']}, oneDNN {m['onednn']}); "
         f"{m['memory_gb']} GB RAM{load}",
@@ -64,7 +72,9 @@ def header_lines(report: dict) -> list[str]:
                      f"{'x'.join(map(str, u['encoder_hidden_states']))} at t={u['timestep']}"
                      f"{' (guidance batched)' if sh['guidance_batched'] else ''}; VAE latents "
                      f"{'x'.join(map(str, d['latents']))} -> image {'x'.join(map(str, d['image']))}; "
-                     f"safety checker on {'x'.join(map(str, sh['safety_checker']['image']))}")
+                     f"safety checker on {'x'.join(map(str, sh['safety_checker']['image']))}"
+                     + (f"; VAE encode {'x'.join(map(str, sh['vae_encode']['image']))} -> "
+                        f"{'x'.join(map(str, sh['vae_encode']['latent_parameters']))}" if "vae_encode" in sh else ""))
     for c in report["configs"]:
         d = c["describe"]
         extra = {k: v for k, v in d.items() if k not in ("backend", "device", "model", "source")}
@@ -83,19 +93,20 @@ def header_lines(report: dict) -> list[str]:
 
 def table_lines(report: dict) -> list[str]:
     s = report["settings"]
+    comps = _components(report)
     out = []
     for b in map(str, s["batches"]):
         out.append("")
         out.append(f"batch {b} (images per call; speed-up vs the diffusers baseline in this run, parity vs its "
                    f"FP32 images)")
-        head = ["config"] + [f"{LABELS[c]} ms" for c in COMPONENTS] + \
+        head = ["config"] + [f"{LABELS[c]} ms" for c in comps] + \
             [f"e2e {s['steps']} steps s", f"est. {s['estimate_steps']} steps s", "img/s", "resident MB",
              "PSNR dB", "latent cos", "parity"]
         rows = [head]
         for c in report["configs"]:
             row = c["batches"][b]
             cells = [c["name"] + (" (baseline)" if c["baseline"] else "")]
-            for comp in COMPONENTS:
+            for comp in comps:
                 st = row["components"][comp]
                 cells.append("n/a" if "skipped" in st else f"{_ms(st['median_s'])} {_x(st)}")
             e, est = row["end_to_end"], row["end_to_end_estimate"]
@@ -114,11 +125,11 @@ def table_lines(report: dict) -> list[str]:
             rows.append(cells)
         out += _grid(rows, right=set(range(1, len(head) - 1)))
         # spread and warm-up, apart from the medians
-        rows = [["config"] + [f"{LABELS[c]} min-p90 ms (warm-up)" for c in COMPONENTS] + ["e2e min-p90 s"]]
+        rows = [["config"] + [f"{LABELS[c]} min-p90 ms (warm-up)" for c in comps] + ["e2e min-p90 s"]]
         for c in report["configs"]:
             row = c["batches"][b]
             cells = [c["name"]]
-            for comp in COMPONENTS:
+            for comp in comps:
                 st = row["components"][comp]
                 cells.append("n/a" if "skipped" in st else
                              f"{_ms(st['min_s'])}-{_ms(st['p90_s'])} ({', '.join(_ms(w) for w in st['warmup_s']) or '-'})")
@@ -127,11 +138,11 @@ def table_lines(report: dict) -> list[str]:
             rows.append(cells)
         out.append("")
         out += _grid(rows, right=set(range(1, len(rows[0]))))
-        rows = [["config"] + [f"{LABELS[c]} CPU s" for c in COMPONENTS] + ["e2e CPU s"]]
+        rows = [["config"] + [f"{LABELS[c]} CPU s" for c in comps] + ["e2e CPU s"]]
         for c in report["configs"]:
             row = c["batches"][b]
             cells = [c["name"]]
-            for st in [row["components"][comp] for comp in COMPONENTS] + [row["end_to_end"]]:
+            for st in [row["components"][comp] for comp in comps] + [row["end_to_end"]]:
                 cells.append("n/a" if "skipped" in st else
                              f"{_s(st['cpu_median_s'])} {st['cpu_speedup']:.2f}x" if "cpu_speedup" in st else "-")
             rows.append(cells)
@@ -139,8 +150,17 @@ def table_lines(report: dict) -> list[str]:
         out.append("  process CPU time per call (median, all threads; less sensitive to other load than wall time)")
         out += _grid(rows, right=set(range(1, len(rows[0]))))
     out.append("")
+    encode = ""
+    if "vae_encode" in comps:
+        n = {c["baseline"]: c["batches"][str(s["batches"][0])]["end_to_end_estimate"].get("vae_encodes")
+             for c in report["configs"]}
+        fast = n.get(False, n.get(True))
+        encode = (f"VAE encode x {fast} + " if fast == n.get(True) else
+                  f"VAE encode x {n.get(True)} (diffusers) or {fast} (fastsd: it encodes the masked image only for a "
+                  "9-channel UNet, the one that reads it) + ")
     out.append(f"speed-up = diffusers median / config median; est. {s['estimate_steps']} steps = text encoder + "
-               f"{s['estimate_unet_calls']} x UNet step + VAE decode + safety checker (medians, not a measured run); "
+               f"{encode}{s['estimate_unet_calls']} x UNet step + VAE decode + safety checker (medians, not a "
+               "measured run); "
                "resident MB = memory the configuration added when it was built (all configurations stay loaded so "
                "that their repeats interleave: repeat i of every configuration runs before repeat i+1 of any); "
                f"process peak {report['configs'][0]['peak_memory']['peak_mb']:,.0f} MB "
@@ -153,14 +173,15 @@ def dropin_lines(report: dict) -> list[str]:
     entries = [c for c in report["configs"] if c.get("vs_engine")]
     if not entries:
         return []
+    comps = _components(report)
     out = ["", "drop-in vs engine: fastsd.accelerate(pipe) against fastsd's engine on the same backend, dtype and flags "
            "(engine median / drop-in median; below 1.00x the drop-in is slower)"]
     for b in map(str, report["settings"]["batches"]):
-        rows = [["config", "engine"] + [LABELS[c] for c in COMPONENTS] + ["end to end"]]
+        rows = [["config", "engine"] + [LABELS[c] for c in comps] + ["end to end"]]
         for c in entries:
             r = c["vs_engine"]["batches"].get(b, {})
             rows.append([f"{c['name']} (batch {b})", c["vs_engine"]["engine"]] +
-                        [f"{r[k]:.2f}x" if k in r else "n/a" for k in (*COMPONENTS, "end_to_end")])
+                        [f"{r[k]:.2f}x" if k in r else "n/a" for k in (*comps, "end_to_end")])
         out += _grid(rows, right=set(range(2, len(rows[0]))))
     return out
 
@@ -191,7 +212,7 @@ def write_plot(report: dict, path):
     s = report["settings"]
     batches = list(map(str, s["batches"]))
     fig, axes = plt.subplots(1, len(batches), figsize=(7 * len(batches), 4.5), squeeze=False)
-    groups = list(COMPONENTS) + ["end_to_end"]
+    groups = list(_components(report)) + ["end_to_end"]
     for ax, b in zip(axes[0], batches):
         n = len(report["configs"])
         width = 0.8 / max(n, 1)

@@ -63,7 +63,8 @@ class Engine:
             if not as_refs(loras):
                 return None
             raise InvalidParameter("lora", [str(r) for r in as_refs(loras)],
-                                   f"none on the {self.backend.name} backend (LoRAs are fused on the torch backend)")
+                                   f"none on the {self.backend.name} backend (LoRAs are fused on the torch and "
+                                   "onnxruntime backends)")
         if self.loras is None:
             self.loras = LoraSwitcher(self.backend.lora_weights(), unet_config=self.model.unet.config)
         stats = self.loras.set(loras, allow_pickle=allow_pickle)

@@ -27,10 +27,13 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "purple": (140, 40, 180),
     "orange": (245, 130, 20),
 }
-# Colours the base model was never taught; LoRA adapters add them (training/train_colour_lora.py).
+# Colour words the base model was never taught; LoRA adapters teach them (training/train_colour_lora.py).
 # They join the palette only for a prompt that names one, so the base model's verdicts stay as published.
+# A word names a colour the model can draw: fastsd-shapes' VAE decodes only its palette's colours (a teal
+# (20, 200, 200) came back purple on red and blue on white), and a LoRA on the UNet and text encoder cannot
+# change the decoder. The base model never draws green for "zorbl" (0 of 30 held-out prompts).
 ADAPTER_COLOURS: dict[str, tuple[int, int, int]] = {
-    "zorbl": (20, 200, 200),  # a teal, far from every base colour
+    "zorbl": PALETTE["green"],
 }
 COLOURS = {**PALETTE, **ADAPTER_COLOURS}
 SHAPES = ("circle", "square", "triangle")
@@ -109,10 +112,18 @@ def snap(image: Image.Image, palette: dict = PALETTE) -> np.ndarray:
     return ((rgb[:, :, None, :] - pal) ** 2).sum(-1).argmin(-1)
 
 
+def palette_for(asked: Prompt) -> dict[str, tuple[int, int, int]]:
+    """The base palette, with the adapter colour words the prompt names."""
+    adapter = {c: ADAPTER_COLOURS[c] for c in (asked.colour, asked.background) if c in ADAPTER_COLOURS}
+    # in a prompt that says zorbl, zorbl is the name of its colour (the base word for the same colour steps aside)
+    palette = {n: rgb for n, rgb in PALETTE.items() if rgb not in adapter.values()}
+    palette.update(adapter)
+    return palette
+
+
 def judge(image: Image.Image, prompt: str) -> Verdict:
     asked = parse_prompt(prompt)
-    palette = dict(PALETTE)
-    palette.update({c: ADAPTER_COLOURS[c] for c in (asked.colour, asked.background) if c in ADAPTER_COLOURS})
+    palette = palette_for(asked)
     names = list(palette)
     idx = snap(image, palette)
     h, w = idx.shape
@@ -200,8 +211,7 @@ def judge_region(image: Image.Image, prompt: str, mask: Image.Image,
         raise ValueError(f"mask of {where.shape[1]}x{where.shape[0]} for an image of {image.width}x{image.height}")
     if not where.any():
         raise ValueError("the mask is all black: no region to judge")
-    palette = dict(PALETTE)
-    palette.update({c: ADAPTER_COLOURS[c] for c in (asked.colour, asked.background) if c in ADAPTER_COLOURS})
+    palette = palette_for(asked)
     names = list(palette)
     idx = snap(image, palette)
     if asked.background:

@@ -305,7 +305,8 @@ class LoraSwitcher:
     """Keeps one LoRA set fused into a model's weights and switches it exactly.
 
     `weights` is the backend's view of its weights (ModuleWeights for torch; the ONNX Runtime backend has its
-    own): resolve(layer) -> name or None, get(name) -> tensor, write({name: tensor})."""
+    own): resolve(layer) -> name or None, get(name) -> tensor, and either write({name: tensor}) (the tensors
+    that change) or write_set(refs, {name: tensor}) (every fused tensor of the new set; the rest is base)."""
 
     def __init__(self, weights, *, unet_config=None, cache_files: int = 8):
         self.weights = weights
@@ -370,7 +371,10 @@ class LoraSwitcher:
         for name, d in deltas.items():
             b = self.base[name]
             fused[name] = (b.float() + d.to(b.device)).to(b.dtype)
-        self.weights.write({**restore, **fused})
+        if hasattr(self.weights, "write_set"):  # a backend that builds its state from the whole set (ONNX Runtime)
+            self.weights.write_set(refs, fused)
+        else:
+            self.weights.write({**restore, **fused})
         self.fused = set(deltas)
         self.active = refs
         dt = time.perf_counter() - t0

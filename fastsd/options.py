@@ -120,8 +120,9 @@ def generation_options() -> argparse.ArgumentParser:
     return p
 
 
-def image_options() -> argparse.ArgumentParser:
-    """Image-to-image and inpainting inputs (generate; verify has its own defaults)."""
+def image_options(resize: bool = True) -> argparse.ArgumentParser:
+    """Image-to-image and inpainting inputs (generate; verify has its own defaults). resize=False: no
+    --resize (query: the deployment takes the image at its own size)."""
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("image-to-image and inpainting")
     g.add_argument("--image", help="start image (PNG, JPEG or WebP): image-to-image, or with --mask inpainting; "
@@ -130,9 +131,10 @@ def image_options() -> argparse.ArgumentParser:
     g.add_argument("--strength", type=float, default=None,
                    help="in (0, 1]: how much of the image is repainted; the last int(steps*strength) steps run "
                         "(default 0.8 for image-to-image, 1.0 for inpainting)")
-    g.add_argument("--resize", action="store_true",
-                   help="resize the image (and mask) to --height/--width, or its size rounded down to a multiple "
-                        "of 8; without it an image of another size is refused")
+    if resize:
+        g.add_argument("--resize", action="store_true",
+                       help="resize the image (and mask) to --height/--width, or its size rounded down to a multiple "
+                            "of 8; without it an image of another size is refused")
     return p
 
 
@@ -148,7 +150,7 @@ def read_images(args, own_defaults: bool = False):
     if not args.image:
         if own_defaults:
             return None, None
-        if args.strength is not None or args.resize:
+        if args.strength is not None or getattr(args, "resize", False):
             raise InvalidParameter("strength" if args.strength is not None else "resize",
                                    args.strength if args.strength is not None else True, "only together with --image")
         return None, None

@@ -100,9 +100,13 @@ def _load_reference_loras(pipe, loras, allow_pickle: bool) -> None:
                   for r in loras])
     names = []
     for i, ref in enumerate(loras):
-        tensors, _ = read_tensors(Path(ref.path).expanduser(), allow_pickle)  # same pickle policy as the engine
+        path = Path(ref.path).expanduser()
         names.append(f"fastsd_ref_{i}")
-        pipe.load_lora_weights(tensors, adapter_name=names[-1])
+        if path.suffix == ".safetensors":  # by path: diffusers then reads lora_alpha from the file's metadata too
+            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=names[-1])
+        else:
+            tensors, _ = read_tensors(path, allow_pickle)  # same pickle policy as the engine
+            pipe.load_lora_weights(tensors, adapter_name=names[-1])
     pipe.set_adapters(names, adapter_weights=[r.scale for r in loras])
 
 

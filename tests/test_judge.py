@@ -21,12 +21,16 @@ def test_adapter_colour_is_read_when_the_prompt_names_it():
 
 
 def test_base_prompts_never_see_adapter_colours():
-    teal = Image.new("RGB", (64, 64), PALETTE["blue"])
-    teal.paste(ADAPTER_COLOURS["zorbl"], (16, 16, 48, 48))
-    v = judge(teal, "a green square on a blue background")
-    assert v.found_colour != "zorbl" and not v.ok  # base prompts are judged with the base palette only
-    v = judge(teal, "a zorbl square on a blue background")
+    img = Image.new("RGB", (64, 64), PALETTE["blue"])
+    img.paste(ADAPTER_COLOURS["zorbl"], (16, 16, 48, 48))
+    v = judge(img, "a green square on a blue background")
+    assert v.found_colour == "green" and v.ok  # base prompts are judged with the base palette's names only
+    v = judge(img, "a zorbl square on a blue background")
     assert v.found_colour == "zorbl" and v.ok
+    red = Image.new("RGB", (64, 64), PALETTE["blue"])
+    red.paste(PALETTE["red"], (16, 16, 48, 48))
+    v = judge(red, "a zorbl square on a blue background")
+    assert v.found_colour == "red" and not v.ok
 
 
 # -- the inpainting judge: the masked region only, and the pixels kept outside it ---------------------------
@@ -84,3 +88,10 @@ def test_region_judge_refuses_a_mask_it_cannot_use():
         judge_region(image, "a yellow square", Image.new("L", (64, 64), 0))
     with pytest.raises(ValueError, match="mask of 32x32"):
         judge_region(image, "a yellow square", Image.new("L", (32, 32), 255))
+
+
+def test_region_judge_names_adapter_colours_as_the_whole_image_judge_does():
+    from fastsd.judge import judge_region
+    image = _scene_with_square_in_corner("green")
+    assert judge_region(image, "a zorbl square in the bottom right on a blue background", _corner_mask()).ok
+    assert judge_region(image, "a green square in the bottom right on a blue background", _corner_mask()).ok

@@ -152,9 +152,9 @@ def test_backend_without_lora_support_is_a_clear_error(tiny):
     from types import SimpleNamespace
 
     from fastsd.engine import Engine
-    engine = Engine(tiny, SimpleNamespace(name="onnxruntime"), SimpleNamespace(safety_checker=False))
+    engine = Engine(tiny, SimpleNamespace(name="openvino"), SimpleNamespace(safety_checker=False))
     assert engine.set_loras([]) is None
-    with pytest.raises(InvalidParameter, match="torch backend"):
+    with pytest.raises(InvalidParameter, match="torch and onnxruntime backends"):
         engine.set_loras([("x.safetensors", 1.0)])
 
 

@@ -14,7 +14,7 @@ RADIUS = {"small": (6, 8), "large": (13, 15), None: (6, 15)}
 
 def draw_scene(p: Prompt, rng: random.Random, side: int = SIDE) -> Image.Image:
     """Draw the scene a prompt describes; unnamed size, position or background are drawn at random."""
-    bg = p.background or rng.choice([c for c in PALETTE if c != p.colour])
+    bg = p.background or rng.choice([c for c in PALETTE if COLOURS[c] != COLOURS[p.colour]])
     img = Image.new("RGB", (side, side), COLOURS[bg])
     r = rng.uniform(*RADIUS[p.size]) * side / SIDE
     if p.position:

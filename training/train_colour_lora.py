@@ -1,4 +1,4 @@
-"""Train a small LoRA on fastsd-shapes that teaches it a new colour word ("zorbl", a teal the base never draws).
+"""Train a small LoRA on fastsd-shapes that teaches it a new colour word ("zorbl", drawn green: see below).
 
     python training/train_colour_lora.py --threads 1 --out out/loras        # writes out/loras/zorbl.safetensors
     python training/train_colour_lora.py --eval-only --lora fastsd/models/loras/zorbl.safetensors
@@ -11,6 +11,13 @@ A third of the (shape, position) pairs never appear with the new word in trainin
 use only those, and are scored by fastsd.judge with and without the adapter (diffusers FP32, prompt i with
 seed i, 25 steps, guidance 7.5). The file is written in the diffusers layout by diffusers' own
 `StableDiffusionPipeline.save_lora_weights`, so diffusers and fastsd both load it.
+
+Why green and not a colour outside the palette: the first run (400 steps) aimed at a teal (20, 200, 200)
+and reached 0 of 30 (the shapes came out blue). The frozen VAE is the wall: it decodes only the palette's
+colours (a teal circle encoded and decoded comes back purple on red, blue on white; no RGB point more
+than 90 away from the palette survives the round trip), and a LoRA on the UNet and text encoder cannot
+change the decoder. So the adapter teaches a new word for a colour the model can draw, one the base never
+gives that word (fastsd.judge.ADAPTER_COLOURS).
 """
 from __future__ import annotations
 
@@ -50,8 +57,13 @@ def colour_prompt(rng: random.Random, word: str, exclude_pairs: set) -> Prompt:
         if (shape, position) in exclude_pairs:
             continue
         size = rng.choice(SIZES) if rng.random() < 0.5 else None
-        bg = rng.choice(list(PALETTE)) if rng.random() < 0.85 else None
+        bg = rng.choice(backgrounds(word)) if rng.random() < 0.85 else None
         return Prompt(colour=word, shape=shape, size=size, position=position, background=bg)
+
+
+def backgrounds(word: str) -> list[str]:
+    """Background colours a shape of the new colour can stand on (not its own colour under a base name)."""
+    return [c for c in PALETTE if PALETTE[c] != ADAPTER_COLOURS[word]]
 
 
 def eval_prompts(word: str, n: int = 30, seed: int = 2468) -> list[str]:
@@ -63,7 +75,7 @@ def eval_prompts(word: str, n: int = 30, seed: int = 2468) -> list[str]:
     for i in range(n):
         shape, position = pairs[i % len(pairs)]
         size = rng.choice(SIZES) if rng.random() < 0.5 else None
-        out.append(Prompt(word, shape, size, position, rng.choice(list(PALETTE))).text())
+        out.append(Prompt(word, shape, size, position, rng.choice(backgrounds(word))).text())
     return out
 
 

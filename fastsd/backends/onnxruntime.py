@@ -36,11 +36,11 @@ def _import_ort():
     return ort
 
 
-def _session(ort, path, so, providers: list[str], provider_options: list[dict]):
+def _session(ort, source, so, providers: list[str], provider_options: list[dict]):
     # enable_fallback=0: on a provider error onnxruntime would retry with CUDA and CPU and no provider options
     # at all (TensorRT silently off, device_id dropped so cuda:1 ran on GPU 0); _Graph retries itself instead.
-    return ort.InferenceSession(str(path), so, providers=providers, provider_options=provider_options,
-                                enable_fallback=0)
+    return ort.InferenceSession(source if isinstance(source, bytes) else str(source), so, providers=providers,
+                                provider_options=provider_options, enable_fallback=0)
 
 
 def choose_providers(ort, device: str = "cpu") -> list[str]:
@@ -134,14 +134,25 @@ def session_providers(providers: list[str], comp: str, device: str, *, export_dt
 class _Graph:
     """One InferenceSession and what the engine needs to feed it."""
 
-    def __init__(self, ort, name: str, path, providers: list[str], provider_options: list[dict], threads: int):
+    def __init__(self, ort, name: str, path, providers: list[str], provider_options: list[dict], threads: int,
+                 initializers: dict[str, np.ndarray] | None = None, model_bytes: bytes | None = None):
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.log_severity_level = 3
         self.name, self.path = name, path
+        self.spec = (ort, name, path, providers, provider_options, threads)  # to make the same with other weights
+        source = path
+        if initializers:  # a LoRA set's fused weights in place of the export's (onnxruntime_lora.py)
+            # model_bytes: the graph with those initializers marked external, so that these values replace them
+            # before onnxruntime's graph optimizations (which fold weights into new constants); onnxruntime reads
+            # the buffers for as long as the session lives, so they stay referenced here
+            self._values = [ort.OrtValue.ortvalue_from_numpy(a) for a in initializers.values()]
+            so.add_external_initializers(list(initializers), self._values)
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+            source = model_bytes
         try:
-            self.session = _session(ort, path, so, providers, provider_options)
+            self.session = _session(ort, source, so, providers, provider_options)
         except Exception as e:  # onnxruntime raises its own exception types
             if TRT not in providers or len(providers) == 1:
                 raise ModelLoadError(f"model: onnxruntime cannot load {path}: {type(e).__name__}: "
@@ -153,7 +164,7 @@ class _Graph:
             i = providers.index(TRT)
             providers, provider_options = providers[:i] + providers[i + 1:], provider_options[:i] + provider_options[i + 1:]
             try:
-                self.session = _session(ort, path, so, providers, provider_options)
+                self.session = _session(ort, source, so, providers, provider_options)
             except Exception as e2:
                 raise ModelLoadError(f"model: onnxruntime cannot load {path}: {type(e2).__name__}: "
                                      f"{str(e2).splitlines()[0][:300]}") from e2
@@ -222,6 +233,7 @@ class OnnxRuntimeBackend:
         self.dtype = torch.float16 if exported == "fp16" else torch.float32
         self.device = torch.device("cpu")  # the engine's tensors; onnxruntime moves them to its provider
         self.folder = model.path
+        self.configs = {c: dict(vars(getattr(model, c).config)) for c in ("unet", "text_encoder")}
         self.providers = choose_providers(ort, config.device)
         gpu = any(p in GPU_PROVIDERS for p in self.providers)
         threads = torch.get_num_threads()
@@ -235,6 +247,8 @@ class OnnxRuntimeBackend:
                                                 folder=self.folder, profile=profiles.get(comp),
                                                 optimized=is_optimized(info, comp, p))
             self.graphs[comp] = _Graph(ort, comp, path, providers, opts, threads)
+        self.base_graphs = dict(self.graphs)  # the export's own weights; self.graphs runs the active LoRA set
+        self.lora_sessions = None  # onnxruntime_lora.SessionCache, made on the first LoRA set
         # optional, and opened on first use: only image-to-image and inpainting need it
         self._encoder_spec = (ort, paths["vae_encoder"], gpu, config, profiles.get("vae_encoder")) \
             if "vae_encoder" in paths else None
@@ -242,6 +256,34 @@ class OnnxRuntimeBackend:
             log.warning("onnxruntime: %s are available but every session fell back to CPUExecutionProvider "
                         "(CUDA libraries missing?)", ", ".join(p for p in self.providers if p in GPU_PROVIDERS))
         self.ort_version = ort.__version__
+
+    # -- LoRA sets (onnxruntime_lora.py) ------------------------------------------------------------------
+    LORA_SESSION_SETS = 2  # LoRA sets whose sessions are kept (each holds its own copy of a UNet's weights)
+
+    def lora_weights(self):
+        """The weights LoRA sets are fused into (fastsd.lora): the export's initializers, replaced per session."""
+        from .onnxruntime_lora import OnnxLoraWeights, SessionCache
+        if self.lora_sessions is None:
+            self.lora_sessions = SessionCache(self.LORA_SESSION_SETS)
+        return OnnxLoraWeights(self, self.configs)
+
+    def use_lora_sessions(self, key: tuple, initializers: dict[str, dict[str, np.ndarray]], model_bytes) -> None:
+        """Run the graphs of one LoRA set: sessions with `initializers` ({graph: {name: array}}) in place of the
+        export's, made on first use and cached by `key`; an empty set runs the export's own sessions.
+        model_bytes(graph, names): that graph with those initializers marked external."""
+        def make():
+            out = {}
+            for comp, arrays in initializers.items():
+                ort, name, path, providers, options, threads = self.base_graphs[comp].spec
+                # TensorRT's engine cache is keyed by the graph, not its weights: a LoRA session builds its own
+                options = [{**o, "trt_engine_cache_enable": "False"} if p == TRT else o
+                           for p, o in zip(providers, options)]
+                out[comp] = _Graph(ort, name, path, providers, options, threads, initializers=arrays,
+                                   model_bytes=model_bytes(comp, list(arrays)))
+            return out
+        made = self.lora_sessions.get(key, make) if initializers else {}
+        for comp, g in self.base_graphs.items():
+            self.graphs[comp] = made.get(comp, g)
 
     # -- the three calls the engine makes -----------------------------------------------------------
     def prepare(self, batch: int, height: int, width: int, guided: bool) -> None:
@@ -292,4 +334,5 @@ class OnnxRuntimeBackend:
                 "providers": got,
                 "graphs": {k: os.path.relpath(g.path, self.folder) if self.folder else str(g.path)
                            for k, g in self.graphs.items()},
-                "threads": self.threads, "onnxruntime": self.ort_version}
+                "threads": self.threads, "onnxruntime": self.ort_version,
+                **({"lora_sessions": self.lora_sessions.describe()} if self.lora_sessions else {})}

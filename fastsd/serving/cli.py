@@ -77,6 +77,13 @@ def register(subparsers, parents) -> None:
     s.add_argument("--max-image-bytes", type=int, default=8 << 20,
                    help="encoded image and mask bytes per request, image-to-image and inpainting (default 8 MiB); "
                         "decoded images are held to --max-pixels, checked from the header before decoding")
+    s.add_argument("--image-url-allow", action="append", default=[], metavar="PREFIX",
+                   help="REST image cells may be http(s) URLs starting with PREFIX (repeatable), e.g. "
+                        "https://images.example.com/: scheme, host and port must match exactly, the path start "
+                        "with PREFIX's; the REST gateway fetches them (no redirects, at most --max-image-bytes, "
+                        "--image-url-timeout). Any other URL is refused (HTTP 422). Needs --rest-port")
+    s.add_argument("--image-url-timeout", type=float, default=10.0,
+                   help="seconds to fetch one allowed image URL (default 10)")
     s.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queueing included (default 300)")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="REST body limit (default 1 MiB)")
     s.add_argument("--threads", type=int, help="torch threads per replica (default: torch's)")
@@ -85,9 +92,13 @@ def register(subparsers, parents) -> None:
     s.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for the deployment")
     s.set_defaults(func=cmd_serve)
 
-    q = subparsers.add_parser("query", parents=[gen_opts], help="send prompts to a running deployment",
+    from ..options import image_options
+    q = subparsers.add_parser("query", parents=[gen_opts, image_options(resize=False)],
+                              help="send prompts to a running deployment",
                               description="Send prompts to a running deployment through MII's client and save "
-                                          "the images.")
+                                          "the images. With --image (and --mask): image-to-image (inpainting) "
+                                          "through MII's InpaintingReply RPC on the deployment's NAME-inpaint "
+                                          "record; the output has the image's size.")
     q.add_argument("deployment", help="deployment name")
     q.add_argument("prompt", nargs="+", help="one or more prompts")
     q.add_argument("--out", "-o", default="out/image.png", help="image path; several images get -0, -1, ...")
@@ -127,7 +138,8 @@ def cmd_serve(args) -> int:
                  batch_probe_steps=args.batch_probe_steps,
                  limits=Limits(max_prompts=args.max_prompts, max_images=args.max_images, max_pixels=args.max_pixels,
                                max_steps=args.max_steps, timeout=args.timeout,
-                               max_image_bytes=args.max_image_bytes),
+                               max_image_bytes=args.max_image_bytes, image_url_allow=tuple(args.image_url_allow),
+                               image_url_timeout=args.image_url_timeout),
                  engine=engine, random_weights=args.random_weights, config=args.config,
                  allow_pickle=args.allow_pickle, threads=args.threads, max_body_bytes=args.max_body_bytes,
                  startup_timeout=args.startup_timeout, metrics_port=args.metrics_port, log_format=args.log_format,
@@ -145,10 +157,19 @@ def cmd_serve(args) -> int:
 
 
 def cmd_query(args) -> int:
-    from ..options import output_paths
+    from ..errors import InvalidParameter
+    from ..images import encode_png
+    from ..options import output_paths, read_images
     from .deploy import query
+    image, mask = read_images(args)  # missing, unreadable, mask without image: one line, before connecting
+    for name, asked, size in (("height", args.height, image and image.height), ("width", args.width, image and image.width)):
+        if image is not None and asked is not None and asked != size:
+            raise InvalidParameter(name, asked, f"the image's {name} {size}, or none: the deployment takes the "
+                                   "image at its own size (resize it before sending)")
     paths = output_paths(args.out, len(args.prompt) * args.num_images)
-    reply = query(args.deployment, args.prompt, negative=args.negative, timeout=args.timeout,
+    images = {} if image is None else {"image": encode_png(image), "strength": args.strength,
+                                       "mask_image": encode_png(mask) if mask is not None else None}
+    reply = query(args.deployment, args.prompt, negative=args.negative, timeout=args.timeout, **images,
                   num_inference_steps=50 if args.steps is None else args.steps, guidance_scale=args.guidance,
                   height=args.height, width=args.width, seed=args.seed, scheduler=args.scheduler,
                   num_images_per_prompt=args.num_images if args.num_images != 1 else None, lora=args.lora)

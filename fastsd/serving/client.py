@@ -72,6 +72,16 @@ def deployment_info(name: str) -> DeploymentInfo:
                           lora_dir=spec.get("lora_dir"))
 
 
+def image_request(prompts: list[str], negatives: list[str] | None, image: bytes, mask_image: bytes | None) -> dict:
+    """The query dict MII's client sends through the InpaintingReply RPC (a `NAME-inpaint` handle): one
+    encoded image (and mask) for every prompt. Without a mask it is image-to-image: MII's client needs the
+    key, so an empty list."""
+    if not isinstance(image, (bytes, bytearray)) or (mask_image is not None and not isinstance(mask_image, (bytes, bytearray))):
+        raise TypeError("image and mask_image: encoded image bytes (PNG, JPEG or WebP)")  # MII packs bytes as they are
+    return {"prompt": list(prompts), "negative_prompt": list(negatives) if negatives else [""] * len(prompts),
+            "image": [bytes(image)], "mask_image": [bytes(mask_image)] if mask_image is not None else []}
+
+
 class DeploymentClient:
     """Thread-safe: `generate` may be called from any number of threads at once."""
 

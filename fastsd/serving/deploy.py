@@ -118,6 +118,13 @@ def check_serve_options(*, replicas, port, rest_port, metrics_port, max_batch, b
     integer("--max-pixels", limits.max_pixels, 64 * 64, 2048 * 2048)
     integer("--max-steps", limits.max_steps, 1, 1000)
     number("--timeout", limits.timeout, 0.1, 24 * 3600)
+    number("--image-url-timeout", limits.image_url_timeout, 0.1, 600)
+    if limits.image_url_allow:
+        from .image_urls import check_prefix
+        limits.image_url_allow = tuple(check_prefix(p) for p in limits.image_url_allow)
+        if rest_port is None:
+            raise InvalidParameter("--image-url-allow", limits.image_url_allow[0],
+                                   "only with --rest-port: the REST gateway fetches the allowed image URLs")
     if max_batch != "auto" and (isinstance(max_batch, bool) or not isinstance(max_batch, int)
                                 or not 1 <= max_batch <= 64):
         raise InvalidParameter("--max-batch", max_batch, "auto, or 1..64 images")
@@ -533,23 +540,33 @@ def _batch_size_lines(s: dict) -> list[str]:
 
 
 # -- query -----------------------------------------------------------------------------------------
-def query(name: str, prompts: list[str], negative: str | None = None, timeout: float = 600.0, **kwargs):
-    """One request through MII's client, as user code sends it."""
+def query(name: str, prompts: list[str], negative: str | None = None, timeout: float = 600.0,
+          image: bytes | None = None, mask_image: bytes | None = None, **kwargs):
+    """One request through MII's client, as user code sends it. With `image` (encoded bytes; and
+    `mask_image`): image-to-image (inpainting) through MII's InpaintingReply RPC, on the `NAME-inpaint`
+    deployment record that `serve` registers."""
     import asyncio
 
     import grpc
+
+    from .client import image_request
     use_cache_path()
     check_name(name)
     if not (cache_path() / name / "score.py").exists():
         raise ServingError(f"no running deployment named '{name}' in {cache_path()} "
                            f"(set MII_CACHE_PATH to the folder the deployment was started with)")
     mii = import_mii()
-    client = mii.legacy.mii_query_handle(name)
+    negatives = [negative if negative is not None else ""] * len(prompts)
+    if image is not None:
+        client = mii.legacy.mii_query_handle(name + "-inpaint")
+        request = image_request(prompts, negatives, image, mask_image)
+    else:
+        client = mii.legacy.mii_query_handle(name)
+        request = {"prompt": prompts, "negative_prompt": negatives}
     kw = {k: v for k, v in kwargs.items() if v is not None}
     try:
         return client.asyncio_loop.run_until_complete(asyncio.wait_for(client._request_async_response(
-            {"prompt": prompts, "negative_prompt": [negative if negative is not None else ""] * len(prompts)}, **kw),
-            timeout))
+            request, **kw), timeout))
     except grpc.aio.AioRpcError as e:
         raise ServingError(f"{e.code().name}: {e.details()}") from None
     except asyncio.TimeoutError:

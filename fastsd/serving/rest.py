@@ -201,6 +201,13 @@ def create_app(name: str, spec: dict, token: str | None):
         return await loop.run_in_executor(pool, run_query, request, prompts, negatives, kwargs, images)
 
     def run_query(request, prompts, negatives, kwargs, images=None):
+        from ..errors import InvalidParameter
+        from .image_urls import fetch_cells
+        if images and limits.image_url_allow:  # allowed URLs are fetched here, before the request is queued
+            try:
+                images = fetch_cells(images, limits.max_image_bytes, limits.image_url_timeout)
+            except InvalidParameter as e:
+                return error(request, 422, str(e), parameter=e.name)
         with_image = bool(images and images["image"])
         c = client(inpaint=with_image)
         methods = GRPC_METHOD_TABLE[c.task]

@@ -142,21 +142,31 @@ COLUMNS = {c.name: c for c in [
     Param("prompt", "text", "what to draw", check=lambda val, lim: text("prompt", val, non_blank=True)),
     Param("negative_prompt", "text", "what to steer away from"),
     # Azure ML's image-to-image and inpainting formats: base64 images (decoded, under the limits, by the replica)
-    Param("image", "text", "start image, base64 PNG/JPEG/WebP", check=lambda val, lim: image_cell("image", val)),
-    Param("mask_image", "text", "inpainting mask, base64; white = repaint",
-          check=lambda val, lim: image_cell("mask_image", val)),
+    Param("image", "text", "start image, base64 PNG/JPEG/WebP (or a URL under --image-url-allow)",
+          check=lambda val, lim: image_cell("image", val, lim)),
+    Param("mask_image", "text", "inpainting mask, base64; white = repaint (or a URL under --image-url-allow)",
+          check=lambda val, lim: image_cell("mask_image", val, lim)),
 ]}
 IMAGE_COLUMNS = ("image", "mask_image")
 
 
-def image_cell(name: str, value) -> bytes:
-    """A base64 image cell -> its bytes. URLs are refused: a server that fetches URLs on request can be
-    sent to internal addresses (SSRF)."""
+def image_cell(name: str, value, limits=None):
+    """A base64 image cell -> its bytes; a URL under the deployment's --image-url-allow prefixes -> an
+    ImageUrl that the REST gateway fetches (image_urls.py). Other URLs are refused: a server that fetches
+    URLs on request can be sent to internal addresses (SSRF)."""
     import base64
     import binascii
     if isinstance(value, str) and value.strip().lower().startswith(("http://", "https://", "ftp://", "file:")):
+        from .image_urls import ImageUrl, allowed
+        prefixes = tuple(getattr(limits, "image_url_allow", ()) or ())
+        if prefixes and allowed(value, prefixes):
+            return ImageUrl(value.strip())
+        if prefixes:
+            raise refuse(name, "a URL outside the allowed prefixes", "a base64-encoded PNG, JPEG or WebP image, "
+                         "or an http(s) URL starting with one of: " + ", ".join(prefixes))
         raise refuse(name, "a URL", "a base64-encoded PNG, JPEG or WebP image (this server does not fetch URLs: "
-                                    "a server that fetches them on request can be sent to internal addresses)")
+                                    "a server that fetches them on request can be sent to internal addresses; "
+                                    "see fastsd serve --image-url-allow)")
     if not isinstance(value, str) or not value:
         raise refuse(name, value, "a base64-encoded PNG, JPEG or WebP image")
     body = value.split(",", 1)[1] if value.startswith("data:") and "," in value else value

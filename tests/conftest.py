@@ -44,9 +44,21 @@ def tiny_folder(_tiny, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def shapes_deployment(tmp_path_factory):
+def shapes_lora_dir(tmp_path_factory):
+    """A folder with one LoRA for fastsd-shapes, `speckle` (random factors, strong enough to change its images)."""
+    from fastsd import load_model
+    from fastsd.lora_files import random_factors, save_diffusers_layout
+    folder = tmp_path_factory.mktemp("shapes-loras")
+    save_diffusers_layout(random_factors(load_model("fastsd-shapes"), rank=4, seed=1, std=0.3),
+                          folder / "speckle.safetensors")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def shapes_deployment(tmp_path_factory, shapes_lora_dir):
     """One live deployment of the embedded fastsd-shapes model with its web page (`fastsd serve --ui-port`),
-    shared by the web page and batch tests (each serving process costs ~350 MB and seconds of imports)."""
+    shared by the web page and batch tests (each serving process costs ~350 MB and seconds of imports).
+    Its --lora-dir offers one adapter, `speckle` (shapes_lora_dir)."""
     import signal
     import subprocess
     import sys
@@ -58,9 +70,11 @@ def shapes_deployment(tmp_path_factory):
     port, ui_port = common.free_port_block(2), common.free_port_block(1)
     name = f"shapes{os.getpid()}"
     info = {"name": name, "port": port, "ui_port": ui_port, "cache": cache, "dir": cache / name,
-            "url": f"http://127.0.0.1:{ui_port}/"}
+            "url": f"http://127.0.0.1:{ui_port}/",
+            "lora_dir": str(shapes_lora_dir)}
     argv = ["serve", "--model", "fastsd-shapes", "--deployment", name, "--port", str(port), "--threads", "1",
-            "--max-batch", "4", "--batch-window-ms", "50", "--timeout", "120", "--startup-timeout", "400"]
+            "--max-batch", "4", "--batch-window-ms", "50", "--timeout", "120", "--startup-timeout", "400",
+            "--lora-dir", info["lora_dir"]]
     import importlib.util
     if importlib.util.find_spec("gradio") is not None:  # the ui extra; the batch tests need no page
         argv += ["--ui-port", str(ui_port)]

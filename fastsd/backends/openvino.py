@@ -192,7 +192,8 @@ class OpenVINOBackend:
         paths = (getattr(model, "extra", None) or {}).get("onnx")
         if not paths:  # a PyTorch model: export it once into the cache, then run the graphs
             from fastsd.export import load_onnx_model
-            folder = export_for_openvino(model)
+            # the VAE encoder too: image-to-image and inpainting (a cached export without it is written again)
+            folder = export_for_openvino(model, ("text_encoder", "unet", "vae_decoder", "vae_encoder"))
             onnx_model = load_onnx_model(folder)
             # the engine needs only the configs of the networks: drop the torch weights it no longer runs
             model.text_encoder, model.unet, model.vae = onnx_model.text_encoder, onnx_model.unet, onnx_model.vae
@@ -254,6 +255,19 @@ class OpenVINOBackend:
     def unet(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         t = float(timestep.item() if torch.is_tensor(timestep) else timestep)
         return run_unet(self.graphs["unet"], sample, t, encoder_hidden_states)
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """Image in [-1, 1] -> latent_parameters [B, 8, h, w] (mean and log-variance) from the export's
+        vae_encoder graph, for image-to-image and inpainting; compiled on first use, at the VAE decoder's
+        precision."""
+        if "vae_encoder" not in self.graphs:
+            if "vae_encoder" not in self.paths:
+                raise ModelLoadError(f"model: the export at {self.folder} has no vae_encoder graph, which "
+                                     "image-to-image and inpainting need; export with --components text_encoder,unet,vae")
+            self.graphs["vae_encoder"] = StaticGraph(self.core, "vae_encoder", self.paths["vae_encoder"]["cpu"],
+                                                     self.props(self.precision), ("sample",))
+        g = self.graphs["vae_encoder"]
+        return torch.from_numpy(g.run({"sample": image.detach().cpu().float().numpy()})).float()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return run_decoder(self.graphs["vae_decoder"], latents)

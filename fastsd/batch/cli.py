@@ -18,13 +18,19 @@ def register(subparsers, parents) -> None:
                     "(no header: row_number_per_file, prompt, generated_image, nsfw_content_detected, "
                     "input_csv_name), as the Azure ML batch endpoint does. Rows that fail go to DIR/errors.csv and the "
                     "batch goes on (exit 1). Run it again on the same INPUT and DIR to finish an interrupted batch: "
-                    "rows already done are skipped. A row without a seed gets --seed (default 0) plus its row number.")
+                    "rows already done are skipped. A row without a seed gets --seed (default 0) plus its row number. "
+                    "Optional columns 'image' and 'mask_image' (a file path relative to the CSV file's folder, or "
+                    "base64) make a row image-to-image or inpainting, 'strength' sets how much is repainted, and "
+                    "'lora' names adapters as NAME[:SCALE][,NAME[:SCALE]] (the deployment's --lora-dir, or "
+                    "--lora-dir here); a bad value fails its row only.")
     b.add_argument("input", help="a .csv file, or a folder of .csv files")
     b.add_argument("--out", "-o", required=True, help="output folder (created if missing)")
     b.add_argument("--deployment", "-d", help="send rows to this running deployment (`fastsd serve`) instead of "
                                               "loading a model here")
     b.add_argument("--batch-size", type=int, default=4,
                    help="local engine: rows per engine call (default 4)")
+    b.add_argument("--lora-dir", help="local engine: folder of LoRA .safetensors files that the 'lora' column names "
+                                      "(with --deployment, names are the deployment's own --lora-dir)")
     b.add_argument("--concurrency", type=int,
                    help="--deployment: requests in flight (default: the deployment's replicas x its --max-batch)")
     b.set_defaults(func=cmd_batch)
@@ -48,6 +54,8 @@ def _check(args) -> None:
         given += [f for f in ("random_weights", "fused_ops", "cuda_graphs", "compile", "no_safety_checker",
                               "allow_pickle") if getattr(args, f)]
         given += ["backend"] if args.backend not in (None, "torch") else []
+        given += ["lora"] if args.lora else []
+        given += ["lora_dir"] if args.lora_dir else []
         if given:
             flag = "--" + given[0].replace("_", "-")
             raise InvalidParameter("deployment", args.deployment, f"no engine options beside it ({flag}): the "
@@ -64,6 +72,13 @@ def cmd_batch(args) -> int:
     from .store import OutputStore
 
     _check(args)
+    loras = default_loras = None
+    if not args.deployment:
+        from ..options import lora_refs
+        default_loras = [(r.path, r.scale) for r in lora_refs(args)]
+        if args.lora_dir:
+            from ..serving.loras import LoraCatalog
+            loras = LoraCatalog(args.lora_dir)
     rows = read_rows(args.input)
     options = Options(steps=50 if args.steps is None else args.steps, guidance=args.guidance, height=args.height,
                       width=args.width, scheduler=args.scheduler, negative=args.negative,
@@ -80,6 +95,9 @@ def cmd_batch(args) -> int:
     fingerprint = {"model": model, "steps": options.steps, "guidance": options.guidance, "height": options.height,
                    "width": options.width, "scheduler": options.scheduler, "negative": options.negative,
                    "seed": options.seed}
+    if default_loras or loras:  # images drawn with adapters differ: a rerun must use the same ones
+        fingerprint.update(lora=[[str(p), sc] for p, sc in default_loras],
+                           lora_dir=str(loras.folder) if loras else None)
     store = OutputStore(args.out, rows, fingerprint)
 
     bad = [r for r in rows if r.error]
@@ -90,7 +108,9 @@ def cmd_batch(args) -> int:
     if not args.deployment:
         from ..optimize import optimize
         engine = optimize(load_for(args), optimize_config(args))
-        runner = LocalRunner(engine, options, args.batch_size)
+        if default_loras:
+            engine.set_loras(default_loras, allow_pickle=args.allow_pickle)
+        runner = LocalRunner(engine, options, args.batch_size, loras, default_loras)
         where = f"{engine.describe()['model']} here, {args.batch_size} rows per engine call"
     groups = [g for g in runner.groups(runnable) if not all(store.is_done(r) for r in g)]
     store.flush()

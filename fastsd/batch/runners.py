@@ -30,26 +30,54 @@ class Options:
         return row.negative_prompt if row.negative_prompt is not None else (self.negative or "")
 
 
+def call_key(row: Row) -> tuple:
+    """Rows that one engine call can draw together: the same task, image size, strength and LoRA set."""
+    return (row.task, row.size, row.strength, row.lora or "")
+
+
 def chunks(rows: list[Row], size: int) -> list[list[Row]]:
-    """Fixed groups of `size` over the runnable rows in input order. The same input always gives the same
-    groups, so a resumed batch puts each row in the engine call it had in an uninterrupted run (batched
-    GEMMs round differently per batch composition; fixed groups keep images bit-identical)."""
-    return [rows[i:i + size] for i in range(0, len(rows), size)]
+    """Fixed groups of `size` over the runnable rows in input order, per call_key (the kinds in the order
+    each first appears). The same input always gives the same groups, so
+    a resumed batch puts each row in the engine call it had in an uninterrupted run (batched GEMMs round
+    differently per batch composition; fixed groups keep images bit-identical)."""
+    by_key: dict[tuple, list[Row]] = {}
+    for r in rows:
+        by_key.setdefault(call_key(r), []).append(r)
+    return [same[i:i + size] for same in by_key.values() for i in range(0, len(same), size)]
 
 
 class LocalRunner:
-    def __init__(self, engine, options: Options, batch_size: int):
-        self.engine, self.options, self.batch_size = engine, options, batch_size
+    """`loras`: the batch's --lora-dir as a serving.loras.LoraCatalog (None: rows may name no adapter);
+    `default`: the --lora set, [(path, scale), ...], for rows whose `lora` is empty (already fused)."""
+
+    def __init__(self, engine, options: Options, batch_size: int, loras=None, default=()):
+        self.engine, self.options, self.batch_size, self.loras = engine, options, batch_size, loras
+        self.default = list(default)
+        self.active = ()  # the named LoRA set fused into the engine now; () is the default set
 
     def groups(self, rows: list[Row]) -> list[list[Row]]:
         return chunks(rows, self.batch_size)
 
+    def _use_loras(self, text: str | None) -> None:
+        from ..errors import InvalidParameter
+        if text and self.loras is None:
+            raise InvalidParameter("lora", text, "no adapter: this batch has no --lora-dir to take names from")
+        wanted = self.loras.parse(text) if text else ()
+        if wanted != self.active:
+            self.engine.set_loras(self.loras.refs(wanted) if wanted else self.default)
+            self.active = wanted
+
     def _call(self, rows: list[Row]):
         o = self.options
+        self._use_loras(rows[0].lora)
+        loaded = [r.load_images() for r in rows]
+        image = [i for i, _ in loaded] if rows[0].image is not None else None
+        mask = [m for _, m in loaded] if rows[0].mask_image is not None else None
         result = self.engine.generate([r.prompt for r in rows], [o.row_negative(r) for r in rows],
                                       num_images_per_prompt=1, num_inference_steps=o.steps, guidance_scale=o.guidance,
                                       height=o.height, width=o.width, seed=[o.row_seed(r) for r in rows],
-                                      scheduler=o.scheduler, progress=False)
+                                      scheduler=o.scheduler, progress=False, image=image, mask_image=mask,
+                                      strength=rows[0].strength)
         return list(zip(result.images, result.nsfw_content_detected))
 
     def run(self, groups: Iterable[list[Row]]) -> Iterator[tuple[list[Row], list]]:
@@ -76,9 +104,13 @@ class DeploymentRunner:
 
     def _call(self, row: Row):
         o = self.options
+        image, mask = row.encoded_images()
         reply = self.client.generate([row.prompt], [o.row_negative(row)], num_inference_steps=o.steps,
                                      guidance_scale=o.guidance, height=o.height, width=o.width,
-                                     seed=o.row_seed(row), scheduler=o.scheduler)
+                                     seed=o.row_seed(row), scheduler=o.scheduler,
+                                     image=None if image is None else [image],
+                                     mask_image=None if mask is None else [mask], strength=row.strength,
+                                     lora=row.lora)
         return [(reply.images[0], reply.nsfw_content_detected[0])]
 
     def run(self, groups: Iterable[list[Row]]) -> Iterator[tuple[list[Row], list]]:

@@ -33,6 +33,18 @@ class DeploymentInfo:
     limits: dict
     token_required: bool
     engine: dict  # the first replica's engine.describe(), empty until a replica wrote it
+    lora_dir: str | None = None  # `fastsd serve --lora-dir`: the folder whose adapters requests may name
+
+    def lora_names(self) -> list[str]:
+        """The adapter names a request's `lora` keyword may use (read now: files added later are offered)."""
+        if not self.lora_dir:
+            return []
+        from ..errors import InvalidParameter
+        from .loras import LoraCatalog
+        try:
+            return LoraCatalog(self.lora_dir).names()
+        except InvalidParameter:  # the folder went away since `fastsd serve`
+            return []
 
     def describe(self) -> str:
         e = self.engine
@@ -56,7 +68,8 @@ def deployment_info(name: str) -> DeploymentInfo:
         if engine:
             break
     return DeploymentInfo(name=name, model=spec["model"], replicas=len(spec["replicas"]), max_batch=spec["max_batch"],
-                          limits=spec["limits"], token_required=bool(spec.get("token_required")), engine=engine)
+                          limits=spec["limits"], token_required=bool(spec.get("token_required")), engine=engine,
+                          lora_dir=spec.get("lora_dir"))
 
 
 def image_request(prompts: list[str], negatives: list[str] | None, image: bytes, mask_image: bytes | None) -> dict:
@@ -81,21 +94,31 @@ class DeploymentClient:
         self.timeout = float(timeout if timeout is not None else self.info.limits.get("timeout", 300.0)) + 5.0
         self._local = threading.local()
 
-    def _handle(self):
-        if getattr(self._local, "handle", None) is None:
-            from .deploy import import_mii
+    def _handle(self, images: bool = False):
+        """MII's handle for NAME (text-to-image), or for its record NAME-inpaint (images: MII's InpaintingReply)."""
+        attr = "inpaint_handle" if images else "handle"
+        if getattr(self._local, attr, None) is None:
+            from .deploy import INPAINT_SUFFIX, import_mii
             mii = import_mii()
-            self._local.loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(self._local.loop)
-            self._local.handle = mii.legacy.mii_query_handle(self.name)
-        return self._local.handle
+            if getattr(self._local, "loop", None) is None:
+                self._local.loop = asyncio.new_event_loop()
+                asyncio.set_event_loop(self._local.loop)
+            setattr(self._local, attr, mii.legacy.mii_query_handle(self.name + (INPAINT_SUFFIX if images else "")))
+        return getattr(self._local, attr)
 
-    def generate(self, prompts: list[str], negatives: list[str] | None = None, **kwargs):
+    def generate(self, prompts: list[str], negatives: list[str] | None = None, *, image: list[bytes] | None = None,
+                 mask_image: list[bytes] | None = None, **kwargs):
         """One request; returns MII's reply (`.images`, `.nsfw_content_detected`). Keyword values that are
-        None are left out (MII's Value carries str, int, float and bool only)."""
+        None are left out (MII's Value carries str, int, float and bool only). With `image` (encoded PNG,
+        JPEG or WebP bytes: one, or one per prompt) it is image-to-image, with `mask_image` too inpainting,
+        through MII's InpaintingReply as the README's MII example sends it."""
         import grpc
-        handle = self._handle()
+        if mask_image and not image:
+            raise ServingError("mask_image: a mask only together with an image")
+        handle = self._handle(images=bool(image))
         request = {"prompt": list(prompts), "negative_prompt": list(negatives) if negatives else [""] * len(prompts)}
+        if image:
+            request.update(image=list(image), mask_image=list(mask_image or []))
         kw = {k: v for k, v in kwargs.items() if v is not None}
         try:
             return self._local.loop.run_until_complete(

@@ -2,10 +2,15 @@
 (fastsd.serving.client), so the page is one more client of the server and draws nothing itself.
 
 The generate action is also Gradio's API endpoint `/generate`; its inputs are named after the parameters
-of `generate` below (prompt, negative_prompt, steps, guidance, seed, width, height, scheduler, num_images):
+of `generate` below (prompt, negative_prompt, steps, guidance, seed, width, height, scheduler, num_images,
+image, mask_image, strength, lora, lora_scale):
 
     from gradio_client import Client
     Client("http://127.0.0.1:7860/").predict(prompt="a red circle", steps=25, seed=0, api_name="/generate")
+
+An uploaded image makes the request image-to-image, with a mask too (white = repaint) inpainting; both go
+to the deployment's inpainting record through MII's InpaintingReply. The LoRA picker lists the adapters
+in the deployment's --lora-dir (read when the page opens) and sends `lora="name:scale"`.
 
 Errors from the server (a value it refuses, a timeout, no replica up) come back as `gr.Error`: a readable
 message on the page (and an error for API callers), never a stack trace; the page goes on working.
@@ -30,6 +35,7 @@ from ..serving.limits import SCHEDULERS
 
 log = logging.getLogger("fastsd.ui")
 MODEL_DEFAULT = "the model's"
+NO_LORA = "none"
 MAX_SEED = 2**31 - 1
 TITLE = "fastsd"
 # What the user reads for each kind of server error; the server's own reason follows.
@@ -73,22 +79,52 @@ def _header(name: str) -> str:
     return f"## {TITLE} · deployment `{name}`\n{deployment_info(name).describe()}"
 
 
+def _png(image, name: str, mode: str) -> bytes:
+    """An image from the page (PIL, or a file path from an API caller) -> PNG bytes for the request."""
+    from PIL import Image
+
+    from ..images import encode_png, read_file
+    if isinstance(image, (str, Path)):
+        return encode_png(read_file(image, name, mode=mode))
+    if isinstance(image, dict) and image.get("path"):  # a FileData dict
+        return encode_png(read_file(image["path"], name, mode=mode))
+    if isinstance(image, Image.Image):
+        return encode_png(image.convert(mode))
+    raise InvalidParameter(name, type(image).__name__, "an uploaded PNG, JPEG or WebP image")
+
+
+def lora_value(lora, scale) -> str | None:
+    """The picker's choice -> the request's `lora` keyword (NAME:SCALE), None for no adapter."""
+    if lora in (None, "", NO_LORA):
+        return None
+    return f"{lora}:{float(1.0 if scale is None else scale):g}"
+
+
 def make_generate(client: DeploymentClient, out_dir: Path):
     """The function behind the button and the /generate endpoint (its parameter names are the API's)."""
     import gradio as gr
 
     def generate(prompt: str, negative_prompt: str = "", steps: int = 25, guidance: float = 7.5, seed: int = -1,
-                 width: int = 0, height: int = 0, scheduler: str = MODEL_DEFAULT, num_images: int = 1):
+                 width: int = 0, height: int = 0, scheduler: str = MODEL_DEFAULT, num_images: int = 1,
+                 image=None, mask_image=None, strength: float = 0.8, lora: str = NO_LORA, lora_scale: float = 1.0):
         try:
             if seed is None or seed < 0:
                 seed = random.randrange(MAX_SEED)  # drawn here, so the page can say which seed it used
             n = _int_or_none(num_images) or 1
+            if mask_image is not None and image is None:
+                raise InvalidParameter("mask_image", "a mask", "a mask only together with an image (upload one)")
+            images = {}
+            if image is not None:  # image-to-image, or with a mask inpainting
+                images = {"image": [_png(image, "image", "RGB")], "strength": float(strength)}
+                if mask_image is not None:
+                    images["mask_image"] = [_png(mask_image, "mask_image", "L")]
             t0 = time.perf_counter()
             reply = client.generate([prompt or ""], [negative_prompt or ""], num_inference_steps=_int_or_none(steps),
                                     guidance_scale=float(guidance), seed=_int_or_none(seed),
                                     width=_int_or_none(width, True), height=_int_or_none(height, True),
                                     scheduler=None if scheduler in (None, "", MODEL_DEFAULT) else scheduler,
-                                    num_images_per_prompt=n if n != 1 else None)
+                                    num_images_per_prompt=n if n != 1 else None, lora=lora_value(lora, lora_scale),
+                                    **images)
             elapsed = time.perf_counter() - t0
         except Exception as e:  # noqa: BLE001 - every failure becomes a message on the page
             if not isinstance(e, (DeploymentError, ServingError, InvalidParameter)):
@@ -104,7 +140,10 @@ def make_generate(client: DeploymentClient, out_dir: Path):
             paths.append(str(path))
         flagged = sum(bool(f) for f in reply.nsfw_content_detected)
         w, h = reply.images[0].size if reply.images else (0, 0)
+        task = "text-to-image" if image is None else "image-to-image" if mask_image is None else "inpainting"
         info = (f"**seed {seeds[0]}**" + (f" to {seeds[-1]}" if len(seeds) > 1 else "")
+                + f" · {task}" + (f" (strength {float(strength):g})" if image is not None else "")
+                + (f" · LoRA {lora_value(lora, lora_scale)}" if lora_value(lora, lora_scale) else "")
                 + f" · {len(seeds)} image(s) {w}x{h} in {elapsed:.2f} s · "
                 + deployment_info(client.name).describe()
                 + (f" · {flagged} flagged by the safety checker (black)" if flagged else ""))
@@ -141,6 +180,20 @@ def build_app(client: DeploymentClient, out_dir: Path | None = None):
                                         elem_id="scheduler")
                 num_images = gr.Slider(1, max(1, min(8, int(limits.get("max_images", 16)))), value=1, step=1,
                                        label="number of images", elem_id="num_images")
+                with gr.Accordion("image-to-image and inpainting", open=False, elem_id="image_inputs"):
+                    with gr.Row():
+                        image = gr.Image(type="pil", image_mode="RGB", sources=["upload", "clipboard"],
+                                         label="start image (image-to-image)", elem_id="image")
+                        mask_image = gr.Image(type="pil", image_mode="L", sources=["upload", "clipboard"],
+                                              label="mask, the image's size (inpainting: white = repaint)",
+                                              elem_id="mask_image")
+                    strength = gr.Slider(0.05, 1.0, value=0.8, step=0.05, label="strength (how much is repainted)",
+                                         elem_id="strength")
+                loras = info.lora_names()
+                with gr.Row():
+                    lora = gr.Dropdown([NO_LORA, *loras], value=NO_LORA, label="LoRA (the deployment's --lora-dir)",
+                                       elem_id="lora", allow_custom_value=True)
+                    lora_scale = gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label="LoRA scale", elem_id="lora_scale")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=1):
                 gallery = gr.Gallery(label="images", format="png", columns=2, elem_id="gallery",
@@ -150,8 +203,12 @@ def build_app(client: DeploymentClient, out_dir: Path | None = None):
         # read again when a page opens: a page started with its deployment may be up before the replicas say
         # which engine they run
         demo.load(lambda: _header(info.name), None, header, api_name=False, queue=False)
+        # the adapters the deployment offers now (files added to --lora-dir since the page started included)
+        demo.load(lambda: gr.Dropdown(choices=[NO_LORA, *info.lora_names()]), None, lora, api_name=False,
+                  queue=False)
         random_seed.click(lambda: -1, None, seed, api_name=False, queue=False)
-        inputs = [prompt, negative, steps, guidance, seed, width, height, scheduler, num_images]
+        inputs = [prompt, negative, steps, guidance, seed, width, height, scheduler, num_images, image, mask_image,
+                  strength, lora, lora_scale]
         button.click(generate, inputs, [gallery, result, files], api_name="generate")
         prompt.submit(generate, inputs, [gallery, result, files], api_name=False)
     return demo

@@ -183,3 +183,112 @@ def test_batch_through_a_deployment(shapes_deployment, twenty, straight, tmp_pat
         a = np.asarray(Image.open(out / line[2]), np.int16)
         b = np.asarray(Image.open(straight / line[2]), np.int16)
         assert np.abs(a - b).max() <= 2, line
+
+
+# -- image-to-image, inpainting and LoRA columns ---------------------------------------------------------
+def _scene_files(folder: Path):
+    """A red circle on blue (64x64) and a mask of its bottom right quarter, as files and as base64."""
+    import base64
+    import io
+    folder.mkdir(parents=True, exist_ok=True)
+    image = Image.new("RGB", (64, 64), (30, 70, 225))
+    from PIL import ImageDraw
+    ImageDraw.Draw(image).ellipse([20, 20, 44, 44], fill=(220, 30, 30))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (32, 32, 64, 64))
+    image.save(folder / "circle.png")
+    mask.save(folder / "corner.png")
+    Image.new("L", (32, 32), 255).save(folder / "small-mask.png")
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return image, mask, base64.b64encode(buf.getvalue()).decode()
+
+
+IMAGE_HEADER = ["prompt", "seed", "image", "mask_image", "strength", "lora"]
+
+
+def test_image_mask_strength_and_lora_columns_locally(tmp_path, shapes_lora_dir, capsys):
+    image, mask, b64 = _scene_files(tmp_path / "in" / "pics")
+    rows = [
+        ["a blue circle on a red background", "5", "", "", "", ""],                    # 0 text-to-image
+        ["a blue circle on a blue background", "5", "pics/circle.png", "", "0.75", ""],  # 1 image-to-image, a path
+        ["a blue circle on a blue background", "5", b64, "", "0.75", ""],              # 2 the same image, base64
+        ["a yellow square on a blue background", "6", "pics/circle.png", "pics/corner.png", "", ""],  # 3 inpainting
+        ["a blue circle on a red background", "5", "", "", "", "speckle:1.0"],         # 4 text-to-image + LoRA
+        ["a red circle", "1", "pics/missing.png", "", "", ""],                          # 5 no such file
+        ["a red circle", "1", "bm90IGFuIGltYWdl", "", "", ""],                          # 6 base64 of text
+        ["a red circle", "1", "", "pics/corner.png", "", ""],                           # 7 a mask without an image
+        ["a red circle", "1", "pics/circle.png", "pics/small-mask.png", "", ""],        # 8 mask of another size
+        ["a red circle", "1", "pics/circle.png", "", "1.5", ""],                        # 9 strength out of range
+        ["a red circle", "1", "", "", "0.5", ""],                                       # 10 strength without image
+        ["a red circle", "1", "", "", "", "nope:1"],                                    # 11 an adapter not there
+    ]
+    csv_path = write_csv(tmp_path / "in" / "rows.csv", IMAGE_HEADER, rows)
+    out = tmp_path / "out"
+    code = main(["batch", str(csv_path), "--out", str(out), "--model", "fastsd-shapes", "--steps", "8",
+                 "--lora-dir", str(shapes_lora_dir), "--quiet"])
+    assert code == 1
+    assert [int(r[0]) for r in read_predictions(out)] == [0, 1, 2, 3, 4]
+    with open(out / "errors.csv", newline="") as f:
+        errors = {int(e["row_number_per_file"]): e["error"] for e in csv.DictReader(f)}
+    assert sorted(errors) == [5, 6, 7, 8, 9, 10, 11]
+    want = {5: ("image", "no such file"), 6: ("image", "not an image"), 7: ("mask_image", "only together with"),
+            8: ("mask_image", "64x64"), 9: ("strength", "(0, 1]"), 10: ("strength", "only together with"),
+            11: ("lora", "speckle")}
+    for n, (column, words) in want.items():
+        # one line naming the parameter, what is allowed, and where: the file, the row and the column
+        assert errors[n].startswith(f"{column}:") and words in errors[n], errors[n]
+        if n != 11:  # 11 fails when it runs (the engine's LoRA names); the others when the CSV is read
+            assert f"rows.csv row {n}, column '{column}'" in errors[n], errors[n]
+    err = capsys.readouterr().err
+    assert "7 failed" in err
+    png = {n: np.asarray(Image.open(out / f"rows-{n}.png"), np.int16) for n in range(5)}
+    assert np.abs(png[1] - png[2]).max() <= 2  # a path and base64 of the same image: the same image-to-image
+
+    from fastsd import load_model, optimize
+    engine = optimize(load_model("fastsd-shapes"))
+    kw = dict(num_inference_steps=8, progress=False)
+    ref = {1: engine.generate(rows[1][0], image=image, strength=0.75, seed=5, **kw).images[0],
+           3: engine.generate(rows[3][0], image=image, mask_image=mask, seed=6, **kw).images[0],
+           0: engine.generate(rows[0][0], seed=5, **kw).images[0]}
+    for n, im in ref.items():  # each row ran the task its columns asked for, with its seed and strength
+        assert np.abs(png[n] - np.asarray(im, np.int16)).max() <= 2, n
+    assert np.abs(png[4] - png[0]).max() > 10  # the LoRA row was drawn with the adapter fused
+    # inpainting kept the pixels outside the mask close to the input; image-to-image did not have to
+    from fastsd.judge import mask_array, psnr
+    keep = ~mask_array(mask)
+    assert psnr(Image.open(out / "rows-3.png"), image, keep) > psnr(Image.open(out / "rows-1.png"), image, keep)
+
+
+def test_lora_column_without_a_lora_dir_fails_its_row(tmp_path):
+    csv_path = write_csv(tmp_path / "in.csv", ["prompt", "lora"], [["a red circle", ""], ["a red circle", "speckle"]])
+    code = main(["batch", str(csv_path), "--out", str(tmp_path / "out"), *ARGS])
+    assert code == 1 and [r[0] for r in read_predictions(tmp_path / "out")] == ["0"]
+    error = (tmp_path / "out" / "errors.csv").read_text()
+    assert "lora: got 'speckle'" in error and "--lora-dir" in error
+
+
+def test_image_and_lora_rows_through_a_deployment(shapes_deployment, tmp_path):
+    """The same columns sent to a live deployment: images through MII's InpaintingReply, `lora` by name from
+    the deployment's --lora-dir; an adapter it does not have fails that row only."""
+    _, _, b64 = _scene_files(tmp_path / "in" / "pics")
+    rows = [["a blue circle on a blue background", "5", b64, "", "0.75", ""],
+            ["a yellow square on a blue background", "6", "pics/circle.png", "pics/corner.png", "", ""],
+            ["a blue circle on a red background", "5", "", "", "", "speckle:1.0"],
+            ["a blue circle on a red background", "5", "", "", "", "nope"]]
+    csv_path = write_csv(tmp_path / "in" / "rows.csv", IMAGE_HEADER, rows)
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    proc = subprocess.run([sys.executable, "-m", "fastsd.cli", "batch", str(csv_path), "--out", str(remote),
+                           "--deployment", shapes_deployment["name"], "--steps", "8"],
+                          env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1, proc.stderr
+    assert [int(r[0]) for r in read_predictions(remote)] == [0, 1, 2]
+    error = (remote / "errors.csv").read_text()
+    assert "INVALID_ARGUMENT" in error and "lora" in error and "speckle" in error, error
+    write_csv(tmp_path / "in" / "local.csv", IMAGE_HEADER, rows[:3])
+    assert main(["batch", str(tmp_path / "in" / "local.csv"), "--out", str(local), "--model", "fastsd-shapes",
+                 "--steps", "8", "--lora-dir", shapes_deployment["lora_dir"], "--quiet"]) == 0
+    for n in range(3):  # the deployment drew what the local engine draws from the same row
+        a = np.asarray(Image.open(remote / f"rows-{n}.png"), np.int16)
+        b = np.asarray(Image.open(local / f"local-{n}.png"), np.int16)
+        assert np.abs(a - b).max() <= 2, n

@@ -6,6 +6,7 @@ import shutil
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -77,6 +78,74 @@ def test_api_bad_value_is_a_readable_error_and_the_page_goes_on(api):
     assert "prompt" in str(e.value)
     gallery, _, _ = api.predict(prompt=PROMPT, steps=2, seed=1, api_name="/generate")
     assert len(gallery) == 1
+
+
+# -- image-to-image, inpainting and LoRA through the API endpoint ------------------------------------------
+def _scene(tmp_path):
+    """A red circle in the bottom right on blue, and a mask of that quarter (white = repaint), as PNG files."""
+    from PIL import ImageDraw
+    image = Image.new("RGB", (64, 64), (30, 70, 225))
+    ImageDraw.Draw(image).ellipse([36, 36, 60, 60], fill=(220, 30, 30))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (32, 32, 64, 64))
+    image.save(tmp_path / "circle.png")
+    mask.save(tmp_path / "corner.png")
+    return image, mask
+
+
+def test_api_names_the_task_inputs(api):
+    params = [p["parameter_name"] for p in
+              api.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate"]["parameters"]]
+    assert params[9:] == ["image", "mask_image", "strength", "lora", "lora_scale"]
+
+
+def test_api_image_to_image_recolours_the_uploaded_shape(api, tmp_path):
+    from gradio_client import handle_file
+    _scene(tmp_path)
+    prompt = "a yellow circle on a blue background"
+    gallery, info, _ = api.predict(prompt=prompt, steps=25, seed=0, image=handle_file(str(tmp_path / "circle.png")),
+                                   strength=0.8, api_name="/generate")
+    image = image_of(gallery[0])
+    assert "image-to-image (strength 0.8)" in info and image.size == (64, 64)
+    verdict = judge(image, prompt)
+    assert verdict.ok, verdict
+
+
+def test_api_inpainting_repaints_the_masked_corner_only(api, tmp_path):
+    from gradio_client import handle_file
+
+    from fastsd.judge import judge_region
+    source, mask = _scene(tmp_path)
+    prompt = "a yellow square in the bottom right on a blue background"
+    gallery, info, _ = api.predict(prompt=prompt, steps=25, guidance=12, seed=0, strength=0.9,
+                                   image=handle_file(str(tmp_path / "circle.png")),
+                                   mask_image=handle_file(str(tmp_path / "corner.png")), api_name="/generate")
+    assert "inpainting (strength 0.9)" in info
+    verdict = judge_region(image_of(gallery[0]), prompt, mask, source)
+    assert verdict.ok, verdict  # yellow in the mask, and the rest within judge.KEPT_PSNR_DB of the input
+
+
+def test_api_mask_without_image_and_unknown_lora_are_readable_errors(api, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+    _scene(tmp_path)
+    with pytest.raises(AppError, match="mask_image"):
+        api.predict(prompt=PROMPT, steps=2, mask_image=handle_file(str(tmp_path / "corner.png")), api_name="/generate")
+    with pytest.raises(AppError) as e:
+        api.predict(prompt=PROMPT, steps=2, lora="nope", api_name="/generate")
+    assert "lora" in str(e.value) and "speckle" in str(e.value)  # the names the deployment offers
+
+
+def test_api_lora_picker_offers_and_applies_the_deployments_adapters(api):
+    info = api.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate"]["parameters"]
+    lora = next(p for p in info if p["parameter_name"] == "lora")
+    assert "speckle" in str(lora["python_type"]) or "speckle" in str(lora)  # the dropdown's choices
+    plain, _, _ = api.predict(prompt=PROMPT, steps=4, seed=3, api_name="/generate")
+    adapted, info_text, _ = api.predict(prompt=PROMPT, steps=4, seed=3, lora="speckle", lora_scale=1.0,
+                                        api_name="/generate")
+    assert "LoRA speckle:1" in info_text
+    a, b = (np.asarray(image_of(g[0]), np.int16) for g in (plain, adapted))
+    assert np.abs(a - b).max() > 10
 
 
 # -- a real browser ------------------------------------------------------------------------------------
@@ -169,3 +238,24 @@ def test_browser_shows_a_bad_size_and_still_generates(browser, page):
     browser.find_element(By.CSS_SELECTOR, "#generate").click()
     _wait(browser, lambda d: "seed 3" in _result_text(d) and d.find_elements(By.CSS_SELECTOR, "#gallery img"))
     assert _gallery_image(browser, page).size == (64, 64)
+
+
+def test_browser_image_to_image_from_an_uploaded_file(browser, page, tmp_path):
+    """Upload a drawn red circle under "image-to-image and inpainting", ask for a yellow one, judge the result."""
+    from selenium.webdriver.common.by import By
+    _scene(tmp_path)
+    _open(browser, page)
+    browser.find_element(By.XPATH, "//*[@id='image_inputs']//button[contains(., 'image-to-image')]").click()
+    upload = _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#image input[type=file]"), 30)[0]
+    upload.send_keys(str(tmp_path / "circle.png"))
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#image img"), 60)  # the upload is shown
+    prompt = "a yellow circle on a blue background"
+    browser.find_element(By.CSS_SELECTOR, "#prompt textarea").send_keys(prompt)
+    _set(browser, "#steps input[type=number]", 25)
+    _set(browser, "#seed input", 0)
+    browser.find_element(By.CSS_SELECTOR, "#generate").click()
+    _wait(browser, lambda d: "image-to-image" in _result_text(d) and d.find_elements(By.CSS_SELECTOR, "#gallery img"))
+    OUT.mkdir(exist_ok=True)
+    browser.save_screenshot(str(OUT / "ui-page-img2img.png"))
+    verdict = judge(_gallery_image(browser, page), prompt)
+    assert verdict.ok, f"{verdict} (screenshot: {OUT / 'ui-page-img2img.png'})"

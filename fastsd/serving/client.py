@@ -72,14 +72,17 @@ def deployment_info(name: str) -> DeploymentInfo:
                           lora_dir=spec.get("lora_dir"))
 
 
-def image_request(prompts: list[str], negatives: list[str] | None, image: bytes, mask_image: bytes | None) -> dict:
-    """The query dict MII's client sends through the InpaintingReply RPC (a `NAME-inpaint` handle): one
-    encoded image (and mask) for every prompt. Without a mask it is image-to-image: MII's client needs the
-    key, so an empty list."""
-    if not isinstance(image, (bytes, bytearray)) or (mask_image is not None and not isinstance(mask_image, (bytes, bytearray))):
+def image_request(prompts: list[str], negatives: list[str] | None, image, mask_image) -> dict:
+    """The query dict MII's client sends through the InpaintingReply RPC (a `NAME-inpaint` handle): encoded
+    image bytes (and mask), one for every prompt or one per prompt. Without a mask it is image-to-image:
+    MII's client needs the key, so an empty list."""
+    def as_list(x):
+        return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
+    images, masks = as_list(image), as_list(mask_image)
+    if not all(isinstance(b, (bytes, bytearray)) for b in images + masks):
         raise TypeError("image and mask_image: encoded image bytes (PNG, JPEG or WebP)")  # MII packs bytes as they are
     return {"prompt": list(prompts), "negative_prompt": list(negatives) if negatives else [""] * len(prompts),
-            "image": [bytes(image)], "mask_image": [bytes(mask_image)] if mask_image is not None else []}
+            "image": [bytes(b) for b in images], "mask_image": [bytes(b) for b in masks]}
 
 
 class DeploymentClient:
@@ -116,9 +119,8 @@ class DeploymentClient:
         if mask_image and not image:
             raise ServingError("mask_image: a mask only together with an image")
         handle = self._handle(images=bool(image))
-        request = {"prompt": list(prompts), "negative_prompt": list(negatives) if negatives else [""] * len(prompts)}
-        if image:
-            request.update(image=list(image), mask_image=list(mask_image or []))
+        request = (image_request(prompts, negatives, image, mask_image) if image else
+                   {"prompt": list(prompts), "negative_prompt": list(negatives) if negatives else [""] * len(prompts)})
         kw = {k: v for k, v in kwargs.items() if v is not None}
         try:
             return self._local.loop.run_until_complete(

@@ -59,7 +59,6 @@ def shapes_deployment(tmp_path_factory, shapes_lora_dir):
     """One live deployment of the embedded fastsd-shapes model with its web page (`fastsd serve --ui-port`),
     shared by the web page and batch tests (each serving process costs ~350 MB and seconds of imports).
     Its --lora-dir offers one adapter, `speckle` (shapes_lora_dir)."""
-    import signal
     import subprocess
     import sys
     pytest.importorskip("mii")  # the serving extra
@@ -88,16 +87,10 @@ def shapes_deployment(tmp_path_factory, shapes_lora_dir):
             raise AssertionError(f"fastsd serve failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         yield info
     finally:
-        state = common.read_json(info["dir"] / "state.json") or {}
-        pids = [state.get("supervisor_pid")] + [c.get("pid") for c in state.get("children", {}).values()]
+        from deployment_cleanup import end_deployment
         try:
-            if any(p and common.is_ours(p, info["dir"]) for p in pids):
-                from fastsd.serving.deploy import stop
-                stop(name, quiet=True)
+            end_deployment(name, info["dir"])  # never leave a server behind, whatever happened
         finally:
-            for p in pids:  # never leave a server behind, whatever happened
-                if p and common.is_ours(p, info["dir"]):
-                    os.kill(p, signal.SIGKILL)
             if old is None:
                 os.environ.pop("MII_CACHE_PATH", None)
             else:

@@ -9,7 +9,6 @@ import base64
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from fastsd.serving import common  # noqa: E402
+from deployment_cleanup import end_deployment  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 STEPS = 6
@@ -107,16 +107,9 @@ def deployment(tmp_path_factory, image_server):
         assert proc.returncode == 0, proc.stdout + proc.stderr
         yield info
     finally:
-        state = common.read_json(info["dir"] / "state.json") or {}
-        pids = [state.get("supervisor_pid")] + [c.get("pid") for c in state.get("children", {}).values()]
         try:
-            if any(p and common.is_ours(p, info["dir"]) for p in pids):
-                from fastsd.serving.deploy import stop
-                stop(name, quiet=True)
+            end_deployment(name, info["dir"])
         finally:
-            for p in pids:
-                if p and common.is_ours(p, info["dir"]):
-                    os.kill(p, signal.SIGKILL)
             if old is None:
                 os.environ.pop("MII_CACHE_PATH", None)
             else:

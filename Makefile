@@ -32,8 +32,16 @@ browser:
 	    || echo "chromium not installed: the browser tests will skip"; \
 	fi
 
+# The tests run as on a machine that never ran fastsd: a new, empty HOME and cache folders for Triton,
+# torch.compile (Inductor), MII deployments, OpenVINO/ONNX exports and the hub (removed afterwards), so a
+# warm cache on this machine can never hide a failure.
+FRESH = T=$$(mktemp -d "$${TMPDIR:-/tmp}/fastsd-fresh.XXXXXX") && trap 'rm -rf "$$T"' EXIT && \
+	export HOME=$$T/home XDG_CACHE_HOME=$$T/home/.cache TRITON_CACHE_DIR=$$T/triton \
+	TORCHINDUCTOR_CACHE_DIR=$$T/inductor MII_CACHE_PATH=$$T/mii FASTSD_OPENVINO_CACHE=$$T/openvino && \
+	mkdir -p $$HOME
+
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q
+	$(FRESH) && $(BIN)/python -m pytest -q
 
 # The multi-host test (network namespaces, an sshd per namespace) needs root and sshd: installed here
 # when this is a Debian-like machine run as root; elsewhere the test skips and says why.
@@ -42,7 +50,7 @@ netns-deps:
 		&& apt-get install -y -q openssh-server >/dev/null; } || echo "sshd missing: the multi-host test will skip"
 
 test-slow: $(STAMP) netns-deps
-	$(BIN)/python -m pytest -q -m slow
+	$(FRESH) && $(BIN)/python -m pytest -q -m slow
 
 clean:
 	rm -rf $(VENV) out

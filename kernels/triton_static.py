@@ -7,8 +7,12 @@ limit, at each head dim and dtype, this compiles the kernel for that architectur
 the ptxas in its wheel; no GPU, no CUDA driver), reads the shared memory from the compiled kernel's
 metadata and the per-thread stack (spilled registers) from `cuobjdump --dump-resource-usage`, and fails
 when a kept config needs more shared memory than its architecture allows or than the table says, or
-spills. Under TRITON_INTERPRET=1 it compiles a GPU kernel from the interpreted kernel's source. Compiles
-take 3-30 s each on one CPU core; Triton caches them (~/.triton/cache), so reruns are fast.
+spills. Compiles take 3-30 s each on one CPU core; Triton caches them (TRITON_CACHE_DIR, else
+~/.triton/cache), so reruns are fast.
+
+Called from a process whose Triton runs in interpreter mode (TRITON_INTERPRET=1, as the tests set it),
+`check` compiles in a child process without it: the interpreter patches `triton.language` process-wide,
+and a GPU compile inside that patching fails on a cold cache (a warm cache used to hide it).
 """
 from __future__ import annotations
 
@@ -70,12 +74,11 @@ def compile_attention(arch: int, dtype: str, block_d: int, config: tuple, precis
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from triton.runtime.jit import JITFunction
-
     from . import triton_attention_kernel as kernel
     fn = kernel._attn_fwd
-    if kernel.INTERPRETED:  # imported under TRITON_INTERPRET=1 (the tests): build a GPU kernel from its source
-        fn = JITFunction(fn.fn)
+    if kernel.INTERPRETED:
+        raise RuntimeError("compile_attention needs Triton's compiler, not its interpreter: run it in a process "
+                           "without TRITON_INTERPRET=1 (check() does that itself)")
     bm, bn, warps, stages = config
     ptr = "*" + dtype
     consts = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": block_d, "DOT_FP32": dtype == "fp32",
@@ -88,7 +91,34 @@ def compile_attention(arch: int, dtype: str, block_d: int, config: tuple, precis
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
 
 
+def _interpreting() -> bool:
+    from . import triton_attention_kernel as kernel
+    return kernel.INTERPRETED
+
+
+def _check_in_child(archs, head_dims, dtypes, echo) -> list[Compiled]:
+    """Run `main --json` in a fresh interpreter with TRITON_INTERPRET unset; rows stream back as JSON lines."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "fastsd.kernels.triton_static", "--json",
+           "--arch", *map(str, archs), "--head-dim", *map(str, head_dims), "--dtype", *dtypes]
+    rows = []
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        for line in proc.stdout:
+            if line.startswith("{"):
+                d = json.loads(line)
+                row = Compiled(**{**d, "config": tuple(d["config"])})
+                rows.append(row)
+                if echo:
+                    echo(row)
+        err = proc.stderr.read()
+    if proc.returncode not in (0, 1):  # 1: configs compiled, some failed (their rows say why)
+        raise RuntimeError(f"triton_static child process failed (exit {proc.returncode}): {err[-2000:]}")
+    return rows
+
+
 def check(archs=ARCHS, head_dims=HEAD_DIMS, dtypes=DTYPES, echo=None) -> list[Compiled]:
+    if _interpreting():
+        return _check_in_child(archs, head_dims, dtypes, echo)
     rows = []
     for arch in archs:
         limit = ARCH_SMEM_LIMIT[arch]

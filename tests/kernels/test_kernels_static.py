@@ -24,11 +24,15 @@ def _expected(archs, head_dims, dtypes):
     return n
 
 
-def test_head_dim_160_fp16_configs_fit_an_rtx_30xx_without_spilling():
-    """The smallest shared memory of the three (sm86: 99 KB) at the largest head dim (SD 1.x's 160)."""
+def test_head_dim_160_fp16_configs_fit_an_rtx_30xx_without_spilling(tmp_path, monkeypatch):
+    """The smallest shared memory of the three (sm86: 99 KB) at the largest head dim (SD 1.x's 160).
+    With an empty Triton cache, so every config really compiles (a warm cache once hid a failure)."""
     from fastsd.kernels.triton_static import check
 
+    cache = tmp_path / "triton-cache"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache))
     rows = check([86], [160], ["fp16"])
+    assert any(cache.rglob("*.cubin")), "nothing was compiled into the empty cache"
     assert len(rows) == _expected([86], [160], ["fp16"]) >= 1
     for r in rows:
         assert r.shared <= r.limit and r.shared <= r.listed_shared and r.spill_bytes == 0 and not r.problem, r

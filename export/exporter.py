@@ -170,8 +170,8 @@ def _versions() -> dict:
     import onnx
     import onnxruntime
     import transformers
-    import fastsd
-    return {"fastsd": fastsd.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
+    from importlib.metadata import version
+    return {"fastsd": version("fastsd"), "torch": torch.__version__, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__, "diffusers": diffusers.__version__,
             "transformers": transformers.__version__}
 

@@ -122,7 +122,7 @@ def load_onnx_model(folder):
     """An SDModel over an ONNX export folder (fastsd's, or Optimum's): tokenizer and scheduler loaded;
     text_encoder, unet and vae replaced by OnnxGraph objects carrying `.config` and the graph paths
     (model.extra["onnx"]); no torch weights. The onnxruntime backend runs it."""
-    from fastsd.loading import SDModel
+    from fastsd.model import SDModel
     spec = str(folder)
     path = Path(spec).expanduser()
     hint = "write one with `fastsd export --model MODEL --out DIR`"

@@ -16,7 +16,8 @@ _logging.getLogger("diffusers.models.modeling_utils").addFilter(_DropNoise())
 
 from .engine import Engine, GenerationResult  # noqa: E402
 from .errors import FastSDError, InvalidParameter, ModelLoadError  # noqa: E402
-from .loading import SDModel, load_model  # noqa: E402
+from .loading import load_model  # noqa: E402
+from .model import SDModel  # noqa: E402
 from .optimize import OptimizeConfig, optimize  # noqa: E402  (binds the function over the submodule)
 from .accelerate import accelerate, restore  # noqa: E402  (the drop-in for diffusers pipelines)
 from .pipeline_verify import verify_pipeline  # noqa: E402

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTextModel, CLIPVisionConfig
 
 from .errors import ModelLoadError
+from .model import SDModel
 from .presets import CHECKPOINT_SUFFIXES, PRESETS, Preset, check_config, get_preset
 from .schedulers import make_scheduler
 from .tokenizer import byte_level_clip_tokenizer
@@ -21,54 +20,6 @@ from .tokenizer import byte_level_clip_tokenizer
 log = logging.getLogger("fastsd")
 
 PACKAGED_MODELS = Path(__file__).parent / "models"
-
-
-@dataclass
-class SDModel:
-    """The components of one Stable Diffusion model, as diffusers and transformers objects."""
-    name: str
-    source: str  # "random" | "hub" | "folder" | "single-file"
-    tokenizer: object
-    text_encoder: CLIPTextModel
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
-    scheduler: SchedulerMixin
-    safety_checker: StableDiffusionSafetyChecker | None = None
-    feature_extractor: CLIPImageProcessor | None = None
-    preset: Preset | None = None
-    path: Path | None = None  # the folder it came from, when it came from one
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def native_size(self) -> int:
-        if self.preset is not None:
-            return self.preset.size
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    def components(self) -> dict[str, torch.nn.Module]:
-        parts = {"text_encoder": self.text_encoder, "unet": self.unet, "vae": self.vae}
-        if self.safety_checker is not None:
-            parts["safety_checker"] = self.safety_checker
-        return parts
-
-    def parameter_counts(self) -> dict[str, int]:
-        return {k: sum(p.numel() for p in m.parameters()) for k, m in self.components().items()}
-
-    def to_pipeline(self, with_safety_checker: bool = True, task: str = "text2img"):
-        """diffusers' own pipeline over these very modules (the FP32 reference): StableDiffusionPipeline, or
-        for task img2img / inpaint StableDiffusionImg2ImgPipeline / StableDiffusionInpaintPipeline."""
-        import diffusers
-        cls = {"text2img": diffusers.StableDiffusionPipeline, "img2img": diffusers.StableDiffusionImg2ImgPipeline,
-               "inpaint": diffusers.StableDiffusionInpaintPipeline}[task]
-        sc = self.safety_checker if with_safety_checker else None
-        return cls(
-            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
-            scheduler=self.scheduler, safety_checker=sc, feature_extractor=self.feature_extractor,
-            requires_safety_checker=False)
 
 
 def build_random(preset: Preset, seed: int = 0, with_safety_checker: bool = True) -> SDModel:
@@ -124,20 +75,6 @@ def _load_hub(preset_or_id: str, preset: Preset | None) -> SDModel:
     return _load_folder(Path(folder), preset.name if preset else hub_id, "hub", preset)
 
 
-def is_onnx_export(spec: str) -> bool:
-    """A folder with an ONNX UNet (`fastsd export`'s layout): what --backend openvino runs as it is."""
-    return (Path(spec).expanduser() / "unet" / "model.onnx").is_file()
-
-
-def load_for_backend(backend: str, spec: str, **load_kwargs) -> SDModel:
-    """The model `backend` runs: for onnxruntime, `spec` is an ONNX export folder (`fastsd export`); for
-    openvino, an export folder or any model (exported on the fly); otherwise `load_model(spec, **load_kwargs)`."""
-    if backend == "onnxruntime" or (backend == "openvino" and is_onnx_export(spec)):
-        from fastsd.export import load_onnx_model  # imports onnx tooling only when asked
-        return load_onnx_model(spec)
-    return load_model(spec, **load_kwargs)
-
-
 def load_model(spec: str, *, random_weights: bool = False, seed: int = 0, allow_pickle: bool = False,
                config: str | None = None, safety_checker: bool = True) -> SDModel:
     """Load `spec`: a preset name, a hub id, a local diffusers folder or a single checkpoint file.
@@ -163,7 +100,7 @@ def load_model(spec: str, *, random_weights: bool = False, seed: int = 0, allow_
     elif path.suffix in CHECKPOINT_SUFFIXES:
         if not path.is_file():
             raise ModelLoadError(f"model: checkpoint file {path} does not exist")
-        from .single_file import load_single_file
+        from .single_file import load_single_file  # the LDM key converters load only for a checkpoint file
         model = load_single_file(path, allow_pickle=allow_pickle, config=config)
     elif preset is not None or ("/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1):
         model = _load_hub(spec, preset)

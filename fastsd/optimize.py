@@ -11,7 +11,8 @@ import torch
 from .backends import backend_names, lookup_backend
 from .engine import Engine
 from .errors import InvalidParameter
-from .loading import SDModel, load_model
+from .loading import load_model
+from .model import SDModel
 from .profiles import profile_flags, resolve_device
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

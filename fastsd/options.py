@@ -199,7 +199,7 @@ def check_generation_args(args) -> None:
 
 def load_for(args, backend: str | None = None):
     """The model for `backend` (the engine config's; else --backend, else torch)."""
-    from .loading import load_for_backend
+    from .backends import load_for_backend
     return load_for_backend(backend or args.backend or "torch", args.model, random_weights=args.random_weights,
                             allow_pickle=args.allow_pickle, config=args.config,
                             safety_checker=not args.no_safety_checker)

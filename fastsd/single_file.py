@@ -9,7 +9,10 @@ from pathlib import Path
 import torch
 
 from .errors import ModelLoadError
+from .model import SDModel
 from .presets import PRESETS, get_preset
+from .schedulers import make_scheduler
+from .tokenizer import byte_level_clip_tokenizer
 
 _UNET_PREFIX = "model.diffusion_model."
 _V2_KEY = "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"
@@ -50,9 +53,6 @@ def load_single_file(path: Path, allow_pickle: bool = False, config: str | None 
                                                      convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .loading import SDModel
-    from .schedulers import make_scheduler
-    from .tokenizer import byte_level_clip_tokenizer
     sd = read_state_dict(path, allow_pickle)
     name = config or detect_preset(sd)
     preset = get_preset(name)

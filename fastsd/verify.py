@@ -6,7 +6,7 @@ import copy
 from dataclasses import asdict, replace
 
 from . import validation as check
-from .loading import SDModel
+from .model import SDModel
 from .optimize import OptimizeConfig, optimize
 from .reference import compare, report_dict, run_reference, tolerance_for
 

@@ -57,7 +57,7 @@ class VaeDecoderRunner(_Runner):
 def pipeline_model(pipe):
     """The pipeline's modules as the SDModel the exporter takes. One name for every pipeline class, so that
     the text-to-image, image-to-image and inpainting pipelines over the same weights share one export."""
-    from ..loading import SDModel
+    from ..model import SDModel
     return SDModel("diffusers-pipeline", "pipeline", pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae,
                    pipe.scheduler)
 

@@ -138,7 +138,7 @@ def make_server(servicer, host: str, port: int, workers: int | None = None):
 def build_engine(spec: dict, replica: dict):
     import torch
 
-    from ..loading import load_for_backend
+    from ..backends import load_for_backend
     from ..optimize import OptimizeConfig, optimize
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))

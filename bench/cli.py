@@ -100,7 +100,7 @@ def register(subparsers, parents):
 def settings_from_args(args):
     from fastsd import validation as check
     from fastsd.backends import backend_names
-    from fastsd.backends.modules import module_runner_names
+    from fastsd.backends import module_runner_names
     from fastsd.optimize import DTYPES, OptimizeConfig
     from fastsd.options import lora_refs
     from .harness import ACCELERATE, BASELINE, BenchSettings, ConfigSpec

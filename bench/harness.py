@@ -443,7 +443,7 @@ def onnx_engine_model(model, settings: BenchSettings, dtype: str, height: int, w
     try:
         lookup_backend(backend)
         if backend == "openvino":
-            from fastsd.backends.openvino import import_openvino
+            from fastsd.backends.openvino.backend import import_openvino
             import_openvino()
     except (ImportError, ModelLoadError) as e:  # the module or its package missing
         raise CannotRunHere(f"the {backend} backend is not installed ({type(e).__name__}: {_line(e)})") from None

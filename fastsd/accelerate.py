@@ -28,6 +28,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from . import backends
+from .backends.runners import Refused, extra_inputs
 from .errors import InvalidParameter
 from .optimize import OptimizeConfig, config_from
 
@@ -96,11 +98,7 @@ def accelerate(pipe, config: OptimizeConfig | None = None, *, profile: str | Non
         restore(pipe)
     runners = {}
     if config.backend != "torch":
-        from .backends.modules import lookup_module_runner
-        factory = lookup_module_runner(config.backend)
-        if getattr(factory, "needs_onnx_export", False) and onnx_dir is None:
-            onnx_dir = _export_onnx(pipe, config)
-        runners = factory(pipe, config, onnx_dir=onnx_dir)
+        runners = backends.lookup_module_runner(config.backend)(pipe, config, onnx_dir=onnx_dir)
     state = _take_over(pipe, config, keep_original_weights)
     state.runners = runners
     for name in runners:
@@ -112,19 +110,6 @@ def accelerate(pipe, config: OptimizeConfig | None = None, *, profile: str | Non
         pipe.vae.enable_tiling()
     log.info("fastsd.accelerate %s: %s", type(pipe).__name__, state.describe())
     return pipe
-
-
-def _export_onnx(pipe, config) -> str:
-    """The pipeline's UNet and VAE decoder as ONNX graphs in a temporary folder (checked against torch by
-    the exporter). Imported here, lazily: this front door is the one place that holds a user's in-memory
-    pipeline, and fastsd.export is what writes graphs."""
-    import tempfile
-    from .export import export_onnx
-    from .optimize import as_model
-    folder = tempfile.mkdtemp(prefix="fastsd-accelerate-onnx-")
-    export_onnx(as_model(pipe), folder, dtype=config.dtype, components=("unet", "vae_decoder"))
-    log.info("fastsd.accelerate: exported the UNet and VAE decoder to %s (pass onnx_dir= to reuse it)", folder)
-    return folder
 
 
 def restore(pipe):
@@ -169,9 +154,8 @@ def _config(config, profile, flags, pipe=None) -> OptimizeConfig:
     explicit_backend = "backend" in flags or config is not None
     config = config_from(config, profile, flags, what="accelerate")
     if config.backend != "torch" and not explicit_backend:  # `fast` picks openvino on AMX CPUs
-        from .backends.modules import module_runner_names
         why = None
-        if config.backend not in module_runner_names():
+        if config.backend not in backends.module_runner_names():
             why = "which has no module runner for a diffusers pipeline"
         elif pipe is not None and not _fp32_on_cpu(pipe):
             why = "whose export needs the pipeline's modules in fp32 on the CPU"
@@ -179,9 +163,8 @@ def _config(config, profile, flags, pipe=None) -> OptimizeConfig:
             log.info("accelerate: profile %s picks the %s backend, %s; its torch flags are used instead",
                      profile, config.backend, why)
             config = replace(config, backend="torch")
-    if config.backend != "torch":  # module runners have their own registry (backends/modules.py)
-        from .backends.modules import lookup_module_runner
-        lookup_module_runner(config.backend)
+    if config.backend != "torch":  # the backend's module runners (fastsd/backends/<name>/runners.py)
+        backends.lookup_module_runner(config.backend)
         return replace(replace(config, backend="torch").validated(), backend=config.backend)
     return config.validated()
 
@@ -360,7 +343,6 @@ def _peft_loaded(module) -> bool:
 
 def _unet_fast_path(state: AccelerateState, unet, sample, timestep, args, kwargs):
     """The runner's or the CUDA graph's output for a call they can take, else None (torch runs it)."""
-    from .backends.modules import Refused, extra_inputs
     if args:
         hidden, rest = args[0], args[1:]
         extra = [f"positional argument {i + 4}" for i, a in enumerate(rest) if a is not None]
@@ -396,7 +378,6 @@ def _unet_fast_path(state: AccelerateState, unet, sample, timestep, args, kwargs
 
 
 def _vae_decode(state: AccelerateState, t: _Taken, z, *args, **kwargs):
-    from .backends.modules import Refused
     vae = t.module
     out_dtype = _caller_dtype(z)
     runner = state.runners.get("vae_decoder")

@@ -148,7 +148,7 @@ def _verify_pipelines(args) -> int:
         raise InvalidParameter("controlnet", args.controlnet, "a diffusers ControlNet folder (with config.json)")
     config = optimize_config(args)
     if config.backend == "openvino":  # before the plain runs: what its runners cannot take is a one-line error now
-        from .backends.openvino import check_config
+        from .backends.openvino.backend import check_config
         check_config(config, "fastsd.accelerate with the openvino backend")
     model = load_for(args)
     controlnet = None

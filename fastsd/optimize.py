@@ -89,7 +89,7 @@ class OptimizeConfig:
         if self.calibration_prompts is not None:
             if self.int8 == "off":
                 raise InvalidParameter("calibration_prompts", self.calibration_prompts, "a file only with --int8")
-            from .backends.openvino_int8 import read_prompts
+            from .backends.openvino.int8 import read_prompts
             read_prompts(self.calibration_prompts)
         dev = self.device
         if not (dev == "cpu" or dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit())):

@@ -212,7 +212,7 @@ def test_a_profile_backend_without_a_module_runner_keeps_the_torch_recipe(parts,
     backend the profile picks that has none (here: the registry made to lack openvino) gives the profile's
     torch flags, and says so."""
     from fastsd import profiles
-    from fastsd.backends import modules
+    from fastsd import backends as modules
     monkeypatch.setattr(profiles, "cpu_flags", lambda: frozenset({"amx_bf16", "avx512_bf16"}))
     monkeypatch.setattr(profiles, "backend_installed", lambda name: True)
     monkeypatch.setattr(modules, "module_runner_names", lambda: ["onnxruntime"])

@@ -111,7 +111,7 @@ def test_provider_override_checked(export_dir, monkeypatch):
 def test_device_chooses_providers_checked_against_onnxruntime(export_dir, monkeypatch):
     import onnxruntime as ort
 
-    from fastsd.backends.onnxruntime import choose_providers
+    from fastsd.backends.onnxruntime.backend import choose_providers
     monkeypatch.delenv("FASTSD_ORT_PROVIDERS", raising=False)
     assert choose_providers(ort, "cpu") == ["CPUExecutionProvider"]
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InvalidParameter, ModelLoadError
-from .modules import (UNET_KEYS, VAE_KEYS, Refused, WeightsWatch, check_export_config, check_plain_decode,
-                      export_dtype, plain_unet_timestep, register_module_runner)
-from .openvino import (StaticGraph, cache_root, check_config, compile_properties, export_for_openvino,
-                       import_openvino, inference_precision, native_bf16, run_decoder, run_unet)
+from ...errors import InvalidParameter, ModelLoadError
+from ..runners import (UNET_KEYS, VAE_KEYS, Refused, WeightsWatch, check_export_config, check_plain_decode,
+                       export_dtype, pipeline_model, plain_unet_timestep)
+from .backend import (StaticGraph, cache_root, check_config, compile_properties, export_for_openvino,
+                      import_openvino, inference_precision, native_bf16, run_decoder, run_unet)
 
 COMPONENTS = ("unet", "vae_decoder")
 
@@ -54,16 +54,7 @@ class VaeDecoderRunner(_Runner):
         return self._refusing_shapes(run_decoder, latents).to(latents.device)
 
 
-def pipeline_model(pipe):
-    """The pipeline's modules as the SDModel the exporter takes. One name for every pipeline class, so that
-    the text-to-image, image-to-image and inpainting pipelines over the same weights share one export."""
-    from ..model import SDModel
-    return SDModel("diffusers-pipeline", "pipeline", pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae,
-                   pipe.scheduler)
-
-
-@register_module_runner("openvino")
-def openvino_runners(pipe, config, *, onnx_dir=None) -> dict:
+def module_runners(pipe, config, *, onnx_dir=None) -> dict:
     """{"unet": UNetRunner, "vae_decoder": VaeDecoderRunner}, compiled from the FP32 export in `onnx_dir`,
     or from the pipeline exported now into the OpenVINO cache folder (reused while its weights are the same)."""
     ov = import_openvino()

@@ -16,8 +16,7 @@ import os
 import numpy as np
 import torch
 
-from . import register_backend
-from ..errors import InvalidParameter, ModelLoadError
+from ...errors import InvalidParameter, ModelLoadError
 
 log = logging.getLogger("fastsd")
 
@@ -208,7 +207,6 @@ class _Graph:
             raise
 
 
-@register_backend("onnxruntime")
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
@@ -262,7 +260,7 @@ class OnnxRuntimeBackend:
 
     def lora_weights(self):
         """The weights LoRA sets are fused into (fastsd.lora): the export's initializers, replaced per session."""
-        from .onnxruntime_lora import OnnxLoraWeights, SessionCache
+        from .lora import OnnxLoraWeights, SessionCache
         if self.lora_sessions is None:
             self.lora_sessions = SessionCache(self.LORA_SESSION_SETS)
         return OnnxLoraWeights(self, self.configs)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..lora import LoraError, LoraRef
+from ...lora import LoraError, LoraRef
 
 log = logging.getLogger("fastsd")
 

@@ -93,8 +93,8 @@ def test_providers_for_cuda_1_name_device_1_for_the_backend_and_the_runners(part
     runs on GPU 1, not GPU 0. No GPU is needed to build the lists: the sessions are captured, not opened."""
     from types import SimpleNamespace
 
-    from fastsd.backends import onnxruntime as ort_backend
-    from fastsd.backends import onnxruntime_modules
+    from fastsd.backends.onnxruntime import backend as ort_backend
+    from fastsd.backends.onnxruntime import runners as ort_runners
     cuda, cpu = "CUDAExecutionProvider", "CPUExecutionProvider"
     names, options = ort_backend.session_providers([ort_backend.TRT, cuda, cpu], "unet", "cuda:1",
                                                    export_dtype="fp32")
@@ -108,10 +108,10 @@ def test_providers_for_cuda_1_name_device_1_for_the_backend_and_the_runners(part
         def __init__(self, ort, name, path, providers, provider_options, threads):
             opened.append((name, providers, provider_options))
             self.path, self.providers = path, providers
-    monkeypatch.setattr(onnxruntime_modules, "choose_providers", lambda ort, device: [cuda, cpu])
-    monkeypatch.setattr(onnxruntime_modules, "_Graph", Captured)
+    monkeypatch.setattr(ort_runners, "choose_providers", lambda ort, device: [cuda, cpu])
+    monkeypatch.setattr(ort_runners, "_Graph", Captured)
     pipe = make_pipe(parts, "txt2img")
-    runners = onnxruntime_modules.onnxruntime_runners(pipe, SimpleNamespace(dtype="fp32", device="cuda:1"),
+    runners = ort_runners.module_runners(pipe, SimpleNamespace(dtype="fp32", device="cuda:1"),
                                                       onnx_dir=onnx_dir)
     assert set(runners) == {"unet", "vae_decoder"}
     assert opened == [(comp, [cuda, cpu], [{"device_id": "1"}, {}]) for comp in ("unet", "vae_decoder")]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import InvalidParameter, ModelLoadError
+from ...errors import InvalidParameter, ModelLoadError
 
 log = logging.getLogger("fastsd")
 

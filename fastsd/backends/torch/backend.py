@@ -5,12 +5,10 @@ import logging
 
 import torch
 
-from . import register_backend
 
 log = logging.getLogger("fastsd")
 
 
-@register_backend("torch")
 class TorchBackend:
     name = "torch"
 
@@ -43,7 +41,7 @@ class TorchBackend:
         self.graphs = self._cuda_graphs() if config.cuda_graphs else None
         self.step_cache = None
         if config.cache_interval > 1:
-            from ..step_cache import StepCache
+            from ...step_cache import StepCache
             self.step_cache = StepCache(self.unet_module, config.cache_interval)
             self.applied.append(f"step_cache(interval {config.cache_interval})")
         self.memory_switches = (config.attention_slicing, config.vae_tiling)
@@ -112,12 +110,12 @@ class TorchBackend:
 
     def lora_weights(self):
         """The weights LoRA sets are fused into (fastsd.lora): UNet and text encoder, written in place."""
-        from ..lora import ModuleWeights
+        from ...lora import ModuleWeights
         return ModuleWeights({"unet": getattr(self.unet_module, "_orig_mod", self.unet_module),
                               "text_encoder": self.text_encoder}, check_write=self._check_weights_writable)
 
     def _check_weights_writable(self, names) -> None:
-        from ..lora import LoraError
+        from ...lora import LoraError
         if self.frozen_weights and self.ran and any(n.startswith("unet.") for n in names):
             raise LoraError("lora: this UNet was compiled with weight freezing (--compile on the CPU) and has run, so "
                             "its weights are constants of the compiled graph; set the LoRAs before the first "

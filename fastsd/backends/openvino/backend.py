@@ -22,8 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import register_backend
-from ..errors import InvalidParameter, ModelLoadError
+from ...errors import InvalidParameter, ModelLoadError
 
 log = logging.getLogger("fastsd")
 
@@ -181,7 +180,6 @@ def export_for_openvino(model, components: tuple[str, ...] = ("text_encoder", "u
     return folder
 
 
-@register_backend("openvino")
 class OpenVINOBackend:
     name = "openvino"
 
@@ -225,7 +223,7 @@ class OpenVINOBackend:
         self.int8 = config.int8
         unet_path = paths["unet"]["cpu"]
         if config.int8 != "off":  # NNCF int8 UNet, calibrated once per export and cached (openvino_int8.py)
-            from .openvino_int8 import int8_unet
+            from .int8 import int8_unet
             unet_path = int8_unet(self, model, Path(unet_path), config.calibration_prompts, config.int8)
         self.graphs = {
             # the text encoder stays in f32 as in the torch CPU recipe: cheap, and its error reaches every step

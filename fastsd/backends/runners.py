@@ -1,7 +1,7 @@
 """Module runners: a backend that runs the UNet (or the VAE decoder) of a diffusers pipeline in place of
 its torch module, for `fastsd.accelerate(pipe, backend=...)`.
 
-A runner factory registers under a backend name, is called as `factory(pipe, config, **options)` and
+A runner factory, named in the backend registry (fastsd/backends/__init__.py), is called as `factory(pipe, config, **options)` and
 returns `{"unet": runner, "vae_decoder": runner}` (either may be missing). A runner is called with the
 module's own signature,
 
@@ -10,23 +10,21 @@ module's own signature,
 
 and raises `Refused(reason)` for a call it cannot take (ControlNet residuals, added_cond_kwargs, a shape
 outside its export, ...): the accelerated module then runs that call in torch and logs the reason once.
-`describe()` says what the runner is. ONNX Runtime's runners are in onnxruntime_modules.py, OpenVINO's in
-openvino_modules.py; another backend plugs in with `register_module_runner(name)` and a line in _MODULES.
+`describe()` says what the runner is. ONNX Runtime's runners are in onnxruntime/runners.py, OpenVINO's in
+openvino/runners.py; another backend names its factory in the registry (fastsd.backends.register_backend).
 What every runner over an exported graph checks before a call (the plain inputs only, one timestep, the
 torch module's weights unchanged since the export, an export of this model) is here, shared."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from ..errors import InvalidParameter, ModelLoadError
+from ..model import SDModel
 
-_RUNNERS: dict[str, Callable] = {}
-_MODULES = {"onnxruntime": "fastsd.backends.onnxruntime_modules", "openvino": "fastsd.backends.openvino_modules"}
 # the config entries that fix a graph's architecture: an export of another model is refused up front
 UNET_KEYS = ("in_channels", "out_channels", "cross_attention_dim", "block_out_channels", "sample_size")
 VAE_KEYS = ("latent_channels", "block_out_channels")
@@ -34,27 +32,6 @@ VAE_KEYS = ("latent_channels", "block_out_channels")
 
 class Refused(Exception):
     """This call has an input the runner cannot take; the reason is logged once and torch runs it."""
-
-
-def register_module_runner(name: str):
-    def deco(factory):
-        _RUNNERS[name] = factory
-        return factory
-    return deco
-
-
-def lookup_module_runner(name: str) -> Callable:
-    """The factory registered under `name` (its module imported on first use)."""
-    if name not in _RUNNERS and name in _MODULES:
-        import importlib
-        importlib.import_module(_MODULES[name])
-    if name not in _RUNNERS:
-        raise InvalidParameter("backend", name, ", ".join(["torch", *sorted(set(_MODULES) | set(_RUNNERS))]))
-    return _RUNNERS[name]
-
-
-def module_runner_names() -> list[str]:
-    return sorted(set(_MODULES) | set(_RUNNERS))
 
 
 def extra_inputs(kwargs: dict) -> list[str]:
@@ -129,3 +106,10 @@ def export_dtype(folder: Path) -> str:
     """The dtype an export was written in (fastsd_export.json; fp32 when it does not say)."""
     f = Path(folder) / "fastsd_export.json"
     return json.loads(f.read_text()).get("dtype", "fp32") if f.is_file() else "fp32"
+
+
+def pipeline_model(pipe):
+    """The pipeline's modules as the SDModel the exporter takes. One name for every pipeline class, so that
+    the text-to-image, image-to-image and inpainting pipelines over the same weights share one export."""
+    return SDModel("diffusers-pipeline", "pipeline", pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae,
+                   pipe.scheduler)

@@ -7,16 +7,19 @@ since the export) and runs in torch."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..errors import InvalidParameter, ModelLoadError
-from .modules import (UNET_KEYS, VAE_KEYS, Refused, WeightsWatch, check_export_config, check_plain_decode,
-                      plain_unet_timestep, register_module_runner)
-from .onnxruntime import (GPU_PROVIDERS, _Graph, _import_ort, choose_providers, is_optimized, session_providers,
-                          trt_profiles)
+from ...errors import InvalidParameter, ModelLoadError
+from ..runners import (UNET_KEYS, VAE_KEYS, Refused, WeightsWatch, check_export_config, check_plain_decode,
+                       pipeline_model, plain_unet_timestep)
+from .backend import (GPU_PROVIDERS, _Graph, _import_ort, choose_providers, is_optimized, session_providers,
+                      trt_profiles)
+
+log = logging.getLogger("fastsd")
 
 
 class _Runner:
@@ -59,10 +62,12 @@ class VaeDecoderRunner(_Runner):
         return self._run({"latent_sample": x}, ("latent_sample",)).to(latents.device)
 
 
-@register_module_runner("onnxruntime")
-def onnxruntime_runners(pipe, config, *, onnx_dir) -> dict:
-    """{"unet": UNetRunner, "vae_decoder": VaeDecoderRunner} over the graphs in `onnx_dir`."""
+def module_runners(pipe, config, *, onnx_dir=None) -> dict:
+    """{"unet": UNetRunner, "vae_decoder": VaeDecoderRunner} over the graphs in `onnx_dir`, or, without one,
+    over the pipeline's UNet and VAE decoder exported now to a temporary folder (in `config.dtype`)."""
     ort = _import_ort()
+    if onnx_dir is None:
+        onnx_dir = _export_pipeline(pipe, config)
     folder = Path(onnx_dir)
     info = {}
     if (folder / "fastsd_export.json").is_file():
@@ -91,4 +96,14 @@ def onnxruntime_runners(pipe, config, *, onnx_dir) -> dict:
     return runners
 
 
-onnxruntime_runners.needs_onnx_export = True  # accelerate exports the pipeline when no onnx_dir is given
+
+def _export_pipeline(pipe, config) -> str:
+    """The pipeline's UNet and VAE decoder as ONNX graphs in a temporary folder (checked against torch by
+    the exporter)."""
+    import tempfile
+
+    from fastsd.export import export_onnx  # the exporter imports onnx: only when a pipeline is exported
+    folder = tempfile.mkdtemp(prefix="fastsd-accelerate-onnx-")
+    export_onnx(pipeline_model(pipe), folder, dtype=config.dtype, components=("unet", "vae_decoder"))
+    log.info("fastsd.accelerate: exported the UNet and VAE decoder to %s (pass onnx_dir= to reuse it)", folder)
+    return folder

@@ -1,0 +1,1 @@
+"""The PyTorch backend: diffusers' modules in eager torch (or compiled) with fastsd's kernels."""

@@ -2,9 +2,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS ?= test,onnx,openvino,int8,bench,triton,serving,lora,ui
+EXTRAS ?= test,onnx,openvino,int8,bench,triton,serving,lora,ui,docs
 
-.PHONY: demo test test-slow setup browser clean netns-deps
+.PHONY: demo test test-slow setup browser clean netns-deps docs
 
 # Creates .venv when missing and reuses it when present; reinstalls when the project files change.
 $(STAMP): pyproject.toml constraints.txt
@@ -51,6 +51,11 @@ netns-deps:
 
 test-slow: $(STAMP) netns-deps
 	$(FRESH) && $(BIN)/python -m pytest -q -m slow
+
+# The docs site (mkdocs.yml, docs/): built offline; --strict turns every warning (a broken link, a page
+# missing from the nav) into a failure.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d out/site
 
 clean:
 	rm -rf $(VENV) out

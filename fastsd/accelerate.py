@@ -28,8 +28,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from . import backends
+from . import backends, kernels
 from .backends.runners import Refused, extra_inputs
+from .backends.torch import recipe
 from .errors import InvalidParameter
 from .optimize import OptimizeConfig, config_from
 
@@ -118,7 +119,6 @@ def restore(pipe):
     state = getattr(pipe, STATE, None)
     if state is None:
         return pipe
-    from . import kernels
     for t in state.taken:
         m = t.module
         for name in t.overrides:
@@ -204,12 +204,9 @@ def _device_of(module) -> torch.device:
 
 # -- taking the modules over -----------------------------------------------------------------------------
 def _take_over(pipe, config: OptimizeConfig, keep_originals: bool) -> AccelerateState:
-    from . import kernels
     device = torch.device(config.device)
-    dtype = config.torch_dtype
-    cpu_recipe = device.type == "cpu" and dtype == torch.bfloat16 and config.cpu_recipe
-    text_dtype = torch.float32 if cpu_recipe else dtype
-    vae_dtype = torch.float32 if dtype == torch.float16 and config.upcast_vae else dtype
+    prec = recipe.precision(config, device)
+    dtype, vae_dtype, text_dtype, cpu_recipe = prec.denoiser, prec.vae, prec.text, prec.cpu_recipe
     if config.backend != "torch":  # the runner is what is fast; the torch fallback keeps the weights as given
         dtype = vae_dtype = torch.float32 if config.dtype == "fp32" else dtype
         text_dtype = text_dtype if cpu_recipe else dtype  # the bf16 CPU recipe's fp32 text encoder, as openvino's
@@ -232,20 +229,18 @@ def _take_over(pipe, config: OptimizeConfig, keep_originals: bool) -> Accelerate
 
     denoisers = [t for t in state.taken if t.role in ("unet", "controlnet")]
     vae = next(t for t in state.taken if t.role == "vae")
-    state.attention = kernels.install_attention([t.module for t in denoisers], config.attention, device=device,
-                                                dtype=dtype)
-    kernels.install_attention(vae.module, state.attention, device=device, dtype=vae_dtype)
+    # the same recipe as the engine's torch backend, but for the dtypes worked out above (a runner backend
+    # keeps torch's weights as given); fused QKV is left out: diffusers' LoRA loader targets to_q/to_k/to_v
+    done = recipe.install([t.module for t in denoisers], vae.module, config, device,
+                          recipe.Precision(dtype, vae_dtype, text_dtype, cpu_recipe), fuse_qkv=False)
+    state.attention = done.attention
     state.applied.append(f"attention={state.attention}")
-    if config.fused_ops:
-        # fused QKV is left out: diffusers' LoRA loader targets to_q/to_k/to_v, which fused weights would bypass
-        for t in denoisers:
-            state.applied += [f"{op}({t.role})" for op in kernels.apply_fused_ops(
-                t.module, vae.module if t.role == "unet" else None, device, dtype, fuse_qkv=False)]
-    if config.channels_last or cpu_recipe:
-        converted = denoisers + ([vae] if cpu_recipe else [])
+    for t, ops in zip(denoisers, done.fused):
+        state.applied += [f"{op}({t.role})" for op in ops]
+    if done.channels_last:
+        converted = [t for t in state.taken if any(t.module is m for m in done.channels_last)]
         for t in converted:
             t.channels_last = True
-            t.module.to(memory_format=torch.channels_last)
         state.applied.append(f"channels_last({', '.join(t.role for t in converted)})")
     if cpu_recipe:
         state.applied.append("cpu_recipe(text encoder fp32)")
@@ -406,7 +401,6 @@ def _vae_encode(state: AccelerateState, t: _Taken, x, *args, **kwargs):
 
 def _set_attention_slice(state: AccelerateState, t: _Taken, slice_size):
     """diffusers' slicing installs its SlicedAttnProcessor; put fastsd's back with that slice size."""
-    from . import kernels
     type(t.module).set_attention_slice(t.module, slice_size)
     kernels.install_attention(t.module, state.attention, device=_device_of(t.module), dtype=_dtype_of(t.module))
 

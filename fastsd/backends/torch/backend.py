@@ -5,6 +5,11 @@ import logging
 
 import torch
 
+from fastsd import kernels
+
+from ...lora import LoraError, ModuleWeights
+from ...step_cache import StepCache
+from . import recipe
 
 log = logging.getLogger("fastsd")
 
@@ -14,24 +19,19 @@ class TorchBackend:
 
     def __init__(self, model, config):
         self.device = torch.device(config.device)
-        self.dtype = config.torch_dtype
-        # fp16 VAEs overflow into NaN at SD sizes (diffusers' force_upcast); keep the VAE in fp32 then.
-        self.vae_dtype = torch.float32 if self.dtype == torch.float16 and config.upcast_vae else self.dtype
-        # the CPU recipe (bf16 on the CPU, see OptimizeConfig.cpu_recipe): the text encoder stays in fp32
-        self.cpu_recipe = self.device.type == "cpu" and self.dtype == torch.bfloat16 and config.cpu_recipe
-        self.text_dtype = torch.float32 if self.cpu_recipe else self.dtype
+        prec = recipe.precision(config, self.device)
+        self.dtype, self.vae_dtype, self.text_dtype, self.cpu_recipe = prec.denoiser, prec.vae, prec.text, prec.cpu_recipe
         self.text_encoder = model.text_encoder.to(self.device, self.text_dtype)
         self.unet_module = model.unet.to(self.device, self.dtype)
         self.vae = model.vae.to(self.device, self.vae_dtype)
         if model.safety_checker is not None and config.safety_checker:
             model.safety_checker.to(self.device)
-        self.applied: list[str] = []
-        self.attention = self._install_kernels(config)
-        if config.channels_last or self.cpu_recipe:
-            self.unet_module.to(memory_format=torch.channels_last)
+        done = recipe.install([self.unet_module], self.vae, config, self.device, prec, fuse_qkv=True)
+        self.attention = done.attention
+        self.applied: list[str] = [*done.fused[0]] if done.fused else []
+        if done.channels_last:
             self.applied.append("channels_last")
-        if self.cpu_recipe:  # measured: channels_last makes the bf16 VAE decode ~20% faster on the CPU
-            self.vae.to(memory_format=torch.channels_last)
+        if self.cpu_recipe:
             self.applied.append("cpu_recipe(text encoder fp32, VAE channels_last)")
         self.frozen_weights = False  # compiled with inductor freezing: weights became graph constants
         self.lora_switching = config.lora_switching
@@ -41,14 +41,12 @@ class TorchBackend:
         self.graphs = self._cuda_graphs() if config.cuda_graphs else None
         self.step_cache = None
         if config.cache_interval > 1:
-            from ...step_cache import StepCache
             self.step_cache = StepCache(self.unet_module, config.cache_interval)
             self.applied.append(f"step_cache(interval {config.cache_interval})")
         self.memory_switches = (config.attention_slicing, config.vae_tiling)
         self.memory_plan: tuple[bool | int, bool] = (False, False)  # what is applied now
 
     def _cuda_graphs(self):
-        from fastsd import kernels
         ok, why = kernels.cuda_graphs_available(self.device)
         if not ok:
             log.warning("cuda_graphs off: %s", why)
@@ -59,7 +57,6 @@ class TorchBackend:
     def prepare(self, batch: int, height: int, width: int, guided: bool) -> None:
         """Before a call: attention slicing and VAE tiling as the flags say, or ("auto") as the memory
         estimate for this batch and size says. Changes modules only when the plan changes."""
-        from fastsd import kernels
         if self.step_cache is not None:
             self.step_cache.reset()  # a new generation: its first step runs the whole UNet
         slicing_flag, tiling_flag = self.memory_switches
@@ -95,14 +92,6 @@ class TorchBackend:
         self.unet_module = torch.compile(self.unet_module)
         self.applied.append("compile" + ("(freezing)" if self.device.type == "cpu" else ""))
 
-    def _install_kernels(self, config) -> str:
-        from fastsd import kernels
-        name = kernels.install_attention(self.unet_module, config.attention, device=self.device, dtype=self.dtype)
-        kernels.install_attention(self.vae, name, device=self.device, dtype=self.vae_dtype)
-        if config.fused_ops:
-            self.applied += kernels.apply_fused_ops(self.unet_module, self.vae, self.device, self.dtype)
-        return name
-
     @torch.inference_mode()
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         mask = None  # SD's text encoders take no attention mask (use_attention_mask is unset)
@@ -110,12 +99,10 @@ class TorchBackend:
 
     def lora_weights(self):
         """The weights LoRA sets are fused into (fastsd.lora): UNet and text encoder, written in place."""
-        from ...lora import ModuleWeights
         return ModuleWeights({"unet": getattr(self.unet_module, "_orig_mod", self.unet_module),
                               "text_encoder": self.text_encoder}, check_write=self._check_weights_writable)
 
     def _check_weights_writable(self, names) -> None:
-        from ...lora import LoraError
         if self.frozen_weights and self.ran and any(n.startswith("unet.") for n in names):
             raise LoraError("lora: this UNet was compiled with weight freezing (--compile on the CPU) and has run, so "
                             "its weights are constants of the compiled graph; set the LoRAs before the first "

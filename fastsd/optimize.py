@@ -48,7 +48,7 @@ class OptimizeConfig:
     # Step caching (fastsd/step_cache.py, DeepCache-style): every N-th step runs the whole UNet, the steps
     # between only its shallowest layers over the cached deep feature. 1 = off (every step exact).
     cache_interval: int = 1
-    # int8 UNet (openvino backend, NNCF post-training quantization; fastsd/backends/openvino_int8.py):
+    # int8 UNet (openvino backend, NNCF post-training quantization; fastsd/backends/openvino/int8.py):
     # off | hybrid (int8 convolutions, int8-weight MatMuls) | full; calibrated on `calibration_prompts`
     # (a text file, one prompt a line; None: the shipped default set).
     int8: str = "off"

@@ -208,7 +208,7 @@ def test_without_kept_originals_restore_casts_back(parts):
 
 
 def test_a_profile_backend_without_a_module_runner_keeps_the_torch_recipe(parts, monkeypatch, caplog):
-    """`fast` on AMX picks openvino, which has module runners (tests/backends/test_openvino_modules.py); a
+    """`fast` on AMX picks openvino, which has module runners (tests/backends/test_openvino_runners.py); a
     backend the profile picks that has none (here: the registry made to lack openvino) gives the profile's
     torch flags, and says so."""
     from fastsd import profiles

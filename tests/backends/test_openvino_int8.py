@@ -8,7 +8,7 @@ pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 
 from fastsd import optimize  # noqa: E402
-from fastsd.backends.openvino.backend import int8 as openvino_int8  # noqa: E402
+from fastsd.backends.openvino import int8 as openvino_int8  # noqa: E402
 from fastsd.cli import main  # noqa: E402
 from fastsd.errors import InvalidParameter  # noqa: E402
 from fastsd.export import export_model, load_onnx_model  # noqa: E402

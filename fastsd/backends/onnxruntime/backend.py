@@ -142,7 +142,7 @@ class _Graph:
         self.name, self.path = name, path
         self.spec = (ort, name, path, providers, provider_options, threads)  # to make the same with other weights
         source = path
-        if initializers:  # a LoRA set's fused weights in place of the export's (onnxruntime_lora.py)
+        if initializers:  # a LoRA set's fused weights in place of the export's (lora.py)
             # model_bytes: the graph with those initializers marked external, so that these values replace them
             # before onnxruntime's graph optimizations (which fold weights into new constants); onnxruntime reads
             # the buffers for as long as the session lives, so they stay referenced here
@@ -246,7 +246,7 @@ class OnnxRuntimeBackend:
                                                 optimized=is_optimized(info, comp, p))
             self.graphs[comp] = _Graph(ort, comp, path, providers, opts, threads)
         self.base_graphs = dict(self.graphs)  # the export's own weights; self.graphs runs the active LoRA set
-        self.lora_sessions = None  # onnxruntime_lora.SessionCache, made on the first LoRA set
+        self.lora_sessions = None  # lora.SessionCache, made on the first LoRA set
         # optional, and opened on first use: only image-to-image and inpainting need it
         self._encoder_spec = (ort, paths["vae_encoder"], gpu, config, profiles.get("vae_encoder")) \
             if "vae_encoder" in paths else None
@@ -255,7 +255,7 @@ class OnnxRuntimeBackend:
                         "(CUDA libraries missing?)", ", ".join(p for p in self.providers if p in GPU_PROVIDERS))
         self.ort_version = ort.__version__
 
-    # -- LoRA sets (onnxruntime_lora.py) ------------------------------------------------------------------
+    # -- LoRA sets (lora.py) ------------------------------------------------------------------
     LORA_SESSION_SETS = 2  # LoRA sets whose sessions are kept (each holds its own copy of a UNet's weights)
 
     def lora_weights(self):

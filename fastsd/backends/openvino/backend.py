@@ -222,7 +222,7 @@ class OpenVINOBackend:
         self.paths = paths
         self.int8 = config.int8
         unet_path = paths["unet"]["cpu"]
-        if config.int8 != "off":  # NNCF int8 UNet, calibrated once per export and cached (openvino_int8.py)
+        if config.int8 != "off":  # NNCF int8 UNet, calibrated once per export and cached (int8.py)
             from .int8 import int8_unet
             unet_path = int8_unet(self, model, Path(unet_path), config.calibration_prompts, config.int8)
         self.graphs = {

@@ -20,7 +20,7 @@ from ...errors import InvalidParameter, ModelLoadError
 
 log = logging.getLogger("fastsd")
 
-DEFAULT_PROMPTS_FILE = Path(__file__).resolve().parent.parent / "models" / "calibration_prompts.txt"
+DEFAULT_PROMPTS_FILE = Path(__file__).resolve().parents[2] / "models" / "calibration_prompts.txt"
 CALIBRATION_STEPS = 6  # denoising steps recorded per prompt: early, middle and late noise levels
 # The largest calibration image side: one f32 UNet call of SD at 512 takes seconds on a small CPU, and the
 # activation ranges NNCF collects are per channel, so a smaller image measures them at a fraction of the cost.

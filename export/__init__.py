@@ -15,7 +15,7 @@ from .layout import load_onnx_model, reference_model  # noqa: F401
 
 def __getattr__(name):  # the exporter imports onnx; loaded on first use
     if name in ("export_model", "export_onnx", "ExportOptions"):
-        from . import exporter
+        from . import exporter  # lazy: the exporter imports onnx
         return getattr(exporter, name)
     raise AttributeError(name)
 

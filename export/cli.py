@@ -6,8 +6,8 @@ from pathlib import Path
 
 
 def register(subparsers, parents):
-    from fastsd.options import add_model_source
-    from .graphs import COMPONENTS
+    from fastsd.options import add_model_source  # lazy: torch after parsing
+    from .graphs import COMPONENTS  # lazy: torch after parsing
     p = subparsers.add_parser(
         "export", help="export a model to ONNX graphs for ONNX Runtime and TensorRT",
         description="Write the text encoder, UNet, VAE decoder and VAE encoder of a model as ONNX graphs in the "
@@ -39,8 +39,8 @@ def register(subparsers, parents):
 
 
 def cmd_export(args) -> int:
-    from fastsd.loading import load_model
-    from .exporter import ExportOptions, export_model, prepare_out
+    from fastsd.loading import load_model  # lazy: torch after parsing
+    from .exporter import ExportOptions, export_model, prepare_out  # lazy: torch after parsing
     opts = ExportOptions(components=args.components, opset=args.opset, dtype=args.dtype, static=args.static,
                          batch=args.batch, resolution=args.resolution, optimize=args.optimize,
                          tensorrt=args.tensorrt, overwrite=args.overwrite, progress=not args.quiet).validated()

@@ -23,12 +23,16 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from fastsd import validation
+
 from . import layout, parity
 from .errors import (InvalidParameter, OnnxRuntimeMissing, OutputNotEmpty, ParityError, UnknownComponent,
                      UnsupportedOpset)
 from .graphs import COMPONENTS, ModelDims, Range, Shapes, graph_specs, parse_range, trt_profiles
 from .layout import EXPORT_ENTRIES, EXPORT_INFO, GPU_GRAPH, GRAPH
-from .writer import promote, staging_dir, tensor_bytes, write_failure, write_graph, write_json, write_text
+from .tensorrt import build_engines, build_markdown, require_tensorrt
+from .writer import (EXTERNAL_DATA_THRESHOLD, promote, staging_dir, tensor_bytes, write_failure, write_graph, write_json,
+                     write_text)
 
 log = logging.getLogger("fastsd")
 
@@ -79,19 +83,16 @@ class ExportOptions:
                                    f"{MAX_OPSET}; default {DEFAULT_OPSET})")
         if self.dtype not in DTYPES:
             raise InvalidParameter("dtype", self.dtype, ", ".join(DTYPES))
-        from fastsd.validation import MAX_IMAGES
-        batch = parse_range("batch", self.batch, low=1, high=MAX_IMAGES)
+        batch = parse_range("batch", self.batch, low=1, high=validation.MAX_IMAGES)
         if self.tensorrt:
             if self.optimize:
                 raise InvalidParameter("tensorrt", True, "an export without --optimize (onnxruntime's fused ops are "
                                        "not TensorRT ONNX ops)")
-            from .tensorrt import require_tensorrt
             require_tensorrt()
         _require_onnx()
         return dataclasses.replace(self, components=comps, opset=opset, batch=batch)
 
     def shapes_for(self, model) -> Shapes:
-        from fastsd import validation
         native = model.native_size
         # the UNet halves the latent once per down block: latents must divide by that
         multiple = model.vae_scale_factor * 2 ** (len(model.unet.config.block_out_channels) - 1)
@@ -186,7 +187,7 @@ def _trace(module, inputs: dict, spec, path: Path, opset: int) -> None:
 
 def _export_component(model, comp, spec, dims, shapes, opts, staging: Path) -> dict:
     import onnx
-    from .transforms import optimized, to_fp16
+    from .transforms import optimized, to_fp16  # lazy: onnx only when a graph is written
     threshold = opts.external_data_threshold
     module = spec.module(model)
     inputs = spec.sample_inputs(dims, spec.input_shapes(dims, shapes, "opt"), seed=opts.parity_seed)
@@ -195,7 +196,6 @@ def _export_component(model, comp, spec, dims, shapes, opts, staging: Path) -> d
     _trace(module, inputs, spec, raw / GRAPH, opts.opset)
     proto = onnx.load(str(raw / GRAPH))  # with its external data, if torch wrote any
     shutil.rmtree(raw)
-    from .writer import EXTERNAL_DATA_THRESHOLD
     big = tensor_bytes(proto) >= EXTERNAL_DATA_THRESHOLD
     fp16 = opts.dtype == "fp16"
     files = {}
@@ -317,7 +317,6 @@ def export_model(model, out, options: ExportOptions | None = None, *, source: di
     profiles = trt_profiles(dims, shapes, opts.components)
     write_json(out / "model_index.json", layout.model_index(model, opts.components))
     write_json(out / "trt_profiles.json", profiles)
-    from .tensorrt import build_engines, build_markdown
     write_text(out / "BUILD_TENSORRT.md", build_markdown(profiles, dtype=opts.dtype, static=opts.static,
                                                          optimize=opts.optimize, model_name=model.name))
     engines = None

@@ -122,7 +122,7 @@ def load_onnx_model(folder):
     """An SDModel over an ONNX export folder (fastsd's, or Optimum's): tokenizer and scheduler loaded;
     text_encoder, unet and vae replaced by OnnxGraph objects carrying `.config` and the graph paths
     (model.extra["onnx"]); no torch weights. The onnxruntime backend runs it."""
-    from fastsd.model import SDModel
+    from fastsd.model import SDModel  # lazy: keeps diffusers out of `import fastsd.export`
     spec = str(folder)
     path = Path(spec).expanduser()
     hint = "write one with `fastsd export --model MODEL --out DIR`"
@@ -182,7 +182,7 @@ def reference_model(onnx_model, safety_checker: bool = True):
     """The PyTorch model an export was made from (for `verify`), rebuilt from fastsd_export.json. The export
     has no safety checker graph: the reference's PyTorch checker is lent to `onnx_model` too, so that both
     sides of the comparison are checked alike."""
-    from fastsd.loading import load_model
+    from fastsd.loading import load_model  # lazy: keeps diffusers out of `import fastsd.export`
     info = (onnx_model.extra or {}).get("export") or {}
     src = info.get("model")
     if not src:

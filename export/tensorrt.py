@@ -9,6 +9,7 @@ from pathlib import Path
 from .errors import TensorRTBuildFailed, TensorRTMissing
 from .graphs import graph_specs
 from .layout import GRAPH
+from .writer import write_failure
 
 ENGINE = "model.plan"
 WORKSPACE_BYTES = 8 << 30
@@ -146,7 +147,6 @@ def build_engines(out: Path, profiles: dict, *, static: bool, fp16: bool, progre
             os.replace(tmp, target)
         except OSError as e:
             tmp.unlink(missing_ok=True)
-            from .writer import write_failure
             raise write_failure(e, str(target)) from e
         built[comp] = {"engine": f"{comp}/{ENGINE}", "bytes": target.stat().st_size,
                        "tensorrt": trt.__version__}

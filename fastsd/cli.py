@@ -14,7 +14,7 @@ from pathlib import Path
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
-from .errors import FastSDError  # noqa: E402
+from .errors import FastSDError, InvalidParameter, ModelLoadError  # noqa: E402
 from .options import (OneLineParser, check_generation_args, generation_options, image_options,  # noqa: E402
                       load_for, lora_refs, model_options, optimize_config, output_paths, read_images)
 
@@ -24,7 +24,7 @@ EXTRA_COMMANDS = ["fastsd.export.cli", "fastsd.bench.cli", "fastsd.serving.cli",
 
 # -- commands --------------------------------------------------------------------------------------
 def cmd_generate(args) -> int:
-    from .optimize import optimize
+    from .optimize import optimize  # lazy: torch after parsing
     prompts = args.prompt
     paths = output_paths(args.out, len(prompts) * max(1, args.num_images if isinstance(args.num_images, int) else 1))
     check_generation_args(args)
@@ -32,7 +32,7 @@ def cmd_generate(args) -> int:
     image, mask = read_images(args)
     config = optimize_config(args)
     if args.profile and not args.quiet:
-        from .profiles import device_class, profile_flags
+        from .profiles import device_class, profile_flags  # lazy: torch after parsing
         picked = ", ".join(f"{k}={v}" for k, v in profile_flags(args.profile, config.device).items())
         print(f"profile {args.profile} on {device_class(config.device)}: {picked}", file=sys.stderr)
     engine = optimize(load_for(args, config.backend), config)
@@ -62,7 +62,7 @@ def _judge_for(engine):
     """The shapes judge, for the model it knows how to read (fastsd-shapes)."""
     if engine.model.name != "fastsd-shapes":
         return None
-    from .judge import judge
+    from .judge import judge  # lazy: torch after parsing
 
     def verdict(image, prompt):
         try:
@@ -77,14 +77,13 @@ def _fmt_psnr(v: float | None) -> str:
 
 
 def cmd_verify(args) -> int:
-    from .verify import verify_each, with_intervals
+    from .verify import verify_each, with_intervals  # lazy: torch after parsing
     check_generation_args(args)
     if args.pipeline:  # the drop-in: diffusers' own pipelines, plain and accelerated
         return _verify_pipelines(args)
     loras = lora_refs(args)
     image, mask = read_images(args, own_defaults=True)
     if args.task == "text2img" and image is not None:
-        from .errors import InvalidParameter
         raise InvalidParameter("image", args.image, "--image only with --task img2img or inpaint")
     intervals = _intervals(args.cache_interval)
     args.cache_interval = intervals[0] if intervals else None
@@ -92,7 +91,7 @@ def cmd_verify(args) -> int:
     configs = with_intervals(config, intervals) if len(intervals) > 1 else [config]
     model, engine_model = load_for(args, config.backend), None
     if model.source == "onnx":  # the export runs in the engine; the model it came from is the reference
-        from .export import reference_model
+        from .export import reference_model  # lazy: torch after parsing
         model, engine_model = reference_model(model, safety_checker=not args.no_safety_checker), model
     runs, _ = verify_each(model, configs, prompts=args.prompt or None,
                           negative_prompt=args.negative, num_images_per_prompt=args.num_images,
@@ -129,26 +128,25 @@ def _intervals(text) -> list[int]:
     """--cache-interval for verify: one interval or a comma list, each checked."""
     if text is None:
         return []
-    from .step_cache import check_interval
+    from .step_cache import check_interval  # lazy: torch after parsing
     return [check_interval(t) for t in str(text).split(",")]
 
 
 def _verify_pipelines(args) -> int:
     """verify --pipeline: each kind of diffusers pipeline over the model, plain (the reference), then after
     fastsd.accelerate with the engine flags given, on the same inputs and seed."""
-    from .accelerate import restore
+    from .accelerate import restore  # lazy: torch after parsing
+    # lazy: torch after parsing
     from .pipeline_verify import build_pipeline, check_kinds, sample_inputs, verify_pipeline
     kinds = check_kinds(args.pipeline)
     if args.backend not in (None, "torch", "openvino"):  # openvino's runners export into its cache, once
-        from .errors import InvalidParameter
         raise InvalidParameter("backend", args.backend, "torch or openvino with --pipeline (fastsd.accelerate(pipe, "
                                "backend='onnxruntime') in Python: accelerate exports the pipeline itself)")
     if args.controlnet and not (Path(args.controlnet).expanduser() / "config.json").is_file():
-        from .errors import InvalidParameter
         raise InvalidParameter("controlnet", args.controlnet, "a diffusers ControlNet folder (with config.json)")
     config = optimize_config(args)
     if config.backend == "openvino":  # before the plain runs: what its runners cannot take is a one-line error now
-        from .backends.openvino.backend import check_config
+        from .backends.openvino.backend import check_config  # lazy: torch after parsing
         check_config(config, "fastsd.accelerate with the openvino backend")
     model = load_for(args)
     controlnet = None
@@ -157,8 +155,7 @@ def _verify_pipelines(args) -> int:
         try:
             controlnet = ControlNetModel.from_pretrained(str(Path(args.controlnet).expanduser()), local_files_only=True)
         except (OSError, ValueError) as e:
-            from .errors import ModelLoadError
-            raise ModelLoadError(f"controlnet: cannot load {args.controlnet}: {str(e).splitlines()[0][:200]}") from e
+                raise ModelLoadError(f"controlnet: cannot load {args.controlnet}: {str(e).splitlines()[0][:200]}") from e
     size = args.height or args.width or model.native_size
     prompt = (args.prompt or ["a red circle on a blue background"])[0]
     reports, ok = {}, True
@@ -189,8 +186,8 @@ def _verify_pipelines(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .loading import build_random
-    from .presets import PRESETS
+    from .loading import build_random  # lazy: torch after parsing
+    from .presets import PRESETS  # lazy: torch after parsing
     print(f"{'preset':<12} {'size':>5} {'prediction':<13} {'sched':<6} {'text enc':>9} {'unet':>9} {'vae':>8} "
           f"{'safety':>8}  hub id")
     for p in PRESETS.values():

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from . import tasks
 from . import validation as check
 from .errors import FastSDError, InvalidParameter
+from .lora import LoraSwitcher, as_refs
 from .schedulers import make_scheduler, scheduler_name
 
 log = logging.getLogger("fastsd")
@@ -58,7 +59,6 @@ class Engine:
         """Fuse this LoRA set ([(path, scale), ...] or ["FILE:SCALE", ...]; [] for none) into the weights,
         in place of the current one: the base weights are restored exactly first. Returns the switch's
         figures (fastsd.lora.SwitchStats)."""
-        from .lora import LoraSwitcher, as_refs
         if not hasattr(self.backend, "lora_weights"):
             if not as_refs(loras):
                 return None

@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     """python -m fastsd.lora_files --model fastsd-shapes --rank 4 --out out/random.safetensors [--layout kohya]"""
     import argparse
 
-    from .loading import load_model
+    from .loading import load_model  # lazy: diffusers' model classes only for a model spec
     ap = argparse.ArgumentParser(description="Write a seeded random LoRA file for a model (for trying and timing).")
     ap.add_argument("--model", default="fastsd-shapes")
     ap.add_argument("--random-weights", action="store_true")

@@ -14,6 +14,7 @@ from .errors import InvalidParameter
 from .loading import load_model
 from .model import SDModel
 from .profiles import profile_flags, resolve_device
+from .step_cache import check_interval
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 ATTENTION = ("auto", "sdpa", "math", "triton", "xformers")
@@ -75,7 +76,6 @@ class OptimizeConfig:
         for name in ("attention_slicing", "vae_tiling"):
             if getattr(self, name) not in SWITCH:
                 raise InvalidParameter(name, getattr(self, name), ", ".join(SWITCH))
-        from .step_cache import check_interval
         check_interval(self.cache_interval)
         if self.cache_interval > 1 and (self.backend != "torch" or self.compile or self.cuda_graphs):
             raise InvalidParameter("cache_interval", self.cache_interval, "1 with --backend "
@@ -89,7 +89,7 @@ class OptimizeConfig:
         if self.calibration_prompts is not None:
             if self.int8 == "off":
                 raise InvalidParameter("calibration_prompts", self.calibration_prompts, "a file only with --int8")
-            from .backends.openvino.int8 import read_prompts
+            from .backends.openvino.int8 import read_prompts  # lazy: the openvino backend package only when int8 is asked for
             read_prompts(self.calibration_prompts)
         dev = self.device
         if not (dev == "cpu" or dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit())):

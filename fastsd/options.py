@@ -35,7 +35,7 @@ class Once(argparse.Action):
 
 def add_model_source(g, default: str | None = None) -> None:
     """Where a model comes from (--model, --random-weights, --config, --allow-pickle): every command's."""
-    from .presets import DEFAULT_MODEL
+    from .presets import DEFAULT_MODEL  # lazy: torch after parsing
     default = default or DEFAULT_MODEL
     g.add_argument("--model", "-m", default=default,
                    help=f"preset name, hub id, local diffusers folder or .safetensors file (default: {default})")
@@ -56,7 +56,7 @@ def add_lora_option(g) -> None:
 def lora_refs(args) -> tuple:
     """The --lora set, checked (files exist, scales are numbers, pickles only with --allow-pickle) before any
     model is loaded."""
-    from .lora import PICKLE_SUFFIXES, as_refs
+    from .lora import PICKLE_SUFFIXES, as_refs  # lazy: torch after parsing
     refs = as_refs(getattr(args, "lora", None) or [])
     for r in refs:
         path = Path(r.path).expanduser()
@@ -141,8 +141,8 @@ def image_options(resize: bool = True) -> argparse.ArgumentParser:
 def read_images(args, own_defaults: bool = False):
     """(image, mask) as PIL images from --image/--mask, checked before a model is loaded. own_defaults: the
     command supplies an image itself (verify), so --strength and --resize stand without --image."""
-    from . import tasks
-    from .images import read_file
+    from . import tasks  # lazy: torch after parsing
+    from .images import read_file  # lazy: torch after parsing
     if args.mask and not args.image:
         raise InvalidParameter("mask", args.mask, "a mask only together with --image")
     if args.strength is not None:
@@ -163,11 +163,11 @@ def read_images(args, own_defaults: bool = False):
 
 def optimize_config(args):
     """The engine flags: the profile's (exact unless --profile), then every flag the user gave."""
-    from .optimize import OptimizeConfig
+    from .optimize import OptimizeConfig  # lazy: torch after parsing
     given = {k: getattr(args, k) for k in ("dtype", "attention", "backend", "int8", "calibration_prompts") if getattr(args, k, None) is not None}
     given.update({k: True for k in ("fused_ops", "cuda_graphs", "compile") if getattr(args, k)})
     if getattr(args, "cache_interval", None) is not None:
-        from .step_cache import check_interval
+        from .step_cache import check_interval  # lazy: torch after parsing
         given["cache_interval"] = check_interval(args.cache_interval)
     return OptimizeConfig.from_profile(args.profile or "exact", device=args.device,
                                        safety_checker=not args.no_safety_checker,
@@ -177,9 +177,9 @@ def optimize_config(args):
 
 def check_generation_args(args) -> None:
     """Everything a user can get wrong about a generation, checked before a model is loaded."""
-    from . import validation as check
-    from .presets import check_config
-    from .schedulers import check_scheduler
+    from . import validation as check  # lazy: torch after parsing
+    from .presets import check_config  # lazy: torch after parsing
+    from .schedulers import check_scheduler  # lazy: torch after parsing
     if getattr(args, "config", None) is not None:
         check_config(args.model, args.config)
     for p in getattr(args, "prompt", None) or []:
@@ -199,7 +199,7 @@ def check_generation_args(args) -> None:
 
 def load_for(args, backend: str | None = None):
     """The model for `backend` (the engine config's; else --backend, else torch)."""
-    from .backends import load_for_backend
+    from .backends import load_for_backend  # lazy: torch after parsing
     return load_for_backend(backend or args.backend or "torch", args.model, random_weights=args.random_weights,
                             allow_pickle=args.allow_pickle, config=args.config,
                             safety_checker=not args.no_safety_checker)

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .errors import InvalidParameter
+
 SD_SCHEDULER = dict(  # the scheduler_config.json these checkpoints ship with
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
     skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1, clip_sample=False,
@@ -122,7 +124,6 @@ def check_config(model: str, config: str | None) -> None:
     folder, a hub id, which carry their own) it would be ignored, so it is an error instead."""
     if config is None:
         return
-    from .errors import InvalidParameter
     if get_preset(config) is None:
         raise InvalidParameter("config", config, "a preset name: " + ", ".join(PRESETS))
     if Path(model).suffix not in CHECKPOINT_SUFFIXES:

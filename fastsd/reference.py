@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from .lora import LoraSwitcher, ModuleWeights, read_lora, read_tensors
 from .schedulers import make_scheduler
 
 
@@ -92,7 +93,6 @@ def run_reference(model, prompts: list[str], negatives: list[str], *, num_images
 
 
 def _load_reference_loras(pipe, loras, allow_pickle: bool) -> None:
-    from .lora import LoraSwitcher, ModuleWeights, read_lora, read_tensors
     # fastsd's reader checks layers and shapes first: a LoRA for another model is a one-line error here
     # rather than a page of diffusers' load errors
     check = LoraSwitcher(ModuleWeights({"unet": pipe.unet, "text_encoder": pipe.text_encoder}))

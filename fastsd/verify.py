@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 from dataclasses import asdict, replace
 
+from . import tasks
 from . import validation as check
+from .lora import as_refs
 from .model import SDModel
 from .optimize import OptimizeConfig, optimize
 from .reference import compare, report_dict, run_reference, tolerance_for
@@ -53,8 +55,6 @@ def verify_each(model: SDModel, configs: list[OptimizeConfig], *, prompts=None, 
     """verify() for several configurations (e.g. one per step-caching interval) against one reference run.
     Each engine gets its own copy of the model. Returns ([(report, engine, result) per config], reference
     images)."""
-    from . import tasks
-    from .lora import as_refs
     loras = as_refs(loras)
     if task not in tasks.TASKS:
         raise check.InvalidParameter("task", task, ", ".join(tasks.TASKS))

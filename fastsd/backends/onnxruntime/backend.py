@@ -260,7 +260,7 @@ class OnnxRuntimeBackend:
 
     def lora_weights(self):
         """The weights LoRA sets are fused into (fastsd.lora): the export's initializers, replaced per session."""
-        from .lora import OnnxLoraWeights, SessionCache
+        from .lora import OnnxLoraWeights, SessionCache  # lazy: onnx graph surgery only for a LoRA set
         if self.lora_sessions is None:
             self.lora_sessions = SessionCache(self.LORA_SESSION_SETS)
         return OnnxLoraWeights(self, self.configs)

@@ -166,7 +166,7 @@ def export_for_openvino(model, components: tuple[str, ...] = ("text_encoder", "u
     """The ONNX export of a PyTorch SDModel in the cache folder, written now when it is not there yet or
     lacks one of `components` (the exporter checks every graph against PyTorch before it writes anything)."""
     import json
-    from fastsd.export import export_model
+    from fastsd.export import export_model  # lazy: the exporter (onnx) only for an export
     folder = cache_root() / "exports" / f"{model.name.replace('/', '--')}-{weights_fingerprint(model)}"
     info = folder / "fastsd_export.json"
     if info.is_file():
@@ -189,7 +189,7 @@ class OpenVINOBackend:
         self.converted = None
         paths = (getattr(model, "extra", None) or {}).get("onnx")
         if not paths:  # a PyTorch model: export it once into the cache, then run the graphs
-            from fastsd.export import load_onnx_model
+            from fastsd.export import load_onnx_model  # lazy: the export reader only for a torch model
             # the VAE encoder too: image-to-image and inpainting (a cached export without it is written again)
             folder = export_for_openvino(model, ("text_encoder", "unet", "vae_decoder", "vae_encoder"))
             onnx_model = load_onnx_model(folder)
@@ -223,7 +223,7 @@ class OpenVINOBackend:
         self.int8 = config.int8
         unet_path = paths["unet"]["cpu"]
         if config.int8 != "off":  # NNCF int8 UNet, calibrated once per export and cached (int8.py)
-            from .int8 import int8_unet
+            from .int8 import int8_unet  # lazy: NNCF only for --int8
             unet_path = int8_unet(self, model, Path(unet_path), config.calibration_prompts, config.int8)
         self.graphs = {
             # the text encoder stays in f32 as in the torch CPU recipe: cheap, and its error reaches every step

@@ -40,7 +40,7 @@ from .registry import (
     register_backend,
     unregister_backend,
 )
-from .safety import check_finite
+from .nan_check import check_finite
 
 __all__ = [
     "AUTO_PREFERENCE", "AttentionBackend", "BackendUnavailable", "CUDAGraphRunner", "FastSDAttnProcessor",

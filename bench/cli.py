@@ -8,6 +8,10 @@ from pathlib import Path
 
 from fastsd.errors import InvalidParameter
 
+from .harness import run_bench
+from .report import format_report, write_markdown, write_plot
+from .settings import ACCELERATE, BASELINE, BenchSettings, ConfigSpec
+
 
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in str(text).split(",") if t.strip()]
@@ -103,7 +107,6 @@ def settings_from_args(args):
     from fastsd.backends import module_runner_names
     from fastsd.optimize import DTYPES, OptimizeConfig
     from fastsd.options import lora_refs
-    from .harness import ACCELERATE, BASELINE, BenchSettings, ConfigSpec
 
     backend_items = [item.split(":") for item in _csv(args.backends)]  # "openvino:int8=hybrid": flags for it alone
     backends = [name for name, *_ in backend_items]
@@ -187,7 +190,6 @@ def profile_specs(names: list[str], device: str, existing: list) -> list:
     """A ConfigSpec per profile, as the profile resolves on `device` here; a profile that resolves to a
     configuration already listed adds no second row (the listed one is labelled with it)."""
     from fastsd.profiles import PROFILE_NAMES, profile_flags
-    from .harness import ConfigSpec
     out = []
     for name in names:
         if name not in PROFILE_NAMES:
@@ -237,8 +239,6 @@ def command_line(args) -> str:
 
 
 def cmd_bench(args) -> int:
-    from .harness import run_bench
-    from .report import format_report, write_markdown, write_plot
     for path in (args.json, args.plot, args.markdown):
         if path:
             parent = Path(path).expanduser().resolve().parent

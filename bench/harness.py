@@ -11,481 +11,30 @@ import copy
 import gc
 import math
 import os
+import shutil
 import statistics
 import sys
-import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 
-import numpy as np
 import torch
 
-COMPONENTS = ("text_encoder", "unet_step", "vae_decode", "safety_checker")
-IMAGE_COMPONENTS = ("text_encoder", "vae_encode", "unet_step", "vae_decode", "safety_checker")  # img2img, inpaint
-LABELS = {"text_encoder": "text encoder", "vae_encode": "VAE encode", "unet_step": "UNet step",
-          "vae_decode": "VAE decode", "safety_checker": "safety checker", "end_to_end": "end to end"}
-PIPELINES = {"text2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline",
-             "inpaint": "StableDiffusionInpaintPipeline"}
-
-BASELINE = "diffusers"
-ACCELERATE = "accelerate"  # fastsd.accelerate(pipe): the diffusers pipeline with its modules taken over
-
-
-def components_for(task: str) -> tuple:
-    """What a bench of `task` times: image-to-image and inpainting add the VAE encode."""
-    return COMPONENTS if task == "text2img" else IMAGE_COMPONENTS
-
-
-def dropin_runner(backend: str) -> str | None:
-    """The backend a drop-in configuration runs its UNet and VAE decoder on: "accelerate" -> torch,
-    "accelerate-openvino" -> openvino (its module runners); None for anything else."""
-    if backend == ACCELERATE:
-        return "torch"
-    if backend.startswith(ACCELERATE + "-"):
-        return backend[len(ACCELERATE) + 1:]
-    return None
-
-
-@dataclass(frozen=True)
-class ConfigSpec:
-    """One configuration to measure: the diffusers baseline, or a fastsd backend, dtype and flags."""
-    backend: str  # "diffusers" | a fastsd backend name
-    dtype: str = "fp32"
-    flags: tuple = ()  # extra OptimizeConfig fields, as sorted (name, value) pairs
-    profile: str | None = None  # set when the configuration is what `--profile NAME` picks here
-
-    @property
-    def name(self) -> str:
-        extra = ",".join(f"{k}={v}" for k, v in self.flags)
-        name = f"{self.backend} {self.dtype}" + (f" [{extra}]" if extra else "")
-        return f"profile {self.profile}: {name}" if self.profile else name
-
-    @property
-    def is_baseline(self) -> bool:
-        return self.backend == BASELINE
-
-
-@dataclass
-class BenchSettings:
-    model: str = "tiny"
-    random_weights: bool = False
-    model_config: str | None = None
-    allow_pickle: bool = False
-    device: str = "cpu"
-    attention: str = "auto"
-    configs: list = field(default_factory=list)  # ConfigSpec, baseline first
-    batches: tuple = (1,)
-    height: int | None = None
-    width: int | None = None
-    steps: int = 50
-    repeat: int = 3
-    warmup: int = 1
-    e2e_warmup: int = 0
-    guidance: float = 7.5
-    seed: int = 0
-    scheduler: str | None = None
-    prompt: str = "a red circle on a blue background"
-    negative: str = ""
-    estimate_steps: int = 50
-    safety_checker: bool = True
-    threads: int | None = None
-    onnx_dir: str | None = None
-    progress: bool = True
-    loras: tuple = ()  # fastsd.lora.LoraRef: diffusers loads them (load_lora_weights), fastsd fuses them
-    task: str = "text2img"  # text2img | img2img | inpaint (fastsd.tasks.TASKS)
-    strength: float | None = None  # img2img / inpaint; None: diffusers' default (0.8 / 1.0)
-    task_inputs: dict = field(default_factory=dict)  # set by run_bench: task_inputs() at the bench's size
-
-
-# -- statistics, clocks, memory ---------------------------------------------------------------------
-def summarize(runs: list[float]) -> dict:
-    """median, min and p90 (linear interpolation) of the timed runs, in seconds."""
-    if not runs:
-        return {"runs_s": [], "median_s": None, "min_s": None, "p90_s": None}
-    return {"runs_s": list(runs), "median_s": statistics.median(runs), "min_s": min(runs),
-            "p90_s": float(np.percentile(runs, 90))}
-
-
-def _sync(device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _rss() -> int:
-    import psutil
-    return psutil.Process().memory_info().rss
-
-
-def _vm_hwm() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-class PeakMemory:
-    """Peak memory while a configuration runs: CUDA peak allocation on a GPU, peak resident memory of
-    this process on the CPU (Linux: VmHWM after resetting it through /proc/self/clear_refs; elsewhere a
-    20 ms sampling thread). `start()` after the configuration is built, `stop()` when its runs end."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.method = None
-        self._peak = 0
-        self._stop = threading.Event()
-        self._thread = None
-
-    def start(self):
-        if self.device.type == "cuda":
-            _sync(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.method = "cuda max_memory_allocated"
-            return
-        self._peak = _rss()
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS
-            if _vm_hwm() is not None:
-                self.method = "VmHWM (peak RSS)"
-                return
-        except OSError:
-            pass
-        self.method = "RSS sampled every 20 ms"
-        self._stop.clear()
-
-        def sample():
-            while not self._stop.wait(0.02):
-                self._peak = max(self._peak, _rss())
-        self._thread = threading.Thread(target=sample, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> int:
-        if self.device.type == "cuda":
-            _sync(self.device)
-            return int(torch.cuda.max_memory_allocated(self.device))
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            self._thread = None
-            return max(self._peak, _rss())
-        return max(_vm_hwm() or 0, _rss())
-
-    def current(self) -> int:
-        if self.device.type == "cuda":
-            return int(torch.cuda.memory_allocated(self.device))
-        return _rss()
-
-
-# -- runners: the same five calls, over diffusers or over a fastsd engine -------------------------------
-class DiffusersRunner:
-    """The baseline: diffusers' StableDiffusionPipeline (or its Img2Img / Inpaint pipeline for --task) in FP32
-    over the model's own modules."""
-    unet_calls_per_timing = 1
-
-    def __init__(self, model, settings: BenchSettings):
-        from fastsd.schedulers import make_scheduler
-        self.device = torch.device(settings.device)
-        self.task = settings.task
-        self.pipe = model.to_pipeline(with_safety_checker=settings.safety_checker, task=settings.task)
-        self.pipe.to(self.device, torch.float32)
-        self.pipe.set_progress_bar_config(disable=True)
-        if settings.scheduler:
-            self.pipe.scheduler = make_scheduler(settings.scheduler, self.pipe.scheduler.config)
-        self.has_safety_checker = self.pipe.safety_checker is not None
-        if settings.loras:  # diffusers' own way: PEFT layers beside the weights, not fused
-            from fastsd.reference import _load_reference_loras
-            _load_reference_loras(self.pipe, settings.loras, settings.allow_pickle)
-
-    @torch.inference_mode()
-    def text_encoder(self, ids):
-        return self.pipe.text_encoder(ids, attention_mask=None)[0]
-
-    @torch.inference_mode()
-    def vae_encode(self, pixels):
-        return self.pipe.vae.encode(pixels, return_dict=False)[0].parameters
-
-    @torch.inference_mode()
-    def unet_step(self, sample, t, hidden):
-        return self.pipe.unet(sample, t, encoder_hidden_states=hidden, return_dict=False)[0]
-
-    @torch.inference_mode()
-    def vae_decode(self, latents):
-        return self.pipe.vae.decode(latents, return_dict=False)[0]
-
-    @torch.inference_mode()
-    def safety_checker(self, image):
-        return self.pipe.run_safety_checker(image, self.device, torch.float32)
-
-    def end_to_end(self, s: BenchSettings, batch: int, height: int, width: int):
-        final = {}
-
-        def keep(pipe, i, t, kw):
-            final["latents"] = kw["latents"]
-            return kw
-        # image-to-image takes its size from the image (as fastsd.reference runs it); one image per generated
-        # image, so that each is encoded with its own generator as the engine does
-        size = {} if self.task == "img2img" else {"height": height, "width": width}
-        out = self.pipe(s.prompt, negative_prompt=s.negative or None, num_images_per_prompt=batch,
-                        num_inference_steps=s.steps, guidance_scale=s.guidance, **size,
-                        **task_arguments(s, batch), output_type="pil",
-                        generator=[torch.Generator("cpu").manual_seed(s.seed + i) for i in range(batch)],
-                        callback_on_step_end=keep, callback_on_step_end_tensor_inputs=["latents"])
-        return out.images, final["latents"].float().cpu()
-
-    def describe(self) -> dict:
-        return {"backend": "diffusers", "pipeline": PIPELINES[self.task], "device": str(self.device),
-                "dtype": "float32", "attention": "diffusers default (AttnProcessor2_0, SDPA)"}
-
-
-class AccelerateRunner(DiffusersRunner):
-    """The drop-in: diffusers' pipeline, as the baseline builds it, then `fastsd.accelerate(pipe, config)`
-    (with a backend's module runners for "accelerate-<backend>"); every call goes through the pipeline's own
-    modules, the diffusers way."""
-
-    def __init__(self, model, spec: ConfigSpec, settings: BenchSettings, onnx_dir=None):
-        from fastsd.accelerate import accelerate, accelerated
-        from fastsd.optimize import OptimizeConfig
-        super().__init__(model, settings)
-        runner = dropin_runner(spec.backend)
-        self.config = OptimizeConfig(backend=runner, device=settings.device, dtype=spec.dtype,
-                                     attention=settings.attention, **dict(spec.flags))
-        onnx_dir = (settings.onnx_dir or onnx_dir) if runner != "torch" else None
-        accelerate(self.pipe, self.config, onnx_dir=onnx_dir)
-        self.state = accelerated(self.pipe)
-
-    @torch.inference_mode()
-    def safety_checker(self, image):
-        return self.pipe.run_safety_checker(image, self.device, self.pipe.text_encoder.dtype)
-
-    def describe(self) -> dict:
-        d = self.state.describe()
-        out = {"backend": ACCELERATE, "pipeline": type(self.pipe).__name__, "device": d["device"],
-               "dtypes": d["dtypes"], "attention": d["attention"], "applied": d["applied"]}
-        if d["runners"]:
-            out["runners"] = d["runners"]
-        return out
-
-
-class EngineRunner:
-    """A fastsd configuration: `fastsd.optimize(model, OptimizeConfig(...))` and its backend's calls."""
-
-    def __init__(self, model, spec: ConfigSpec, settings: BenchSettings):
-        from fastsd.optimize import OptimizeConfig, optimize
-        config = OptimizeConfig(backend=spec.backend, device=settings.device, dtype=spec.dtype,
-                                attention=settings.attention, safety_checker=settings.safety_checker,
-                                **dict(spec.flags))
-        self.config = config
-        self.engine = optimize(model, config)
-        if settings.loras:
-            self.engine.set_loras(settings.loras, allow_pickle=settings.allow_pickle)
-        self.device = self.engine.backend.device
-        self.has_safety_checker = self.engine.safety_checker is not None
-        # step caching: one timed UNet "step" is a whole cycle (one full call, interval-1 shallow ones),
-        # divided by the interval, so the figure is the mean cost of a step in the loop
-        self.step_cache = getattr(self.engine.backend, "step_cache", None)
-        self.unet_calls_per_timing = self.step_cache.interval if self.step_cache else 1
-
-    def text_encoder(self, ids):
-        return self.engine.backend.encode_text(ids)
-
-    def vae_encode(self, pixels):
-        return self.engine.backend.encode_image(pixels)
-
-    def unet_step(self, sample, t, hidden):
-        if self.step_cache is None:
-            return self.engine.backend.unet(sample, t, hidden)
-        self.step_cache.reset()
-        for _ in range(self.step_cache.interval):
-            out = self.engine.backend.unet(sample, t, hidden)
-        return out
-
-    def vae_decode(self, latents):
-        return self.engine.backend.decode(latents)
-
-    @torch.inference_mode()
-    def safety_checker(self, image):
-        # what Engine.generate does after the decode: a CPU fp32 copy, then the checker
-        return self.engine._safety_check(image.float().cpu().clone())
-
-    def end_to_end(self, s: BenchSettings, batch: int, height: int, width: int):
-        r = self.engine.generate(s.prompt, s.negative or None, num_images_per_prompt=batch,
-                                 num_inference_steps=s.steps, guidance_scale=s.guidance, height=height,
-                                 width=width, seed=[s.seed + i for i in range(batch)], scheduler=s.scheduler,
-                                 progress=False, **task_arguments(s, batch))
-        return r.images, r.latents
-
-    def describe(self) -> dict:
-        return self.engine.describe()
-
-
-# -- inputs ------------------------------------------------------------------------------------------
-def unet_calls(model, steps: int, scheduler: str | None, task: str = "text2img",
-               strength: float | None = None) -> tuple[int, str, object]:
-    """How many UNet calls `steps` denoising steps make (PNDM makes steps + 1; image-to-image and
-    inpainting start later, at the step `strength` picks), the scheduler's name, and the timestep in the
-    middle of the schedule."""
-    from fastsd.schedulers import make_scheduler, scheduler_name
-    from fastsd.tasks import ImageToImage
-    sched = make_scheduler(scheduler, model.scheduler.config) if scheduler else \
-        type(model.scheduler).from_config(model.scheduler.config)
-    sched.set_timesteps(steps)
-    ts = sched.timesteps
-    if task != "text2img":  # the engine's own start step (diffusers' get_timesteps), on this copy of the scheduler
-        ts = ImageToImage(None, strength, 1.0).start_timesteps(sched, steps)
-    return len(ts), scheduler_name(sched), ts[len(ts) // 2]
-
-
-def task_inputs(model, task: str, strength, height: int, width: int) -> dict:
-    """The image task's inputs, the same for every configuration: verify's drawn image (a red disc on blue)
-    and mask (the top-left quarter) at the bench's size, and the strength; {} for text-to-image. A task
-    this model cannot run is an InvalidParameter naming it."""
-    from fastsd import tasks
-    from fastsd.errors import InvalidParameter
-    from fastsd.verify import sample_inputs
-    if task not in tasks.TASKS:
-        raise InvalidParameter("task", task, ", ".join(tasks.TASKS))
-    channels = model.unet.config.in_channels
-    if channels == 9 and task != "inpaint":
-        raise InvalidParameter("task", task, "inpaint: this model has a 9-channel inpainting UNet, which "
-                               "text-to-image and image-to-image pipelines cannot run")
-    if task == "text2img":
-        if strength is not None:
-            raise InvalidParameter("strength", strength, "only with --task img2img or inpaint")
-        return {}
-    image, mask = sample_inputs(task, height, width)
-    strength = tasks.strength_value(strength, task == "inpaint")
-    tasks.check_inputs(image, mask, strength, channels)
-    return {"image": image, "mask_image": mask, "strength": strength}
-
-
-def task_arguments(s: BenchSettings, batch: int) -> dict:
-    """The image / mask / strength arguments of one end-to-end call (both runners take the same), one image
-    per generated image."""
-    if not s.task_inputs:
-        return {}
-    x = s.task_inputs
-    out = {"image": [x["image"]] * batch, "strength": x["strength"]}
-    if x["mask_image"] is not None:
-        out["mask_image"] = [x["mask_image"]] * batch
-    return out
-
-
-def vae_encodes(task: str, nine_channels: bool, strength: float | None, baseline: bool) -> int:
-    """VAE encodes per generation: the image (image-to-image; inpainting on a 4-channel UNet, or below full
-    strength) and the masked image (inpainting: diffusers always encodes it; fastsd only for a 9-channel UNet,
-    the one that reads it)."""
-    if task == "text2img":
-        return 0
-    if task == "img2img":
-        return 1
-    image = 1 if not nine_channels or strength < 1.0 else 0
-    return image + (1 if baseline or nine_channels else 0)
-
-
-def make_inputs(model, s: BenchSettings, batch: int, height: int, width: int, device) -> tuple[dict, dict]:
-    """Seeded inputs of one batch size, the same for every configuration, and their shapes."""
-    cfg = s.guidance > 1.0 and model.unet.config.time_cond_proj_dim is None
-    n_text = 2 * batch if cfg else batch
-    tok = model.tokenizer
-    texts = ([s.negative] * batch if cfg else []) + [s.prompt] * batch
-    ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids
-    g = torch.Generator("cpu").manual_seed(s.seed)
-    f = model.vae_scale_factor
-    lat = (model.unet.config.in_channels, height // f, width // f)
-    _, _, t = unet_calls(model, s.steps, s.scheduler)
-    inputs = {
-        "ids": ids,
-        "sample": torch.randn((n_text, *lat), generator=g),
-        "t": t,
-        "hidden": torch.randn((n_text, ids.shape[1], model.unet.config.cross_attention_dim), generator=g),
-        "latents": torch.randn((batch, model.vae.config.latent_channels, *lat[1:]), generator=g),
-        "image": torch.rand((batch, 3, height, width), generator=g) * 2 - 1,
-    }
-    if s.task_inputs:  # the VAE encoder's input: the task's image, as the pipelines preprocess it, per image
-        pixels = torch.from_numpy(np.asarray(s.task_inputs["image"].convert("RGB"), dtype=np.float32))
-        inputs["pixels"] = (pixels.permute(2, 0, 1) / 127.5 - 1.0).unsqueeze(0).repeat(batch, 1, 1, 1)
-    inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) and k != "t" else v) for k, v in inputs.items()}
-    shapes = {
-        "images_per_call": batch, "guidance_batched": cfg,
-        "text_encoder": {"input_ids": list(ids.shape)},
-        "unet_step": {"sample": list(inputs["sample"].shape), "encoder_hidden_states": list(inputs["hidden"].shape),
-                      "timestep": int(t)},
-        "vae_decode": {"latents": list(inputs["latents"].shape), "image": [batch, 3, height, width]},
-        "safety_checker": {"image": [batch, 3, height, width]},
-        "end_to_end": {"prompts": 1, "images": batch, "steps": s.steps, "height": height, "width": width},
-    }
-    if s.task_inputs:
-        shapes["vae_encode"] = {"image": [batch, 3, height, width],
-                                "latent_parameters": [batch, 2 * model.vae.config.latent_channels, *lat[1:]]}
-        shapes["end_to_end"].update(task=s.task, strength=s.task_inputs["strength"],
-                                    mask=s.task_inputs["mask_image"] is not None)
-    return inputs, shapes
-
-
-# -- ONNX: included only when the backend (and an export) exist ------------------------------------------
-class CannotRunHere(Exception):
-    """A configuration this machine or installation cannot run (a backend package missing, no such device,
-    a dtype the backend has no kernels for): skipped with the reason. Anything else that fails is an error."""
-
-
-def onnx_engine_model(model, settings: BenchSettings, dtype: str, height: int, width: int, backend: str = "onnxruntime"):
-    """What the onnxruntime or openvino backend runs: (SDModel over ONNX graphs, export seconds). The graphs
-    are the export in --onnx-dir, or one written now by fastsd.export (text encoder, UNet, VAE decoder).
-    The PyTorch safety checker is attached so that end to end does the same work as the baseline. Raises
-    CannotRunHere when the backend's package is missing; an export that fails raises its own error."""
-    from fastsd.backends import lookup_backend
-    from fastsd.errors import ModelLoadError
-    try:
-        lookup_backend(backend)
-        if backend == "openvino":
-            from fastsd.backends.openvino.backend import import_openvino
-            import_openvino()
-    except (ImportError, ModelLoadError) as e:  # the module or its package missing
-        raise CannotRunHere(f"the {backend} backend is not installed ({type(e).__name__}: {_line(e)})") from None
-    try:
-        from fastsd.export import export_onnx, load_onnx_model
-    except ImportError as e:
-        raise CannotRunHere(f"fastsd.export is not importable ({_line(e)})") from None
-    t0 = time.perf_counter()
-    if settings.onnx_dir:
-        onnx_model = load_onnx_model(settings.onnx_dir)
-    else:
-        import tempfile
-        folder = tempfile.mkdtemp(prefix=f"fastsd-bench-onnx-{dtype}-")
-        batch = f"1:{min(settings.batches)}:{max(4, max(settings.batches))}"
-        # no per-graph parity pass (it runs the UNet twice more): the bench compares every configuration's
-        # final images with the baseline's anyway
-        graphs = ("text_encoder", "unet", "vae_decoder") + (("vae_encoder",) if settings.task != "text2img" else ())
-        options = {"dtype": dtype, "batch": batch, "components": graphs, "check": False}
-        if height == width:
-            options["resolution"] = f"{height}:{height}:{height}"
-        export_onnx(copy.deepcopy(model), folder, **options)
-        onnx_model = load_onnx_model(folder)
-        onnx_model.extra["bench_temp"] = folder  # removed when the run ends
-    if getattr(onnx_model, "safety_checker", None) is None and model.safety_checker is not None:
-        onnx_model.safety_checker = copy.deepcopy(model.safety_checker)
-        onnx_model.feature_extractor = model.feature_extractor
-    return onnx_model, time.perf_counter() - t0
-
-
-def _component_call(runner, comp: str, x: dict):
-    return {"text_encoder": lambda: runner.text_encoder(x["ids"]),
-            "vae_encode": lambda: runner.vae_encode(x["pixels"]),
-            "unet_step": lambda: runner.unet_step(x["sample"], x["t"], x["hidden"]),
-            "vae_decode": lambda: runner.vae_decode(x["latents"]),
-            # a copy: the checker blacks out flagged images in place
-            "safety_checker": lambda: runner.safety_checker(x["image"].clone())}[comp]
+from fastsd import validation as check
+from fastsd.errors import InvalidParameter, ModelLoadError
+from fastsd.loading import load_model
+from fastsd.reference import compare, tolerance_for
+
+from .inputs import make_inputs, task_inputs, unet_calls, vae_encodes
+from .machine import machine_info, versions
+from .measurement import PeakMemory, summarize, timed_call
+from .runners import (AccelerateRunner, CannotRunHere, DiffusersRunner, EngineRunner, component_call, first_line,
+                      onnx_engine_model)
+from .settings import BASELINE, LABELS, PIPELINES, BenchSettings, ConfigSpec, components_for, dropin_runner
 
 
 def _unsupported_here(e: BaseException, spec) -> bool:
     """An error that says this machine or backend cannot run the configuration at all (no such device, a
     dtype the backend has no kernels for, a package missing), as opposed to one that broke."""
-    from fastsd.errors import InvalidParameter, ModelLoadError
     if isinstance(e, InvalidParameter) and getattr(e, "name", None) in ("device", "dtype"):
         return True
     return isinstance(e, ModelLoadError) and "not installed" in str(e)
@@ -511,11 +60,6 @@ def consistency(row: dict, unet_calls: int, text_in_e2e: bool, vae_encodes: int 
     return {"expected_s": expected, "ratio": ratio, "ok": ok, "note": note}
 
 
-def _line(e: BaseException, n: int = 160) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:n] if text else ""
-
-
 def _dropin_ratios(results: list) -> None:
     """Beside each drop-in (accelerate) configuration: its ratio to fastsd's engine on the same backend
     (torch for "accelerate", openvino for "accelerate-openvino") with the same dtype and flags, measured in
@@ -536,59 +80,6 @@ def _dropin_ratios(results: list) -> None:
                 [("end_to_end", erow["end_to_end"], row["end_to_end"])]
             entry["vs_engine"]["batches"][b] = {comp: es["median_s"] / st["median_s"] for comp, es, st in pairs
                                                 if es.get("median_s") and st.get("median_s")}
-
-
-# -- machine and versions ----------------------------------------------------------------------------
-_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
-          "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
-
-
-def machine_info(device: torch.device) -> dict:
-    import platform
-    import re
-    import psutil
-    cpu, flags = platform.processor() or platform.machine(), []
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-        m = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
-        cpu = m.group(1).strip() if m else cpu
-        m = re.search(r"^(?:flags|Features)\s*:\s*(.+)$", text, re.M)
-        have = set(m.group(1).split()) if m else set()
-        flags = [f for f in _FLAGS if f in have]
-    except OSError:
-        pass
-    onednn = re.search(r"(?:MKL-DNN|oneDNN)\s*v?([\d.]+)", torch.__config__.show())
-    info = {
-        "cpu": cpu, "cpu_flags": flags, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "logical_cores": os.cpu_count(), "physical_cores": psutil.cpu_count(logical=False),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-        "onednn": onednn.group(1) if onednn else None, "platform": platform.platform(),
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "device": str(device),
-        "amx": "amx_bf16" in flags,
-    }
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
-    return info
-
-
-def versions() -> dict:
-    import platform
-    from importlib import metadata
-    out = {"python": platform.python_version()}
-    for name in ("torch", "diffusers", "transformers", "onnxruntime", "openvino", "numpy"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    import fastsd
-    out["fastsd"] = fastsd.__version__
-    return out
 
 
 # -- the run -----------------------------------------------------------------------------------------
@@ -619,26 +110,10 @@ class _Progress:
         self.bar.close()
 
 
-def _timed(fn, device, cpu: list | None = None) -> float:
-    """Wall seconds of one call; its process CPU seconds (all threads) go to `cpu`."""
-    _sync(device)
-    c0, t0 = time.process_time(), time.perf_counter()
-    fn()
-    _sync(device)
-    wall = time.perf_counter() - t0
-    if cpu is not None:
-        cpu.append(time.process_time() - c0)
-    return wall
-
-
 def run_bench(settings: BenchSettings, model=None, log=print) -> dict:
     """Measure every configuration in `settings.configs` (baseline first) and return the report dict
     (what --json writes). `model` is an SDModel; loaded from `settings.model` when None. `log` gets the
     one-line notes (skipped configurations)."""
-    from fastsd.loading import load_model
-    from fastsd.reference import compare, tolerance_for
-    from fastsd import validation as check
-
     if settings.threads:
         torch.set_num_threads(settings.threads)
     device = torch.device(settings.device)
@@ -687,7 +162,7 @@ def run_bench(settings: BenchSettings, model=None, log=print) -> dict:
         log(f"skipped {spec.name}: {reason}")
 
     def fail(spec, e, when):
-        reason = f"failed {when}: {type(e).__name__}: {_line(e)}"
+        reason = f"failed {when}: {type(e).__name__}: {first_line(e)}"
         failed.append({"config": spec.name, "reason": reason})
         log(f"FAILED {spec.name}: {reason}")
 
@@ -741,7 +216,7 @@ def run_bench(settings: BenchSettings, model=None, log=print) -> dict:
             if spec.is_baseline:
                 raise
             if _unsupported_here(e, spec):
-                cannot_run(spec, f"{type(e).__name__}: {_line(e)}")
+                cannot_run(spec, f"{type(e).__name__}: {first_line(e)}")
             else:
                 fail(spec, e, "to build")
             progress.done(1 + len(settings.batches) * per_batch)
@@ -774,11 +249,11 @@ def run_bench(settings: BenchSettings, model=None, log=print) -> dict:
                     progress.step(f"{spec.name} batch {b}: {LABELS[comp]} "
                                   + (f"warm-up {i + 1}/{settings.warmup}" if is_warm else
                                      f"{i - settings.warmup + 1}/{settings.repeat}"))
-                    call = _component_call(runner, comp, x)
+                    call = component_call(runner, comp, x)
                     per = runner.unet_calls_per_timing if comp == "unet_step" else 1
                     try:
                         c = []
-                        wall = _timed(call, device, c) / per
+                        wall = timed_call(call, device, c) / per
                     except Exception as e:
                         if spec.is_baseline:
                             raise
@@ -804,7 +279,7 @@ def run_bench(settings: BenchSettings, model=None, log=print) -> dict:
                 progress.step(f"{spec.name} batch {b}: end to end ({settings.steps} steps) "
                               f"{i + 1}/{settings.e2e_warmup + settings.repeat}")
                 try:
-                    wall = _timed(lambda: outs.append(runner.end_to_end(settings, b, height, width)), device,
+                    wall = timed_call(lambda: outs.append(runner.end_to_end(settings, b, height, width)), device,
                                   None if is_warm else cpu)
                 except Exception as e:
                     if spec.is_baseline:
@@ -859,7 +334,6 @@ def run_bench(settings: BenchSettings, model=None, log=print) -> dict:
         results.append(entry)
     del built
     gc.collect()
-    import shutil
     for onnx_model, _ in onnx_models.values():
         if onnx_model.extra.get("bench_temp"):
             shutil.rmtree(onnx_model.extra["bench_temp"], ignore_errors=True)

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from .machine import machine_info, versions
+
 
 def _median_time(fn, repeat: int) -> list[float]:
     out = []
@@ -144,7 +146,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from fastsd.bench.harness import machine_info, versions
     report = {"command": "python -m fastsd.bench.lora " + " ".join(sys.argv[1:] if argv is None else argv),
               "machine": machine_info(torch.device("cpu")), "versions": versions()}
     with tempfile.TemporaryDirectory(prefix="fastsd-lora-bench-") as tmp:

@@ -19,6 +19,8 @@ import sys
 import tempfile
 import time
 
+from .machine import machine_info, versions
+
 
 def _time_pair(fns: dict, repeat: int, warmup: int) -> dict:
     """Time the callables alternately (a, b, a, b, ...), so that load from other processes on a shared
@@ -44,7 +46,6 @@ def run(preset: str = "sd-1.4", threads: int | None = None, repeat: int = 3, war
     if threads:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
-    from fastsd.bench.harness import machine_info, versions
     from fastsd.export import export_model
     from fastsd.export.graphs import ModelDims, graph_specs
     from fastsd.export.parity import session

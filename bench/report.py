@@ -1,7 +1,7 @@
 """What `fastsd bench` prints and writes: the text table, the Markdown results page, the PNG chart."""
 from __future__ import annotations
 
-from .harness import COMPONENTS, LABELS
+from .settings import COMPONENTS, LABELS
 
 
 def _components(report: dict) -> tuple:

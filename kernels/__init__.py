@@ -14,6 +14,7 @@ This package does not itself import triton, xformers or diffusers at import time
 use (fastsd's own __init__ may import diffusers anyway).
 """
 
+from .attention_backend import AttentionBackend
 from .cuda_graphs import CUDAGraphRunner
 from .cuda_graphs import available as cuda_graphs_available
 from .errors import BackendUnavailable, NonFiniteError
@@ -30,7 +31,6 @@ from .memory import MemoryPlan, apply_memory_plan, available_memory_bytes, plan_
 from .processor import FastSDAttnProcessor, install_attention, installed_processors
 from .registry import (
     AUTO_PREFERENCE,
-    AttentionBackend,
     attention,
     available_backends,
     backend_status,
@@ -40,7 +40,7 @@ from .registry import (
     register_backend,
     unregister_backend,
 )
-from .safety import check_finite
+from .nan_check import check_finite
 
 __all__ = [
     "AUTO_PREFERENCE", "AttentionBackend", "BackendUnavailable", "CUDAGraphRunner", "FastSDAttnProcessor",

@@ -1,4 +1,7 @@
-"""Run CUDA work on the device its tensors live on.
+"""Which device a kernel call means, and running CUDA work on the device its tensors live on.
+
+`as_device` turns what callers pass as a device (None, a string, a torch.device) into a torch.device,
+None meaning the CPU.
 
 torch ops follow their tensors' device, but three things use the *current* CUDA device instead: a
 Triton launch (it takes the current device's stream and context), `torch.cuda.Stream()` and
@@ -11,6 +14,14 @@ from __future__ import annotations
 import contextlib
 
 import torch
+
+
+def as_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cpu")
+    if isinstance(device, torch.device):
+        return device
+    return torch.device(device)
 
 
 def on_device(device):

@@ -18,14 +18,15 @@ state_dict keys and isinstance checks stay as they were; `remove_fused_ops` swit
 from __future__ import annotations
 
 import logging
-import threading
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import as_device
-from .triton_attention import triton_status
+from .device_guard import as_device
+from .probe_cache import ProbeCache
+from .processor import FastSDAttnProcessor
+from .triton_availability import triton_status
 
 logger = logging.getLogger("fastsd.kernels")
 
@@ -46,23 +47,14 @@ def fused_op_available(op: str, device, dtype) -> tuple[bool, str]:
         return False, reason
     if dtype not in _TRITON_DTYPES:
         return False, f"the triton {op} kernel takes fp16, bf16 or fp32, not {dtype}"
-    key = (op, device.type, device.index, dtype)
-    with _probe_lock:
-        if key in _probe_cache:
-            return _probe_cache[key]
-    result = _probe(op, device, dtype, reason)
-    with _probe_lock:
-        _probe_cache[key] = result
-    return result
+    return _probe_cache.get((op, device.type, device.index, dtype), lambda: _probe(op, device, dtype, reason))
 
 
-_probe_cache: dict[tuple, tuple[bool, str]] = {}
-_probe_lock = threading.Lock()
+_probe_cache = ProbeCache()
 
 
 def clear_probe_cache() -> None:
-    with _probe_lock:
-        _probe_cache.clear()
+    _probe_cache.clear()
 
 
 def _probe(op: str, device: torch.device, dtype: torch.dtype, reason: str) -> tuple[bool, str]:
@@ -99,6 +91,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _kernel(op: str):
+    # The Triton kernel modules are imported here, on first use, and in the functions below for the same
+    # reason: importing them imports triton, which `import fastsd` must not.
     if op == "groupnorm_silu":
         from . import triton_norm
 
@@ -316,8 +310,6 @@ def fuse_projections(root: nn.Module) -> tuple[bool, str]:
     `unfuse_qkv_projections` works): +56.3M parameters for SD 1.5's UNet (215 MiB in fp32).
     Returns (fused, reason)."""
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0, FusedAttnProcessor2_0
-
-    from .processor import FastSDAttnProcessor
 
     attns = [m for m in root.modules() if isinstance(m, Attention)]
     if not attns:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .registry import AttentionBackend
+from .attention_backend import AttentionBackend
 
 
 def math_attention(q, k, v, *, scale: float, attn_mask=None, upcast: bool = True) -> torch.Tensor:

@@ -23,7 +23,8 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .registry import as_device
+from .device_guard import as_device
+from .processor import attention_modules, installed_processors
 
 logger = logging.getLogger("fastsd.kernels")
 
@@ -212,8 +213,6 @@ def apply_memory_plan(unet, vae, plan: MemoryPlan) -> list[str]:
     set_attention_slice(None) would reinstall its default processor).
     VAE tiling: `vae.enable_tiling()` when planned; a plan without tiling leaves the VAE alone.
     """
-    from .processor import attention_modules, installed_processors
-
     done = []
     if plan.attention_slicing and unet is not None:
         ours = installed_processors(unet)

@@ -1,57 +1,37 @@
 """One registry of attention backends, and the `auto` choice between them.
 
-Every backend is an `AttentionBackend`: a name, an attention function with the signature
-
-    fn(q, k, v, *, scale: float, attn_mask: Tensor | None, upcast: bool) -> Tensor
-
-where q is (batch, heads, queries, head_dim), k and v are (batch, heads, keys, head_dim) and the
-result has q's shape and dtype, and an `available(device, dtype) -> (bool, reason)` check.
-Backends that cannot take every input (a mask, a head dim) also provide `supports(q, k, v, mask)`;
-the attention processor falls back to `sdpa` for those calls.
+Backends are registered by name. The built-in ones are registered as a "module:attribute" string
+(`BUILTIN_BACKENDS`) and imported on first use, so this module imports no backend module: each
+backend imports only the shared `AttentionBackend` type (attention_backend.py) below it, and
+`import fastsd.kernels` loads none of them. What a backend is: see attention_backend.py.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
-from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional, Union
 
 import torch
 
+from .attention_backend import AttentionBackend
+from .device_guard import as_device
 from .errors import BackendUnavailable
+from .probe_cache import clear_probe_caches
 
 logger = logging.getLogger("fastsd.kernels")
 
-AttentionFn = Callable[..., torch.Tensor]
-CheckFn = Callable[[torch.device, torch.dtype], "tuple[bool, str]"]
+# name -> "module:attribute" of its AttentionBackend, resolved with importlib when first asked for.
+BUILTIN_BACKENDS: dict[str, str] = {
+    "math": "fastsd.kernels.math_attention:BACKEND",
+    "sdpa": "fastsd.kernels.sdpa:BACKEND",
+    "xformers": "fastsd.kernels.xformers:BACKEND",
+    "triton": "fastsd.kernels.triton_attention:BACKEND",
+}
 
-
-def _always_supported(q, k, v, attn_mask) -> tuple[bool, str]:
-    return True, ""
-
-
-@dataclass(frozen=True)
-class AttentionBackend:
-    name: str
-    fn: AttentionFn
-    check: CheckFn
-    description: str = ""
-    # Whether the backend computes scores and softmax in fp32 whatever the input dtype
-    # (so `upcast` costs it nothing and it is safe for SD 2.x in fp16).
-    fp32_softmax: bool = False
-    supports: Callable[..., "tuple[bool, str]"] = field(default=_always_supported)
-
-    def available(self, device, dtype) -> tuple[bool, str]:
-        device = as_device(device)
-        try:
-            ok, reason = self.check(device, dtype)
-        except Exception as exc:  # an availability check must never take the caller down
-            return False, f"availability check failed: {type(exc).__name__}: {exc}"
-        return bool(ok), reason
-
-
-_REGISTRY: dict[str, AttentionBackend] = {}
+# A value is an AttentionBackend, or the "module:attribute" string of one not imported yet.
+_REGISTRY: dict[str, Union[AttentionBackend, str]] = dict(BUILTIN_BACKENDS)
 _LOCK = threading.Lock()
 
 # The order `auto` tries backends in, per device type; the first available one wins.
@@ -78,14 +58,6 @@ _DEFAULT_PREFERENCE = ["sdpa", "math"]
 _logged_choices: set[tuple] = set()
 
 
-def as_device(device) -> torch.device:
-    if device is None:
-        return torch.device("cpu")
-    if isinstance(device, torch.device):
-        return device
-    return torch.device(device)
-
-
 def register_backend(backend: AttentionBackend, *, replace: bool = False) -> AttentionBackend:
     with _LOCK:
         if backend.name in _REGISTRY and not replace:
@@ -101,25 +73,32 @@ def unregister_backend(name: str) -> None:
 
 def list_backends() -> list[str]:
     """Every registered backend name, whether or not it can run here."""
-    _ensure_builtin()
     return list(_REGISTRY)
 
 
 def get_backend(name: str) -> AttentionBackend:
-    _ensure_builtin()
     try:
-        return _REGISTRY[name]
+        entry = _REGISTRY[name]
     except KeyError:
         raise ValueError(
             f"unknown attention backend {name!r}; registered: {', '.join(_REGISTRY)} (or 'auto')"
         ) from None
+    if not isinstance(entry, str):
+        return entry
+    module, _, attribute = entry.partition(":")
+    # Imported outside the lock: a backend module may take a while to import, and importing it must
+    # not wait on (or block) other registry calls.
+    backend = getattr(importlib.import_module(module), attribute)
+    with _LOCK:
+        if _REGISTRY.get(name) is entry:  # unless it was replaced or removed meanwhile
+            _REGISTRY[name] = backend
+    return backend
 
 
 def backend_status(device, dtype) -> dict[str, tuple[bool, str]]:
     """`{name: (available, reason)}` for every registered backend on `device` with `dtype`."""
-    _ensure_builtin()
     device = as_device(device)
-    return {name: b.available(device, dtype) for name, b in list(_REGISTRY.items())}
+    return {name: get_backend(name).available(device, dtype) for name in list(_REGISTRY)}
 
 
 def available_backends(device, dtype) -> list[str]:
@@ -134,7 +113,6 @@ def choose_attention(name: str, device, dtype) -> str:
     explicitly that cannot run raises `BackendUnavailable` (a ValueError) naming the backend, the
     reason, and the backends that can run.
     """
-    _ensure_builtin()
     device = as_device(device)
     if name != "auto":
         backend = get_backend(name)
@@ -191,27 +169,7 @@ def attention(q, k, v, *, backend: str = "sdpa", scale: Optional[float] = None,
     return get_backend(backend).fn(q, k, v, scale=scale, attn_mask=attn_mask, upcast=upcast)
 
 
-_builtin_loaded = False
-
-
-def _ensure_builtin() -> None:
-    global _builtin_loaded
-    if _builtin_loaded:
-        return
-    with _LOCK:
-        if _builtin_loaded:
-            return
-        from . import math_attention, sdpa, triton_attention, xformers
-
-        for mod in (math_attention, sdpa, xformers, triton_attention):
-            _REGISTRY.setdefault(mod.BACKEND.name, mod.BACKEND)
-        _builtin_loaded = True
-
-
 def _reset_for_tests() -> None:
     """Forget the 'logged once' memory and cached availability probes."""
     _logged_choices.clear()
-    from . import fused, xformers, triton_attention
-    xformers.clear_probe_cache()
-    triton_attention.clear_probe_cache()
-    fused.clear_probe_cache()
+    clear_probe_caches()

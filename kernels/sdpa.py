@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .registry import AttentionBackend
+from .attention_backend import AttentionBackend
 
 try:  # torch >= 2.3
     from torch.nn.attention import SDPBackend, sdpa_kernel

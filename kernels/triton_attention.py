@@ -14,44 +14,23 @@ else (a mask, head dim 160 in fp32, ...) the attention processor falls back to `
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import os
-import threading
 
 import torch
 
-from .registry import AttentionBackend
+from .attention_backend import AttentionBackend
+from .probe_cache import ProbeCache
+from .triton_availability import triton_status
 
-_probe_cache: dict[tuple, tuple[bool, str]] = {}
-_probe_lock = threading.Lock()
+_probe_cache = ProbeCache()
 
 
 def clear_probe_cache() -> None:
-    with _probe_lock:
-        _probe_cache.clear()
+    _probe_cache.clear()
 
 
 def _kernel_module():
+    # by name, on first use: importing the kernel module imports triton, which `import fastsd` must not
     return importlib.import_module(".triton_attention_kernel", __package__)
-
-
-def triton_status(device: torch.device) -> tuple[bool, str]:
-    """Whether Triton kernels can launch for tensors on `device` (no dtype-specific check)."""
-    if importlib.util.find_spec("triton") is None:
-        return False, "triton is not installed (pip install 'fastsd[triton]')"
-    env_interp = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            return False, "CUDA device requested but torch.cuda.is_available() is False"
-        if env_interp:
-            return False, "TRITON_INTERPRET=1 is set: Triton would interpret, not compile, on this GPU"
-        return True, "compiled Triton kernels on CUDA"
-    if device.type == "cpu":
-        if not env_interp:
-            return False, ("Triton has no CPU backend (only nvidia/amd drivers ship); set TRITON_INTERPRET=1 "
-                           "to run its kernels in the interpreter (tests only, very slow)")
-        return True, "Triton interpreter on CPU tensors (TRITON_INTERPRET=1): for tests, very slow"
-    return False, f"Triton kernels do not run on {device.type} tensors"
 
 
 def triton_attention(q, k, v, *, scale: float, attn_mask=None, upcast: bool = False) -> torch.Tensor:
@@ -85,14 +64,7 @@ def _check(device: torch.device, dtype: torch.dtype):
         major, minor = torch.cuda.get_device_capability(idx)
         if major < 8:
             return False, f"bf16 tl.dot needs compute capability 8.0+, this GPU is {major}.{minor}"
-    key = (device.type, device.index, dtype)
-    with _probe_lock:
-        if key in _probe_cache:
-            return _probe_cache[key]
-    result = _probe(device, dtype, reason)
-    with _probe_lock:
-        _probe_cache[key] = result
-    return result
+    return _probe_cache.get((device.type, device.index, dtype), lambda: _probe(device, dtype, reason))
 
 
 def _probe(device: torch.device, dtype: torch.dtype, reason: str):

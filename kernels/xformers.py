@@ -9,19 +9,17 @@ tiny call on the requested device and dtype, and caches the answer per (device, 
 from __future__ import annotations
 
 import importlib
-import threading
 
 import torch
 
-from .registry import AttentionBackend
+from .attention_backend import AttentionBackend
+from .probe_cache import ProbeCache
 
-_probe_cache: dict[tuple, tuple[bool, str]] = {}
-_probe_lock = threading.Lock()
+_probe_cache = ProbeCache()
 
 
 def clear_probe_cache() -> None:
-    with _probe_lock:
-        _probe_cache.clear()
+    _probe_cache.clear()
 
 
 def _ops():
@@ -49,14 +47,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _check(device: torch.device, dtype: torch.dtype):
-    key = (device.type, device.index, dtype)
-    with _probe_lock:
-        if key in _probe_cache:
-            return _probe_cache[key]
-    result = _probe(device, dtype)
-    with _probe_lock:
-        _probe_cache[key] = result
-    return result
+    return _probe_cache.get((device.type, device.index, dtype), lambda: _probe(device, dtype))
 
 
 def _probe(device: torch.device, dtype: torch.dtype):

@@ -1,4 +1,4 @@
-"""fp16 safety checks."""
+"""NaN and inf checks of tensors (latents, noise predictions, decoded images), with fp16 overflow hints."""
 
 from __future__ import annotations
 

@@ -15,15 +15,26 @@ The output tensor of a replay is overwritten by the next replay of the same grap
 runner returns a clone (`clone_output=True`); pass False to get the static output when the caller
 consumes it before the next call.
 
-Capture and replay run with the inputs' device made current (`on_device`): a capture records only the
-current device's stream, so with `cuda:1` and device 0 current the graph came out empty and every replay
-did nothing. When a capture runs out of memory, the cached graphs are dropped (their pools freed) and the
-capture is tried once more; if that fails too, that shape runs eagerly from then on.
+Capture and replay run with the inputs' device made current (`on_device`), and each capture gets a side
+stream and a capture stream made on that device and passed to `torch.cuda.graph(stream=...)`. Without the
+explicit stream, torch.cuda.graph uses one class-wide default capture stream, created on whichever device
+captured first: a later capture for another GPU recorded on GPU 0's stream, and its graph came out empty.
+The static inputs are allocated on the inputs' device.
+
+When a capture runs out of memory, the failed capture is let go first (the exception, its traceback and the
+half-built graph it references), then the cached graphs are dropped (their pools freed), and the capture
+is tried once more; if that fails too, that shape runs eagerly from then on.
+
+One runner serves one call at a time (a lock around copy-in, replay and copy-out): its static buffers are
+shared by every caller, so two threads calling an accelerated pipeline would otherwise overwrite each
+other's inputs between copy and replay.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -63,18 +74,20 @@ class CapturedGraph:
 
 
 def capture_cuda_graph(fn: UNetFn, example_inputs: tuple[torch.Tensor, ...], warmup: int = 3) -> CapturedGraph:
-    """Capture `fn(*static_inputs)` in a torch.cuda.CUDAGraph (the documented recipe), on the inputs' device."""
+    """Capture `fn(*static_inputs)` in a torch.cuda.CUDAGraph (the documented recipe), on the inputs' device,
+    with a capture stream of that device (never torch.cuda.graph's process-wide default stream)."""
     device = example_inputs[0].device
     with on_device(device):  # the side stream, the capture stream and the graph all belong to `device`
-        static_inputs = tuple(t.clone() for t in example_inputs)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
+        static_inputs = tuple(t.to(device=device, copy=True) for t in example_inputs)
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side), torch.no_grad():
             for _ in range(warmup):
                 fn(*static_inputs)
-        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(graph):
+        capture_stream = torch.cuda.Stream(device=device)
+        with torch.no_grad(), torch.cuda.graph(graph, stream=capture_stream):
             static_output = fn(*static_inputs)
 
     def replay():
@@ -122,6 +135,7 @@ class CUDAGraphRunner:
         self.replays = 0
         self.eager_calls = 0
         self._eager_keys: set[tuple] = set()  # shapes whose capture ran out of memory twice
+        self._lock = threading.Lock()  # one call at a time: the static buffers are shared
 
     @staticmethod
     def key(sample: torch.Tensor, encoder_hidden_states: torch.Tensor) -> tuple:
@@ -137,6 +151,10 @@ class CUDAGraphRunner:
         return t.to(torch.float32).reshape(-1).expand(sample.shape[0]).contiguous()
 
     def __call__(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            return self._call(sample, timestep, encoder_hidden_states)
+
+    def _call(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
         t = self._timestep(timestep, sample)
         key = self.key(sample, encoder_hidden_states)
         if key in self._eager_keys:
@@ -168,28 +186,46 @@ class CUDAGraphRunner:
         return out.clone() if self.clone_output else out
 
     def _capture(self, key: tuple, inputs: tuple) -> Optional[CapturedGraph]:
-        """Capture a graph; on running out of memory, drop every cached graph (freeing their pools) and try
-        once more; None (run eagerly from now on) when that fails too."""
+        """Capture a graph; on running out of memory, let the failed capture go, drop every cached graph
+        (freeing their pools) and try once more; None (run eagerly from now on) when that fails too.
+
+        The retry runs after the `except` block, not in it: inside it the exception's traceback still holds
+        the failed capture's frame (its half-built graph, static inputs and streams), whose memory the retry
+        needs."""
+        captured, failure = self._try_capture(inputs)
+        if failure is None:
+            return captured
+        dropped = len(self._graphs)
+        self._graphs.clear()
+        self.evictions += dropped
+        self._release()
+        logger.warning("CUDA graph capture for %s ran out of memory (%s); dropped %d cached graph(s), retrying",
+                       key, failure, dropped)
+        captured, failure = self._try_capture(inputs)
+        if failure is None:
+            return captured
+        self._release()
+        self._eager_keys.add(key)
+        logger.warning("CUDA graph capture for %s ran out of memory again: that shape runs without a "
+                       "graph from now on", key)
+        return None
+
+    def _try_capture(self, inputs: tuple) -> tuple[Optional[CapturedGraph], Optional[str]]:
+        """(graph, None) when the capture worked, else (None, the first line of the out-of-memory error):
+        the exception itself, and the traceback that holds the failed capture, are not kept."""
         try:
-            return self.capture_fn(self.fn, inputs)
-        except torch.cuda.OutOfMemoryError as first:
-            dropped = len(self._graphs)
-            self._graphs.clear()
-            self.evictions += dropped
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            logger.warning("CUDA graph capture for %s ran out of memory (%s); dropped %d cached graph(s), retrying",
-                           key, str(first).splitlines()[0][:120] if str(first) else "OOM", dropped)
-            try:
-                return self.capture_fn(self.fn, inputs)
-            except torch.cuda.OutOfMemoryError:
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-                self._eager_keys.add(key)
-                logger.warning("CUDA graph capture for %s ran out of memory again: that shape runs without a "
-                               "graph from now on", key)
-                return None
+            return self.capture_fn(self.fn, inputs), None
+        except torch.cuda.OutOfMemoryError as exc:
+            return None, (str(exc).splitlines()[0][:120] if str(exc) else "OOM")
+
+    @staticmethod
+    def _release() -> None:
+        """Free what a failed capture left: collect its cycles, then hand cached blocks back to CUDA."""
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def clear(self) -> None:
-        self._graphs.clear()
-        self._eager_keys.clear()
+        with self._lock:
+            self._graphs.clear()
+            self._eager_keys.clear()

@@ -102,6 +102,7 @@ class FakeCuda:
     def __init__(self):
         self.current = 0
         self.seen = []
+        self.capture_streams = []  # the stream= each torch.cuda.graph capture was given
 
     def device(self, device):
         fake = self
@@ -123,7 +124,8 @@ class FakeCuda:
         fake = self
 
         class Stream:
-            def __init__(self):
+            def __init__(self, device=None):
+                self.device = fake.current if device is None else torch.device(device).index
                 fake.record("Stream()")
 
             def wait_stream(self, other):
@@ -134,8 +136,9 @@ class FakeCuda:
                 fake.record("replay")
 
         @contextlib.contextmanager
-        def graph(g, **kw):
+        def graph(g, pool=None, stream=None, **kw):
             fake.record("capture")
+            fake.capture_streams.append(stream)
             yield
 
         @contextlib.contextmanager
@@ -158,6 +161,9 @@ class FakeGpuTensor:
     def clone(self):
         return self
 
+    def to(self, device=None, copy=False):
+        return FakeGpuTensor(device if device is not None else self.device)
+
 
 def test_cuda_graph_capture_and_replay_run_on_the_inputs_device(monkeypatch):
     from fastsd.kernels.cuda_graphs import capture_cuda_graph
@@ -176,6 +182,22 @@ def test_cuda_graph_capture_and_replay_run_on_the_inputs_device(monkeypatch):
     assert set(calls) == {1}, calls  # warm-up and capture calls ran with cuda:1 current
     assert fake.seen and all(dev == 1 for _, dev in fake.seen), fake.seen
     assert [w for w, _ in fake.seen].count("capture") == 1 and ("replay", 1) in fake.seen
+
+
+def test_each_device_captures_on_a_stream_of_its_own(monkeypatch):
+    """torch.cuda.graph without stream= uses one class-wide capture stream, made on the device that captured
+    first: cuda:1's capture then recorded on GPU 0's stream and came out empty. Each capture must pass a
+    stream made on its own device, and its static inputs must live there."""
+    from fastsd.kernels.cuda_graphs import capture_cuda_graph
+
+    fake = FakeCuda().install(monkeypatch)
+    for dev in ("cuda:0", "cuda:1"):
+        x = FakeGpuTensor(dev)
+        captured = capture_cuda_graph(lambda *a: "noise", (x, FakeGpuTensor("cuda:0"), x), warmup=1)
+        assert all(t.device == torch.device(dev) for t in captured.static_inputs)
+    first, second = fake.capture_streams
+    assert first is not None and second is not None and first is not second
+    assert (first.device, second.device) == (0, 1)
 
 
 def test_on_device_is_a_noop_for_cpu_and_a_cuda_guard_for_cuda():
@@ -304,6 +326,68 @@ def test_capture_out_of_memory_drops_cached_graphs_then_retries_then_runs_eagerl
     out = runner(torch.zeros(1, 4, 32, 32), 1, ehs)
     assert out.max() == 7.0 and runner.eager_calls == 1
     assert runner(torch.zeros(1, 4, 32, 32), 1, ehs).max() == 7.0 and runner.eager_calls == 2 and plan == []
+
+
+def test_out_of_memory_retry_runs_after_the_failed_capture_is_freed():
+    """The first capture's frame (its half-built graph and static inputs) is held by the exception's
+    traceback while the `except` block runs: the retry must come after it, with that memory released."""
+    import weakref
+
+    from fastsd.kernels import CUDAGraphRunner
+
+    class HalfBuiltGraph:
+        pass
+
+    seen = {}
+
+    def capture(fn, inputs):
+        if "failed" not in seen:
+            graph = HalfBuiltGraph()  # noqa: F841  (held by this frame, as a real capture's graph is)
+            seen["failed"] = weakref.ref(graph)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        seen["alive_at_retry"] = seen["failed"]() is not None
+        return _graph(3.0, inputs)
+
+    runner = CUDAGraphRunner(lambda s, t, e: s, capture_fn=capture)
+    assert runner(torch.zeros(1, 4, 8, 8), 1, torch.zeros(1, 77, 32)).max() == 3.0
+    assert seen["alive_at_retry"] is False
+
+
+def test_one_call_at_a_time_on_the_static_buffers():
+    """Threads sharing an accelerated pipeline share its graphs' static buffers: without a lock, one thread's
+    copy-in lands between another's copy-in and replay, and it gets the other's result."""
+    import threading
+    import time
+
+    from fastsd.kernels import CUDAGraphRunner
+    from fastsd.kernels.cuda_graphs import CapturedGraph
+
+    def capture(fn, inputs):
+        static = tuple(t.clone() for t in inputs)
+        out = torch.zeros_like(static[0])
+
+        def replay():
+            value = static[0].clone()
+            time.sleep(0.002)  # a replay takes time on a GPU too
+            out.copy_(value * 2)
+        return CapturedGraph(static, replay, out)
+
+    runner = CUDAGraphRunner(lambda s, t, e: s * 2, capture_fn=capture)
+    ehs = torch.zeros(1, 77, 8)
+    wrong = []
+
+    def worker(i):
+        for _ in range(20):
+            x = torch.full((1, 4, 8, 8), float(i))
+            if runner(x, 1, ehs).max().item() != 2.0 * i:
+                wrong.append(i)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(1, 7)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == [] and runner.captures == 1 and runner.replays == 120
 
 
 # -- 6. `auto` stops checking at the first backend that can run ---------------------------------------------

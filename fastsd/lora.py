@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from . import kernels
 from .errors import FastSDError, InvalidParameter
 
 log = logging.getLogger("fastsd")
@@ -264,8 +265,15 @@ def _resolve(modules: dict[str, torch.nn.Module], layer: str) -> str | None:
     return None
 
 
+_PROJECTIONS = ("to_q", "to_k", "to_v")
+
+
 class ModuleWeights:
-    """The weights a LoRA set can touch on torch modules: read them, write them in place (`copy_`)."""
+    """The weights a LoRA set can touch on torch modules: read them, write them in place (`copy_`).
+
+    Under fused QKV (kernels.apply_fused_ops on CUDA) attention reads a fused copy of to_q/to_k/to_v
+    (to_qkv, to_kv) made when the ops were installed: after writing a projection, its attention's fused
+    copy is refreshed (in place), or the adapters' attention deltas would change nothing."""
 
     def __init__(self, modules: dict[str, torch.nn.Module], check_write=None):
         self.modules = {k: v for k, v in modules.items() if v is not None}
@@ -284,6 +292,10 @@ class ModuleWeights:
             self.check_write(list(tensors))
         for name, value in tensors.items():
             self.get(name).copy_(value)  # same storage: compiled graphs and CUDA graphs see the new values
+        attns = {name.rsplit(".", 2)[0] for name in tensors if name.rsplit(".", 2)[-2] in _PROJECTIONS}
+        for parent in sorted(attns):
+            comp, path = parent.split(".", 1)
+            kernels.refresh_fused_projections(self.modules[comp].get_submodule(path))
 
 
 @dataclass

@@ -5,6 +5,7 @@ Engine-facing API:
     choose_attention(name, device, dtype) -> str
     install_attention(module, name="auto", *, device=None, dtype=None, upcast=None, slice_size=None) -> str
     apply_fused_ops(unet, vae, device, dtype, groupnorm_silu=True, geglu=True, fuse_qkv=True) -> list[str]
+    refresh_fused_projections(module) -> int   (after to_q/to_k/to_v change under fused QKV)
     plan_memory(unet_config, vae_config, batch, height, width, dtype, device, budget_bytes=None) -> MemoryPlan
     apply_memory_plan(unet, vae, plan) -> list[str]
     CUDAGraphRunner(unet_fn, *, max_graphs=4)
@@ -24,6 +25,7 @@ from .fused import (
     fused_op_available,
     geglu,
     groupnorm_silu,
+    refresh_fused_projections,
     remove_fused_ops,
     use_channels_last,
 )
@@ -47,6 +49,6 @@ __all__ = [
     "MemoryPlan", "NonFiniteError", "apply_fused_ops", "apply_memory_plan", "attention", "available_backends",
     "available_memory_bytes", "backend_status", "check_finite", "choose_attention", "cuda_graphs_available",
     "fuse_projections", "fused_op_available", "geglu", "get_backend", "groupnorm_silu", "install_attention", "installed_processors",
-    "list_backends", "plan_memory", "register_backend", "remove_fused_ops", "unregister_backend",
+    "list_backends", "plan_memory", "refresh_fused_projections", "register_backend", "remove_fused_ops", "unregister_backend",
     "use_channels_last",
 ]

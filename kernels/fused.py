@@ -336,6 +336,31 @@ def fuse_projections(root: nn.Module) -> tuple[bool, str]:
     return True, "fused"
 
 
+@torch.no_grad()
+def refresh_fused_projections(root: nn.Module) -> int:
+    """Copy to_q/to_k/to_v (weights and biases) into the fused to_qkv / to_kv of every fused diffusers
+    Attention in `root` (root may be one Attention), in place: the same storage, so a CUDA graph or a compiled
+    graph that reads the fused weight sees the new values. Needed whenever the unfused weights change after
+    fusing (a LoRA set written into to_q/to_k/to_v): the processor reads only the fused copy, so without
+    this the adapters' attention deltas changed nothing. Returns the number of fused projections refreshed."""
+    from diffusers.models.attention_processor import Attention
+
+    n = 0
+    for m in root.modules():
+        if not isinstance(m, Attention) or not getattr(m, "fused_projections", False):
+            continue
+        for fused_name, parts in (("to_qkv", ("to_q", "to_k", "to_v")), ("to_kv", ("to_k", "to_v"))):
+            fused = getattr(m, fused_name, None)
+            if fused is None:
+                continue
+            linears = [getattr(m, p) for p in parts]
+            fused.weight.copy_(torch.cat([lin.weight for lin in linears]))
+            if fused.bias is not None:
+                fused.bias.copy_(torch.cat([lin.bias for lin in linears]))
+            n += 1
+    return n
+
+
 def apply_fused_ops(unet, vae, device, dtype, groupnorm_silu: bool = True, geglu: bool = True,
                     fuse_qkv: bool = True) -> list[str]:
     """Install the fused ops that help on `device` into `unet` and `vae` (either may be None).

@@ -174,3 +174,23 @@ def test_switch_under_compile_reaches_the_compiled_graph(files, tiny):
     again = _gen(engine, 2)
     assert torch.allclose(base, want_base, atol=1e-3) and torch.allclose(with_a, want_a, atol=1e-3)
     assert torch.equal(base, again)
+
+
+def test_adapters_reach_attention_under_fused_qkv(files, tiny):
+    """Fused QKV (on by default on CUDA) makes attention read a fused copy of to_q/to_k/to_v: LoRA deltas
+    written into the projections must reach it. Forced on the CPU here; `b` adapts only to_k/to_v, so with
+    the fused copy left stale it changed nothing at all."""
+    from fastsd import kernels
+
+    plain = optimize(copy.deepcopy(tiny))
+    fused = optimize(tiny, fused_ops=True)
+    assert kernels.fuse_projections(fused.backend.unet_module) == (True, "fused")
+    for loras in ([(files["b"], 1.0)], [(files["a"], 0.7), (files["b"], 0.5)], []):
+        plain.set_loras(loras)
+        fused.set_loras(loras)
+        want, got = _gen(plain), _gen(fused)
+        assert (got - want).abs().max() < 1e-4, loras
+    plain.set_loras([])
+    base = _gen(plain)
+    fused.set_loras([(files["b"], 1.0)])
+    assert (_gen(fused) - base).abs().max() > 0.05  # the attention-only adapter changes the output

@@ -126,9 +126,10 @@ def groupnorm_silu_torch(x, num_groups, weight, bias, eps=1e-5):
 def groupnorm_silu(x: torch.Tensor, num_groups: int, weight=None, bias=None, eps: float = 1e-5,
                    *, impl: str = "auto") -> torch.Tensor:
     """silu(group_norm(x, num_groups, weight, bias, eps)). impl: 'auto' | 'triton' | 'torch'.
-    The triton kernel needs a contiguous NCHW tensor; others (channels_last) use the torch path."""
+    The triton kernel reads NCHW-contiguous and channels_last tensors as they are (other layouts are made
+    contiguous) and returns x's layout."""
     impl = _resolve_impl("groupnorm_silu", impl, x.device, x.dtype)
-    if impl == "triton" and x.is_contiguous():
+    if impl == "triton":
         from .triton_norm import groupnorm_silu as kernel
 
         return kernel(x, num_groups, weight, bias, eps)
@@ -152,7 +153,7 @@ def geglu(x: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
 
 # -- module patches -----------------------------------------------------------------------------
 def _gn_silu(norm: nn.GroupNorm, x: torch.Tensor, impl: str) -> torch.Tensor:
-    if impl == "triton" and x.is_contiguous():
+    if impl == "triton":  # NCHW or channels_last (the channels_last UNet keeps the kernel)
         from .triton_norm import groupnorm_silu as kernel
 
         return kernel(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
@@ -421,8 +422,7 @@ def remove_fused_ops(*modules: nn.Module) -> None:
 def use_channels_last(module: nn.Module, device) -> bool:
     """Convert `module` to channels_last where that is expected to help: CUDA only.
     On CPU (eager) channels_last was measured by the project not to help, so this returns False and
-    leaves the module alone. Note: the triton groupnorm_silu kernel takes NCHW-contiguous tensors and
-    uses the torch path for channels_last ones."""
+    leaves the module alone. The triton groupnorm_silu kernel reads channels_last tensors as they are."""
     device = as_device(device)
     if device.type != "cuda":
         return False

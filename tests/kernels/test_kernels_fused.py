@@ -45,6 +45,68 @@ def test_groupnorm_silu_triton_vs_torch(shape, groups, dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape,groups", [((2, 32, 6, 5), 8), ((1, 40, 4, 4), 4)], ids=["sd-like", "cpg10"])
+def test_groupnorm_silu_triton_channels_last(shape, groups, dtype, monkeypatch):
+    """A channels_last UNet keeps the kernel: read in NHWC, written in NHWC, same numbers as torch."""
+    from fastsd.kernels import groupnorm_silu, triton_norm
+
+    launched = []
+    kernel = triton_norm.groupnorm_silu
+    monkeypatch.setattr(triton_norm, "groupnorm_silu", lambda x, *a, **k: launched.append(x) or kernel(x, *a, **k))
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(shape, generator=g) * 3 + 1).to(dtype).to(memory_format=torch.channels_last)
+    w = torch.randn(shape[1], generator=g).to(dtype)
+    b = torch.randn(shape[1], generator=g).to(dtype)
+    assert not x.is_contiguous()
+    out = groupnorm_silu(x, groups, w, b, 1e-5, impl="triton")
+    ref = F.silu(F.group_norm(x.float(), groups, w.float(), b.float(), 1e-5))
+    assert out.is_contiguous(memory_format=torch.channels_last) and out.dtype == dtype
+    assert any(t is x for t in launched)  # the kernel ran on it (channels_last used to go to torch)
+    _assert_close(out, ref, dtype)
+    strided = x.permute(0, 1, 3, 2)  # neither layout: made contiguous first
+    _assert_close(groupnorm_silu(strided, groups, w, b, 1e-5, impl="triton"),
+                  F.silu(F.group_norm(strided.float(), groups, w.float(), b.float(), 1e-5)), dtype)
+
+
+@needs_triton
+def test_groupnorm_silu_gpu_launch_plans_run_in_the_interpreter():
+    """The plans launch_plan picks on a GPU (one row per program, several rows per program) give the same
+    numbers when run, here through the interpreter."""
+    from fastsd.kernels.triton_norm import LaunchPlan, groupnorm_silu, launch_plan
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 16, 8, 8, generator=g)
+    w, b = torch.randn(16, generator=g), torch.randn(16, generator=g)
+    ref = F.silu(F.group_norm(x, 8, w, b, 1e-5))
+    plans = {launch_plan(32, 128, 132), launch_plan(32, 128, 1), LaunchPlan(4, 128, 4, 8)}
+    assert {p.rows for p in plans} == {1, 4, 8}
+    for plan in plans:
+        assert (groupnorm_silu(x, 8, w, b, 1e-5, plan=plan) - ref).abs().max().item() < 1e-5, plan
+
+
+def test_groupnorm_launch_plan_per_shape():
+    """N * G one-row programs was too fine for a large batch, and packing by group size alone left SMs idle
+    for one sample: the grid follows the shape and the GPU's SM count."""
+    pytest.importorskip("triton")
+    from fastsd.kernels.triton_norm import MAX_TILE, PROGRAMS_PER_SM, launch_plan
+
+    sms = 132
+    for n in (1, 2, 8, 32, 128, 512):
+        for group_size in (160, 2560, 10240, 40960, 163840, 4 * 2**20):  # SD UNet/VAE levels, 512-1024 px
+            rows = n * 32
+            plan = launch_plan(rows, group_size, sms)
+            assert plan.rows * plan.block <= MAX_TILE and plan.block >= min(group_size, 128)
+            assert plan.programs == -(-rows // plan.rows)
+            assert plan.programs >= min(rows, PROGRAMS_PER_SM * sms) // 2  # never starves the GPU
+            if rows >= 4 * PROGRAMS_PER_SM * sms and group_size <= 2048:
+                assert plan.programs < rows // 2  # packs a large batch of small groups
+    assert launch_plan(32, 256, sms).programs == 32  # one sample: one group per program
+    assert launch_plan(128 * 32, 2560, sms).rows == 4
+
+
+@needs_triton
 def test_groupnorm_silu_triton_no_affine_and_large_mean():
     # A large common offset: the kernel's two-pass variance must not cancel.
     from fastsd.kernels import groupnorm_silu
@@ -150,16 +212,24 @@ def test_apply_fused_ops_flags_and_foreign_processor(unet):
 
 
 @needs_triton
-def test_apply_fused_triton_interpreted_tiny_unet(unet, unet_inputs, monkeypatch):
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_apply_fused_triton_interpreted_tiny_unet(unet, unet_inputs, monkeypatch, channels_last):
     # Force the interpreted Triton kernels into the tiny UNet (auto would pick torch on CPU).
-    from fastsd.kernels import apply_fused_ops, fused
+    from fastsd.kernels import apply_fused_ops, fused, triton_norm
 
     ref = unet_out(unet, unet_inputs)
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
+    layouts = []
+    kernel = triton_norm.groupnorm_silu
+    monkeypatch.setattr(triton_norm, "groupnorm_silu",
+                        lambda x, *a, **k: layouts.append(triton_norm.layout(x)) or kernel(x, *a, **k))
     monkeypatch.setattr(fused, "_resolve_impl", lambda op, impl, device, dtype: "triton")
     assert apply_fused_ops(unet, None, "cpu", torch.float32, fuse_qkv=False) == ["groupnorm_silu", "geglu"]
     assert unet.mid_block.resnets[0]._fastsd_impl == "triton"
     # measured 1.1e-6
     assert (unet_out(unet, unet_inputs) - ref).abs().max().item() < 5e-5
+    assert layouts and ("nhwc" in layouts) == channels_last  # every norm+SiLU went through the kernel
 
 
 @needs_triton

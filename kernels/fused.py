@@ -27,6 +27,7 @@ from .device_guard import as_device
 from .probe_cache import ProbeCache
 from .processor import FastSDAttnProcessor
 from .triton_availability import triton_status
+from .triton_launch import FailedLaunches, launch_failure
 
 logger = logging.getLogger("fastsd.kernels")
 
@@ -55,6 +56,25 @@ _probe_cache = ProbeCache()
 
 def clear_probe_cache() -> None:
     _probe_cache.clear()
+    _failed.clear()
+
+
+# (op, device, dtype) whose kernel failed to compile or launch at a real shape (the probe's tiny one worked):
+# those calls take the torch path from then on, logged once
+_failed = FailedLaunches("fused op", "the torch implementation")
+
+
+def _kernel_or_torch(op: str, x: torch.Tensor, kernel, fallback):
+    key = (op, str(x.device), x.dtype)
+    if _failed.get(key) is None:
+        try:
+            return kernel()
+        except Exception as exc:
+            why = launch_failure(exc)
+            if why is None:
+                raise
+            _failed.add(key, why)
+    return fallback()
 
 
 def _probe(op: str, device: torch.device, dtype: torch.dtype, reason: str) -> tuple[bool, str]:
@@ -153,11 +173,15 @@ def geglu(x: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
 
 # -- module patches -----------------------------------------------------------------------------
 def _gn_silu(norm: nn.GroupNorm, x: torch.Tensor, impl: str) -> torch.Tensor:
+    def torch_path():
+        return groupnorm_silu_torch(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+
     if impl == "triton":  # NCHW or channels_last (the channels_last UNet keeps the kernel)
         from .triton_norm import groupnorm_silu as kernel
 
-        return kernel(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
-    return groupnorm_silu_torch(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+        return _kernel_or_torch("groupnorm_silu", x, lambda: kernel(x, norm.num_groups, norm.weight, norm.bias,
+                                                                    norm.eps), torch_path)
+    return torch_path()
 
 
 class FusedGroupNormSiLU(nn.GroupNorm):
@@ -250,7 +274,7 @@ def _geglu_classes():
             if self._fastsd_impl == "triton":
                 from .triton_geglu import geglu as kernel
 
-                return kernel(h)
+                return _kernel_or_torch("geglu", h, lambda: kernel(h), lambda: geglu_torch(h))
             return geglu_torch(h)
 
     _make_importable(FusedGEGLU)

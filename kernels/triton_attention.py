@@ -9,6 +9,10 @@ The kernel keeps scores, the running max/sum and the output accumulator in fp32 
 so `upcast` costs nothing here. It takes no attention mask and head dims up to 256, and only launch
 configs that fit the GPU's shared memory without spilling (triton_attention_configs.py); for anything
 else (a mask, head dim 160 in fp32, ...) the attention processor falls back to `sdpa` for that call.
+
+A compiled launch that still fails to compile or fit (OutOfResources, a PTXAS or compilation error: a
+smaller GPU than the configs were checked for) runs that call on `sdpa`, and every later call of the same
+device, dtype and padded head dim goes to `sdpa` too (`supports` says so); logged once (triton_launch.py).
 """
 
 from __future__ import annotations
@@ -19,13 +23,22 @@ import torch
 
 from .attention_backend import AttentionBackend
 from .probe_cache import ProbeCache
+from .sdpa import sdpa_attention
+from .triton_attention_configs import padded_head_dim
 from .triton_availability import triton_status
+from .triton_launch import FailedLaunches, launch_failure
 
 _probe_cache = ProbeCache()
+_failed = FailedLaunches("attention", "sdpa")
 
 
 def clear_probe_cache() -> None:
     _probe_cache.clear()
+    _failed.clear()
+
+
+def _launch_key(q) -> tuple:
+    return (str(q.device), q.dtype, padded_head_dim(q.shape[-1]))
 
 
 def _kernel_module():
@@ -36,7 +49,16 @@ def _kernel_module():
 def triton_attention(q, k, v, *, scale: float, attn_mask=None, upcast: bool = False) -> torch.Tensor:
     if attn_mask is not None:
         raise ValueError("the triton attention kernel takes no attention mask")
-    return _kernel_module().flash_attention(q, k, v, scale=scale)
+    key = _launch_key(q)
+    if _failed.get(key) is None:
+        try:
+            return _kernel_module().flash_attention(q, k, v, scale=scale)
+        except Exception as exc:
+            why = launch_failure(exc)
+            if why is None:
+                raise
+            _failed.add(key, why)
+    return sdpa_attention(q, k, v, scale=scale, attn_mask=None, upcast=upcast)
 
 
 def _supports(q, k, v, attn_mask):
@@ -46,6 +68,9 @@ def _supports(q, k, v, attn_mask):
         return False, f"head dim {q.shape[-1]} > 256"
     if q.device.type == "cpu" and q.dtype == torch.float64:
         return False, "float64"
+    failed = _failed.get(_launch_key(q))
+    if failed:
+        return False, f"the kernel failed to launch for this head dim and dtype here ({failed})"
     if q.device.type == "cuda":  # e.g. head dim 160 in fp32: no config fits the GPU's shared memory
         why = _kernel_module().unusable_reason(q, k.shape[2])
         if why:

@@ -294,6 +294,73 @@ def test_fused_ops_survive_a_kernel_module_that_cannot_import(monkeypatch, unet)
     assert impls == {"torch"}
 
 
+# -- 4b. a launch that fails to compile on this GPU: the fallback runs the call, logged once --------------
+@needs_triton
+def test_attention_launch_that_cannot_compile_falls_back_to_sdpa_once(monkeypatch, caplog):
+    """One config left for a shape means no autotuning beforehand: on a smaller GPU its first launch raises
+    OutOfResources. That call and the later ones of the same head dim and dtype run on sdpa, logged once;
+    any other error is raised."""
+    from triton.runtime.errors import OutOfResources
+
+    from fastsd.kernels import triton_attention, triton_attention_kernel as K
+    from fastsd.kernels.sdpa import sdpa_attention
+    from fastsd.kernels.triton_launch import FailedLaunches
+
+    monkeypatch.setattr(triton_attention, "_failed", FailedLaunches("attention", "sdpa"))
+    calls = []
+
+    def too_big(q, k, v, scale=None):
+        calls.append(q.shape[-1])
+        raise OutOfResources(232448, 101376, "shared memory")
+
+    monkeypatch.setattr(K, "flash_attention", too_big)
+    q = torch.randn(1, 2, 16, 80)
+    with caplog.at_level(logging.WARNING, logger="fastsd.kernels"):
+        for _ in range(3):
+            out = triton_attention.triton_attention(q, q, q, scale=0.1)
+            assert torch.equal(out, sdpa_attention(q, q, q, scale=0.1))
+    assert calls == [80]  # tried once, then straight to sdpa
+    assert caplog.text.count("cannot launch") == 1 and "OutOfResources" in caplog.text
+    ok, why = triton_attention._supports(q, q, q, None)
+    assert not ok and "failed to launch" in why
+    assert triton_attention._supports(torch.randn(1, 2, 16, 40), q[..., :40], q[..., :40], None)[0]
+
+    def bug(q, k, v, scale=None):
+        raise IndexError("a bug, not a launch failure")
+
+    monkeypatch.setattr(K, "flash_attention", bug)
+    with pytest.raises(IndexError):
+        triton_attention.triton_attention(torch.randn(1, 2, 16, 40), q[..., :40], q[..., :40], scale=0.1)
+
+
+@needs_triton
+def test_fused_op_launch_that_cannot_compile_falls_back_to_torch(monkeypatch, unet, caplog):
+    from triton.runtime.errors import PTXASError
+
+    from fastsd.kernels import fused, triton_geglu, triton_norm
+    from fastsd.kernels.triton_launch import FailedLaunches
+
+    monkeypatch.setattr(fused, "_failed", FailedLaunches("fused op", "the torch implementation"))
+    sample, t, ehs = torch.randn(1, 4, 8, 8), torch.tensor(10), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        ref = unet(sample, t, encoder_hidden_states=ehs).sample
+    monkeypatch.setattr(fused, "_resolve_impl", lambda op, impl, device, dtype: "triton")
+    fused.apply_fused_ops(unet, None, "cpu", torch.float32, fuse_qkv=False)
+    tried = []
+
+    def broken(*a, **k):
+        tried.append(1)
+        raise PTXASError("ptxas fatal: Entry function uses too much shared data")
+
+    monkeypatch.setattr(triton_norm, "groupnorm_silu", broken)
+    monkeypatch.setattr(triton_geglu, "geglu", broken)
+    with caplog.at_level(logging.WARNING, logger="fastsd.kernels"), torch.no_grad():
+        for _ in range(2):
+            assert (unet(sample, t, encoder_hidden_states=ehs).sample - ref).abs().max() < 1e-5
+    assert len(tried) == 2  # one failed launch per op, then torch without trying again
+    assert caplog.text.count("cannot launch") == 2
+
+
 # -- 5. CUDA graph capture out of memory ------------------------------------------------------------------
 def _graph(value, inputs):
     from fastsd.kernels.cuda_graphs import CapturedGraph

@@ -1,6 +1,5 @@
 """The onnxruntime backend runs a fastsd export in the engine's loop and matches the FP32 diffusers reference."""
 import json
-import os
 
 import numpy as np
 import pytest
@@ -124,50 +123,6 @@ def test_device_chooses_providers_checked_against_onnxruntime(export_dir, monkey
         optimize(load_onnx_model(export_dir), backend="onnxruntime", device="cuda")
 
 
-class _PretendGpuSession:
-    """onnxruntime.InferenceSession on the CPU provider that reports the providers it was asked for (this
-    onnxruntime build has no GPU provider), recording what each session was given."""
-    made: list = []
-    fail_with_tensorrt = False
-
-    def __init__(self, path, so=None, providers=None, provider_options=None, **kwargs):
-        for name, opts in zip(providers, provider_options):
-            if name == "TensorrtExecutionProvider" and opts.get("trt_engine_cache_enable") == "True":
-                # onnxruntime's TensorRT provider creates only the last level of this path
-                assert os.path.isdir(opts["trt_engine_cache_path"]), opts["trt_engine_cache_path"]
-        self.made.append({"path": str(path), "providers": list(providers), "options": list(provider_options),
-                          "kwargs": kwargs})
-        if self.fail_with_tensorrt and "TensorrtExecutionProvider" in providers:
-            raise RuntimeError("TensorRT EP failed to create engine from network")
-        # model.gpu.onnx holds fused ops with no CPU kernel: its CPU-safe sibling has the same inputs
-        self._real = _REAL_SESSION(str(path).replace("model.gpu.onnx", "model.onnx"), so,
-                                   providers=["CPUExecutionProvider"])
-        self._providers = list(providers)
-
-    def get_providers(self):
-        return self._providers
-
-    def __getattr__(self, name):
-        return getattr(self._real, name)
-
-
-_REAL_SESSION = None
-
-
-@pytest.fixture
-def pretend_gpu(monkeypatch):
-    global _REAL_SESSION
-    import onnxruntime as ort
-    _REAL_SESSION = ort.InferenceSession
-    _PretendGpuSession.made = []
-    _PretendGpuSession.fail_with_tensorrt = False
-    monkeypatch.delenv("FASTSD_ORT_PROVIDERS", raising=False)
-    monkeypatch.setattr(ort, "get_available_providers",
-                        lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
-    monkeypatch.setattr(ort, "InferenceSession", _PretendGpuSession)
-    return _PretendGpuSession
-
-
 def test_tensorrt_cache_folder_exists_before_each_session_and_device_id_is_kept(export_dir, pretend_gpu):
     engine = optimize(load_onnx_model(export_dir), backend="onnxruntime", device="cuda:1")
     assert [m["providers"][0] for m in pretend_gpu.made] == ["TensorrtExecutionProvider"] * 3
@@ -188,6 +143,27 @@ def test_tensorrt_failure_retries_with_cuda_keeping_its_options(export_dir, pret
     retried = [m for m in pretend_gpu.made if m["providers"][0] == "CUDAExecutionProvider"]
     assert len(retried) == 3 and all(m["options"][0] == {"device_id": "1"} for m in retried)
     assert "TensorRT could not start" in caplog.text
+
+
+def test_an_onnxruntime_that_ignores_enable_fallback_does_not_put_cuda_1_on_gpu_0(export_dir, pretend_gpu, caplog):
+    """onnxruntime 1.18-1.22 retry a failed TensorRT session on CUDA with no provider options whatever
+    enable_fallback says: cuda:1 ran on GPU 0. The placement is checked and the retry is fastsd's own."""
+    pretend_gpu.fail_with_tensorrt = pretend_gpu.ignores_enable_fallback = True
+    with caplog.at_level("WARNING", logger="fastsd"):
+        engine = optimize(load_onnx_model(export_dir), backend="onnxruntime", device="cuda:1")
+    assert "fell back on its own" in caplog.text and "on device 0, not 1" in caplog.text
+    for comp, graph in engine.backend.graphs.items():
+        assert graph.session.get_provider_options()["CUDAExecutionProvider"]["device_id"] == "1", comp
+    assert [m["providers"][0] for m in pretend_gpu.made] == ["TensorrtExecutionProvider", "CUDAExecutionProvider"] * 3
+
+
+def test_misplaced_session_without_a_retry_is_an_error(export_dir, pretend_gpu, monkeypatch):
+    import onnxruntime as ort
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(pretend_gpu, "get_provider_options",
+                        lambda self: {"CUDAExecutionProvider": {"device_id": "0"}, "CPUExecutionProvider": {}})
+    with pytest.raises(ModelLoadError, match="CUDAExecutionProvider on device 0, not 1"):
+        optimize(load_onnx_model(export_dir), backend="onnxruntime", device="cuda:1")
 
 
 def test_optimize_exports_are_not_given_to_tensorrt(export_dir, tmp_path, pretend_gpu):

@@ -70,3 +70,34 @@ def test_export_without_vae_encoder_says_what_to_do(_tiny, tmp_path):
     with pytest.raises(ModelLoadError, match="no vae_encoder graph.*--components"):
         eng.generate("a cat", image=image, num_inference_steps=2, progress=False)
     assert torch.isfinite(eng.generate("a cat", num_inference_steps=2, progress=False, seed=0).latents).all()
+
+
+def test_vae_encoder_session_has_its_own_tensorrt_profile_and_cache(export4, pretend_gpu):
+    """The vae_encoder session (opened on first image-to-image use) gets the encoder's image-sized profile
+    and engine cache, chosen like every other graph's, never the UNet's."""
+    engine = optimize(load_onnx_model(export4), backend="onnxruntime", device="cuda:1")
+    engine.backend.encode_image(torch.zeros(1, 3, 64, 64))
+    opened = {m["path"].split("/")[-2]: m for m in pretend_gpu.made}
+    assert set(opened) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
+    profiles = json.loads((export4 / "trt_profiles.json").read_text())
+    for comp, m in opened.items():
+        trt = m["options"][m["providers"].index("TensorrtExecutionProvider")]
+        assert trt["trt_engine_cache_path"].endswith(f"trt_cache/{comp}") and trt["device_id"] == "1"
+        name = next(iter(k for k in profiles[comp] if k != "timestep"))
+        assert trt["trt_profile_opt_shapes"].startswith(f"{name}:{'x'.join(map(str, profiles[comp][name]['opt']))}")
+    enc = opened["vae_encoder"]["options"][0]["trt_profile_opt_shapes"]
+    assert enc.startswith("sample:") and enc.split(":")[1].split("x")[1] == "3"  # an image, not the UNet's latents
+
+
+def test_optimized_vae_encoder_is_not_given_to_tensorrt(export4, tmp_path, pretend_gpu):
+    """As for the other graphs: an --optimize graph holds onnxruntime contrib ops, so CUDA, not TensorRT
+    (stand-in: the plain export with a model.gpu.onnx beside each graph)."""
+    import shutil
+    out = tmp_path / "opt"
+    shutil.copytree(export4, out, ignore=shutil.ignore_patterns("trt_cache"))
+    for comp in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
+        shutil.copy(out / comp / "model.onnx", out / comp / "model.gpu.onnx")
+    engine = optimize(load_onnx_model(out), backend="onnxruntime", device="cuda")
+    engine.backend.encode_image(torch.zeros(1, 3, 64, 64))
+    assert len(pretend_gpu.made) == 4
+    assert all(m["providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"] for m in pretend_gpu.made)

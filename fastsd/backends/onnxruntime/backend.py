@@ -35,11 +35,37 @@ def _import_ort():
     return ort
 
 
+class Misplaced(RuntimeError):
+    """A session that did not get the device its provider options named (onnxruntime's own fallback ran)."""
+
+
 def _session(ort, source, so, providers: list[str], provider_options: list[dict]):
     # enable_fallback=0: on a provider error onnxruntime would retry with CUDA and CPU and no provider options
     # at all (TensorRT silently off, device_id dropped so cuda:1 ran on GPU 0); _Graph retries itself instead.
-    return ort.InferenceSession(source if isinstance(source, bytes) else str(source), so, providers=providers,
+    # onnxruntime 1.18-1.22 ignore the flag (InferenceSession sets _enable_fallback = True whatever it is
+    # given; 1.23 reads it), so the placement is checked too: a GPU provider on another device than asked is
+    # refused here, and _Graph's retry (with the options) or its error follows.
+    sess = ort.InferenceSession(source if isinstance(source, bytes) else str(source), so, providers=providers,
                                 provider_options=provider_options, enable_fallback=0)
+    wrong = misplaced(sess, providers, provider_options)
+    if wrong:
+        raise Misplaced(f"onnxruntime {getattr(ort, '__version__', '?')} fell back on its own and dropped the "
+                        f"provider options: {wrong} (onnxruntime 1.23+ honours enable_fallback=0)")
+    return sess
+
+
+def misplaced(sess, providers: list[str], provider_options: list[dict]) -> str:
+    """'' when every GPU provider the session got runs on the device_id it was asked for, else what differs."""
+    try:
+        got = sess.get_provider_options()
+    except Exception:  # an onnxruntime without get_provider_options: nothing to compare
+        return ""
+    for name, opts in zip(providers, provider_options):
+        want = (opts or {}).get("device_id")
+        have = (got.get(name) or {}).get("device_id")
+        if want is not None and have is not None and str(have) != str(want):
+            return f"{name} on device {have}, not {want}"
+    return ""
 
 
 def choose_providers(ort, device: str = "cpu") -> list[str]:
@@ -152,7 +178,7 @@ class _Graph:
             source = model_bytes
         try:
             self.session = _session(ort, source, so, providers, provider_options)
-        except Exception as e:  # onnxruntime raises its own exception types
+        except Exception as e:  # onnxruntime raises its own exception types; Misplaced is ours
             if TRT not in providers or len(providers) == 1:
                 raise ModelLoadError(f"model: onnxruntime cannot load {path}: {type(e).__name__}: "
                                      f"{str(e).splitlines()[0][:300]}") from e
@@ -248,7 +274,8 @@ class OnnxRuntimeBackend:
         self.base_graphs = dict(self.graphs)  # the export's own weights; self.graphs runs the active LoRA set
         self.lora_sessions = None  # lora.SessionCache, made on the first LoRA set
         # optional, and opened on first use: only image-to-image and inpainting need it
-        self._encoder_spec = (ort, paths["vae_encoder"], gpu, config, profiles.get("vae_encoder")) \
+        self._encoder_spec = (ort, paths["vae_encoder"], gpu, config, profiles.get("vae_encoder"),
+                              is_optimized(info, "vae_encoder", paths["vae_encoder"])) \
             if "vae_encoder" in paths else None
         if gpu and all(g.providers == ["CPUExecutionProvider"] for g in self.graphs.values()):
             log.warning("onnxruntime: %s are available but every session fell back to CPUExecutionProvider "
@@ -308,11 +335,14 @@ class OnnxRuntimeBackend:
         """Image in [-1, 1] -> latent_parameters [B, 8, h, w] (mean and log-variance), as the export's
         vae_encoder graph gives them (and Optimum's img2img/inpaint pipelines read them)."""
         if "vae_encoder" not in self.graphs and self._encoder_spec is not None:
-            ort, p, gpu, config, profile = self._encoder_spec
+            # its own TensorRT profile (image-sized `sample`) and engine cache (trt_cache/vae_encoder), chosen
+            # as for the other graphs: never the UNet's
+            ort, p, gpu, config, profile, optimized = self._encoder_spec
             path = p["gpu"] if gpu and p.get("gpu") else p["cpu"]
-            opts = [provider_options(name, "vae_encoder", config.device, export_dtype=self.export_dtype,
-                                     folder=self.folder, profile=profile) for name in self.providers]
-            self.graphs["vae_encoder"] = _Graph(ort, "vae_encoder", path, self.providers, opts, self.threads)
+            providers, opts = session_providers(self.providers, "vae_encoder", config.device,
+                                                export_dtype=self.export_dtype, folder=self.folder,
+                                                profile=profile, optimized=optimized)
+            self.graphs["vae_encoder"] = _Graph(ort, "vae_encoder", path, providers, opts, self.threads)
         g = self.graphs.get("vae_encoder")
         if g is None:
             raise ModelLoadError(f"model: the export at {self.folder} has no vae_encoder graph, which image-to-image "

@@ -185,9 +185,34 @@ def _trace(module, inputs: dict, spec, path: Path, opset: int) -> None:
                           dynamic_axes=spec.dynamic_axes or None, do_constant_folding=True)
 
 
+def precision_plan(model, comp: str, dtype: str) -> dict:
+    """What an `--dtype fp16` export does to one graph, from the model's own configs:
+    - the VAE graphs stay fp32 when the VAE's config says `force_upcast` (diffusers' flag, true for SD 1.x/2.x
+      VAEs: their decoder overflows fp16 into NaN at SD sizes; a fixed fp16 VAE sets it false and is
+      converted like the rest);
+    - the UNet's attention scores, softmax and weighted sum stay fp32 when its config says `upcast_attention`
+      (SD 2.1: its attention logits overflow fp16), the rest of the UNet is fp16.
+    {"dtype": "fp16" | "fp32", "upcast_attention": bool, "why": str}."""
+    if dtype != "fp16":
+        return {"dtype": dtype, "upcast_attention": False, "why": ""}
+    if comp in ("vae_decoder", "vae_encoder") and _config(model.vae, "force_upcast", True):
+        return {"dtype": "fp32", "upcast_attention": False,
+                "why": "the VAE's config has force_upcast (its fp16 decode overflows): kept fp32; export a fixed "
+                       "fp16 VAE (force_upcast false) for an fp16 VAE graph"}
+    if comp == "unet" and _config(model.unet, "upcast_attention", False):
+        return {"dtype": "fp16", "upcast_attention": True,
+                "why": "the UNet's config has upcast_attention: attention scores and softmax kept fp32"}
+    return {"dtype": "fp16", "upcast_attention": False, "why": ""}
+
+
+def _config(module, key: str, default):
+    value = getattr(module.config, key, None) if not isinstance(module.config, dict) else module.config.get(key)
+    return default if value is None else bool(value)
+
+
 def _export_component(model, comp, spec, dims, shapes, opts, staging: Path) -> dict:
     import onnx
-    from .transforms import optimized, to_fp16  # lazy: onnx only when a graph is written
+    from .transforms import attention_score_nodes, optimized, to_fp16  # lazy: onnx only when a graph is written
     threshold = opts.external_data_threshold
     module = spec.module(model)
     inputs = spec.sample_inputs(dims, spec.input_shapes(dims, shapes, "opt"), seed=opts.parity_seed)
@@ -197,23 +222,39 @@ def _export_component(model, comp, spec, dims, shapes, opts, staging: Path) -> d
     proto = onnx.load(str(raw / GRAPH))  # with its external data, if torch wrote any
     shutil.rmtree(raw)
     big = tensor_bytes(proto) >= EXTERNAL_DATA_THRESHOLD
-    fp16 = opts.dtype == "fp16"
+    plan = precision_plan(model, comp, opts.dtype)
+    fp16 = plan["dtype"] == "fp16"
+    if plan["why"]:
+        log.info("export %s (%s): %s", comp, opts.dtype, plan["why"])
+
+    def convert(m):
+        if not fp16:
+            return m, {}
+        if not plan["upcast_attention"]:
+            return to_fp16(m, big), {}
+        keep = attention_score_nodes(m)
+        softmax = sum(1 for n in m.graph.node if n.op_type == "Softmax" and n.name in set(keep))
+        if not softmax:  # e.g. an --optimize graph whose attention became one fused op
+            log.info("export %s: no unfused attention softmax to keep in fp32 (fused attention ops)", comp)
+        return to_fp16(m, big, keep_fp32=keep), {"fp32_attention_softmax": softmax}
+
+    def precision(extra):
+        return {"dtype": plan["dtype"], **({"precision_note": plan["why"]} if plan["why"] else {}), **extra}
+
     files = {}
     if not opts.optimize:
-        if fp16:
-            proto = to_fp16(proto, big)
+        proto, extra = convert(proto)
         files[GRAPH] = write_graph(proto, staging / GRAPH, threshold)
-        files[GRAPH]["variant"] = "plain"
+        files[GRAPH].update(variant="plain", **precision(extra))
     else:
         plain = staging / "plain.onnx"
         write_graph(proto, plain, threshold)
         del proto
         for variant, name in (("cpu", GRAPH), ("gpu", GPU_GRAPH)):
             m, stats = optimized(plain, comp, variant, fp16, quiet=not opts.progress)
-            if fp16:
-                m = to_fp16(m, big)
+            m, extra = convert(m)
             files[name] = write_graph(m, staging / name, threshold)
-            files[name].update(variant=variant, fused_ops=stats)
+            files[name].update(variant=variant, fused_ops=stats, **precision(extra))
             del m
         for p in (plain, plain.with_name(plain.name + ".data")):
             p.unlink(missing_ok=True)
@@ -317,11 +358,16 @@ def export_model(model, out, options: ExportOptions | None = None, *, source: di
     profiles = trt_profiles(dims, shapes, opts.components)
     write_json(out / "model_index.json", layout.model_index(model, opts.components))
     write_json(out / "trt_profiles.json", profiles)
+    notes = {comp: info["precision_note"] for comp, files in graphs.items() for info in files.values()
+             if info.get("precision_note")}
     write_text(out / "BUILD_TENSORRT.md", build_markdown(profiles, dtype=opts.dtype, static=opts.static,
-                                                         optimize=opts.optimize, model_name=model.name))
+                                                         optimize=opts.optimize, model_name=model.name,
+                                                         precision_notes=notes))
     engines = None
     if opts.tensorrt:
-        engines = build_engines(out, profiles, static=opts.static, fp16=opts.dtype == "fp16", progress=opts.progress)
+        fp32 = [comp for comp, files in graphs.items() if any(i.get("dtype") == "fp32" for i in files.values())]
+        engines = build_engines(out, profiles, static=opts.static, fp16=opts.dtype == "fp16", progress=opts.progress,
+                                fp32_graphs=fp32)
     info = {
         "format": FORMAT,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

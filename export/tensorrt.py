@@ -52,7 +52,9 @@ def trtexec_line(comp: str, profile: dict, dynamic: list[str], fp16: bool) -> st
     return " \\\n    ".join(parts)
 
 
-def build_markdown(profiles: dict, *, dtype: str, static: bool, optimize: bool, model_name: str) -> str:
+def build_markdown(profiles: dict, *, dtype: str, static: bool, optimize: bool, model_name: str,
+                   precision_notes: dict | None = None) -> str:
+    """precision_notes: {graph: why} for the graphs of an fp16 export that keep fp32 parts (exporter.precision_plan)."""
     fp16 = dtype == "fp16"
     lines = [f"# Building TensorRT engines for this export ({model_name}, {dtype})", "",
              "Run from this folder on the machine with the GPU the engines are for (an engine is tied to its GPU "
@@ -66,6 +68,10 @@ def build_markdown(profiles: dict, *, dtype: str, static: bool, optimize: bool, 
         lines += ["The graphs are fp16 with fp32 inputs and outputs. `--stronglyTyped` builds them with the types "
                   "they hold; the lines work on TensorRT 10 and 11 (11 removed the `--fp16` precision flag: every "
                   "network is strongly typed there).", ""]
+        for comp, why in (precision_notes or {}).items():
+            lines += [f"- `{comp}`: {why}."]
+        if precision_notes:
+            lines += [""]
     else:
         lines += ["The graphs are fp32 and build as fp32. For fp16 engines export with `--dtype fp16` (the graph "
                   "then carries its own fp16 types): TensorRT 11 removed `--fp16`, and on 10.x it lets TensorRT "
@@ -99,16 +105,20 @@ LORA_REFIT = [
     "the torch parameter, once per export. This route is written down, not run: no TensorRT here.", ""]
 
 
-def build_engines(out: Path, profiles: dict, *, static: bool, fp16: bool, progress: bool = True) -> dict:
+def build_engines(out: Path, profiles: dict, *, static: bool, fp16: bool, progress: bool = True,
+                  fp32_graphs=()) -> dict:
     """Parse each graph with TensorRT's OnnxParser and build a serialized engine with one optimization
-    profile (min/opt/max per dynamic input); writes `<graph>/model.plan` via a temporary name."""
+    profile (min/opt/max per dynamic input); writes `<graph>/model.plan` via a temporary name.
+    fp32_graphs: graphs of an fp16 export kept fp32 (the VAE of force_upcast): no FP16 flag for them."""
     require_tensorrt()
     import tensorrt as trt
     from tqdm.auto import tqdm
 
     logger = trt.Logger(trt.Logger.WARNING)
     built = {}
+    all_fp16 = fp16
     for comp, profile in tqdm(list(profiles.items()), desc="tensorrt", disable=not progress, leave=False):
+        fp16 = all_fp16 and comp not in fp32_graphs
         builder = trt.Builder(logger)
         flags = 0
         explicit = getattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH", None)

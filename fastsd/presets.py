@@ -87,7 +87,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
            _SD_VAE, _CLIP_L, _SAFETY_VIT_L, description="Stable Diffusion 1.5",
            aliases=("runwayml/stable-diffusion-v1-5",)),
     Preset("sd-2.1", "stabilityai/stable-diffusion-2-1", 768, "v_prediction", "ddim",
-           dict(_SD2_UNET, sample_size=96), dict(_SD_VAE, sample_size=768), _OPENCLIP_H,
+           dict(_SD2_UNET, sample_size=96, upcast_attention=True),  # as its unet/config.json: logits overflow fp16
+           dict(_SD_VAE, sample_size=768), _OPENCLIP_H,
            description="Stable Diffusion 2.1, 768x768, v-prediction"),
     Preset("sd-2-base", "stabilityai/stable-diffusion-2-base", 512, "epsilon", "pndm", _SD2_UNET, _SD_VAE,
            _OPENCLIP_H, description="Stable Diffusion 2 base, 512x512 (and its fine-tunes)"),

@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXTRAS ?= test,onnx,openvino,int8,bench,triton,serving,lora,ui,docs
 
-.PHONY: demo test test-slow setup browser clean netns-deps docs
+.PHONY: demo test test-slow setup browser clean netns-deps docs gpu-wheels gpu-wheels-check
 
 # Creates .venv when missing and reuses it when present; reinstalls when the project files change.
 $(STAMP): pyproject.toml constraints.txt
@@ -56,6 +56,18 @@ test-slow: $(STAMP) netns-deps
 # missing from the nav) into a failure.
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -d out/site
+
+# The wheels fastsd's GPU self-check needs beyond a CUDA torch, for a GPU machine with no index (<= 60 MB,
+# out/gpu-wheels; docs/gpu-check.md). GPU_PY: that machine's Python version (binary wheels are per version).
+# GPU_WHEELS_MB: the size limit; optional groups (onnx + onnxruntime-gpu, triton) go in only while they fit.
+GPU_PY ?= $(shell $(BIN)/python -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null)
+GPU_WHEELS_MB ?= 60
+gpu-wheels: $(STAMP)
+	$(BIN)/python -m fastsd.bench.gpu_wheels --out out/gpu-wheels --python-version $(GPU_PY) --limit-mb $(GPU_WHEELS_MB)
+
+# Installs out/gpu-wheels as the docs say into a new venv beside this machine's torch and runs fastsd there.
+gpu-wheels-check: gpu-wheels
+	$(BIN)/python -m fastsd.bench.gpu_wheels --check out/gpu-wheels --venv out/gpu-wheels-check
 
 clean:
 	rm -rf $(VENV) out

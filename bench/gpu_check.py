@@ -36,11 +36,11 @@ import torch
 
 # name, "module:function", limit with --quick (s), limit without (s)
 SECTIONS = [
-    ("environment", "fastsd.bench.gpu_sections:environment", 25, 40),
-    ("kernels", "fastsd.bench.gpu_sections:kernels", 40, 180),
+    ("environment", "fastsd.bench.gpu_sections:environment", 20, 40),
+    ("kernels", "fastsd.bench.gpu_sections:kernels", 50, 180),
     ("fused", "fastsd.bench.gpu_sections:fused", 25, 90),
     ("cuda_graphs", "fastsd.bench.gpu_sections:cuda_graphs", 30, 90),
-    ("onnxruntime", "fastsd.bench.gpu_sections:onnxruntime", 40, 150),
+    ("onnxruntime", "fastsd.bench.gpu_sections:onnxruntime", 35, 150),
     ("engine", "fastsd.bench.gpu_engine:engine", 75, 300),
     ("lora", "fastsd.bench.gpu_engine:lora", 25, 60),
     ("timings", "fastsd.bench.gpu_engine:timings", 40, 240),

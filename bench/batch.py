@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args(argv)
 
-    from ..serving.common import free_port_block
+    from ..serving.ports import free_port_block
     from ..serving.deploy import serve, stop
     work = Path(tempfile.mkdtemp(prefix="fastsd-bench-batch-"))
     src = work / "prompts.csv"

@@ -109,7 +109,7 @@ class MemorySampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _pids(self):
-        from fastsd.serving.common import read_json
+        from fastsd.serving.folders import read_json
         state = read_json(self.ddir / "state.json") or {}
         return [state.get("supervisor_pid")] + [c.get("pid") for c in state.get("children", {}).values()]
 
@@ -194,7 +194,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from fastsd.serving.common import cache_path, free_port_block, use_cache_path
+    from fastsd.serving.folders import cache_path, use_cache_path
+    from fastsd.serving.ports import free_port_block
     from fastsd.serving.deploy import serve, status, stop
     torch.set_num_threads(args.threads)
     use_cache_path()

@@ -39,8 +39,10 @@ import time
 from pathlib import Path
 
 from . import logs, wire
-from .common import (LATENCY_BOUNDS, connect_host, graceful_signals, hist_new, hist_observe, port_answers, read_json,
-                     watch_parent, write_json)
+from .folders import read_json, write_json
+from .histograms import LATENCY_BOUNDS, hist_new, hist_observe
+from .ports import connect_host, port_answers
+from .processes import graceful_signals, watch_parent
 
 log = logging.getLogger("fastsd.serving.balancer")
 TASKS = {"Txt2ImgReply": "text-to-image", "InpaintingReply": "text-to-image-inpainting"}  # MII's method -> task

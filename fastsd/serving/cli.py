@@ -7,7 +7,9 @@ import importlib.util
 import json
 import os
 
-from .common import DEFAULT_PORT, TOKEN_ENV, ServingError
+from .errors import ServingError
+from .ports import DEFAULT_PORT
+from .processes import TOKEN_ENV
 
 
 def _gpus(text: str) -> list[int]:
@@ -144,7 +146,7 @@ def cmd_serve(args) -> int:
                  allow_pickle=args.allow_pickle, threads=args.threads, max_body_bytes=args.max_body_bytes,
                  startup_timeout=args.startup_timeout, metrics_port=args.metrics_port, log_format=args.log_format,
                  ssh_config=args.ssh_config, lora_dir=args.lora_dir, loras=loras)
-    from .common import cache_path
+    from .folders import cache_path
     n = len(spec["replicas"])
     print(f"deployment '{spec['name']}' is up: {spec['model']}, {n} replica(s), gRPC {spec['host']}:{spec['port']} "
           f"(inpainting and image-to-image: MII deployment '{spec['name']}-inpaint')"

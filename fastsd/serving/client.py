@@ -12,15 +12,8 @@ import asyncio
 import threading
 from dataclasses import dataclass
 
-from .common import ServingError, cache_path, check_name, read_json, use_cache_path
-
-
-class DeploymentError(ServingError):
-    """The deployment answered with an error (or not at all); `code` is the gRPC status name."""
-
-    def __init__(self, code: str, message: str):
-        self.code = code
-        super().__init__(message)
+from .errors import DeploymentError, ServingError
+from .folders import cache_path, check_name, read_json, use_cache_path
 
 
 @dataclass

@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 from ..errors import InvalidParameter
-from .common import (LOOPBACK, TOKEN_ENV, ServingError, cache_path, check_name, connect_host, is_ours, pid_alive,
-                     port_answers,
-                     port_free, read_json, signal_pid, use_cache_path, wait_gone, write_json)
+from .errors import ServingError
+from .folders import cache_path, check_name, read_json, use_cache_path, write_json
+from .ports import LOOPBACK, connect_host, port_answers, port_free
+from .processes import TOKEN_ENV, is_ours, pid_alive, signal_pid, wait_gone
 from .limits import Limits
 
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}

@@ -4,7 +4,7 @@
 
 The REST gateway serves `GET /metrics` on its own port; `--metrics-port` serves the same on a port of
 its own (for a deployment without REST). Both read the deployment's figures from the same files
-`fastsd status` reads (balancer.json, replica-I.json, state.json; see common.py), through
+`fastsd status` reads (balancer.json, replica-I.json, state.json; see folders.py), through
 `deploy.status`, so the metrics and `fastsd status --json` agree by construction. Names:
 
     fastsd_requests_total{task,outcome,code}      requests answered by the load balancer (gRPC status code)
@@ -31,7 +31,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .common import read_json
+from .folders import read_json
 
 OUTCOMES = {"OK": "ok", "INVALID_ARGUMENT": "bad_request", "UNIMPLEMENTED": "bad_request",
             "DEADLINE_EXCEEDED": "timeout", "UNAVAILABLE": "unavailable", "RESOURCE_EXHAUSTED": "busy",
@@ -50,7 +50,7 @@ def http_outcome(status: int) -> str:
 
 
 def _histogram(name: str, doc: str, h: dict | None):
-    """A histogram kept in a stats file (common.hist_new) as prometheus_client's family."""
+    """A histogram kept in a stats file (histograms.hist_new) as prometheus_client's family."""
     from prometheus_client.core import HistogramMetricFamily
     fam = HistogramMetricFamily(name, doc)
     if h and h.get("counts"):
@@ -141,7 +141,8 @@ def main(argv=None) -> int:
     from prometheus_client import start_http_server
 
     from . import logs
-    from .common import graceful_signals, use_cache_path, watch_parent
+    from .folders import use_cache_path
+    from .processes import graceful_signals, watch_parent
     argv = sys.argv[1:] if argv is None else argv
     ddir = Path(argv[0])
     spec = read_json(ddir / "spec.json")

@@ -26,7 +26,8 @@ from concurrent import futures
 from pathlib import Path
 
 from . import logs
-from .common import graceful_signals, read_json, watch_parent, write_json
+from .folders import read_json, write_json
+from .processes import graceful_signals, watch_parent
 
 log = logging.getLogger("fastsd.serving.replica")
 HEADROOM = 0.9  # of the memory a replica may plan for (kernels.plan_memory's default)

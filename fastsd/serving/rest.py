@@ -37,7 +37,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import schema
-from .common import TOKEN_ENV, graceful_signals, port_answers, read_json, use_cache_path, watch_parent
+from .folders import read_json, use_cache_path
+from .ports import port_answers
+from .processes import TOKEN_ENV, graceful_signals, watch_parent
 
 log = logging.getLogger("fastsd.serving.rest")
 
@@ -82,7 +84,8 @@ def create_app(name: str, spec: dict, token: str | None):
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
     from . import logs, wire
-    from .common import LATENCY_BOUNDS, connect_host
+    from .histograms import LATENCY_BOUNDS
+    from .ports import connect_host
     from .limits import Limits
     from .metrics import DeploymentCollector, http_outcome
 

@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from .common import PARENT_ENV, WATCH_STDIN_ENV, pid_alive, read_json, write_json
+from .folders import read_json, write_json
+from .processes import PARENT_ENV, WATCH_STDIN_ENV, pid_alive
 
 RESTART_DELAY, MAX_DELAY, QUICK_DEATH = 0.5, 30.0, 10.0
 # ssh gives up on a host that stops answering (15 s) instead of hanging, so the replica is restarted

@@ -30,7 +30,8 @@ from pathlib import Path
 
 from ..errors import InvalidParameter
 from ..serving.client import DeploymentClient, DeploymentError, deployment_info
-from ..serving.common import LOOPBACK, ServingError
+from ..serving.errors import ServingError
+from ..serving.ports import LOOPBACK
 from ..serving.limits import SCHEDULERS
 
 log = logging.getLogger("fastsd.ui")
@@ -231,7 +232,7 @@ def launch(name: str, host: str = "127.0.0.1", port: int = 7860, token: str | No
     """Serves the page; returns (demo, url). With block=False it returns once the page answers."""
     import hmac
 
-    from ..serving.common import port_free
+    from ..serving.ports import port_free
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     check_exposure(host, token, name)
     if not 1 <= port <= 65535 or not port_free(port, host):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from ..serving.common import TOKEN_ENV
+from ..serving.processes import TOKEN_ENV
 
 
 def register(subparsers, parents) -> None:

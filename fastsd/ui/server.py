@@ -9,7 +9,8 @@ import threading
 from pathlib import Path
 
 from ..errors import FastSDError
-from ..serving.common import TOKEN_ENV, graceful_signals, read_json, watch_parent
+from ..serving.folders import read_json
+from ..serving.processes import TOKEN_ENV, graceful_signals, watch_parent
 
 
 def require_gradio() -> None:

@@ -15,7 +15,7 @@ pytest.importorskip("mii")
 
 from fastsd import images as imgs  # noqa: E402
 from fastsd.errors import InvalidParameter  # noqa: E402
-from fastsd.serving import common  # noqa: E402
+from fastsd.serving import ports  # noqa: E402
 from fastsd.serving.batcher import BatchingPipeline  # noqa: E402
 from fastsd.serving.limits import Limits, parse  # noqa: E402
 from fastsd.serving.rest import BadRequest, parse_score_body  # noqa: E402
@@ -129,7 +129,7 @@ def test_inpainting_reply_with_mii_client(engine):
     from mii.legacy.client import MIIClient
 
     from fastsd.serving.replica import make_server, make_servicer
-    port = common.free_port_block(1)
+    port = ports.free_port_block(1)
     pipe = BatchingPipeline(engine, Limits(timeout=60, max_pixels=16384), max_batch=4, window=0.0)
     server = make_server(make_servicer(pipe), "127.0.0.1", port, workers=4)
     server.start()

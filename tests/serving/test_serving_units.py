@@ -9,7 +9,7 @@ import pytest
 import mii  # noqa: E402,F401 - the serving extra: `make test` installs it, so a missing one fails, not skips
 
 from fastsd.errors import InvalidParameter
-from fastsd.serving import common
+from fastsd.serving import ports
 from fastsd.serving.batcher import BatchingPipeline, RequestTimeout
 from fastsd.serving.limits import Limits, _f32_to_float, parse
 from fastsd.serving.rest import BadRequest, parse_score_body
@@ -154,12 +154,12 @@ def test_servicer_status_codes(engine):
     from mii.legacy.client import MIIClient
 
     from fastsd.serving.replica import make_server, make_servicer
-    port = common.free_port_block(1)
+    port = ports.free_port_block(1)
     pipe = BatchingPipeline(engine, Limits(timeout=30), max_batch=4, window=0.0)
     server = make_server(make_servicer(pipe), "127.0.0.1", port, workers=4)
     server.start()
     slow = make_server(make_servicer(BatchingPipeline(SlowEngine(), Limits(timeout=0.2))), "127.0.0.1", port + 1) \
-        if common.port_free(port + 1) else None
+        if ports.port_free(port + 1) else None
     if slow:
         slow.start()
     loop = asyncio.new_event_loop()

@@ -14,7 +14,8 @@ pytestmark = pytest.mark.timeout(300)
 def fake_deployment(tmp_path, monkeypatch, token_required: bool) -> str:
     from mii.legacy.models.score import create_score_file
 
-    from fastsd.serving.common import free_port_block, write_json
+    from fastsd.serving.folders import write_json
+    from fastsd.serving.ports import free_port_block
     from fastsd.serving.deploy import plan_replicas
     from fastsd.serving.limits import Limits
     monkeypatch.setenv("MII_CACHE_PATH", str(tmp_path))
@@ -48,7 +49,7 @@ def test_token_is_the_password_and_no_replica_is_a_readable_error(tmp_path, monk
     from gradio_client import Client
     from gradio_client.exceptions import AppError
 
-    from fastsd.serving.common import free_port_block
+    from fastsd.serving.ports import free_port_block
     name = fake_deployment(tmp_path, monkeypatch, token_required=True)
     port = free_port_block(1)
     demo, _ = launch(name, "127.0.0.1", port, token="secret", block=False)

@@ -62,7 +62,7 @@ class Bucket:
 
 
 def bucket_of(request) -> Bucket:
-    """The bucket of a serving request (limits.Request); a request type with a `task` brings its own."""
+    """The bucket of a serving request (request.Request); a request type with a `task` brings its own."""
     return Bucket(getattr(request, "task", DEFAULT_TASK), request.height, request.width,
                   steps_bucket(request.steps), max(request.guidance) > 1.0)
 

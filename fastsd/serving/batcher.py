@@ -28,7 +28,7 @@ from queue import Empty, Queue
 from ..errors import FastSDError
 from .batch_size import BatchSizer
 from .histograms import BATCH_BOUNDS, hist_new, hist_observe
-from .limits import Limits, Request, parse
+from .request import Limits, Request, parse
 
 log = logging.getLogger("fastsd.serving")
 

@@ -123,7 +123,7 @@ def cmd_serve(args) -> int:
     from ..options import lora_refs, optimize_config
     from ..presets import check_config
     from .deploy import serve
-    from .limits import Limits
+    from .request import Limits
     check_config(args.model, args.config)
     if args.gpus:
         args.device = "cuda"

@@ -16,7 +16,7 @@ from .errors import ServingError
 from .folders import cache_path, check_name, read_json, use_cache_path, write_json
 from .ports import LOOPBACK, connect_host, port_answers, port_free
 from .processes import TOKEN_ENV, is_ours, pid_alive, signal_pid, wait_gone
-from .limits import Limits
+from .request import Limits
 
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
 STALE_FILES = ("stopping", "state.json", "balancer.json", "score.py")

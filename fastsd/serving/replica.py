@@ -187,7 +187,7 @@ def build_sizer(spec: dict, replica: dict, engine, host_free_at_start: tuple[int
 def measure_native(sizer, engine, steps: int) -> None:
     """The start-up warm-up: the batch size for the model's native size, guided, at `steps` steps."""
     from .batch_size import engine_run, release_free_memory
-    from .limits import Request
+    from .request import Request
     size = engine.model.native_size
     probe = Request(prompts=["probe"], negatives=[""], guidance=[7.5], seeds=[0], steps=steps, height=size,
                     width=size, scheduler=None)
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
     t_start = time.time()
 
     from .batcher import BatchingPipeline
-    from .limits import Limits
+    from .request import Limits
 
     free_at_start = None
     if not replica.get("host_memory_bytes"):  # a host `fastsd serve` could not measure: before loading

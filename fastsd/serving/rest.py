@@ -36,10 +36,11 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import schema
+from ..errors import InvalidParameter
 from .folders import read_json, use_cache_path
 from .ports import port_answers
 from .processes import TOKEN_ENV, graceful_signals, watch_parent
+from .request import BadBody, Limits, Query, parse_score_body
 
 log = logging.getLogger("fastsd.serving.rest")
 
@@ -50,18 +51,16 @@ class BadRequest(Exception):
         self.status, self.message, self.extra = status, message, extra
 
 
-def parse_score_body(body: bytes, limits=None, with_images: bool = False):
-    """The model-card request -> (prompts, negative prompts or None, query kwargs), every field
-    checked by schema.py. Raises BadRequest (400 not JSON or not the format, 422 a value)."""
-    from ..errors import InvalidParameter
-    from .limits import Limits
+def read_score_body(body: bytes, limits: Limits | None = None, with_images: bool = False) -> Query:
+    """The bytes of a `POST /score` body -> the checked Query (request.parse_score_body), or BadRequest
+    with the HTTP status: 400 not JSON or not the format, 422 a value (naming the parameter)."""
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nesting too deep
         raise BadRequest(400, f"the body is not JSON: {str(e)[:200]}") from None
     try:
-        return schema.parse_score_body(doc, limits or Limits(), with_images=with_images)
-    except schema.BadBody as e:
+        return parse_score_body(doc, limits or Limits(), with_images=with_images)
+    except BadBody as e:
         raise BadRequest(400, str(e)) from None
     except InvalidParameter as e:
         raise BadRequest(422, str(e), parameter=e.name) from None
@@ -85,9 +84,8 @@ def create_app(name: str, spec: dict, token: str | None):
 
     from . import logs, wire
     from .histograms import LATENCY_BOUNDS
-    from .ports import connect_host
-    from .limits import Limits
     from .metrics import DeploymentCollector, http_outcome
+    from .ports import connect_host
 
     timeout = float(spec["limits"]["timeout"]) + 5
     limits = Limits(**spec["limits"])
@@ -194,18 +192,20 @@ def create_app(name: str, spec: dict, token: str | None):
             if len(body) > max_body:
                 return error(request, 413, f"the body is larger than {max_body} bytes", limit=max_body)
         try:
-            prompts, negatives, kwargs, images = parse_score_body(bytes(body), limits, with_images=True)
+            query = read_score_body(bytes(body), limits, with_images=True)
         except BadRequest as e:
             return error(request, e.status, e.message, **e.extra)
+        kwargs = query.parameters
         info = request.state.info
-        info.update(prompts=len(prompts), steps=kwargs.get("num_inference_steps", "default"),
+        info.update(prompts=len(query.prompts), steps=kwargs.get("num_inference_steps", "default"),
                     size=logs.size(kwargs.get("width"), kwargs.get("height")))
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(pool, run_query, request, prompts, negatives, kwargs, images)
+        return await loop.run_in_executor(pool, run_query, request, query)
 
-    def run_query(request, prompts, negatives, kwargs, images=None):
-        from ..errors import InvalidParameter
+    def run_query(request, query: Query):
         from .image_urls import fetch_cells
+        prompts, negatives, kwargs = query.prompts, query.negatives, query.parameters
+        images = {"image": query.image, "mask_image": query.mask_image}
         if images and limits.image_url_allow:  # allowed URLs are fetched here, before the request is queued
             try:
                 images = fetch_cells(images, limits.max_image_bytes, limits.image_url_timeout)

@@ -32,7 +32,7 @@ from ..errors import InvalidParameter
 from ..serving.client import DeploymentClient, DeploymentError, deployment_info
 from ..serving.errors import ServingError
 from ..serving.ports import LOOPBACK
-from ..serving.limits import SCHEDULERS
+from ..serving.schema import SCHEDULERS
 
 log = logging.getLogger("fastsd.ui")
 MODEL_DEFAULT = "the model's"

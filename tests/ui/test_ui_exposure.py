@@ -17,7 +17,7 @@ def fake_deployment(tmp_path, monkeypatch, token_required: bool) -> str:
     from fastsd.serving.folders import write_json
     from fastsd.serving.ports import free_port_block
     from fastsd.serving.deploy import plan_replicas
-    from fastsd.serving.limits import Limits
+    from fastsd.serving.request import Limits
     monkeypatch.setenv("MII_CACHE_PATH", str(tmp_path))
     name = "nobody-home"
     ddir = tmp_path / name

@@ -5,7 +5,7 @@
 The REST gateway serves `GET /metrics` on its own port; `--metrics-port` serves the same on a port of
 its own (for a deployment without REST). Both read the deployment's figures from the same files
 `fastsd status` reads (balancer.json, replica-I.json, state.json; see folders.py), through
-`deploy.status`, so the metrics and `fastsd status --json` agree by construction. Names:
+`status.status`, so the metrics and `fastsd status --json` agree by construction. Names:
 
     fastsd_requests_total{task,outcome,code}      requests answered by the load balancer (gRPC status code)
     fastsd_request_duration_seconds               end to end, at the load balancer (histogram)
@@ -31,7 +31,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .folders import read_json
+from . import logs
+from .folders import use_cache_path
+from .processes import graceful_signals, watch_parent
+from .spec import DeploymentSpec
+from .status import status
 
 OUTCOMES = {"OK": "ok", "INVALID_ARGUMENT": "bad_request", "UNIMPLEMENTED": "bad_request",
             "DEADLINE_EXCEEDED": "timeout", "UNAVAILABLE": "unavailable", "RESOURCE_EXHAUSTED": "busy",
@@ -84,7 +88,6 @@ class DeploymentCollector:
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        from .deploy import status
         s = status(self.name)
         b = s["balancer"]
         req = CounterMetricFamily("fastsd_requests", "Requests answered by the load balancer, by task, outcome "
@@ -140,21 +143,18 @@ def main(argv=None) -> int:
 
     from prometheus_client import start_http_server
 
-    from . import logs
-    from .folders import use_cache_path
-    from .processes import graceful_signals, watch_parent
     argv = sys.argv[1:] if argv is None else argv
     ddir = Path(argv[0])
-    spec = read_json(ddir / "spec.json")
-    logs.setup("metrics", spec.get("log_format", "text"))
+    spec = DeploymentSpec.read(ddir)
+    logs.setup("metrics", spec.log_format)
     use_cache_path()
-    server, thread = start_http_server(int(spec["metrics_port"]), addr=spec["host"], registry=registry_for(spec["name"]))
+    server, thread = start_http_server(spec.metrics_port, addr=spec.host, registry=registry_for(spec.name))
     stop = threading.Event()
     graceful_signals(stop.set)
     watch_parent(stop.set)
     import logging
-    logging.getLogger("fastsd.serving.metrics").info("metrics on http://%s:%d/metrics", spec["host"],
-                                                     spec["metrics_port"])
+    logging.getLogger("fastsd.serving.metrics").info("metrics on http://%s:%d/metrics", spec.host,
+                                                     spec.metrics_port)
     stop.wait()
     server.shutdown()
     return 0

@@ -63,6 +63,11 @@ def free_port_block(count: int, start: int = 20000, end: int | None = None, host
     raise ServingError(f"no block of {count} free ports found")
 
 
+def grpc_address(host: str, port: int) -> str:
+    """host:port as gRPC takes it (an IPv6 address in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def connect_host(host: str) -> str:
     """The address a local client uses to reach a server bound to `host`."""
     return "127.0.0.1" if host in ("0.0.0.0", "::", "", "localhost") else host

@@ -41,7 +41,7 @@ class Limits:
     max_steps: int = 150
     timeout: float = 300.0        # seconds from arrival to reply, queueing included
     max_image_bytes: int = 8 << 20  # encoded image and mask bytes in one request (decoded pixels: max_pixels)
-    image_url_allow: tuple = ()   # URL prefixes whose images the REST gateway fetches (image_urls.py); else refused
+    image_url_allow: tuple[str, ...] = ()  # URL prefixes whose images the REST gateway fetches (image_urls.py); else refused
     image_url_timeout: float = 10.0  # seconds to fetch one image URL
 
     def to_dict(self) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 from ..serving.processes import TOKEN_ENV
+from .server import require_gradio, serve_forever
 
 
 def register(subparsers, parents) -> None:
@@ -24,7 +25,6 @@ def register(subparsers, parents) -> None:
 
 
 def cmd_ui(args) -> int:
-    from .server import require_gradio, serve_forever
     require_gradio()
     token = args.token or os.environ.get(TOKEN_ENV) or None
     return serve_forever(args.deployment, args.host, args.port, token, args.concurrency)

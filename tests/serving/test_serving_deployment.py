@@ -81,7 +81,7 @@ def max_diff(a, b) -> int:
 
 
 def status(name) -> dict:
-    from fastsd.serving.deploy import status as deployment_status
+    from fastsd.serving.status import status as deployment_status
     return deployment_status(name)
 
 

@@ -163,7 +163,8 @@ def wait_until(check, timeout):
 
 
 def test_replicas_on_other_hosts(hosts, tmp_path, monkeypatch):
-    from fastsd.serving.deploy import status, stop
+    from fastsd.serving.deploy import stop
+    from fastsd.serving.status import status
     monkeypatch.setenv("MII_CACHE_PATH", str(tmp_path / "mii"))
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("".join(f"{a} slots=1\n" for a in hosts.addr))

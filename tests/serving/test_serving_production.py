@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from deployment_cleanup import end_deployment
 from fastsd.serving import folders, ports
-from fastsd.serving.deploy import status
+from fastsd.serving.status import status
 
 pytestmark = pytest.mark.timeout(900)
 TIMEOUT = 30  # the deployment's per-request timeout

@@ -259,7 +259,7 @@ def engine_need(engine, base_bytes: int) -> Callable[[int, int, int, bool], int]
     with the slicing and tiling the plan would choose)."""
     import torch
 
-    from ..kernels import plan_memory
+    from ..kernels import plan_memory  # torch: sizing the batches of a fake engine (tests) does without it
     model, backend = engine.model, engine.backend
     if getattr(model.unet, "config", None) is None or getattr(model.vae, "config", None) is None:
         return None  # no architecture to plan with: no memory cap

@@ -41,7 +41,7 @@ class Limits:
     max_steps: int = 150
     timeout: float = 300.0        # seconds from arrival to reply, queueing included
     max_image_bytes: int = 8 << 20  # encoded image and mask bytes in one request (decoded pixels: max_pixels)
-    image_url_allow: tuple[str, ...] = ()  # URL prefixes whose images the REST gateway fetches (image_urls.py); else refused
+    image_url_allow: tuple[str, ...] = ()  # URL prefixes the REST gateway fetches images from (image_urls.py)
     image_url_timeout: float = 10.0  # seconds to fetch one image URL
 
     def to_dict(self) -> dict:
@@ -147,7 +147,8 @@ def parse_score_body(doc, limits: Limits, with_images: bool = False) -> Query:
         raise BadBody("input_data.columns: expected a non-empty list of column names")
     for c in columns:
         if c not in schema.COLUMNS or (c in schema.IMAGE_COLUMNS and not with_images):
-            raise BadBody(f"input_data.columns: unknown column {schema.Shown(c)}; allowed: {', '.join(schema.COLUMNS)}")
+            raise BadBody(f"input_data.columns: unknown column {schema.Shown(c)}; "
+                          f"allowed: {', '.join(schema.COLUMNS)}")
     if "mask_image" in columns and "image" not in columns:
         raise schema.refuse("mask_image", "a mask column", "a mask only together with an image column")
     if len(set(columns)) != len(columns):
@@ -163,7 +164,8 @@ def parse_score_body(doc, limits: Limits, with_images: bool = False) -> Query:
         if isinstance(row, dict):
             extra = [k for k in row if k not in columns]
             if extra:
-                raise BadBody(f"input_data.data: row key {schema.Shown(extra[0])} is not a column ({', '.join(columns)})")
+                raise BadBody(f"input_data.data: row key {schema.Shown(extra[0])} is not a column "
+                              f"({', '.join(columns)})")
             row = [row.get(c) for c in columns]
         elif not isinstance(row, list) and len(columns) == 1:
             row = [row]

@@ -20,7 +20,7 @@ def require_gradio() -> None:
 
 
 def serve_forever(name: str, host: str, port: int, token: str | None, concurrency: int | None = None) -> int:
-    from .app import launch  # Gradio, MII and torch (LoRA names): only the page's own process needs them
+    from .app import launch  # torch (fastsd.lora, for the LoRA names): `fastsd --help` does without it
     done = threading.Event()
     demo, _ = launch(name, host, port, token, concurrency, block=False)
     shown = "localhost" if host in ("127.0.0.1", "::1") else host

@@ -91,7 +91,8 @@ def test_schema_passes_only_allowed_urls(server):
     port = int(server.rsplit(":", 1)[1])
     limits = Limits(image_url_allow=(server + "/ok/",))
     q = read_score_body(body(server + "/ok/a.png"), limits, with_images=True)
-    assert {"image": q.image, "mask_image": q.mask_image} == {"image": [ImageUrl(server + "/ok/a.png")], "mask_image": []}
+    assert {"image": q.image, "mask_image": q.mask_image} == {"image": [ImageUrl(server + "/ok/a.png")],
+                                                               "mask_image": []}
     b64 = base64.b64encode(png()).decode()
     q = read_score_body(body(b64, server.upper() + "/ok/m.png", columns=("prompt", "image", "mask_image")),
                         limits, with_images=True)  # scheme and host compared after parsing

@@ -38,7 +38,8 @@ def register(subparsers, parents) -> None:
     b.add_argument("--lora-dir", help="local engine: folder of LoRA .safetensors files that the 'lora' column names "
                                       "(with --deployment, names are the deployment's own --lora-dir)")
     b.add_argument("--concurrency", type=int,
-                   help="--deployment: requests in flight (default: the deployment's replicas x its --max-batch)")
+                   help="--deployment: requests in flight (default: the deployment's replicas x its --max-batch, "
+                        "or its --max-batch-limit with auto)")
     b.set_defaults(func=cmd_batch)
 
 
@@ -85,7 +86,7 @@ def cmd_batch(args) -> int:
     if args.deployment:
         client = DeploymentClient(args.deployment)
         model = client.spec.model
-        concurrency = args.concurrency or len(client.spec.replicas) * client.spec.max_batch
+        concurrency = args.concurrency or len(client.spec.replicas) * client.spec.max_images_per_call
         runner = DeploymentRunner(client, options, concurrency)
         where = f"deployment {args.deployment} ({concurrency} requests in flight)"
     else:

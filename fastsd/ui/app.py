@@ -254,7 +254,7 @@ def launch(name: str, host: str = "127.0.0.1", port: int = 7860, token: str | No
     if not 1 <= port <= 65535 or not port_free(port, host):
         raise InvalidParameter("port", port, "a free TCP port")
     client = DeploymentClient(name)
-    concurrency = concurrency or len(client.spec.replicas) * client.spec.max_batch
+    concurrency = concurrency or len(client.spec.replicas) * client.spec.max_images_per_call
     demo = build_app(client)
     # up to `concurrency` requests in flight, so the deployment's dynamic batching can merge them; the
     # rest wait in Gradio's queue, and the page shows their position

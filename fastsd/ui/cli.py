@@ -19,8 +19,8 @@ def register(subparsers, parents) -> None:
     u.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     u.add_argument("--token", help=f"password the page asks for (default: ${TOKEN_ENV} if set)")
     u.add_argument("--concurrency", type=int,
-                   help="requests in flight to the deployment (default: its replicas x its --max-batch); "
-                        "more wait in the page's queue")
+                   help="requests in flight to the deployment (default: its replicas x its --max-batch, or its "
+                        "--max-batch-limit with auto); more wait in the page's queue")
     u.set_defaults(func=cmd_ui)
 
 

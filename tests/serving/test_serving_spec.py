@@ -64,3 +64,9 @@ def test_record_names():
     assert record_name("dep", IMAGE_TASK) == "dep-inpaint"
     with pytest.raises(ValueError):
         record_name("dep", "text-generation")
+
+
+def test_images_per_call_with_auto_is_the_limit():
+    """Front doors size their requests in flight from it (replicas x images per call): "auto" is no number."""
+    assert DeploymentSpec(name="d", model="m", max_batch="auto", max_batch_limit=6).max_images_per_call == 6
+    assert DeploymentSpec(name="d", model="m", max_batch=3, max_batch_limit=6).max_images_per_call == 3

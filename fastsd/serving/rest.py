@@ -1,5 +1,5 @@
 """The REST gateway: the model cards' online-endpoint scoring format over HTTP, forwarded to the
-deployment through MII's client (MII's own REST gateway answers HTTP 500 for images).
+deployment through its client (client.py, MII's stub; MII's own REST gateway answers HTTP 500 for images).
 
     python -m fastsd.serving.rest DEPLOYMENT_DIR
 
@@ -14,7 +14,7 @@ Every response carries X-Request-ID (the caller's, else a new one), also in erro
 "request_id", and every request gets one access-log line (logs.py).
 
 `data` rows are prompts, or rows with one value per column ("prompt", optionally "negative_prompt"),
-as lists or objects; every field is checked by schema.py before anything is forwarded.
+as lists or objects; the body is parsed and every field checked (request.py) before anything is forwarded.
 Errors are JSON {"error": "...", "request_id": "...", ...}: 400 body not JSON or not the format, 401 token missing or
 wrong, 413 body too large, 422 a value out of range (the engine's validation, through the replica),
 429 server busy, 503 the load balancer does not answer, 504 timeout (also when no replica is up: the balancer

@@ -131,9 +131,10 @@ def test_errors_are_one_line(export_dir, capsys, monkeypatch):
 
 def test_serving_replica_builds_an_openvino_engine(export_dir):
     from fastsd.serving.replica import build_engine
-    spec = {"model": str(export_dir), "threads": 1,
-            "engine": {"backend": "openvino", "device": "cpu", "dtype": "fp32", "safety_checker": False}}
-    engine = build_engine(spec, {})
+    from fastsd.serving.spec import DeploymentSpec
+    spec = DeploymentSpec(name="openvino", model=str(export_dir), threads=1,
+                          engine={"backend": "openvino", "device": "cpu", "dtype": "fp32", "safety_checker": False})
+    engine = build_engine(spec)
     assert engine.describe()["backend"] == "openvino" and engine.describe()["threads"] == 1
     r = engine.generate("a cat", num_inference_steps=2, seed=0, progress=False)
     assert r.images[0].size == (64, 64)

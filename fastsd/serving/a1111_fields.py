@@ -47,8 +47,8 @@ REFUSED = {"enable_hr": (False, None), "restore_faces": (False, None), "tiling":
 IGNORED = {"subseed_strength": (0, 0.0, None), "s_churn": (0, 0.0, None),
            "s_tmax": (0, 0.0, None), "s_tmin": (0, 0.0, None), "s_noise": (1, 1.0, None),
            "save_images": (False, None), "mask_blur": (0, None), "inpainting_fill": (1, None),
-           "inpaint_full_res": (False, 0, None), "initial_noise_multiplier": (1, 1.0, None),
-           "image_cfg_scale": (None,)}
+           "inpaint_full_res": (False, 0, None), "initial_noise_multiplier": (1, 1.0, None)}
+# image_cfg_scale concerns instruct-pix2pix models only, which A1111 too ignores it for elsewhere
 # eta: the DDIM sampler runs with 0 and the ancestral one with 1 (A1111's defaults); other samplers have none
 ETA = {"ddim": 0, "euler-ancestral": 1}
 OPTIONS_FIXED = {"CLIP_stop_at_last_layers": 1, "eta_noise_seed_delta": 0, "samples_format": "png"}

@@ -6,8 +6,10 @@
                           -> {"images": [base64 PNG, ...], "parameters": {...}, "info": "<JSON string>"}
     POST /sdapi/v1/img2img   the same with "init_images" (one), "denoising_strength", and for inpainting "mask"
                              (white = repaint), "inpainting_mask_invert"
-    GET  /sdapi/v1/sd-models, /samplers, /schedulers, /loras, /options (POST: sd_model_checkpoint), /progress,
-         /scripts, /cmd-flags;  POST /sdapi/v1/interrupt, /skip
+    GET  /sdapi/v1/sd-models, /samplers, /schedulers, /loras, /options (POST: sd_model_checkpoint), /progress
+         (the running engine call's step and ETA), /scripts, /cmd-flags
+    POST /sdapi/v1/interrupt, /skip: every engine call running now stops at its next step (progress.py); an
+         interrupted txt2img/img2img answers 200 without images and "interrupted": true in its info
 
 The bodies are translated by a1111_fields.py into request.parse_query's fields and go through the same
 client as `/score` (gateway.py). Errors are FastAPI's shape {"detail": "..."}: 422 for a bad value
@@ -21,42 +23,52 @@ import threading
 import time
 
 from . import a1111_fields as fields
+from . import progress as progress_files
 from .gateway import ApiError, Gateway, png_b64
 
 PATHS = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")  # the generation routes, labelled in the gateway's metrics
 
 
 class Jobs:
-    """The A1111 jobs this gateway has in flight, for /progress."""
+    """The A1111 jobs this gateway has in flight, and where the replicas' engine calls are (progress.py)."""
 
-    def __init__(self):
+    def __init__(self, gw: Gateway):
+        self.gw = gw
         self.lock = threading.Lock()
-        self.running: dict[str, dict] = {}  # request id -> {"started", "steps", "kind"}
+        self.running: dict[str, dict] = {}  # request id -> {"started", "kind"}
 
-    def start(self, rid: str, kind: str, steps: int):
+    def start(self, rid: str, kind: str):
         with self.lock:
-            self.running[rid] = {"started": time.time(), "steps": steps, "kind": kind}
+            self.running[rid] = {"started": time.time(), "kind": kind}
 
     def end(self, rid: str):
         with self.lock:
             self.running.pop(rid, None)
 
     def progress(self) -> dict:
+        """A1111's /progress: the furthest-along busy replica's step of its steps, and its ETA."""
         with self.lock:
-            jobs = sorted(self.running.items(), key=lambda kv: kv[1]["started"])
-        if not jobs:
-            return {"progress": 0.0, "eta_relative": 0.0, "state": _state("", 0, 0, 0, None), "current_image": None,
+            jobs = sorted(self.running.values(), key=lambda j: j["started"])
+        busy = [r for r in progress_files.read(self.gw.folder, len(self.gw.spec.replicas)) if r.get("busy")]
+        now = time.time()
+        if not busy:
+            return {"progress": 0.0, "eta_relative": 0.0, "state": _state(jobs, 0, 0), "current_image": None,
                     "textinfo": None}
-        rid, job = jobs[0]
-        return {"progress": 0.0, "eta_relative": 0.0,
-                "state": _state(job["kind"], len(jobs), 0, job["steps"], job["started"], rid),
-                "current_image": None, "textinfo": f"{len(jobs)} job(s) in flight"}
+        r = max(busy, key=lambda r: r.get("step", 0) / max(1, r.get("steps", 1)))
+        step, steps = r.get("step", 0), max(1, r.get("steps", 1))
+        done = step / steps
+        elapsed = max(0.0, now - r.get("started", now))
+        eta = elapsed / done - elapsed if done > 0 else 0.0
+        return {"progress": round(done, 4), "eta_relative": round(eta, 3), "state": _state(jobs, step, steps),
+                "current_image": None, "textinfo": f"step {step} of {steps}"}
 
 
-def _state(job: str, count: int, step: int, steps: int, started, rid: str | None = None) -> dict:
-    return {"skipped": False, "interrupted": False, "stopping_generation": False, "job": job, "job_count": count,
+def _state(jobs: list, step: int, steps: int) -> dict:
+    started = jobs[0]["started"] if jobs else None
+    return {"skipped": False, "interrupted": False, "stopping_generation": False,
+            "job": jobs[0]["kind"] if jobs else "", "job_count": len(jobs),
             "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(started)) if started else "0",
-            "job_no": 0, "sampling_step": step, "sampling_steps": steps, "request_id": rid}
+            "job_no": 0, "sampling_step": step, "sampling_steps": steps}
 
 
 def a1111_error(e: ApiError, request_id: str):
@@ -70,7 +82,7 @@ def mount(app, gw: Gateway) -> None:
     from fastapi import Request  # lazy: the serving extra
     from fastapi.responses import JSONResponse
 
-    jobs = Jobs()
+    jobs = Jobs(gw)
     model = gw.model_id
 
     def guarded(handler):
@@ -101,18 +113,26 @@ def mount(app, gw: Gateway) -> None:
         job = fields.translate(body, gw.limits, model, img2img)
         query = gw.query(job.fields, fields.PARAM_NAMES)
         rid = request.state.request_id
-        jobs.start(rid, "img2img" if img2img else "txt2img", job.steps)
+        jobs.start(rid, "img2img" if img2img else "txt2img")
+        interrupted = None
         try:
             reply = await gw.generate(request, query)
+        except ApiError as e:
+            if e.status != 409:
+                raise
+            reply, interrupted = None, e.message  # A1111 answers an interrupted job with 200 too
         finally:
             jobs.end(rid)
-        size = reply.images[0].size if reply.images else (0, 0)
+        size = reply.images[0].size if reply else (0, 0)
         echoed = {k: v for k, v in body.items() if k not in ("init_images", "mask")}
         if img2img:
             echoed.update(init_images=None, mask=None)  # as A1111 answers without include_init_images
-        images = [png_b64(im) for im in reply.images] if body.get("send_images", True) is not False else []
-        return JSONResponse({"images": images, "parameters": echoed,
-                             "info": json.dumps(fields.info(job, body, model, size))})
+        send = body.get("send_images", True) is not False
+        images = [png_b64(im) for im in reply.images] if reply and send else []
+        info = fields.info(job, body, model, size)
+        if interrupted:
+            info.update(interrupted=True, fastsd_message=interrupted)
+        return JSONResponse({"images": images, "parameters": echoed, "info": json.dumps(info)})
 
     @route("txt2img", "POST")
     async def txt2img(request: Request):
@@ -156,6 +176,16 @@ def mount(app, gw: Gateway) -> None:
     @route("progress")
     async def progress(request: Request):
         return JSONResponse(jobs.progress())
+
+    @route("interrupt", "POST")
+    async def interrupt(request: Request):
+        progress_files.interrupt(gw.folder)
+        return JSONResponse(None)
+
+    @route("skip", "POST")
+    async def skip(request: Request):  # A1111's skip ends the current image of a batch; here: its engine call
+        progress_files.interrupt(gw.folder)
+        return JSONResponse(None)
 
     @route("scripts")
     async def scripts(request: Request):

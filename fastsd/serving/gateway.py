@@ -18,6 +18,7 @@ from ..errors import InvalidParameter
 from . import logs
 from .client import DeploymentClient, DeploymentReply
 from .errors import DeploymentError
+from .folders import cache_path
 from .image_urls import fetch_cells
 from .loras import LoraCatalog
 from .request import Limits, Query, parse_query
@@ -25,7 +26,7 @@ from .spec import DeploymentSpec
 
 # gRPC status of the deployment's answer -> HTTP status (as /score answers them); any other is 500
 HTTP_STATUS = {"INVALID_ARGUMENT": 422, "DEADLINE_EXCEEDED": 504, "UNAVAILABLE": 503, "RESOURCE_EXHAUSTED": 429,
-               "UNIMPLEMENTED": 501, "CANCELLED": 499}
+               "UNIMPLEMENTED": 501, "ABORTED": 409}  # ABORTED: interrupted (progress.py)
 RETRY_AFTER_S = 1  # told to callers on 429 and 503 (the openai client and most others honour Retry-After)
 
 
@@ -64,6 +65,11 @@ class Gateway:
     def __init__(self, spec: DeploymentSpec, client: DeploymentClient, pool, token: str | None):
         self.spec, self.client, self.pool, self.token = spec, client, pool, token
         self.limits: Limits = spec.limits
+
+    @property
+    def folder(self):
+        """The deployment's folder (the replicas' progress files, the interrupt)."""
+        return cache_path() / self.spec.name
 
     @property
     def model_id(self) -> str:

@@ -167,3 +167,27 @@ def test_the_token(shapes_api_deployment):
     assert basic.util_get_model_names() == ["fastsd-shapes"]
     wrong = webuiapi.WebUIApi(host="127.0.0.1", port=dep["rest_port"], username="anyone", password="wrong")
     assert wrong.session.get(wrong.baseurl + "/options").status_code == 401
+
+
+def test_progress_and_interrupt(api):
+    import threading
+    import time
+    out = {}
+    job = threading.Thread(target=lambda: out.update(r=api.txt2img(prompt="a long one", seed=1, steps=150,
+                                                                   width=256, height=256)))
+    job.start()
+    seen = None
+    for _ in range(600):
+        p = api.get_progress()
+        if p["state"]["sampling_step"] > 0:
+            seen = p
+            break
+        time.sleep(0.05)
+    assert seen is not None and 0 < seen["progress"] < 1 and seen["state"]["sampling_steps"] == 150
+    assert seen["state"]["job_count"] == 1 and seen["state"]["job"] == "txt2img" and seen["eta_relative"] > 0
+    api.interrupt()
+    job.join(60)
+    r = out["r"]
+    assert r.images == [] and r.info["interrupted"] is True and "interrupted at step" in r.info["fastsd_message"]
+    assert api.get_progress()["state"]["job_count"] == 0
+    assert len(api.txt2img(prompt="after", seed=1, width=64, height=64).images) == 1  # it goes on serving

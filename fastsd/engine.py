@@ -16,13 +16,16 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from tqdm.auto import tqdm
 
-from . import tasks
+from . import tasks, tasks_depth, tasks_upscale
 from . import validation as check
 from .errors import FastSDError, InvalidParameter
 from .lora import LoraSwitcher, as_refs
 from .schedulers import make_scheduler, scheduler_name
 
 log = logging.getLogger("fastsd")
+
+# the tasks of a depth or upscale model (fastsd.model_kinds): module with check(...) and make(...)
+KIND_TASKS = {"depth": tasks_depth, "upscale": tasks_upscale}
 
 
 class NonFiniteOutput(FastSDError):
@@ -103,17 +106,31 @@ class Engine:
                  num_inference_steps: int = 50, guidance_scale=7.5, height: int | None = None,
                  width: int | None = None, seed=None, scheduler: str | None = None,
                  progress: bool = True, output_type: str = "pil", image=None, mask_image=None,
-                 strength: float | None = None, resize: bool = False) -> GenerationResult:
+                 strength: float | None = None, resize: bool = False, depth_map=None, noise_level: int | None = None,
+                 tile_size: int | None = None) -> GenerationResult:
         """Text-to-image; with `image`, image-to-image; with `image` and `mask_image` (white = repaint),
         inpainting (fastsd.tasks). `strength` defaults to 0.8 for image-to-image and 1.0 for inpainting, as
         in diffusers. Images: one for all, one per prompt, or one per generated image. The
-        output has the image's size unless height/width say otherwise (then `resize` must be set)."""
+        output has the image's size unless height/width say otherwise (then `resize` must be set).
+        A depth model takes `image` and `depth_map` (fastsd.tasks_depth); the x4 upscaler `image`,
+        `noise_level` and `tile_size` (fastsd.tasks_upscale), its output 4x the image's size."""
         prompts = check.prompts(prompt)
         negatives = check.negative_prompts(negative_prompt, len(prompts))
         n_img = check.num_images(num_images_per_prompt)
         steps = check.steps(num_inference_steps)
-        tasks.check_inputs(image, mask_image, strength, self.model.unet.config.in_channels)
-        if image is not None:
+        kind_tasks = KIND_TASKS.get(self.model.kind)
+        kind_inputs = {k: v for k, v in (("depth_map", depth_map), ("noise_level", noise_level),
+                                         ("tile_size", tile_size)) if v is not None}
+        if kind_tasks is not None:
+            height, width = kind_tasks.check(self.model, image=image, mask_image=mask_image, strength=strength,
+                                             height=height, width=width, resize=resize, **kind_inputs)
+        elif kind_inputs:
+            name = next(iter(kind_inputs))
+            raise InvalidParameter(name, kind_inputs[name], "nothing with this model: depth_map with a depth model, "
+                                   "noise_level and tile_size with the x4 upscaler")
+        else:
+            tasks.check_inputs(image, mask_image, strength, self.model.unet.config.in_channels)
+        if image is not None and kind_tasks is None:
             height, width = tasks.target_size(image, mask_image, height, width, resize, self.model.vae_scale_factor)
         height = check.size("height", height if height is not None else self.model.native_size)
         width = check.size("width", width if width is not None else self.model.native_size)
@@ -140,11 +157,15 @@ class Engine:
             text_emb = cond
         timings["text_encoder"] = time.perf_counter() - t0
 
-        task = tasks.make_task(image=image, mask_image=mask_image, strength=strength, prompts=len(prompts),
-                               per_prompt=n_img, height=height, width=width,
-                               unet_in_channels=self.model.unet.config.in_channels,
-                               vae_scale_factor=self.model.vae_scale_factor,
-                               scaling_factor=self.model.vae.config.scaling_factor, guided=do_cfg)
+        if kind_tasks is not None:
+            task = kind_tasks.make(self.model, self.backend, image=image, strength=strength, prompts=len(prompts),
+                                   per_prompt=n_img, height=height, width=width, guided=do_cfg, **kind_inputs)
+        else:
+            task = tasks.make_task(image=image, mask_image=mask_image, strength=strength, prompts=len(prompts),
+                                   per_prompt=n_img, height=height, width=width,
+                                   unet_in_channels=self.model.unet.config.in_channels,
+                                   vae_scale_factor=self.model.vae_scale_factor,
+                                   scaling_factor=self.model.vae.config.scaling_factor, guided=do_cfg)
         self.backend.prepare(batch, height, width, do_cfg)
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         latent_shape = (getattr(self.model.vae.config, "latent_channels", 4), height // self.model.vae_scale_factor,
@@ -166,7 +187,7 @@ class Engine:
         for i, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress, leave=False)):
             model_in = torch.cat([latents] * 2) if do_cfg else latents
             model_in = task.unet_input(sched.scale_model_input(model_in, t))
-            noise = self.backend.unet(model_in, t, text_emb).float()
+            noise = task.predict(self.backend, model_in, t, text_emb).float()
             if do_cfg:
                 n_uncond, n_text = noise.chunk(2)
                 noise = n_uncond + (g if len(set(gscales)) > 1 else gscales[0]) * (n_text - n_uncond)

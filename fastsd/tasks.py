@@ -43,6 +43,10 @@ class TextToImage:
     def unet_input(self, model_in: torch.Tensor) -> torch.Tensor:
         return model_in
 
+    def predict(self, backend, model_in: torch.Tensor, t, text_emb: torch.Tensor) -> torch.Tensor:
+        """The UNet's prediction for this step (the x4 upscaler's adds its noise level, in tiles)."""
+        return backend.unet(model_in, t, text_emb)
+
     def after_step(self, latents: torch.Tensor, i: int, timesteps, sched) -> torch.Tensor:
         return latents
 

@@ -7,6 +7,7 @@ import torch
 
 from fastsd import kernels
 
+from ...errors import InvalidParameter
 from ...lora import LoraError, ModuleWeights
 from ...step_cache import StepCache
 from . import recipe
@@ -109,8 +110,16 @@ class TorchBackend:
                             "generation, or build the engine with lora_switching=True")
 
     @torch.inference_mode()
-    def unet(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def unet(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
+             class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """class_labels: the x4 upscaler's noise level per image (its UNet's class embedding)."""
         self.ran = True
+        if class_labels is not None:
+            if self.step_cache is not None or self.graphs is not None:
+                raise InvalidParameter("model", "the x4 upscaler (a UNet with class labels)",
+                                       "a model without class labels with step caching or CUDA graphs")
+            return self.unet_module(sample.to(self.dtype), timestep, encoder_hidden_states=encoder_hidden_states.to(
+                self.dtype), class_labels=class_labels.to(self.device), return_dict=False)[0]
         if self.step_cache is not None:
             return self.step_cache(sample.to(self.dtype), timestep, encoder_hidden_states.to(self.dtype))
         if self.graphs is not None:

@@ -135,7 +135,35 @@ def image_options(resize: bool = True) -> argparse.ArgumentParser:
         g.add_argument("--resize", action="store_true",
                        help="resize the image (and mask) to --height/--width, or its size rounded down to a multiple "
                             "of 8; without it an image of another size is refused")
+    add_kind_options(p)
     return p
+
+
+def add_kind_options(p) -> None:
+    """The inputs of a depth-to-image model and of the x4 upscaler (fastsd.tasks_depth, fastsd.tasks_upscale)."""
+    g = p.add_argument_group("depth-to-image and the x4 upscaler")
+    g.add_argument("--depth-map", metavar="FILE",
+                   help="depth model: a grayscale PNG (8- or 16-bit) or a .npy HxW float array, larger = nearer "
+                        "(default: the folder's own DPT depth estimator)")
+    g.add_argument("--noise-level", type=int, default=None,
+                   help="x4 upscaler: noise added to the low-res image, 0..max_noise_level (350); default 20")
+    g.add_argument("--tile-size", type=int, default=None,
+                   help="x4 upscaler: the UNet runs on windows of this many input pixels a side, overlapping by a "
+                        "quarter and blended (default 128); the output is 4x the input")
+
+
+def kind_inputs(args, own_defaults: bool = False) -> dict:
+    """--depth-map, --noise-level, --tile-size as generate's keywords (only those given), the depth map read now,
+    before a model loads. own_defaults: the command supplies an image itself (verify)."""
+    from . import depth  # lazy: torch after parsing
+    given = {k: getattr(args, k, None) for k in ("depth_map", "noise_level", "tile_size")}
+    given = {k: v for k, v in given.items() if v is not None}
+    if given and not args.image and not own_defaults:
+        name = next(iter(given))
+        raise InvalidParameter(name, given[name], "only together with --image")
+    if "depth_map" in given:
+        given["depth_map"] = depth.read_depth_map(given["depth_map"], "depth_map")
+    return given
 
 
 def read_images(args, own_defaults: bool = False):
@@ -197,10 +225,10 @@ def check_generation_args(args) -> None:
         check_scheduler(args.scheduler)
 
 
-def load_for(args, backend: str | None = None):
-    """The model for `backend` (the engine config's; else --backend, else torch)."""
+def load_for(args, backend: str | None = None, spec: str | None = None):
+    """The model for `backend` (the engine config's; else --backend, else torch): --model, or `spec`."""
     from .backends import load_for_backend  # lazy: torch after parsing
-    return load_for_backend(backend or args.backend or "torch", args.model, random_weights=args.random_weights,
+    return load_for_backend(backend or args.backend or "torch", spec or args.model, random_weights=args.random_weights,
                             allow_pickle=args.allow_pickle, config=args.config,
                             safety_checker=not args.no_safety_checker)
 

@@ -126,7 +126,9 @@ class Engine:
                                              height=height, width=width, resize=resize, **kind_inputs)
         elif kind_inputs:
             name = next(iter(kind_inputs))
-            raise InvalidParameter(name, kind_inputs[name], "nothing with this model: depth_map with a depth model, "
+            value = kind_inputs[name]
+            raise InvalidParameter(name, f"a {type(value).__name__}" if hasattr(value, "shape") else value,
+                                   f"nothing with this model ({self.model.kind}): depth_map with a depth model, "
                                    "noise_level and tile_size with the x4 upscaler")
         else:
             tasks.check_inputs(image, mask_image, strength, self.model.unet.config.in_channels)

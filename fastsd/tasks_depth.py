@@ -33,7 +33,8 @@ def check(model, *, image, mask_image, strength, height, width, resize, depth_ma
     """(height, width) of the output, checked before anything runs."""
     if unused:
         name = next(iter(unused))
-        raise InvalidParameter(name, unused[name], "nothing with a depth-to-image model (it is the x4 upscaler's)")
+        value = f"a {type(unused[name]).__name__}" if hasattr(unused[name], "shape") else unused[name]
+        raise InvalidParameter(name, value, "nothing with a depth-to-image model (it is the x4 upscaler's)")
     if image is None:
         raise InvalidParameter("image", None, "an image: this is a depth-to-image model (5-channel UNet); its "
                                "output follows the image's composition and depth")

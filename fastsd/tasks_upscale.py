@@ -69,7 +69,8 @@ def check(model, *, image, mask_image, strength, height, width, resize, noise_le
     """(height, width) of the output (4x the input's), checked before anything runs."""
     if unused:
         name = next(iter(unused))
-        raise InvalidParameter(name, unused[name], "nothing with the x4 upscaler (it is depth-to-image's)")
+        value = f"a {type(unused[name]).__name__}" if hasattr(unused[name], "shape") else unused[name]
+        raise InvalidParameter(name, value, "nothing with the x4 upscaler (it is depth-to-image's)")
     if image is None:
         raise InvalidParameter("image", None, "a low-resolution image: this is the x4 upscaler (7-channel UNet)")
     for name, value in (("mask_image", mask_image), ("strength", strength)):
@@ -86,7 +87,8 @@ def check(model, *, image, mask_image, strength, height, width, resize, noise_le
     if len(sizes) > 1:
         raise InvalidParameter("image", sorted(sizes), "images of one size (width, height)")
     w, h = sizes.pop()
-    multiple = 2 ** (len(model.unet.config.block_out_channels) - 1)  # the UNet halves the latents per down block
+    # the UNet halves the latents per down block; the image processor rounds to the VAE's factor
+    multiple = max(2 ** (len(model.unet.config.block_out_channels) - 1), model.vae_scale_factor)
     if w % multiple or h % multiple:
         raise InvalidParameter("image", f"{w}x{h}", f"a width and height that are multiples of {multiple} (the "
                                "upscaler's latents have the input's size)")

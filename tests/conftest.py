@@ -95,3 +95,30 @@ def shapes_deployment(tmp_path_factory, shapes_lora_dir):
                 os.environ.pop("MII_CACHE_PATH", None)
             else:
                 os.environ["MII_CACHE_PATH"] = old
+
+
+def _saved(tmp_path_factory, preset: str, task: str = "text2img"):
+    from fastsd.loading import build_random
+    from fastsd.presets import PRESETS
+    model = build_random(PRESETS[preset], seed=0)
+    path = tmp_path_factory.mktemp("models") / preset
+    model.to_pipeline(task=task).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_depth_folder(tmp_path_factory):
+    """tiny-depth written by diffusers (StableDiffusionDepth2ImgPipeline: 5-channel UNet, a tiny DPT estimator)."""
+    return _saved(tmp_path_factory, "tiny-depth")
+
+
+@pytest.fixture(scope="session")
+def tiny_upscaler_folder(tmp_path_factory):
+    """tiny-upscaler written by diffusers (StableDiffusionUpscalePipeline: 7-channel UNet, low_res_scheduler)."""
+    return _saved(tmp_path_factory, "tiny-upscaler")
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_folder(tmp_path_factory):
+    """tiny-inpainting written by diffusers as StableDiffusionInpaintPipeline (9-channel UNet), as SD 2 inpainting is."""
+    return _saved(tmp_path_factory, "tiny-inpainting", task="inpaint")

@@ -46,7 +46,7 @@ def cmd_generate(args) -> int:
                              progress=not args.quiet, image=image, mask_image=mask, strength=args.strength,
                              resize=args.resize, **extra)
     judge = None if args.upscale else _judge_for(engine)
-    images = result.images
+    images, described = result.images, engine.describe()
     if args.upscale:  # the chain: the x4 upscaler over each image, the base image kept beside it
         from .upscale_chain import upscale_images  # lazy: torch after parsing
         for path, base in zip(paths, images):
@@ -66,7 +66,7 @@ def cmd_generate(args) -> int:
         print(f"{path}  seed={seed}{note}{verdict}")
     t = result.timings
     if not args.quiet:
-        print(f"{engine.describe()}  total {t['total']:.2f}s, unet step {t['unet_step'] * 1000:.1f} ms, "
+        print(f"{described}  total {t['total']:.2f}s, unet step {t['unet_step'] * 1000:.1f} ms, "
               f"vae {t['vae_decode']:.2f}s" + (f", vae encode {t['vae_encode']:.2f}s" if "vae_encode" in t else ""),
               file=sys.stderr)
     return 0

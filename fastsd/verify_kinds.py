@@ -43,7 +43,7 @@ def sample_depth_map(size: tuple[int, int]) -> np.ndarray:
 def sample_inputs(model, height=None, width=None) -> dict:
     """The inputs verify uses for this model's kind when none are given."""
     if model.kind == "upscale":
-        side = model.native_size // tasks_upscale.SCALE
+        side = max(model.native_size, check.MIN_SIZE) // tasks_upscale.SCALE  # 128 for the x4 upscaler
         return {"image": sample_image((width // 4 if width else side, height // 4 if height else side))}
     size = (width or model.native_size, height or model.native_size)
     return {"image": sample_image(size), "depth_map": sample_depth_map(size)}

@@ -268,7 +268,7 @@ def export_model(model, out, options: ExportOptions | None = None, *, source: di
     out = prepare_out(out, opts.overwrite)
     shapes = opts.shapes_for(model)
     dims = ModelDims.of(model)
-    specs = graph_specs(opts.static)
+    specs = graph_specs(opts.static, dims.class_labels)
     say = echo or (lambda s: None)
     if opts.overwrite:
         _clear_previous(out)
@@ -301,10 +301,14 @@ def export_model(model, out, options: ExportOptions | None = None, *, source: di
                 raise ParityError("export: " + "; ".join(
                     f"{r.graph} is beyond the {r.dtype} tolerance (rel {r.max_rel:.2e} > {r.tolerance:g}, max abs "
                     f"{r.max_abs:.2e})" for r in failed) + "; nothing was written")
-        for part, save in (("tokenizer", layout.save_tokenizer), ("scheduler", layout.save_scheduler)):
+        parts = [("tokenizer", layout.save_tokenizer, model.tokenizer),
+                 ("scheduler", layout.save_scheduler, model.scheduler)]
+        if model.extra.get("low_res_scheduler") is not None:  # the x4 upscaler's noise schedule for its input
+            parts.append(("low_res_scheduler", layout.save_scheduler, model.extra["low_res_scheduler"]))
+        for part, save, obj in parts:
             staged[part] = staging_dir(out, part)
             try:
-                save(getattr(model, part), staged[part])
+                save(obj, staged[part])
             except OSError as e:
                 raise write_failure(e, f"{out}/{part}") from e
         for name, folder in list(staged.items()):

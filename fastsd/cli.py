@@ -218,7 +218,7 @@ def cmd_models(args) -> int:
     from .loading import build_random  # lazy: torch after parsing
     from .presets import PRESETS  # lazy: torch after parsing
     print(f"{'preset':<12} {'size':>5} {'prediction':<13} {'sched':<6} {'text enc':>9} {'unet':>9} {'vae':>8} "
-          f"{'safety':>8}  hub id")
+          f"{'safety':>8} {'depth':>8}  hub id")
     for p in PRESETS.values():
         if args.preset and p.name not in args.preset:
             continue
@@ -230,7 +230,7 @@ def cmd_models(args) -> int:
             return f"{counts[k] / 1e6:.2f}M" if k in counts else "-"
         origin = p.hub_id or ("(packaged)" if p.local_path else "(none: random by design)")
         print(f"{p.name:<12} {p.size:>5} {p.prediction_type:<13} {p.scheduler:<6} {m('text_encoder'):>9} "
-              f"{m('unet'):>9} {m('vae'):>8} {m('safety_checker'):>8}  {origin}")
+              f"{m('unet'):>9} {m('vae'):>8} {m('safety_checker'):>8} {m('depth_estimator'):>8}  {origin}")
     return 0
 
 
@@ -272,7 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--controlnet", metavar="DIR", help="with --pipeline controlnet: a diffusers ControlNet folder")
     v.set_defaults(func=cmd_verify)
 
-    ms = sub.add_parser("models", help="list the presets and their parameter counts")
+    ms = sub.add_parser("models", help="list the presets and their parameter counts (depth: a depth model's DPT "
+                                       "estimator)")
     ms.add_argument("preset", nargs="*", help="only these presets")
     ms.set_defaults(func=cmd_models)
 

@@ -65,11 +65,16 @@ def make(model, backend, *, image, strength, prompts: int, per_prompt: int, heig
         maps = depth.as_maps(depth_map)
         index = _spread(len(maps), "depth_map", prompts, per_prompt)
         name = "depth_map"
-    else:  # the folder's estimator, on each distinct input image as the pipeline sees it
-        pil = [i if isinstance(i, Image.Image) else processor.postprocess(images[j:j + 1], output_type="pil")[0]
-               for j, i in enumerate(items)]
+    else:  # the folder's estimator, once per distinct input image, on the image as the pipeline sees it
+        first = {}
+        for j, item in enumerate(items):
+            first.setdefault(id(item), j)
+        distinct = sorted(set(first.values()))
+        pil = [items[j] if isinstance(items[j], Image.Image) else
+               processor.postprocess(images[j:j + 1], output_type="pil")[0] for j in distinct]
         maps = depth.estimate(model.extra["depth_estimator"], model.extra["depth_processor"], pil)
-        index, name = prepared.index, "depth_estimator"
+        index = [distinct.index(first[id(items[b])]) for b in prepared.index]
+        name = "depth_estimator"
     latent = depth.to_latent_size(maps, height // scale, width // scale, name if name == "depth_map" else "image")
     task = DepthToImage(prepared, strength_value(strength), model.vae.config.scaling_factor, latent[index], guided)
     task.timings["depth_map"] = time.perf_counter() - t0

@@ -89,3 +89,12 @@ def test_bad_kind_options_are_one_line(capsys, files, monkeypatch, argv, message
     code, _, err = run(capsys, "generate", "a cat", *argv, "--steps", "2", "--out", str(files / "x.png"), "-q")
     assert code == 2
     assert err.count("\n") == 1 and message in err, err
+
+
+def test_models_shows_the_depth_and_upscaler_presets(capsys):
+    code, out, _ = run(capsys, "models", "sd-2-depth", "sd-x4-upscaler")
+    assert code == 0
+    depth = next(line for line in out.splitlines() if line.startswith("sd-2-depth"))
+    up = next(line for line in out.splitlines() if line.startswith("sd-x4-upscaler"))
+    assert "865.91M" in depth and "122.38M" in depth and "stabilityai/stable-diffusion-2-depth" in depth
+    assert "473.40M" in up and "55.33M" in up and "v_prediction" in up

@@ -215,6 +215,9 @@ class BatchingPipeline:
             images = {"image": [im for r in reqs for im in r.images], "strength": first.strength}
             if first.task == "inpaint":
                 images["mask_image"] = [m for r in reqs for m in r.masks]
+            if first.task == "upscale":  # the output is 4x the image: no height/width; noise_level is in the key
+                images = {"image": images["image"], "noise_level": first.noise_level}
+        size = {} if first.task == "upscale" else {"height": first.height, "width": first.width}
         t0, started = self.sizer.clock(), time.monotonic()  # the sizer's clock may be a test's; arrival is monotonic
         try:
             self._use_loras(first.loras)
@@ -222,7 +225,7 @@ class BatchingPipeline:
                 [p for r in reqs for p in r.prompts], [n for r in reqs for n in r.negatives],
                 num_images_per_prompt=1, num_inference_steps=first.steps,
                 guidance_scale=guidance[0] if len(set(guidance)) == 1 else guidance,
-                height=first.height, width=first.width, seed=[s for r in reqs for s in r.seeds],
+                **size, seed=[s for r in reqs for s in r.seeds],
                 scheduler=first.scheduler, progress=False, **images)
         except BaseException as e:  # noqa: BLE001 - every caller must hear about it
             log.exception("engine call failed for a batch of %d request(s)", len(batch))

@@ -132,7 +132,9 @@ PARAMS = {p.name: p for p in [
     Param("scheduler", "choice", "sampler", choices=SCHEDULERS),
     Param("num_images_per_prompt", "int", "images per prompt", 1, lambda lim: lim.max_images),
     Param("lora", "text", "LoRA adapters of the deployment's --lora-dir: NAME[:SCALE][,NAME[:SCALE]]"),
-    Param("strength", "float", "image-to-image and inpainting: how much is repainted, in (0, 1]", 0.0, 1.0),
+    Param("strength", "float", "image-to-image, inpainting and depth-to-image: how much is repainted, in (0, 1]",
+          0.0, 1.0),
+    Param("noise_level", "int", "x4 upscaler: noise added to the low-res image (default 20)", 0, 350),
 ]}
 # REST only: a negative prompt for every row, as a parameter instead of a column
 REST_ONLY_PARAMS = {"negative_prompt": Param("negative_prompt", "text", "negative prompt for every row")}

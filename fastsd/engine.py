@@ -230,8 +230,8 @@ class Engine:
         return image, [bool(f) for f in flags]
 
     def describe(self) -> dict:
-        d = {"model": self.model.name, "source": self.model.source, "scheduler": scheduler_name(self.scheduler),
-             **self.backend.describe()}
+        d = {"model": self.model.name, "source": self.model.source, "kind": self.model.kind,
+             "scheduler": scheduler_name(self.scheduler), **self.backend.describe()}
         if self.loras is not None and self.loras.active:
             d["loras"] = [str(r) for r in self.loras.active]
         return d

@@ -89,3 +89,9 @@ def test_tiled_generation_stays_close_to_whole(model):
     # no seam: the column-to-column jumps around the tile borders are no larger than elsewhere
     jumps = np.abs(np.diff(b, axis=1)).mean(axis=(0, 2))
     assert jumps.max() <= 3 * np.median(jumps) + 10
+
+
+def test_openvino_says_it_does_not_run_these_kinds(model):
+    with pytest.raises(InvalidParameter, match="backend: got 'openvino'; allowed: torch or onnxruntime for a "
+                                               "upscale model"):
+        optimize(model, backend="openvino", device="cpu")

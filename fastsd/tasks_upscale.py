@@ -18,7 +18,7 @@ from diffusers.image_processor import VaeImageProcessor
 
 from . import upscale_tiles
 from . import validation as limits
-from .errors import InvalidParameter
+from .errors import InvalidParameter, ModelLoadError
 from .tasks import TextToImage, _as_items, _size_of, _spread
 
 DEFAULT_NOISE_LEVEL = 20  # the model card's (and the pipeline's) default
@@ -71,6 +71,9 @@ def check(model, *, image, mask_image, strength, height, width, resize, noise_le
         name = next(iter(unused))
         value = f"a {type(unused[name]).__name__}" if hasattr(unused[name], "shape") else unused[name]
         raise InvalidParameter(name, value, "nothing with the x4 upscaler (it is depth-to-image's)")
+    if model.extra.get("low_res_scheduler") is None:
+        raise ModelLoadError(f"model: {model.name} has a 7-channel (x4 upscaler) UNet but no low_res_scheduler; load "
+                             "it from its StableDiffusionUpscalePipeline folder or pipeline")
     if image is None:
         raise InvalidParameter("image", None, "a low-resolution image: this is the x4 upscaler (7-channel UNet)")
     for name, value in (("mask_image", mask_image), ("strength", strength)):

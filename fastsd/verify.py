@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from dataclasses import asdict, replace
 
-from . import tasks
+from . import tasks, verify_kinds
 from . import validation as check
 from .lora import as_refs
 from .model import SDModel
@@ -56,6 +56,16 @@ def verify_each(model: SDModel, configs: list[OptimizeConfig], *, prompts=None, 
     Each engine gets its own copy of the model. Returns ([(report, engine, result) per config], reference
     images)."""
     loras = as_refs(loras)
+    if model.kind in ("depth", "upscale"):  # the model's own task and pipeline (fastsd.verify_kinds)
+        for name, value in (("task", None if task == "text2img" else task), ("mask_image", mask_image),
+                            ("loras", [str(r) for r in loras] or None)):
+            if value is not None:
+                raise check.InvalidParameter(name, value, f"nothing with a {model.kind} model (its task is its own)")
+        return verify_kinds.verify_each(
+            model, configs, prompts=prompts, negative_prompt=negative_prompt,
+            num_images_per_prompt=num_images_per_prompt, steps=steps, guidance=guidance, seed=seed,
+            scheduler=scheduler, progress=progress, engine_model=engine_model, image=image, strength=strength,
+            height=height, width=width)
     if task not in tasks.TASKS:
         raise check.InvalidParameter("task", task, ", ".join(tasks.TASKS))
     prompts = check.prompts(prompts or DEFAULT_PROMPTS)

@@ -96,9 +96,11 @@ def verify_each(model, configs, *, prompts=None, negative_prompt=None, num_image
                                                                          height or image.size[1]):
         image = image.resize((width or image.size[0], height or image.size[1]))
     inputs = {}
+    map_source = None
     if model.kind == "depth":
+        map_source = "given" if depth_map is not None else "estimated"
         if depth_map is None and (model.extra.get("depth_estimator") is None or image is made["image"]):
-            depth_map = sample_depth_map(image.size)
+            depth_map, map_source = sample_depth_map(image.size), "made"
         strength = strength_value(strength)
         inputs = {"depth_map": depth_map, "strength": strength}
         ref_kw = dict(depth_map=depth_map, strength=strength)
@@ -124,8 +126,7 @@ def verify_each(model, configs, *, prompts=None, negative_prompt=None, num_image
         w, h = result.images[0].size
         report = report_dict(rows, tol, model=model.name, task=model.kind, strength=inputs.get("strength"),
                              noise_level=inputs.get("noise_level"), input_size=list(image.size),
-                             depth_map="given" if model.kind == "depth" and depth_map is not None else
-                             ("estimated" if model.kind == "depth" else None),
+                             depth_map=map_source,
                              config=asdict(config), engine=engine.describe(), tolerance_name=tol.name, steps=steps,
                              guidance=guidance, height=h, width=w,
                              scheduler=scheduler or engine.describe()["scheduler"], reference_seconds=ref_s,

@@ -62,7 +62,7 @@ def test_verify_model_dir_needs_no_other_input(capsys, files, folder, request):
     data = json.loads(report.read_text())
     assert data["passed"] and data["task"] == ("depth" if "depth" in folder else "upscale")
     assert all(r["psnr_db"] is None or r["psnr_db"] >= 45 for r in data["images"]) and len(data["images"]) == 2
-    assert "PASS" in out and ("noise level 20, input 16x16" in out if "upscal" in folder else "depth map given" in out)
+    assert "PASS" in out and ("noise level 20, input 16x16" in out if "upscal" in folder else "depth map made" in out)
 
 
 def test_upscale_chain_gives_4x_in_one_command(capsys, files):

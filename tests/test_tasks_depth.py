@@ -98,3 +98,10 @@ def test_depth_input_checks(model):
 def test_depth_map_only_for_a_depth_model(tiny):
     with pytest.raises(InvalidParameter, match="depth_map: got .a ndarray.; allowed: nothing with this model .sd."):
         optimize(tiny).generate("a cat", depth_map=np.zeros((8, 8)), num_inference_steps=2, progress=False)
+
+
+def test_python_verify_takes_a_depth_model(model):
+    from fastsd.optimize import OptimizeConfig
+    from fastsd.verify import verify
+    report, *_ = verify(model, OptimizeConfig(device="cpu"), steps=2, prompts=["a red disc"])
+    assert report["passed"] and report["task"] == "depth" and report["depth_map"] == "made"

@@ -95,3 +95,11 @@ def test_openvino_says_it_does_not_run_these_kinds(model):
     with pytest.raises(InvalidParameter, match="backend: got 'openvino'; allowed: torch or onnxruntime for a "
                                                "upscale model"):
         optimize(model, backend="openvino", device="cpu")
+
+
+def test_a_diffusers_pipeline_is_taken_as_it_is(model):
+    """optimize(pipe) on a user's StableDiffusionUpscalePipeline keeps its low_res_scheduler and noise limit."""
+    pipe = copy.deepcopy(model).to_pipeline()
+    out = optimize(pipe).generate("a", image=sample_image((16, 16)), num_inference_steps=2, seed=0, progress=False)
+    ref = optimize(model).generate("a", image=sample_image((16, 16)), num_inference_steps=2, seed=0, progress=False)
+    assert torch.equal(out.latents, ref.latents)

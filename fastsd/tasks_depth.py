@@ -57,7 +57,8 @@ def make(model, backend, *, image, strength, prompts: int, per_prompt: int, heig
     try:
         images = processor.preprocess(items, height=height, width=width).to(torch.float32)
     except (ValueError, TypeError) as e:
-        raise InvalidParameter("image", type(items[0]).__name__, f"RGB images ({str(e).splitlines()[0][:120]})") from None
+        why = str(e).splitlines()[0][:120]
+        raise InvalidParameter("image", type(items[0]).__name__, f"RGB images ({why})") from None
     prepared = _Prepared(images, _spread(len(items), "image", prompts, per_prompt))
     scale = model.vae_scale_factor
     t0 = time.perf_counter()

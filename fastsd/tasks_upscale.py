@@ -115,7 +115,8 @@ def make(model, backend, *, image, prompts: int, per_prompt: int, height: int, w
     try:
         images = processor.preprocess(items).to(torch.float32)
     except (ValueError, TypeError) as e:
-        raise InvalidParameter("image", type(items[0]).__name__, f"RGB images ({str(e).splitlines()[0][:120]})") from None
+        why = str(e).splitlines()[0][:120]
+        raise InvalidParameter("image", type(items[0]).__name__, f"RGB images ({why})") from None
     return Upscale(images, _spread(len(items), "image", prompts, per_prompt),
                    noise_level_value(noise_level, int(model.extra.get("max_noise_level", 350))),
                    model.extra["low_res_scheduler"], guided, tiling(model, tile_size))

@@ -120,5 +120,5 @@ def tiny_upscaler_folder(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_inpaint_folder(tmp_path_factory):
-    """tiny-inpainting written by diffusers as StableDiffusionInpaintPipeline (9-channel UNet), as SD 2 inpainting is."""
+    """tiny-inpainting saved by diffusers as StableDiffusionInpaintPipeline (9-channel UNet), as SD 2's is."""
     return _saved(tmp_path_factory, "tiny-inpainting", task="inpaint")

@@ -42,14 +42,16 @@ def test_upscale_equals_diffusers(model, noise_level, scheduler):
 def test_noise_level_changes_the_image_and_is_checked(model):
     eng = optimize(model)
     kw = dict(num_inference_steps=2, seed=0, progress=False, image=sample_image((16, 16)))
-    assert not torch.equal(eng.generate("a", noise_level=0, **kw).latents, eng.generate("a", noise_level=300, **kw).latents)
+    quiet, loud = (eng.generate("a", noise_level=n, **kw).latents for n in (0, 300))
+    assert not torch.equal(quiet, loud)
     for bad in (351, -1, 2.5):
         with pytest.raises(InvalidParameter, match=r"noise_level: got .*; allowed: an integer in \[0, 350\]"):
             eng.generate("a", noise_level=bad, **kw)
     with pytest.raises(InvalidParameter, match="height: got 128; allowed: nothing with the x4 upscaler: the output "
                                                "is 4x the input's size"):
         eng.generate("a", height=128, **kw)
-    with pytest.raises(InvalidParameter, match="image: got '18x16'; allowed: a width and height that are multiples of 4"):
+    with pytest.raises(InvalidParameter, match="image: got '18x16'; allowed: a width and height that are multiples "
+                                               "of 4"):
         eng.generate("a", **{**kw, "image": Image.new("RGB", (18, 16))})
     with pytest.raises(InvalidParameter, match="image: got '600x64'; allowed: an input whose 4x output is within"):
         eng.generate("a", **{**kw, "image": Image.new("RGB", (600, 64))})

@@ -306,6 +306,6 @@ def _kind_inputs(kind: str, image, mask_image, kw: dict, prompts: int) -> dict:
         raise InvalidParameter("image", sorted(sizes), "images of one size (width, height)")
     w, h = sizes.pop()
     if w % 8 or h % 8 or not check.MIN_SIZE <= 4 * w <= check.MAX_SIZE or not check.MIN_SIZE <= 4 * h <= check.MAX_SIZE:
-        raise InvalidParameter("image", f"{w}x{h}", f"multiples of 8 from {check.MIN_SIZE // 4} to {check.MAX_SIZE // 4} "
-                               "pixels a side (the output is 4x)")
+        raise InvalidParameter("image", f"{w}x{h}", f"multiples of 8 from {check.MIN_SIZE // 4} to "
+                               f"{check.MAX_SIZE // 4} pixels a side (the output is 4x)")
     return {"height": 4 * h, "width": 4 * w}

@@ -39,7 +39,8 @@ def test_depth_and_upscale_batches_locally(tmp_path):
     code = main(["batch", str(csv_path), "--out", str(out), "--model", "tiny-depth", "--steps", "3", "--quiet"])
     assert code == 1
     errors = errors_of(out)
-    assert sorted(errors) == [2, 3] and errors[2].startswith("depth_map:") and "only together with an image" in errors[2]
+    assert sorted(errors) == [2, 3] and errors[2].startswith("depth_map:")
+    assert "only together with an image" in errors[2]
     engine = optimize(load_model("tiny-depth"))
     disc = Image.open(pics / "disc.png").convert("RGB")
     for n, dmap in ((0, sample_depth_map((64, 64))), (1, None)):

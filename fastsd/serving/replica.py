@@ -36,6 +36,7 @@ from .batcher import BatchingPipeline, RequestTimeout
 from .folders import read_json, write_json
 from .loras import LoraCatalog
 from .ports import grpc_address
+from .progress import Interrupted, ReplicaProgress
 from .processes import graceful_signals, watch_parent
 from .request import Request
 from .spec import DeploymentSpec, ReplicaPlacement
@@ -64,6 +65,8 @@ def make_servicer(pipeline):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             except RequestTimeout as e:
                 context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
+            except Interrupted as e:
+                context.abort(grpc.StatusCode.ABORTED, str(e))  # not CANCELLED: the balancer fails that over
             except Exception as e:  # noqa: BLE001 - the caller gets the reason; the server goes on
                 log.exception("request failed")
                 context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
@@ -231,7 +234,7 @@ def main(argv=None) -> int:
 
     pipeline = BatchingPipeline(engine, spec.limits, window=spec.batch_window_ms / 1000.0,
                                 on_batch=write_stats, sizer=sizer, loras=catalog,
-                                default_loras=default_loras)
+                                default_loras=default_loras, progress=ReplicaProgress(ddir, index))
     previous = (read_json(stats_path) or {}).get("stats", {})  # counters run on across restarts
     for k, v in previous.items():
         if hasattr(pipeline.stats, k) and isinstance(v, (int, float, dict)):

@@ -37,10 +37,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import InvalidParameter
-from . import logs, wire
+from . import a1111_api, logs, openai_api, wire
 from .client import DeploymentClient
 from .errors import DeploymentError
 from .folders import use_cache_path
+from .gateway import Gateway
 from .histograms import LATENCY_BOUNDS
 from .image_urls import fetch_cells
 from .metrics import DeploymentCollector, http_outcome
@@ -104,6 +105,7 @@ def create_app(spec: DeploymentSpec, token: str | None):
                              buckets=LATENCY_BOUNDS, registry=registry)
     http_in_flight = Gauge("fastsd_http_in_flight_requests", "HTTP requests being answered", registry=registry)
     PROBES = ("/health", "/ready", "/metrics")
+    API_PATHS = (*openai_api.PATHS, *a1111_api.PATHS)
 
     def error(request: Request, status: int, message: str, **extra):
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
@@ -124,7 +126,7 @@ def create_app(spec: DeploymentSpec, token: str | None):
         rid = wire.request_id(request.headers.get("x-request-id"))
         request.state.request_id = rid
         request.state.info = {}
-        path = request.url.path if request.url.path in (*PROBES, "/score") else "other"
+        path = request.url.path if request.url.path in (*PROBES, "/score", *API_PATHS) else "other"
         t0 = time.monotonic()
         http_in_flight.inc()
         try:
@@ -212,6 +214,9 @@ def create_app(spec: DeploymentSpec, token: str | None):
                               "nsfw_content_detected": bool(flag)}
                              for i, (img, flag) in enumerate(zip(reply.images, reply.nsfw_content_detected))])
 
+    gateway = Gateway(spec, deployment, pool, token)  # the APIs image clients speak, on the same port and token
+    openai_api.mount(app, gateway)
+    a1111_api.mount(app, gateway)
     return app
 
 

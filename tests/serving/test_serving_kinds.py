@@ -55,3 +55,12 @@ def test_batcher_replies_equal_the_engine(preset):
     alone = engine.generate("a red disc", "", num_inference_steps=3, seed=4, image=image, progress=False, **kw)
     assert reply.images[0].size == alone.images[0].size == (64, 64)
     assert np.abs(np.asarray(reply.images[0], np.int16) - np.asarray(alone.images[0], np.int16)).max() <= 1
+
+
+def test_openai_edits_take_noise_level():
+    from types import SimpleNamespace
+
+    from fastsd.serving.openai_api import translate
+    gw = SimpleNamespace(model_id="sd-x4-upscaler")
+    fields, fmt = translate({"prompt": "a cat", "noise_level": "30", "seed": "1"}, gw, multipart=True)
+    assert fields["parameters"]["noise_level"] == 30 and fmt == "b64_json"

@@ -175,11 +175,12 @@ def _fp32_on_cpu(pipe) -> bool:
 
 
 def _check_pipeline(pipe) -> None:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     unet, vae = getattr(pipe, "unet", None), getattr(pipe, "vae", None)
-    if not isinstance(unet, UNet2DConditionModel) or not isinstance(vae, AutoencoderKL):
+    if not isinstance(unet, UNet2DConditionModel) or not isinstance(vae, (AutoencoderKL, AutoencoderTiny)):
         raise InvalidParameter("pipe", type(pipe).__name__,
-                               "a diffusers pipeline built on UNet2DConditionModel and AutoencoderKL "
+                               "a diffusers pipeline built on UNet2DConditionModel and AutoencoderKL (or a tiny VAE, "
+                               "AutoencoderTiny) "
                                "(StableDiffusionPipeline, its Img2Img and Inpaint pipelines, "
                                "StableDiffusionControlNetPipeline, ...)")
 

@@ -123,6 +123,9 @@ def cmd_serve(args) -> int:
     from .deploy import serve
     from .limits import Limits
     check_config(args.model, args.config)
+    if args.vae_tiny:
+        from ..tiny_vae import load_tiny_vae
+        load_tiny_vae(args.vae_tiny)  # checked before any process starts
     if args.gpus:
         args.device = "cuda"
     import dataclasses
@@ -143,7 +146,7 @@ def cmd_serve(args) -> int:
                  engine=engine, random_weights=args.random_weights, config=args.config,
                  allow_pickle=args.allow_pickle, threads=args.threads, max_body_bytes=args.max_body_bytes,
                  startup_timeout=args.startup_timeout, metrics_port=args.metrics_port, log_format=args.log_format,
-                 ssh_config=args.ssh_config, lora_dir=args.lora_dir, loras=loras)
+                 ssh_config=args.ssh_config, lora_dir=args.lora_dir, loras=loras, vae_tiny=args.vae_tiny)
     from .common import cache_path
     n = len(spec["replicas"])
     print(f"deployment '{spec['name']}' is up: {spec['model']}, {n} replica(s), gRPC {spec['host']}:{spec['port']} "
@@ -172,6 +175,7 @@ def cmd_query(args) -> int:
     reply = query(args.deployment, args.prompt, negative=args.negative, timeout=args.timeout, **images,
                   num_inference_steps=50 if args.steps is None else args.steps, guidance_scale=args.guidance,
                   height=args.height, width=args.width, seed=args.seed, scheduler=args.scheduler,
+                  eta=args.eta or None,  # 0 is the deployment's default: left out
                   num_images_per_prompt=args.num_images if args.num_images != 1 else None, lora=args.lora)
     for path, image, flagged in zip(paths, reply.images, reply.nsfw_content_detected):
         image.save(path)

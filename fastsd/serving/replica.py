@@ -150,7 +150,7 @@ def build_engine(spec: dict, replica: dict):
     model = load_for_backend(eng.get("backend", "torch"), spec["model"],
                              random_weights=spec.get("random_weights", False),
                              allow_pickle=spec.get("allow_pickle", False), config=spec.get("config"),
-                             safety_checker=eng.get("safety_checker", True))
+                             safety_checker=eng.get("safety_checker", True), vae_tiny=spec.get("vae_tiny"))
     return optimize(model, OptimizeConfig(**eng).validated())
 
 

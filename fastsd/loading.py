@@ -46,7 +46,9 @@ def _load_folder(path: Path, name: str, source: str, preset: Preset | None) -> S
         raise ModelLoadError(f"model: {path} is not a diffusers model folder (no model_index.json)")
     try:
         index = json.loads((path / "model_index.json").read_text())
-        if index.get("_class_name") not in (None, "StableDiffusionPipeline"):
+        # an LCM-distilled folder (e.g. SimianLuo/LCM_Dreamshaper_v7) names diffusers' LCM pipeline: the same
+        # components, which StableDiffusionPipeline runs the same way (its UNet takes the guidance embedding)
+        if index.get("_class_name") not in (None, "StableDiffusionPipeline", "LatentConsistencyModelPipeline"):
             raise ModelLoadError(f"model: {path} holds a {index['_class_name']}, not a StableDiffusionPipeline")
         # no dtype keyword (diffusers renamed torch_dtype to dtype in 0.4x and warns on the old one):
         # load as saved, then make every module FP32 below

@@ -71,28 +71,30 @@ def test_bad_steps_and_eta_are_clear_errors(tiny):
         eng.generate("a cat", num_inference_steps=2, scheduler="tcd", eta=1.5, progress=False)
 
 
-@pytest.fixture(scope="module")
-def turbo_folder(_tiny, tmp_path_factory):
-    """The tiny model saved as SD-Turbo ships: EulerAncestralDiscreteScheduler with timestep_spacing trailing."""
-    from diffusers import EulerAncestralDiscreteScheduler
-    model = copy.deepcopy(_tiny)
-    model.scheduler = EulerAncestralDiscreteScheduler.from_config(model.scheduler.config, timestep_spacing="trailing")
-    path = tmp_path_factory.mktemp("models") / "tiny-turbo"
+def turbo_folder(model, path, scheduler_class: str):
+    """The tiny model saved as SD-Turbo (Euler, timestep_spacing trailing) and SDXL-Turbo (Euler-ancestral,
+    trailing) ship their scheduler: the folder's own scheduler_config.json is the only place that says so."""
+    import diffusers
+    model.scheduler = getattr(diffusers, scheduler_class).from_config(model.scheduler.config,
+                                                                       timestep_spacing="trailing")
     model.to_pipeline(with_safety_checker=False).save_pretrained(path, safe_serialization=True)
     return path
 
 
+@pytest.mark.parametrize("scheduler_class, name", [("EulerDiscreteScheduler", "euler"),
+                                                   ("EulerAncestralDiscreteScheduler", "euler-ancestral")])
 @pytest.mark.parametrize("steps", [1, 4])
-def test_a_folders_own_scheduler_config_is_honoured_turbo(turbo_folder, steps):
+def test_a_folders_own_scheduler_config_is_honoured_turbo(_tiny, tmp_path, scheduler_class, name, steps):
     from diffusers import StableDiffusionPipeline
-    cfg = json.loads((turbo_folder / "scheduler" / "scheduler_config.json").read_text())
-    assert cfg["_class_name"] == "EulerAncestralDiscreteScheduler" and cfg["timestep_spacing"] == "trailing"
-    pipe = StableDiffusionPipeline.from_pretrained(str(turbo_folder), local_files_only=True)
+    folder = turbo_folder(copy.deepcopy(_tiny), tmp_path / "tiny-turbo", scheduler_class)
+    cfg = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert cfg["_class_name"] == scheduler_class and cfg["timestep_spacing"] == "trailing"
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     ref = pipe(["a red circle", "a cat"], num_inference_steps=steps, guidance_scale=0.0, height=64, width=64,
                generator=[torch.Generator().manual_seed(s) for s in (5, 6)]).images
-    eng = optimize(load_model(str(turbo_folder), safety_checker=False))
-    assert eng.describe()["scheduler"] == "euler-ancestral"
+    eng = optimize(load_model(str(folder), safety_checker=False))
+    assert eng.describe()["scheduler"] == name
     calls = []
     real = eng.backend.unet
     eng.backend.unet = lambda x, t, e, **kw: calls.append((x.shape[0], int(t))) or real(x, t, e, **kw)
@@ -108,7 +110,8 @@ def test_lcm_distilled_unet_takes_the_guidance_embedding(tiny):
     # an LCM-distilled UNet (time_cond_proj_dim) reads w = guidance - 1 as an embedding, no classifier-free guidance
     from diffusers import UNet2DConditionModel
     torch.manual_seed(1)
-    tiny.unet = UNet2DConditionModel.from_config({**tiny.unet.config, "time_cond_proj_dim": 16}).eval()
+    tiny.unet = UNet2DConditionModel.from_config(tiny.unet.config, time_cond_proj_dim=16).eval()
+    assert tiny.unet.config.time_cond_proj_dim == 16
     for g in (1.0, 8.0):
         err, db = _compare(copy.deepcopy(tiny), "lcm", 4, g)
         assert err <= 1e-6 and db >= 45, (g, err, db)
@@ -116,3 +119,28 @@ def test_lcm_distilled_unet_takes_the_guidance_embedding(tiny):
     kw = dict(num_inference_steps=2, seed=0, scheduler="lcm", progress=False)
     assert not torch.equal(eng.generate("a cat", guidance_scale=1.0, **kw).latents,
                            eng.generate("a cat", guidance_scale=8.0, **kw).latents)
+
+
+def test_an_lcm_distilled_folder_equals_diffusers_lcm_pipeline(_tiny, tmp_path):
+    # a folder as LCM-distilled checkpoints ship (SimianLuo/LCM_Dreamshaper_v7): LatentConsistencyModelPipeline,
+    # LCMScheduler, a UNet with time_cond_proj_dim; fastsd loads it and matches diffusers' own LCM pipeline
+    from diffusers import LatentConsistencyModelPipeline, LCMScheduler, UNet2DConditionModel
+    model = copy.deepcopy(_tiny)
+    torch.manual_seed(2)
+    model.unet = UNet2DConditionModel.from_config(model.unet.config, time_cond_proj_dim=16).eval()
+    model.scheduler = LCMScheduler.from_config(model.scheduler.config)
+    pipe = LatentConsistencyModelPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                                          unet=model.unet, scheduler=model.scheduler, safety_checker=None,
+                                          feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(tmp_path / "lcm", safe_serialization=True)
+    assert json.loads((tmp_path / "lcm" / "model_index.json").read_text())["_class_name"] == \
+        "LatentConsistencyModelPipeline"
+    pipe = LatentConsistencyModelPipeline.from_pretrained(str(tmp_path / "lcm"), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(["a red circle", "a cat"], num_inference_steps=4, guidance_scale=8.5, height=64, width=64,
+               generator=[torch.Generator().manual_seed(s) for s in (5, 6)], output_type="np").images
+    eng = optimize(load_model(str(tmp_path / "lcm"), safety_checker=False))
+    assert eng.describe()["scheduler"] == "lcm"
+    out = eng.generate(["a red circle", "a cat"], num_inference_steps=4, guidance_scale=8.5, seed=5, progress=False,
+                       output_type="np").images
+    assert np.abs(out - ref).max() * 255 <= 1

@@ -223,7 +223,7 @@ def _take_over(pipe, config: OptimizeConfig, keep_originals: bool) -> Accelerate
         if t.dtype != target and keep_originals:
             t.originals = [(sub, kind, name, x.data) for sub in m.modules() for kind in ("_parameters", "_buffers")
                            for name, x in getattr(sub, kind).items() if x is not None]
-        if role in ("unet", "controlnet", "vae"):
+        if role in ("unet", "controlnet", "vae") and hasattr(m, "attn_processors"):  # a tiny VAE has no attention
             t.processors = dict(m.attn_processors)
         m.to(device, target)
         state.taken.append(t)

@@ -28,8 +28,8 @@ from queue import Empty, Queue
 from ..errors import FastSDError, InvalidParameter
 from ..schedulers import check_steps, make_scheduler, scheduler_name, takes_eta
 from .batch_size import BatchSizer
-from .common import BATCH_BOUNDS, hist_new, hist_observe
-from .limits import Limits, Request, parse
+from .histograms import BATCH_BOUNDS, hist_new, hist_observe
+from .request import Limits, Request, parse
 
 log = logging.getLogger("fastsd.serving")
 

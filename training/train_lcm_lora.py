@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from shapes_data import held_out_triples  # noqa: E402
+from shapes_data import held_out_triples, prompt_text, random_prompt  # noqa: E402
 from train_shapes import MAX_LEN, SCHEDULE, encode_dataset, lr_at  # noqa: E402
 
 BASE = Path(__file__).resolve().parents[1] / "fastsd" / "models" / "fastsd-shapes"
@@ -54,13 +54,59 @@ def x0_from_eps(x: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> 
     return (x - (1 - a).sqrt() * eps) / a.sqrt()
 
 
+class Setup:
+    """What both targets share: SD's schedule, LCM's boundary conditions, the 50-point timestep grid."""
+
+    def __init__(self, args):
+        from diffusers import DDPMScheduler, LCMScheduler
+        self.sched = DDPMScheduler(**SCHEDULE, prediction_type="epsilon")
+        self.bounds = LCMScheduler(**SCHEDULE)  # c_skip / c_out exactly as the LCM sampler computes them
+        self.alpha_bar = self.sched.alphas_cumprod
+        self.k = SCHEDULE["num_train_timesteps"] // args.ddim_steps
+        self.grid = torch.arange(1, args.ddim_steps + 1) * self.k - 1  # 19, 39, ..., 999: LCM's original timesteps
+
+    def consistency(self, unet, x, t, cond):
+        """f(x_t, t) = c_skip(t) x_t + c_out(t) x0(x_t, t): the LCM sampler's `denoised`."""
+        c_skip, c_out = (v.view(-1, 1, 1, 1) for v in self.bounds.get_scalings_for_boundary_condition_discrete(t))
+        return c_skip * x + c_out * x0_from_eps(x, unet(x, t, cond).sample, self.alpha_bar[t])
+
+    def ddim_step(self, teacher, x, t, t_prev, cond, empty, guidance):
+        """One DDIM step t -> t_prev of the teacher with classifier-free guidance; returns (x_prev, x0)."""
+        eps_c, eps_u = teacher(torch.cat([x, x]), torch.cat([t, t]),
+                               torch.cat([cond, empty.expand(len(x), -1, -1)])).sample.chunk(2)
+        eps = eps_u + guidance * (eps_c - eps_u)
+        x0 = x0_from_eps(x, eps, self.alpha_bar[t])
+        a_prev = self.alpha_bar[t_prev].view(-1, 1, 1, 1)
+        return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps, x0
+
+
+@torch.no_grad()
+def teacher_trajectories(teacher, text_encoder, tok, prompts, empty, setup, args):
+    """The teacher's probability-flow ODE (guided DDIM over the 50-point grid, 999 -> 0) from pure noise, one per
+    prompt: the state at every grid timestep and where the trajectory ends. Every state's target is its end."""
+    g = torch.Generator().manual_seed(args.seed + 1)
+    states, ends = [], []
+    t0 = time.time()
+    for i in range(0, len(prompts), args.ode_batch):
+        ids = tok(prompts[i:i + args.ode_batch], padding="max_length", max_length=MAX_LEN, truncation=True,
+                  return_tensors="pt").input_ids
+        cond = text_encoder(ids).last_hidden_state
+        x = torch.randn((len(ids), 4, 8, 8), generator=g)  # LCMScheduler's start: init_noise_sigma 1 at t=999
+        path = []
+        for j in range(len(setup.grid) - 1, -1, -1):
+            t = setup.grid[j].repeat(len(ids))
+            t_prev = (t - setup.k).clamp(min=0)
+            path.append(x)
+            x, _ = setup.ddim_step(teacher, x, t, t_prev, cond, empty, args.guidance)
+        states.append(torch.stack(path[::-1], 1))  # [b, grid, 4, 8, 8], grid ascending
+        ends.append(x)
+        print(f"trajectories {i + len(ids)}/{len(prompts)} {time.time() - t0:.0f} s", flush=True)
+    return torch.cat(states), torch.cat(ends)
+
+
 def train(unet, text_encoder, tok, prompts, means, stds, scale, args):
-    from diffusers import DDPMScheduler, LCMScheduler
-    sched = DDPMScheduler(**SCHEDULE, prediction_type="epsilon")
-    bounds = LCMScheduler(**SCHEDULE)  # c_skip / c_out exactly as the LCM sampler computes them
-    alpha_bar = sched.alphas_cumprod
-    k = SCHEDULE["num_train_timesteps"] // args.ddim_steps
-    grid = torch.arange(1, args.ddim_steps + 1) * k - 1  # 19, 39, ..., 999: LCM's original timesteps
+    setup = Setup(args)
+    grid, k = setup.grid, setup.k
     teacher = copy.deepcopy(unet).eval().requires_grad_(False)
     from peft import LoraConfig
     unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=UNET_TARGETS))
@@ -71,32 +117,28 @@ def train(unet, text_encoder, tok, prompts, means, stds, scale, args):
     with torch.no_grad():
         empty = text_encoder(tok([""], padding="max_length", max_length=MAX_LEN,
                                  return_tensors="pt").input_ids).last_hidden_state
+    if args.target == "ode":
+        states, ends = teacher_trajectories(teacher, text_encoder, tok, prompts, empty, setup, args)
     g = torch.Generator().manual_seed(args.seed)
     ema_loss, t0 = None, time.time()
     for step in range(args.steps):
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         idx = torch.randint(0, len(prompts), (args.batch,), generator=g)
-        z = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)) * scale
-        noise = torch.randn(z.shape, generator=g)
         n = torch.randint(0, args.ddim_steps, (args.batch,), generator=g)
         t, t_prev = grid[n], (grid[n] - k).clamp(min=0)
-        x_t = sched.add_noise(z, noise, t)
         with torch.no_grad():
             cond = text_encoder(ids[idx]).last_hidden_state
-            # teacher: one guided DDIM step t -> t - k
-            eps_c, eps_u = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]),
-                                   torch.cat([cond, empty.expand(args.batch, -1, -1)])).sample.chunk(2)
-            eps = eps_u + args.guidance * (eps_c - eps_u)
-            x0 = x0_from_eps(x_t, eps, alpha_bar[t])
-            a_prev = alpha_bar[t_prev].view(-1, 1, 1, 1)
-            x_prev = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
-            # target: the student's own consistency output at t - k
-            c_skip, c_out = (v.view(-1, 1, 1, 1) for v in bounds.get_scalings_for_boundary_condition_discrete(t_prev))
-            target = c_skip * x_prev + c_out * x0_from_eps(x_prev, unet(x_prev, t_prev, cond).sample, alpha_bar[t_prev])
-        c_skip, c_out = (v.view(-1, 1, 1, 1) for v in bounds.get_scalings_for_boundary_condition_discrete(t))
-        pred = c_skip * x_t + c_out * x0_from_eps(x_t, unet(x_t, t, cond).sample, alpha_bar[t])
-        loss = pseudo_huber(pred, target)
+        if args.target == "ode":
+            # the consistency function's definition: every state of a trajectory maps to where it ends
+            x_t, target = states[idx, n], ends[idx]
+        else:  # diffusers' LCM-LoRA recipe: one guided DDIM step of the teacher, the student's own output there
+            z = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)) * scale
+            x_t = setup.sched.add_noise(z, torch.randn(z.shape, generator=g), t)
+            with torch.no_grad():
+                x_prev, _ = setup.ddim_step(teacher, x_t, t, t_prev, cond, empty, args.guidance)
+                target = setup.consistency(unet, x_prev, t_prev, cond)
+        loss = pseudo_huber(setup.consistency(unet, x_t, t, cond), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -114,12 +156,14 @@ def train(unet, text_encoder, tok, prompts, means, stds, scale, args):
 
 
 def generate(base: Path, prompts, *, lora: Path | None, scheduler: str | None, steps: int, guidance: float):
-    """diffusers FP32, prompt i with seed i, 64x64; scheduler "lcm": LCMScheduler from the folder's config."""
-    from diffusers import LCMScheduler, StableDiffusionPipeline
+    """diffusers FP32, prompt i with seed i, 64x64; a named scheduler (fastsd's names) from the folder's config."""
+    from diffusers import StableDiffusionPipeline
+
+    from fastsd.schedulers import make_scheduler
     pipe = StableDiffusionPipeline.from_pretrained(str(base))
     pipe.set_progress_bar_config(disable=True)
-    if scheduler == "lcm":
-        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    if scheduler:
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
     if lora is not None:
         pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
     images = []
@@ -134,6 +178,7 @@ def evaluate(base: Path, lora: Path | None, prompts: list[str], few_steps=(2, 4,
     """The judge's accuracy of the base model (50 PNDM steps, guidance 7.5) and of the LoRA (LCM, guidance 1)."""
     from eval_shapes import score
     runs = {"base 50 steps pndm guidance 7.5": dict(lora=None, scheduler=None, steps=50, guidance=7.5),
+            "base 50 steps ddim guidance 7.5": dict(lora=None, scheduler="ddim", steps=50, guidance=7.5),
             "base 4 steps pndm guidance 7.5": dict(lora=None, scheduler=None, steps=4, guidance=7.5),
             "base 4 steps lcm guidance 1": dict(lora=None, scheduler="lcm", steps=4, guidance=1.0)}
     if lora is not None:
@@ -158,9 +203,15 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--scenes", type=int, default=6000, help="scenes drawn and encoded once")
+    ap.add_argument("--target", choices=("ode", "bootstrap"), default="ode",
+                    help="ode: each state of the teacher's guided 50-step ODE maps to where it ends (the consistency "
+                         "function's definition, computed once); bootstrap: diffusers' LCM-LoRA recipe (one teacher "
+                         "DDIM step, then the student's own output as the target)")
+    ap.add_argument("--trajectories", type=int, default=2000, help="ode: teacher trajectories, one prompt each")
+    ap.add_argument("--ode-batch", type=int, default=250, help="ode: trajectories solved together")
+    ap.add_argument("--scenes", type=int, default=6000, help="bootstrap: scenes drawn and encoded once")
     ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--ema", type=float, default=0.995, help="EMA decay of the saved LoRA weights")
@@ -190,7 +241,12 @@ def main(argv=None):
     vae = AutoencoderKL.from_pretrained(str(args.base / "vae")).eval().requires_grad_(False)
     unet = UNet2DConditionModel.from_pretrained(str(args.base / "unet")).requires_grad_(False)
     text_encoder = CLIPTextModel.from_pretrained(str(args.base / "text_encoder")).eval().requires_grad_(False)
-    train_prompts, means, stds = encode_dataset(vae, rng, held_out_triples(), args.scenes)
+    if args.target == "ode":  # the teacher draws the targets itself: prompts only, never the held-out combinations
+        exclude = held_out_triples()
+        train_prompts = [prompt_text(random_prompt(rng, exclude), rng) for _ in range(args.trajectories)]
+        means = stds = None
+    else:
+        train_prompts, means, stds = encode_dataset(vae, rng, held_out_triples(), args.scenes)
     t_enc = time.time() - t0
     loss = train(unet, text_encoder, tok, train_prompts, means, stds, vae.config.scaling_factor, args)
     t_train = time.time() - t0 - t_enc

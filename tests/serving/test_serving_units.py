@@ -227,3 +227,9 @@ def test_servicer_status_codes(engine):
             slow.stop(0)
         pipe.close()
         loop.close()
+
+
+def test_the_request_schema_names_every_scheduler_the_engine_has():
+    from fastsd.schedulers import SCHEDULERS
+    from fastsd.serving.schema import SCHEDULERS as OFFERED
+    assert OFFERED == tuple(SCHEDULERS)

@@ -175,11 +175,12 @@ def _fp32_on_cpu(pipe) -> bool:
 
 
 def _check_pipeline(pipe) -> None:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     unet, vae = getattr(pipe, "unet", None), getattr(pipe, "vae", None)
-    if not isinstance(unet, UNet2DConditionModel) or not isinstance(vae, AutoencoderKL):
+    if not isinstance(unet, UNet2DConditionModel) or not isinstance(vae, (AutoencoderKL, AutoencoderTiny)):
         raise InvalidParameter("pipe", type(pipe).__name__,
-                               "a diffusers pipeline built on UNet2DConditionModel and AutoencoderKL "
+                               "a diffusers pipeline built on UNet2DConditionModel and AutoencoderKL (or a tiny VAE, "
+                               "AutoencoderTiny) "
                                "(StableDiffusionPipeline, its Img2Img and Inpaint pipelines, "
                                "StableDiffusionControlNetPipeline, ...)")
 
@@ -222,7 +223,7 @@ def _take_over(pipe, config: OptimizeConfig, keep_originals: bool) -> Accelerate
         if t.dtype != target and keep_originals:
             t.originals = [(sub, kind, name, x.data) for sub in m.modules() for kind in ("_parameters", "_buffers")
                            for name, x in getattr(sub, kind).items() if x is not None]
-        if role in ("unet", "controlnet", "vae"):
+        if role in ("unet", "controlnet", "vae") and hasattr(m, "attn_processors"):  # a tiny VAE has no attention
             t.processors = dict(m.attn_processors)
         m.to(device, target)
         state.taken.append(t)

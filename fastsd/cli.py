@@ -44,7 +44,7 @@ def cmd_generate(args) -> int:
                              num_inference_steps=steps, guidance_scale=args.guidance,
                              height=args.height, width=args.width, seed=args.seed, scheduler=args.scheduler,
                              progress=not args.quiet, image=image, mask_image=mask, strength=args.strength,
-                             resize=args.resize, **extra)
+                             resize=args.resize, eta=args.eta, **extra)
     judge = None if args.upscale else _judge_for(engine)
     images, described = result.images, engine.describe()
     if args.upscale:  # the chain: the x4 upscaler over each image, the base image kept beside it
@@ -112,7 +112,8 @@ def cmd_verify(args) -> int:
     common = dict(prompts=args.prompt or None, negative_prompt=args.negative, num_images_per_prompt=args.num_images,
                   steps=25 if args.steps is None else args.steps, guidance=args.guidance, height=args.height,
                   width=args.width, seed=args.seed if args.seed is not None else 0, scheduler=args.scheduler,
-                  progress=not args.quiet, engine_model=engine_model, image=image, strength=args.strength)
+                  progress=not args.quiet, engine_model=engine_model, image=image, strength=args.strength,
+                  eta=args.eta)
     if model.kind in ("depth", "upscale"):  # the task is the model's; it makes its own inputs
         from .verify_kinds import verify_each as verify_kind  # lazy: torch after parsing
         for name, value in (("task", args.task), ("mask", args.mask), ("lora", loras or None)):
@@ -135,7 +136,9 @@ def cmd_verify(args) -> int:
                  if report.get("noise_level") is not None else "")
               + (f" (depth map {report['depth_map']})" if report.get("depth_map") else "")
               + f"  {engine.describe()}")
-        print(f"  {report['steps']} steps, guidance {report['guidance']}, {report['width']}x{report['height']}, "
+        print(f"  {report['steps']} steps, guidance {report['guidance']}" + (f", eta {report['eta']:g}" if report['eta']
+                                                                               else "") +
+              f", {report['width']}x{report['height']}, "
               f"scheduler {report['scheduler']}" + (f", step cache interval {cached}" if cached > 1 else "") +
               f"; tolerance ({tol['name']}): max abs <= {tol['max_abs']:g}, "
               f"PSNR >= {tol['min_psnr']:g} dB, latent cosine >= {tol['min_latent_cosine']}")
@@ -178,6 +181,9 @@ def _verify_pipelines(args) -> int:
         from .backends.openvino.backend import check_config  # lazy: torch after parsing
         check_config(config, "fastsd.accelerate with the openvino backend")
     model = load_for(args)
+    if args.scheduler:  # diffusers' own scheduler class in the pipeline, on both sides of the comparison
+        from .schedulers import make_scheduler  # lazy: torch after parsing
+        model.scheduler = make_scheduler(args.scheduler, model.scheduler.config)
     controlnet = None
     if "controlnet" in kinds and args.controlnet:
         from diffusers import ControlNetModel
@@ -193,7 +199,8 @@ def _verify_pipelines(args) -> int:
         r = verify_pipeline(pipe, prompt=prompt, negative_prompt=args.negative, config=config,
                             seed=args.seed if args.seed is not None else 0, guidance_scale=args.guidance,
                             num_images_per_prompt=args.num_images,
-                            num_inference_steps=25 if args.steps is None else args.steps, **sample_inputs(kind, size))
+                            num_inference_steps=25 if args.steps is None else args.steps, eta=args.eta,
+                            **sample_inputs(kind, size))
         restore(pipe)  # the next kind builds on the same modules, plain again
         reports[kind], ok = r, ok and r["passed"]
         rows = r["images"]  # the worst image of the call

@@ -16,6 +16,7 @@ from .model import SDModel
 from .model_kinds import kind_of
 from .presets import CHECKPOINT_SUFFIXES, PRESETS, Preset, check_config, get_preset
 from .schedulers import make_scheduler
+from .tiny_vae import use_tiny_vae
 from .tokenizer import byte_level_clip_tokenizer
 
 log = logging.getLogger("fastsd")
@@ -69,7 +70,8 @@ def _load_folder(path: Path, name: str, source: str, preset: Preset | None) -> S
         kind_of(channels, class_name, where=f"model: {path}")
         # no dtype keyword (diffusers renamed torch_dtype to dtype in 0.4x and warns on the old one):
         # load as saved, then make every module FP32 below
-        pipe = getattr(diffusers, class_name).from_pretrained(str(path), local_files_only=True, use_safetensors=None)
+        loader = "StableDiffusionPipeline" if class_name == "LatentConsistencyModelPipeline" else class_name
+        pipe = getattr(diffusers, loader).from_pretrained(str(path), local_files_only=True, use_safetensors=None)
     except ModelLoadError:
         raise
     except Exception as e:  # diffusers raises many types for a broken folder; say which file
@@ -105,13 +107,21 @@ def _load_hub(preset_or_id: str, preset: Preset | None) -> SDModel:
 
 
 def load_model(spec: str, *, random_weights: bool = False, seed: int = 0, allow_pickle: bool = False,
-               config: str | None = None, safety_checker: bool = True) -> SDModel:
+               config: str | None = None, safety_checker: bool = True, vae_tiny: str | None = None) -> SDModel:
     """Load `spec`: a preset name, a hub id, a local diffusers folder or a single checkpoint file.
 
     random_weights: build the preset's architecture (spec must be a preset) with seeded weights.
     allow_pickle: allow `.ckpt` pickles (loaded with weights_only=True); off by default.
     config: for a single checkpoint file, the preset whose architecture it has (auto-detected if None).
+    vae_tiny: a local AutoencoderTiny (TAESD) folder that decodes and encodes in place of the model's VAE.
     """
+    model = _load(spec, random_weights=random_weights, seed=seed, allow_pickle=allow_pickle, config=config,
+                  safety_checker=safety_checker)
+    return use_tiny_vae(model, vae_tiny) if vae_tiny else model
+
+
+def _load(spec: str, *, random_weights: bool, seed: int, allow_pickle: bool, config: str | None,
+          safety_checker: bool) -> SDModel:
     check_config(spec, config)
     preset = get_preset(spec)
     path = Path(spec).expanduser()

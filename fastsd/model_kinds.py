@@ -20,6 +20,9 @@ PIPELINE_KINDS = {
     "StableDiffusionInpaintPipeline": ("sd", "inpaint"),  # a 4-channel UNet: the legacy (masked img2img) way
     "StableDiffusionDepth2ImgPipeline": ("depth",),
     "StableDiffusionUpscalePipeline": ("upscale",),
+    # an LCM-distilled folder (e.g. SimianLuo/LCM_Dreamshaper_v7): the same components, which
+    # StableDiffusionPipeline runs the same way (its UNet takes the guidance embedding)
+    "LatentConsistencyModelPipeline": ("sd",),
 }
 # the class a folder of each kind is loaded with (and the reference `verify` runs)
 PIPELINE_OF_KIND = {"sd": "StableDiffusionPipeline", "inpaint": "StableDiffusionInpaintPipeline",

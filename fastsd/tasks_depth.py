@@ -21,8 +21,9 @@ class DepthToImage(ImageToImage):
     """ImageToImage whose UNet input is [latents, depth] (5 channels)."""
     name = "depth"
 
-    def __init__(self, prepared: _Prepared, strength: float, scaling: float, depth_maps: torch.Tensor, guided: bool):
-        super().__init__(prepared, strength, scaling)
+    def __init__(self, prepared: _Prepared, strength: float, scaling: float, depth_maps: torch.Tensor, guided: bool,
+                 latent_channels: int = 4):
+        super().__init__(prepared, strength, scaling, latent_channels)
         self.depth = torch.cat([depth_maps] * 2) if guided else depth_maps
 
     def unet_input(self, model_in: torch.Tensor) -> torch.Tensor:
@@ -77,6 +78,7 @@ def make(model, backend, *, image, strength, prompts: int, per_prompt: int, heig
         index = [distinct.index(first[id(items[b])]) for b in prepared.index]
         name = "depth_estimator"
     latent = depth.to_latent_size(maps, height // scale, width // scale, name if name == "depth_map" else "image")
-    task = DepthToImage(prepared, strength_value(strength), model.vae.config.scaling_factor, latent[index], guided)
+    task = DepthToImage(prepared, strength_value(strength), model.vae.config.scaling_factor, latent[index], guided,
+                        getattr(model.vae.config, "latent_channels", 4))
     task.timings["depth_map"] = time.perf_counter() - t0
     return task

@@ -60,9 +60,10 @@ class Upscale(TextToImage):
     def unet_input(self, model_in: torch.Tensor) -> torch.Tensor:
         return torch.cat([model_in, self.cond.to(model_in.dtype)], dim=1)
 
-    def predict(self, backend, model_in: torch.Tensor, t, text_emb: torch.Tensor) -> torch.Tensor:
-        return upscale_tiles.run_tiled(lambda x: backend.unet(x, t, text_emb, class_labels=self.labels).float(),
-                                       model_in, self.tile)
+    def predict(self, backend, model_in: torch.Tensor, t, text_emb: torch.Tensor, **unet_kwargs) -> torch.Tensor:
+        return upscale_tiles.run_tiled(
+            lambda x: backend.unet(x, t, text_emb, class_labels=self.labels, **unet_kwargs).float(), model_in,
+            self.tile)
 
 
 def check(model, *, image, mask_image, strength, height, width, resize, noise_level=None, tile_size=None, **unused):

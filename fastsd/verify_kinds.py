@@ -50,7 +50,8 @@ def sample_inputs(model, height=None, width=None) -> dict:
 
 
 def run_reference(model, prompts: list[str], negatives: list[str], *, steps: int, guidance: float, seeds: list[int],
-                  scheduler: str | None, image, depth_map=None, strength: float = 0.8, noise_level: int = 20):
+                  scheduler: str | None, image, depth_map=None, strength: float = 0.8, noise_level: int = 20,
+                  eta: float = 0.0):
     """diffusers' pipeline in FP32 on the CPU over `model`'s modules, one input per generated image (`prompts`
     already one per image), each with its own generator. Returns (PIL images, final latents, seconds)."""
     pipe = model.to_pipeline()
@@ -61,7 +62,7 @@ def run_reference(model, prompts: list[str], negatives: list[str], *, steps: int
     final = {}
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
     kw = dict(negative_prompt=negatives, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
-              output_type="pil", image=[image] * len(prompts))
+              output_type="pil", image=[image] * len(prompts), eta=eta)
     t0 = time.perf_counter()
     if model.kind == "depth":
         def keep(p, i, t, kwargs):
@@ -80,13 +81,14 @@ def run_reference(model, prompts: list[str], negatives: list[str], *, steps: int
 def verify_each(model, configs, *, prompts=None, negative_prompt=None, num_images_per_prompt: int = 1,
                 steps: int = 25, guidance: float = 7.5, seed: int = 0, scheduler: str | None = None,
                 progress: bool = False, engine_model=None, image=None, depth_map=None, strength=None,
-                noise_level=None, tile_size=None, height=None, width=None):
+                noise_level=None, tile_size=None, height=None, width=None, eta: float = 0.0):
     """verify_each of fastsd.verify for a depth or upscale model. Returns ([(report, engine, result) per config],
     reference images)."""
     prompts = check.prompts(prompts or DEFAULT_PROMPTS)
     negatives = check.negative_prompts(negative_prompt, len(prompts))
     n_img = check.num_images(num_images_per_prompt)
     steps = check.steps(steps)
+    eta = check.eta(eta)
     count = len(prompts) * n_img
     seeds = check.seeds(seed, count)
     made = sample_inputs(model, height, width)
@@ -113,14 +115,14 @@ def verify_each(model, configs, *, prompts=None, negative_prompt=None, num_image
     per_image = [p for p in prompts for _ in range(n_img)]
     ref_images, ref_latents, ref_s = run_reference(
         model, per_image, [n for n in negatives for _ in range(n_img)], steps=steps, guidance=check.guidance(guidance),
-        seeds=seeds, scheduler=scheduler, image=image.convert("RGB"), **ref_kw)
+        seeds=seeds, scheduler=scheduler, image=image.convert("RGB"), eta=eta, **ref_kw)
     source = engine_model if engine_model is not None else model
     out = []
     for i, config in enumerate(configs):
         engine = optimize(source if i == len(configs) - 1 else copy.deepcopy(source), config)
         result = engine.generate(prompts, negatives, num_images_per_prompt=n_img, num_inference_steps=steps,
                                  guidance_scale=guidance, seed=seeds, scheduler=scheduler, progress=progress,
-                                 image=image.convert("RGB"), **inputs)
+                                 image=image.convert("RGB"), eta=eta, **inputs)
         tol = tolerance_for(config)
         rows = compare(ref_images, result.images, ref_latents, result.latents, result.prompts, seeds, tol)
         w, h = result.images[0].size
@@ -128,7 +130,7 @@ def verify_each(model, configs, *, prompts=None, negative_prompt=None, num_image
                              noise_level=inputs.get("noise_level"), input_size=list(image.size),
                              depth_map=map_source,
                              config=asdict(config), engine=engine.describe(), tolerance_name=tol.name, steps=steps,
-                             guidance=guidance, height=h, width=w,
+                             guidance=guidance, eta=eta, height=h, width=w,
                              scheduler=scheduler or engine.describe()["scheduler"], reference_seconds=ref_s,
                              engine_seconds=result.timings["total"], engine_timings=result.timings,
                              nsfw_reference=[False] * len(rows), nsfw_engine=result.nsfw_content_detected, loras=[])

@@ -28,6 +28,10 @@ from .watch import changed_settings, describe_settings, look
 VAE_HONOURED = ("use_slicing", "use_tiling", "tile_sample_min_size", "tile_latent_min_size", "tile_overlap_factor")
 
 
+# what diffusers' fuse_lora leaves on the UNet for its merge; the fused weights are what changes the output
+MERGE_ONLY = ("lora_scale", "_safe_fusing")
+
+
 def cast(x, dtype):
     """Floating tensors in x (nested in tuples, lists, dicts, diffusers outputs) to dtype."""
     if torch.is_tensor(x):
@@ -92,11 +96,14 @@ def _runner_refusal(state: AccelerateState, w: Wrapped, now, allowed=()) -> str 
                "has the exported ones"
     if (now.dtype, now.device) != (start.dtype, start.device):
         return f"it was cast or moved since accelerate (now {str(now.dtype)[6:]} on {now.device})"
+    if not now.same_weights(start):
+        return f"the torch {w.what}'s weights changed since the export (a LoRA fused into them?); call " \
+               "fastsd.accelerate again to re-export"
     other = sorted({type(p).__name__ for n, p in now.processors.items()
                     if p is not start.processors.get(n) and not takes(p, exact=False)})
     if other:
         return f"attention processors {', '.join(other)} are set (PAG, IP-Adapter, custom); the graph has plain attention"
-    changed = [c for c in changed_settings(start.settings, now.settings) if c not in allowed]
+    changed = [c for c in changed_settings(start.settings, now.settings) if c not in allowed + MERGE_ONLY]
     if changed:
         return describe_settings(changed)
     return None

@@ -34,9 +34,11 @@ from .optimize import OptimizeConfig, config_from
 log = logging.getLogger("fastsd")
 
 STATE = "_fastsd_accelerate"
-SCOPE = ("a diffusers pipeline built on UNet2DConditionModel and AutoencoderKL (StableDiffusionPipeline, its "
-         "Img2Img, Inpaint, ControlNet, PAG, SDXL, ... pipelines); video pipelines whose UNet is a "
-         "UNetMotionModel (AnimateDiff, PIA) and ControlNet-XS (UNetControlNetXSModel) are not in its scope")
+SCOPE = ("a maintained diffusers pipeline built on UNet2DConditionModel and AutoencoderKL (StableDiffusionPipeline, "
+         "its Img2Img, Inpaint, InstructPix2Pix, Depth2Img, upscalers, ControlNet, T2I-Adapter, PAG, LCM, Marigold, "
+         "unCLIP and SDXL pipelines); not AnimateDiff (its UNet is a UNetMotionModel) nor the pipelines diffusers "
+         "deprecated (diffusers.pipelines.deprecated), which fastsd is not checked against")
+DEPRECATED = "diffusers.pipelines.deprecated."
 
 
 # -- the front door ------------------------------------------------------------------------------------
@@ -166,10 +168,18 @@ def _fp32_on_cpu(pipe) -> bool:
 
 
 def _check_pipeline(pipe) -> None:
+    """InvalidParameter for a pipeline out of the drop-in's scope (SCOPE; tests/test_accelerate_pipelines.py
+    builds and runs every class in it, and checks that the others are refused)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
+    got = type(pipe).__name__
+    if type(pipe).__module__.startswith(DEPRECATED):
+        raise InvalidParameter("pipe", f"{got} (deprecated by diffusers)", SCOPE)
+    components = getattr(pipe, "__dict__", {}).get("_internal_dict") or {}
+    old = sorted(k for k in components if type(getattr(pipe, k, None)).__module__.startswith(DEPRECATED))
+    if old:  # BlipDiffusionControlNetPipeline: BLIP-Diffusion's parts live in the deprecated package
+        raise InvalidParameter("pipe", f"{got} (its {', '.join(old)} from diffusers' deprecated pipelines)", SCOPE)
     unet, vae = getattr(pipe, "unet", None), getattr(pipe, "vae", None)
     if not isinstance(unet, UNet2DConditionModel) or not isinstance(vae, AutoencoderKL):
-        got = type(pipe).__name__
         if unet is not None and not isinstance(unet, UNet2DConditionModel):
             got += f" (its unet is a {type(unet).__name__})"
         elif vae is not None and not isinstance(vae, AutoencoderKL):

@@ -80,6 +80,10 @@ def accelerate(pipe, config: OptimizeConfig | None = None, *, profile: str | Non
             state.applied.append("cuda_graphs(unet)")
         else:
             log.warning("cuda_graphs off: %s", why)
+    for role in ("text_encoder", "text_encoder_2", "image_encoder", "safety_checker"):
+        m = getattr(pipe, role, None)
+        if isinstance(m, torch.nn.Module):  # they run as the user has them: cheap, and their error reaches every step
+            state.untouched[role] = look(m, weights=False).dtype
     nets = _controlnets(pipe)
     for role, what, m, wanted in [("unet", "UNet", pipe.unet, prec.denoiser),
                                   *[("controlnet", "ControlNet" + (f" {i}" if len(nets) > 1 else ""), c, prec.denoiser)

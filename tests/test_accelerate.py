@@ -72,7 +72,7 @@ def test_bf16_cpu_recipe_within_verify_tolerance(parts, kind):
     assert report["passed"], report["images"]
     assert report["tolerance"]["min_psnr"] == 30.0
     assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.float32  # the user's modules
-    assert report["accelerate"]["dtypes"] == {"unet": "bfloat16", "vae": "bfloat16",
+    assert report["accelerate"]["dtypes"] == {"unet": "bfloat16", "vae": "bfloat16", "text_encoder": "float32",
                                               **({"controlnet": "bfloat16"} if kind == "controlnet" else {})}
     weight = unet_copy(pipe).module.conv_in.weight
     assert weight.dtype == torch.bfloat16 and weight.is_contiguous(memory_format=torch.channels_last)  # CPU recipe

@@ -57,6 +57,7 @@ class AccelerateState:
     attention: str
     cpu_recipe: bool
     wrapped: list = field(default_factory=list)
+    untouched: dict = field(default_factory=dict)  # role -> dtype of the modules fastsd leaves alone (text encoder)
     applied: list = field(default_factory=list)
     runners: dict = field(default_factory=dict)  # "unet"/"vae_decoder" -> module runner
     graph_factory: object = None  # fn -> kernels.CUDAGraphRunner, when CUDA graphs are on
@@ -83,6 +84,7 @@ class AccelerateState:
         copies = {w.what: w.copy.describe() for w in self.wrapped if w.copy is not None}
         dtypes = {w.role: str(w.copy.dtype if w.copy is not None else compute_dtype(w.wanted, w.start.dtype))
                   .replace("torch.", "") for w in self.wrapped}
+        dtypes.update({role: str(d).replace("torch.", "") for role, d in self.untouched.items()})
         return {"device": self.config.device, "dtypes": dtypes, "attention": self.attention,
                 "applied": list(self.applied), "backend": self.config.backend, "copies": copies,
                 "runners": {k: r.describe() for k, r in self.runners.items()}, "calls": dict(self.calls),

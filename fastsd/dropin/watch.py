@@ -24,7 +24,10 @@ from dataclasses import dataclass
 import torch
 
 PLAIN = (bool, int, float, str, type(None))
+_PLAIN_TYPES = frozenset(PLAIN)
 FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+# torch's own bookkeeping in every module's __dict__ (parameters, buffers, submodules, hook tables): not settings
+_TORCH_INTERNALS = frozenset(torch.nn.Module().__dict__) - {"training"}
 
 
 def is_setting(v) -> bool:
@@ -66,6 +69,17 @@ class Look:
                                              and torch.equal(a, b))
 
 
+def _settings(attrs: dict) -> dict:
+    out = {}
+    for k, v in attrs.items():
+        if k in _TORCH_INTERNALS:
+            continue
+        t = type(v)
+        if t in _PLAIN_TYPES or ((t is list or t is tuple or t is dict) and is_setting(v)):
+            out[k] = v
+    return out
+
+
 def _hook(sub, own: tuple) -> str | None:
     d = sub.__dict__
     if d.get("_forward_hooks") or d.get("_forward_pre_hooks"):
@@ -95,7 +109,7 @@ def look(module: torch.nn.Module, own: tuple = (), weights: bool = True) -> Look
             hooks.append(f"{name or type(module).__name__}: {why}")
         if isinstance(sub, Attention):
             processors[name] = sub.processor
-        settings[name] = {k: v for k, v in sub.__dict__.items() if is_setting(v)}
+        settings[name] = _settings(sub.__dict__)
     dtype, device, grads, odd, samples = None, None, False, [], []
     for p in module.parameters():
         if p.dtype in FLOATS:
@@ -104,14 +118,14 @@ def look(module: torch.nn.Module, own: tuple = (), weights: bool = True) -> Look
         elif str(p.dtype) not in odd:
             odd.append(str(p.dtype))
         grads = grads or p.requires_grad
-        if weights:
-            samples.append(p.detach().reshape(-1)[:4].float().cpu() if p.dtype in FLOATS else
-                           torch.tensor([float(p.numel())]))
+        if weights:  # two values of each tensor: in-place changes through .data (peft's merge) bump no version
+            samples.append(p.detach().reshape(-1)[:2] if p.dtype in FLOATS else torch.zeros(2, device=p.device))
     if device is None:
         b = next(module.buffers(), None)
         device = b.device if b is not None else torch.device("cpu")
     return Look(names, mods, hooks, processors, settings, tuple(id(m) for m in mods),
-                torch.cat(samples) if samples else None, dtype or torch.float32, device,
+                torch.cat(samples).float().cpu() if samples else None,
+                dtype or torch.float32, device,
                 grads and torch.is_grad_enabled(), odd)
 
 

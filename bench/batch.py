@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..serving.deploy import serve, stop
+from ..serving.ports import free_port_block
 from .serving import hardware
 
 COLOURS = ["red", "green", "blue", "yellow", "white", "purple", "orange", "black"]
@@ -62,8 +64,6 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args(argv)
 
-    from ..serving.common import free_port_block
-    from ..serving.deploy import serve, stop
     work = Path(tempfile.mkdtemp(prefix="fastsd-bench-batch-"))
     src = work / "prompts.csv"
     with open(src, "w", newline="") as f:

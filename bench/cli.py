@@ -6,7 +6,13 @@ import shlex
 import sys
 from pathlib import Path
 
+from fastsd import validation as check
+from fastsd.backends import backend_names, module_runner_names
 from fastsd.errors import InvalidParameter
+from fastsd.optimize import DTYPES, OptimizeConfig
+from fastsd.options import add_lora_option, add_model_source, lora_refs
+from fastsd.profiles import PROFILE_NAMES, profile_flags
+from fastsd.tasks import TASKS, strength_value
 
 from .harness import run_bench
 from .report import format_report, write_markdown, write_plot
@@ -30,7 +36,6 @@ def _flag_value(text: str):
 
 
 def register(subparsers, parents):
-    from fastsd.options import add_lora_option, add_model_source
     p = subparsers.add_parser(
         "bench", help="latency of fastsd configurations side by side with the diffusers baseline",
         description="Measure, in one run and on the same inputs, the diffusers StableDiffusionPipeline (FP32, "
@@ -102,12 +107,6 @@ def register(subparsers, parents):
 
 
 def settings_from_args(args):
-    from fastsd import validation as check
-    from fastsd.backends import backend_names
-    from fastsd.backends import module_runner_names
-    from fastsd.optimize import DTYPES, OptimizeConfig
-    from fastsd.options import lora_refs
-
     backend_items = [item.split(":") for item in _csv(args.backends)]  # "openvino:int8=hybrid": flags for it alone
     backends = [name for name, *_ in backend_items]
     dropins = [ACCELERATE] + [f"{ACCELERATE}-{b}" for b in module_runner_names()]
@@ -159,7 +158,6 @@ def settings_from_args(args):
     check.steps(args.estimate_steps)
     height = args.height or args.resolution
     width = args.width or args.resolution
-    from fastsd.tasks import TASKS, strength_value
     if args.task not in TASKS:
         raise InvalidParameter("task", args.task, ", ".join(TASKS))
     if args.strength is not None:
@@ -189,7 +187,6 @@ def settings_from_args(args):
 def profile_specs(names: list[str], device: str, existing: list) -> list:
     """A ConfigSpec per profile, as the profile resolves on `device` here; a profile that resolves to a
     configuration already listed adds no second row (the listed one is labelled with it)."""
-    from fastsd.profiles import PROFILE_NAMES, profile_flags
     out = []
     for name in names:
         if name not in PROFILE_NAMES:

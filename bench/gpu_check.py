@@ -32,6 +32,18 @@ from pathlib import Path
 
 import torch
 
+from fastsd import optimize
+from fastsd.engine import NonFiniteOutput
+from fastsd.kernels import (CUDAGraphRunner, backend_status, fused_op_available, geglu, get_backend,
+                            groupnorm_silu)
+from fastsd.loading import load_model
+from fastsd.optimize import OptimizeConfig
+from fastsd.presets import DEFAULT_MODEL
+from fastsd.verify import verify
+
+from .kernels import (GEGLU_SHAPES, GN_SHAPES, QUICK_GEGLU, QUICK_GN, _math_chunked, _version, attention_cases,
+                      time_ms)
+
 DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 # max abs error against the FP32 reference at unit-variance inputs (fastsd.reference uses the same scale)
 ATTENTION_TOL = {torch.float16: 5e-3, torch.bfloat16: 3e-2, torch.float32: 1e-4}
@@ -54,7 +66,6 @@ def cuda_status() -> tuple[bool, str]:
 
 
 def environment(device: torch.device) -> dict:
-    from fastsd.bench.kernels import _version
     props = torch.cuda.get_device_properties(device)
     env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
            "gpu": props.name, "capability": f"{props.major}.{props.minor}", "memory_gib": round(props.total_memory / 2**30, 1),
@@ -67,8 +78,6 @@ def environment(device: torch.device) -> dict:
 
 # -- 1. attention ---------------------------------------------------------------------------------
 def check_attention(device, dtypes, quick: bool, budget: Budget, skipped: list) -> list[dict]:
-    from fastsd.bench.kernels import _math_chunked, attention_cases, time_ms
-    from fastsd.kernels import backend_status, get_backend
     rows = []
     for dtype in dtypes:
         status = backend_status(device, dtype)
@@ -112,8 +121,6 @@ def check_attention(device, dtypes, quick: bool, budget: Budget, skipped: list) 
 
 # -- 2. fused ops ---------------------------------------------------------------------------------
 def check_fused(device, dtypes, quick: bool, budget: Budget, skipped: list) -> list[dict]:
-    from fastsd.bench.kernels import GEGLU_SHAPES, GN_SHAPES, QUICK_GEGLU, QUICK_GN, time_ms
-    from fastsd.kernels import fused_op_available, geglu, groupnorm_silu
     rows = []
     for dtype in dtypes:
         for op, shapes in (("groupnorm_silu", QUICK_GN if quick else GN_SHAPES),
@@ -155,8 +162,6 @@ def check_fused(device, dtypes, quick: bool, budget: Budget, skipped: list) -> l
 
 # -- 3. CUDA graphs -------------------------------------------------------------------------------
 def check_cuda_graphs(devices, budget: Budget, skipped: list) -> list[dict]:
-    from fastsd.kernels import CUDAGraphRunner
-    from fastsd.loading import load_model
     rows = []
     for device in devices:
         if budget.left() < 60:
@@ -191,9 +196,6 @@ def check_cuda_graphs(devices, budget: Budget, skipped: list) -> list[dict]:
 
 # -- 4. SD 2.1 at 768 in fp16 ---------------------------------------------------------------------
 def check_sd21_fp16(device, budget: Budget, skipped: list, steps: int = 4) -> list[dict]:
-    from fastsd import optimize
-    from fastsd.engine import NonFiniteOutput
-    from fastsd.loading import load_model
     if budget.left() < 120:
         skipped.append("SD 2.1 768 fp16: time budget spent")
         return []
@@ -237,11 +239,8 @@ def check_onnxruntime(device, budget: Budget, skipped: list) -> list[dict]:
         if wanted:
             skipped.append("onnxruntime: time budget spent")
         return []
+    # here, not at the top: export_model imports the optional onnx package
     from fastsd.export import export_model, load_onnx_model, reference_model
-    from fastsd.loading import load_model
-    from fastsd.optimize import OptimizeConfig
-    from fastsd.presets import DEFAULT_MODEL
-    from fastsd.verify import verify
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "export"

@@ -23,6 +23,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+from fastsd.kernels import backend_status, fused_op_available, get_backend
+from fastsd.kernels.fused import geglu_torch, groupnorm_silu_torch
+from fastsd.kernels.math_attention import math_attention
+
 # (label, latent side, heads, head_dim) per UNet level with attention, batch 2 (classifier-free guidance)
 SD15_LEVELS = [("64x64", 64, 8, 40), ("32x32", 32, 8, 80), ("16x16", 16, 8, 160), ("8x8 mid", 8, 8, 160)]
 SD21_LEVELS = [("96x96", 96, 5, 64), ("48x48", 48, 10, 64), ("24x24", 24, 20, 64), ("12x12 mid", 12, 20, 64)]
@@ -89,8 +93,6 @@ def time_ms(fn, device, repeat: int, warmup: int = 1) -> float:
 
 
 def _math_chunked(q, k, v, scale):
-    from fastsd.kernels.math_attention import math_attention
-
     b, h, m, _ = q.shape
     n = k.shape[2]
     if b * h * m * n * 4 * 2 <= MATH_CHUNK_BYTES:
@@ -124,8 +126,6 @@ def _row(name, ms, ref_math, ref_sdpa, err):
 
 
 def bench_attention(device, dtype, quick, repeat, out=print):
-    from fastsd.kernels import backend_status, get_backend
-
     status = backend_status(device, dtype)
     runnable, skipped = [], {}
     for name, (ok, reason) in status.items():
@@ -172,9 +172,6 @@ def bench_attention(device, dtype, quick, repeat, out=print):
 
 
 def bench_groupnorm_silu(device, dtype, quick, repeat, out=print):
-    from fastsd.kernels import fused_op_available
-    from fastsd.kernels.fused import groupnorm_silu_torch
-
     ok, reason = fused_op_available("groupnorm_silu", device, dtype)
     run_triton = ok and device.type == "cuda"
     out(f"\n## GroupNorm(32)+SiLU ({str(dtype).replace('torch.', '')}, {device}); "
@@ -191,7 +188,7 @@ def bench_groupnorm_silu(device, dtype, quick, repeat, out=print):
         inplace = time_ms(lambda: groupnorm_silu_torch(x, 32, w, b, 1e-5), device, repeat)
         cells = [f"  {str(shape):<22}{two:14.2f}{inplace:15.2f}"]
         if run_triton:
-            from fastsd.kernels.triton_norm import groupnorm_silu as kernel
+            from fastsd.kernels.triton_norm import groupnorm_silu as kernel  # imports triton: only when run
 
             t = time_ms(lambda: kernel(x, 32, w, b, 1e-5), device, repeat)
             ref = F.silu(F.group_norm(x.float(), 32, w.float(), b.float(), 1e-5))
@@ -204,9 +201,6 @@ def bench_groupnorm_silu(device, dtype, quick, repeat, out=print):
 
 
 def bench_geglu(device, dtype, quick, repeat, out=print):
-    from fastsd.kernels import fused_op_available
-    from fastsd.kernels.fused import geglu_torch
-
     ok, reason = fused_op_available("geglu", device, dtype)
     run_triton = ok and device.type == "cuda"
     out(f"\n## GEGLU activation ({str(dtype).replace('torch.', '')}, {device}); ratio = ms / ms of diffusers' "
@@ -225,7 +219,7 @@ def bench_geglu(device, dtype, quick, repeat, out=print):
         inplace = time_ms(lambda: geglu_torch(x), device, repeat)
         line = f"  {str(shape):<22}{base:10.2f}{inplace:15.2f}"
         if run_triton:
-            from fastsd.kernels.triton_geglu import geglu as kernel
+            from fastsd.kernels.triton_geglu import geglu as kernel  # imports triton: only when run
 
             t = time_ms(lambda: kernel(x), device, repeat)
             line += f"{t:10.2f}{t / base:7.2f}x"

@@ -26,6 +26,11 @@ from pathlib import Path
 
 import torch
 
+from fastsd import load_model, optimize
+from fastsd.lora_files import random_factors, save_diffusers_layout, save_kohya_layout
+from fastsd.serving.batcher import BatchingPipeline
+from fastsd.serving.loras import LoraCatalog
+
 from .machine import machine_info, versions
 
 
@@ -39,9 +44,6 @@ def _median_time(fn, repeat: int) -> list[float]:
 
 
 def bench_engine(args, folder: Path) -> dict:
-    from fastsd import load_model, optimize
-    from fastsd.lora_files import random_factors, save_diffusers_layout, save_kohya_layout
-
     model = load_model(args.model, random_weights=args.random_weights, safety_checker=False)
     size = args.resolution or model.native_size
     a = save_diffusers_layout(random_factors(model, rank=args.rank, seed=1), folder / "a.safetensors")
@@ -82,11 +84,6 @@ def bench_engine(args, folder: Path) -> dict:
 
 
 def bench_serving(args, folder: Path) -> dict:
-    from fastsd import load_model, optimize
-    from fastsd.lora_files import random_factors, save_diffusers_layout
-    from fastsd.serving.batcher import BatchingPipeline
-    from fastsd.serving.loras import LoraCatalog
-
     model = load_model(args.serving_model)
     d = folder / "serving"
     for i, name in enumerate(("one", "two")):

@@ -19,6 +19,11 @@ import sys
 import tempfile
 import time
 
+from fastsd.export.graphs import ModelDims, graph_specs
+from fastsd.export.parity import session
+from fastsd.loading import load_model
+from fastsd.presets import get_preset
+
 from .machine import machine_info, versions
 
 
@@ -46,11 +51,7 @@ def run(preset: str = "sd-1.4", threads: int | None = None, repeat: int = 3, war
     if threads:
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
-    from fastsd.export import export_model
-    from fastsd.export.graphs import ModelDims, graph_specs
-    from fastsd.export.parity import session
-    from fastsd.loading import load_model
-    from fastsd.presets import get_preset
+    from fastsd.export import export_model  # here, not at the top: it imports the optional onnx package
 
     p = get_preset(preset)
     if p is None:

@@ -8,8 +8,9 @@ cost of the MII hop (client -> load balancer -> replica) over a direct engine ca
         --steps 2 --concurrency 4 --requests 4 --threads 2 --warmup 1 --direct-runs 0
 
 Each configuration is a real deployment on loopback (`fastsd.serving.deploy.serve`), started and
-stopped by this run; the clients are threads of this process, each with its own MII client (MII's
-client binds to one event loop) sending requests back to back with distinct prompts and seeds.
+stopped by this run; the clients are threads of this process sharing one `DeploymentClient` (the client
+every front door uses: MII's stub, one handle and event loop per thread) and sending requests back to
+back with distinct prompts and seeds.
 Memory is the sum of the proportional set sizes (Pss, so shared libraries count once) of every
 process of the deployment, sampled every 0.25 s; its peak while serving and during start-up (which
 holds auto's measurement) are reported apart.
@@ -17,7 +18,6 @@ holds auto's measurement) are reported apart.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform
@@ -25,6 +25,14 @@ import statistics
 import sys
 import threading
 import time
+
+from fastsd import load_model, optimize
+from fastsd.presets import PRESETS
+from fastsd.serving.client import DeploymentClient
+from fastsd.serving.deploy import serve, stop
+from fastsd.serving.folders import cache_path, read_json, use_cache_path
+from fastsd.serving.ports import free_port_block
+from fastsd.serving.status import status
 
 
 def percentile(values, q):
@@ -58,21 +66,13 @@ def hardware() -> dict:
 
 def load(name: str, concurrency: int, requests: int, kwargs: dict, tag: str) -> dict:
     """`requests` requests from `concurrency` client threads; latency of each, wall time of all."""
-    import mii
+    deployment = DeploymentClient(name)
     latencies, errors = [], []
     lock = threading.Lock()
     counter = iter(range(requests))
     start = threading.Barrier(concurrency + 1)
 
     def client():
-        loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(loop)
-        try:
-            run(mii.legacy.mii_query_handle(name))
-        finally:
-            loop.close()
-
-    def run(c):
         start.wait()
         while True:
             with lock:
@@ -81,7 +81,7 @@ def load(name: str, concurrency: int, requests: int, kwargs: dict, tag: str) -> 
                 return
             t = time.perf_counter()
             try:
-                c.query({"prompt": [f"{tag} request {i}"], "negative_prompt": [""]}, seed=i, **kwargs)
+                deployment.generate([f"{tag} request {i}"], [""], seed=i, **kwargs)
                 with lock:
                     latencies.append(time.perf_counter() - t)
             except Exception as e:  # noqa: BLE001
@@ -109,7 +109,6 @@ class MemorySampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _pids(self):
-        from fastsd.serving.common import read_json
         state = read_json(self.ddir / "state.json") or {}
         return [state.get("supervisor_pid")] + [c.get("pid") for c in state.get("children", {}).values()]
 
@@ -141,20 +140,15 @@ class MemorySampler:
 def hop_overhead(engine, name: str, kwargs: dict, gen: dict, runs: int) -> dict:
     """Pairs of (direct engine call, the same request through the deployment), interleaved so that
     both see the same machine load; the replica is idle during the direct call."""
-    import mii
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    client = mii.legacy.mii_query_handle(name)
+    client = DeploymentClient(name)
     direct, served = [], []
     for i in range(runs):
         t = time.perf_counter()
         engine.generate([f"hop {i}"], [""], seed=i, **gen)
         direct.append(time.perf_counter() - t)
         t = time.perf_counter()
-        client.query({"prompt": [f"hop {i}"], "negative_prompt": [""]}, seed=i, **kwargs)
+        client.generate([f"hop {i}"], [""], seed=i, **kwargs)
         served.append(time.perf_counter() - t)
-    loop.close()
-    asyncio.set_event_loop(asyncio.new_event_loop())  # MII clients made later in this thread need an open loop
     added = [(s - d) * 1e3 for s, d in zip(served, direct)]
     return {"direct_ms": statistics.median(direct) * 1e3, "mii_ms": statistics.median(served) * 1e3,
             "added_ms": statistics.median(added), "added_p90_ms": percentile(added, 90), "runs": runs}
@@ -194,8 +188,6 @@ def main(argv=None) -> int:
 
     import torch
 
-    from fastsd.serving.common import cache_path, free_port_block, use_cache_path
-    from fastsd.serving.deploy import serve, status, stop
     torch.set_num_threads(args.threads)
     use_cache_path()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -208,7 +200,6 @@ def main(argv=None) -> int:
     print("fastsd serving benchmark")
     print("  " + ", ".join(f"{k} {v}" for k, v in hw.items()))
 
-    from fastsd.presets import PRESETS
     native = PRESETS[args.model].size if args.model in PRESETS else None
     shape = {"model": args.model + (" (random weights)" if args.random_weights else ""), "dtype": args.dtype,
              "size": f"{kwargs.get('width', native)}x{kwargs.get('height', native)}",
@@ -219,7 +210,6 @@ def main(argv=None) -> int:
     hop = None
     engine = None
     if args.direct_runs:  # the direct engine call: the same model, settings and thread count as one replica
-        from fastsd import load_model, optimize
         engine = optimize(load_model(args.model, random_weights=args.random_weights), dtype=args.dtype)
     gen = {"num_inference_steps": args.steps, "guidance_scale": args.guidance, "height": kwargs.get("height"),
            "width": kwargs.get("width"), "progress": False}

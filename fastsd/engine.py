@@ -103,11 +103,12 @@ class Engine:
                  num_inference_steps: int = 50, guidance_scale=7.5, height: int | None = None,
                  width: int | None = None, seed=None, scheduler: str | None = None,
                  progress: bool = True, output_type: str = "pil", image=None, mask_image=None,
-                 strength: float | None = None, resize: bool = False) -> GenerationResult:
+                 strength: float | None = None, resize: bool = False, on_step=None) -> GenerationResult:
         """Text-to-image; with `image`, image-to-image; with `image` and `mask_image` (white = repaint),
         inpainting (fastsd.tasks). `strength` defaults to 0.8 for image-to-image and 1.0 for inpainting, as
         in diffusers. Images: one for all, one per prompt, or one per generated image. The
-        output has the image's size unless height/width say otherwise (then `resize` must be set)."""
+        output has the image's size unless height/width say otherwise (then `resize` must be set).
+        `on_step(step, steps)` is called after each denoising step; an exception it raises ends the call."""
         prompts = check.prompts(prompt)
         negatives = check.negative_prompts(negative_prompt, len(prompts))
         n_img = check.num_images(num_images_per_prompt)
@@ -172,6 +173,8 @@ class Engine:
                 noise = n_uncond + (g if len(set(gscales)) > 1 else gscales[0]) * (n_text - n_uncond)
             latents = sched.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
             latents = task.after_step(latents, i, timesteps, sched)
+            if on_step is not None:
+                on_step(i + 1, len(timesteps))
         if not torch.isfinite(latents).all():
             raise NonFiniteOutput(f"latents became NaN/inf during denoising in {self.backend.dtype}; "
                                   "run with --dtype fp32 (or bf16)")

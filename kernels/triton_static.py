@@ -74,7 +74,7 @@ def compile_attention(arch: int, dtype: str, block_d: int, config: tuple, precis
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from . import triton_attention_kernel as kernel
+    from . import triton_attention_kernel as kernel  # here, not at the top: importing it imports triton
     fn = kernel._attn_fwd
     if kernel.INTERPRETED:
         raise RuntimeError("compile_attention needs Triton's compiler, not its interpreter: run it in a process "
@@ -92,7 +92,7 @@ def compile_attention(arch: int, dtype: str, block_d: int, config: tuple, precis
 
 
 def _interpreting() -> bool:
-    from . import triton_attention_kernel as kernel
+    from . import triton_attention_kernel as kernel  # here, not at the top: importing it imports triton
     return kernel.INTERPRETED
 
 

@@ -62,11 +62,11 @@ def shapes_deployment(tmp_path_factory, shapes_lora_dir):
     import subprocess
     import sys
     pytest.importorskip("mii")  # the serving extra
-    from fastsd.serving import common
+    from fastsd.serving import ports
     cache = tmp_path_factory.mktemp("mii-shapes")
     old = os.environ.get("MII_CACHE_PATH")
     os.environ["MII_CACHE_PATH"] = str(cache)
-    port, ui_port = common.free_port_block(2), common.free_port_block(1)
+    port, ui_port = ports.free_port_block(2), ports.free_port_block(1)
     name = f"shapes{os.getpid()}"
     info = {"name": name, "port": port, "ui_port": ui_port, "cache": cache, "dir": cache / name,
             "url": f"http://127.0.0.1:{ui_port}/",

@@ -5,8 +5,14 @@ from __future__ import annotations
 import sys
 import time
 
+from .. import validation as check
 from ..errors import InvalidParameter
-from ..options import check_generation_args, load_for, optimize_config
+from ..options import check_generation_args, load_for, lora_refs, optimize_config
+from ..presets import DEFAULT_MODEL
+from ..serving.client import DeploymentClient
+from .inputs import read_rows
+from .runners import DeploymentRunner, LocalRunner, Options
+from .store import OutputStore
 
 
 def register(subparsers, parents) -> None:
@@ -32,13 +38,12 @@ def register(subparsers, parents) -> None:
     b.add_argument("--lora-dir", help="local engine: folder of LoRA .safetensors files that the 'lora' column names "
                                       "(with --deployment, names are the deployment's own --lora-dir)")
     b.add_argument("--concurrency", type=int,
-                   help="--deployment: requests in flight (default: the deployment's replicas x its --max-batch)")
+                   help="--deployment: requests in flight (default: the deployment's replicas x its --max-batch, "
+                        "or its --max-batch-limit with auto)")
     b.set_defaults(func=cmd_batch)
 
 
 def _check(args) -> None:
-    from .. import validation as check
-    from ..presets import DEFAULT_MODEL
     check_generation_args(args)
     if args.num_images != 1:
         raise InvalidParameter("num_images", args.num_images, "1 (the batch format has one image per row)")
@@ -67,27 +72,21 @@ def _check(args) -> None:
 def cmd_batch(args) -> int:
     from tqdm import tqdm
 
-    from .inputs import read_rows
-    from .runners import DeploymentRunner, LocalRunner, Options
-    from .store import OutputStore
-
     _check(args)
     loras = default_loras = None
     if not args.deployment:
-        from ..options import lora_refs
         default_loras = [(r.path, r.scale) for r in lora_refs(args)]
         if args.lora_dir:
-            from ..serving.loras import LoraCatalog
+            from ..serving.loras import LoraCatalog  # torch (fastsd.lora): only a local batch with --lora-dir
             loras = LoraCatalog(args.lora_dir)
     rows = read_rows(args.input)
     options = Options(steps=50 if args.steps is None else args.steps, guidance=args.guidance, height=args.height,
                       width=args.width, scheduler=args.scheduler, negative=args.negative,
                       seed=0 if args.seed is None else args.seed)
     if args.deployment:
-        from ..serving.client import DeploymentClient
         client = DeploymentClient(args.deployment)
-        model = client.info.model
-        concurrency = args.concurrency or client.info.replicas * client.info.max_batch
+        model = client.spec.model
+        concurrency = args.concurrency or len(client.spec.replicas) * client.spec.max_images_per_call
         runner = DeploymentRunner(client, options, concurrency)
         where = f"deployment {args.deployment} ({concurrency} requests in flight)"
     else:
@@ -106,7 +105,7 @@ def cmd_batch(args) -> int:
     runnable = [r for r in rows if not r.error]
     done = sum(store.is_done(r) for r in runnable)
     if not args.deployment:
-        from ..optimize import optimize
+        from ..optimize import optimize  # torch and diffusers: a batch through a deployment does without them
         engine = optimize(load_for(args), optimize_config(args))
         if default_loras:
             engine.set_loras(default_loras, allow_pickle=args.allow_pickle)

@@ -132,7 +132,7 @@ def read_image(source: tuple[str, str], column: str, mode: str = "RGB"):
 
 
 def _strength(text: str) -> float:
-    from ..tasks import strength_value
+    from ..tasks import strength_value  # torch: only rows with a strength need it
     try:
         value = float(text)
     except ValueError:

@@ -8,7 +8,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from ..errors import FastSDError
+from ..errors import FastSDError, InvalidParameter
 from .inputs import Row
 
 
@@ -59,7 +59,6 @@ class LocalRunner:
         return chunks(rows, self.batch_size)
 
     def _use_loras(self, text: str | None) -> None:
-        from ..errors import InvalidParameter
         if text and self.loras is None:
             raise InvalidParameter("lora", text, "no adapter: this batch has no --lora-dir to take names from")
         wanted = self.loras.parse(text) if text else ()

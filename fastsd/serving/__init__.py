@@ -4,8 +4,9 @@
 one fastsd engine each behind a dynamic batcher (replica.py, batcher.py), a health-aware load balancer
 in place of MII's round-robin (balancer.py) and optionally a REST gateway (rest.py). MII's deployment
 record (its score file) makes `mii.legacy.mii_query_handle(NAME)` find it. This package imports MII
-only where it is used; `common` is standard library only.
+only where it is used; folders, ports, processes and spec are standard library only.
 """
-from .common import ServingError, cache_path  # noqa: F401
+from .errors import ServingError
+from .folders import cache_path
 
 __all__ = ["ServingError", "cache_path"]

@@ -39,22 +39,26 @@ import time
 from pathlib import Path
 
 from . import logs, wire
-from .common import (LATENCY_BOUNDS, connect_host, graceful_signals, hist_new, hist_observe, port_answers, read_json,
-                     watch_parent, write_json)
+from .folders import read_json, write_json
+from .histograms import LATENCY_BOUNDS, hist_new, hist_observe
+from .ports import connect_host, grpc_address, port_answers
+from .processes import graceful_signals, watch_parent
+from .records import IMAGE_TASK, TEXT_TO_IMAGE
+from .spec import DeploymentSpec, ReplicaPlacement
 
 log = logging.getLogger("fastsd.serving.balancer")
-TASKS = {"Txt2ImgReply": "text-to-image", "InpaintingReply": "text-to-image-inpainting"}  # MII's method -> task
+TASKS = {"Txt2ImgReply": TEXT_TO_IMAGE, "InpaintingReply": IMAGE_TASK}  # MII's method -> task
 CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
                    ("grpc.max_reconnect_backoff_ms", 500)]
 
 
 class HealthAwareBalancer:
-    def __init__(self, replicas: list[dict], timeout: float, ddir: Path):
+    def __init__(self, replicas: list[ReplicaPlacement], timeout: float, ddir: Path):
         import grpc
         from mii.legacy.grpc_related.modelresponse_server import AtomicCounter
 
         self.grpc = grpc
-        self.targets = [(connect_host(r["host"]), int(r["port"])) for r in replicas]
+        self.targets = [(connect_host(r.host), r.port) for r in replicas]
         self.timeout = timeout
         self.ddir = ddir
         self.counter = AtomicCounter()  # MII's
@@ -77,7 +81,6 @@ class HealthAwareBalancer:
     def _stub(self, i):
         from mii.legacy.constants import GRPC_MAX_MSG_SIZE
         from mii.legacy.grpc_related.proto import legacymodelresponse_pb2_grpc as pb2_grpc
-        from .replica import grpc_address
         host, port = self.targets[i]
         channel = self.grpc.insecure_channel(grpc_address(host, port), options=[
             ("grpc.max_send_message_length", GRPC_MAX_MSG_SIZE),
@@ -291,8 +294,8 @@ def make_interceptor(balancer: HealthAwareBalancer):
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ddir = Path(argv[0])
-    spec = read_json(ddir / "spec.json")
-    logs.setup("balancer", spec.get("log_format", "text"))
+    spec = DeploymentSpec.read(ddir)
+    logs.setup("balancer", spec.log_format)
 
     import grpc
     from concurrent import futures
@@ -301,32 +304,30 @@ def main(argv=None) -> int:
     from mii.legacy.grpc_related.modelresponse_server import ServiceBase
     from mii.legacy.grpc_related.proto import legacymodelresponse_pb2_grpc as pb2_grpc
 
-    from .replica import grpc_address
-
-    balancer = HealthAwareBalancer(spec["replicas"], spec["limits"]["timeout"], ddir)
+    balancer = HealthAwareBalancer(spec.replicas, spec.limits.timeout, ddir)
     service = ServiceBase()  # MII's: Terminate sets its stop event
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max(LB_MAX_WORKER_THREADS, 8 * len(spec["replicas"]))),
+        futures.ThreadPoolExecutor(max_workers=max(LB_MAX_WORKER_THREADS, 8 * len(spec.replicas))),
         interceptors=[make_interceptor(balancer)],
         options=[("grpc.max_send_message_length", GRPC_MAX_MSG_SIZE),
                  ("grpc.max_receive_message_length", GRPC_MAX_MSG_SIZE), ("grpc.so_reuseport", 0)])
     pb2_grpc.add_ModelResponseServicer_to_server(service, server)
-    hosts = [spec["host"]]
-    if spec["host"] not in ("0.0.0.0", "::", "127.0.0.1", "localhost"):
+    hosts = [spec.host]
+    if spec.host not in ("0.0.0.0", "::", "127.0.0.1", "localhost"):
         hosts.append("127.0.0.1")  # MII's client always dials localhost
     for h in hosts:
         try:
-            ok = server.add_insecure_port(grpc_address(h, spec["port"]))
+            ok = server.add_insecure_port(grpc_address(h, spec.port))
         except RuntimeError:
             ok = 0
         if not ok:
-            raise SystemExit(f"cannot listen on {h}:{spec['port']}: the port is in use or the address is not local")
+            raise SystemExit(f"cannot listen on {h}:{spec.port}: the port is in use or the address is not local")
     stop = service.get_stop_event()
     graceful_signals(stop.set)
     watch_parent(stop.set)
     server.start()
-    log.info("load balancer on %s:%d over %d replica(s), timeout %g s", spec["host"], spec["port"],
-             len(spec["replicas"]), balancer.timeout)
+    log.info("load balancer on %s:%d over %d replica(s), timeout %g s", spec.host, spec.port,
+             len(spec.replicas), balancer.timeout)
     stats_path, last = ddir / "balancer.json", None
     started = time.time()
     while True:

@@ -62,7 +62,7 @@ class Bucket:
 
 
 def bucket_of(request) -> Bucket:
-    """The bucket of a serving request (limits.Request); a request type with a `task` brings its own."""
+    """The bucket of a serving request (request.Request); a request type with a `task` brings its own."""
     return Bucket(getattr(request, "task", DEFAULT_TASK), request.height, request.width,
                   steps_bucket(request.steps), max(request.guidance) > 1.0)
 
@@ -259,7 +259,7 @@ def engine_need(engine, base_bytes: int) -> Callable[[int, int, int, bool], int]
     with the slicing and tiling the plan would choose)."""
     import torch
 
-    from ..kernels import plan_memory
+    from ..kernels import plan_memory  # torch: sizing the batches of a fake engine (tests) does without it
     model, backend = engine.model, engine.backend
     if getattr(model.unet, "config", None) is None or getattr(model.vae, "config", None) is None:
         return None  # no architecture to plan with: no memory cap

@@ -27,8 +27,9 @@ from queue import Empty, Queue
 
 from ..errors import FastSDError
 from .batch_size import BatchSizer
-from .common import BATCH_BOUNDS, hist_new, hist_observe
-from .limits import Limits, Request, parse
+from .histograms import BATCH_BOUNDS, hist_new, hist_observe
+from .progress import Interrupted
+from .request import Limits, Request, parse
 
 log = logging.getLogger("fastsd.serving")
 
@@ -83,13 +84,14 @@ class Stats:
 class BatchingPipeline:
     def __init__(self, engine, limits: Limits | None = None, max_batch: int = 8, window: float = 0.02,
                  on_batch=None, sizer: BatchSizer | None = None,
-                 loras=None, default_loras=()):
+                 loras=None, default_loras=(), progress=None):
         self.engine = engine
         self.limits = limits or Limits()
         self.sizer = sizer or BatchSizer.fixed(max_batch)
         self.window = max(0.0, float(window))
         self.stats = Stats()
         self.on_batch = on_batch  # called after each engine call (the replica writes its stats file)
+        self.progress = progress  # progress.ReplicaProgress: each step of an engine call, and the interrupt
         # LoRA: the catalogue requests name adapters from (serving/loras.py) and the set a request that
         # names none gets. The last batch's set stays fused, so a run of requests for one set pays no switch.
         self.loras = loras
@@ -218,6 +220,9 @@ class BatchingPipeline:
         t0, started = self.sizer.clock(), time.monotonic()  # the sizer's clock may be a test's; arrival is monotonic
         try:
             self._use_loras(first.loras)
+            if self.progress is not None:
+                self.progress.begin(first.steps, len(batch))
+                images["on_step"] = self.progress.step
             result = self.engine.generate(
                 [p for r in reqs for p in r.prompts], [n for r in reqs for n in r.negatives],
                 num_images_per_prompt=1, num_inference_steps=first.steps,
@@ -225,12 +230,18 @@ class BatchingPipeline:
                 height=first.height, width=first.width, seed=[s for r in reqs for s in r.seeds],
                 scheduler=first.scheduler, progress=False, **images)
         except BaseException as e:  # noqa: BLE001 - every caller must hear about it
-            log.exception("engine call failed for a batch of %d request(s)", len(batch))
+            if isinstance(e, Interrupted):
+                log.info("%s (a batch of %d request(s))", e, len(batch))
+            else:
+                log.exception("engine call failed for a batch of %d request(s)", len(batch))
             with self.stats.lock:
                 self.stats.errors += len(batch)
             for j in batch:
                 j.future.set_exception(e)
             return
+        finally:
+            if self.progress is not None:
+                self.progress.end()
         elapsed = self.sizer.clock() - t0
         i = 0
         for j in batch:

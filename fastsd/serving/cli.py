@@ -3,11 +3,24 @@ MII is imported only by the commands that need it, so `fastsd --help` stays ligh
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
 
-from .common import DEFAULT_PORT, TOKEN_ENV, ServingError
+from ..errors import InvalidParameter
+from ..images import encode_png
+from ..options import image_options, lora_refs, optimize_config, output_paths, read_images
+from ..presets import check_config
+from .client import DeploymentClient
+from .deploy import serve, stop
+from .errors import DeploymentError, ServingError
+from .folders import cache_path
+from .ports import DEFAULT_PORT
+from .processes import TOKEN_ENV
+from .records import IMAGE_TASK, record_name
+from .request import Limits
+from .status import format_status, list_deployments, status
 
 
 def _gpus(text: str) -> list[int]:
@@ -92,7 +105,6 @@ def register(subparsers, parents) -> None:
     s.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for the deployment")
     s.set_defaults(func=cmd_serve)
 
-    from ..options import image_options
     q = subparsers.add_parser("query", parents=[gen_opts, image_options(resize=False)],
                               help="send prompts to a running deployment",
                               description="Send prompts to a running deployment through MII's client and save "
@@ -118,14 +130,9 @@ def register(subparsers, parents) -> None:
 
 
 def cmd_serve(args) -> int:
-    from ..options import lora_refs, optimize_config
-    from ..presets import check_config
-    from .deploy import serve
-    from .limits import Limits
     check_config(args.model, args.config)
     if args.gpus:
         args.device = "cuda"
-    import dataclasses
     engine = dataclasses.asdict(optimize_config(args))
     loras = [(r.path, r.scale) for r in lora_refs(args)]
     token = args.token or os.environ.get(TOKEN_ENV) or None
@@ -144,23 +151,18 @@ def cmd_serve(args) -> int:
                  allow_pickle=args.allow_pickle, threads=args.threads, max_body_bytes=args.max_body_bytes,
                  startup_timeout=args.startup_timeout, metrics_port=args.metrics_port, log_format=args.log_format,
                  ssh_config=args.ssh_config, lora_dir=args.lora_dir, loras=loras)
-    from .common import cache_path
-    n = len(spec["replicas"])
-    print(f"deployment '{spec['name']}' is up: {spec['model']}, {n} replica(s), gRPC {spec['host']}:{spec['port']} "
-          f"(inpainting and image-to-image: MII deployment '{spec['name']}-inpaint')"
-          + (f", REST http://{spec['host']}:{spec['rest_port']}/score" if spec.get("rest_port") else "")
-          + (f", page http://{spec['host']}:{spec['ui_port']}/" if spec.get("ui_port") else "")
-          + (f", metrics http://{spec['host']}:{spec['metrics_port']}/metrics" if spec.get("metrics_port") else ""))
-    print(f"clients: export MII_CACHE_PATH={cache_path()}; then mii.legacy.mii_query_handle({spec['name']!r})")
-    print(f"stop with: fastsd stop {spec['name']}")
+    n = len(spec.replicas)
+    print(f"deployment '{spec.name}' is up: {spec.model}, {n} replica(s), gRPC {spec.host}:{spec.port} "
+          f"(inpainting and image-to-image: MII deployment '{record_name(spec.name, IMAGE_TASK)}')"
+          + (f", REST http://{spec.host}:{spec.rest_port}/score" if spec.rest_port else "")
+          + (f", page http://{spec.host}:{spec.ui_port}/" if spec.ui_port else "")
+          + (f", metrics http://{spec.host}:{spec.metrics_port}/metrics" if spec.metrics_port else ""))
+    print(f"clients: export MII_CACHE_PATH={cache_path()}; then mii.legacy.mii_query_handle({spec.name!r})")
+    print(f"stop with: fastsd stop {spec.name}")
     return 0
 
 
 def cmd_query(args) -> int:
-    from ..errors import InvalidParameter
-    from ..images import encode_png
-    from ..options import output_paths, read_images
-    from .deploy import query
     image, mask = read_images(args)  # missing, unreadable, mask without image: one line, before connecting
     for name, asked, size in (("height", args.height, image and image.height), ("width", args.width, image and image.width)):
         if image is not None and asked is not None and asked != size:
@@ -169,10 +171,15 @@ def cmd_query(args) -> int:
     paths = output_paths(args.out, len(args.prompt) * args.num_images)
     images = {} if image is None else {"image": encode_png(image), "strength": args.strength,
                                        "mask_image": encode_png(mask) if mask is not None else None}
-    reply = query(args.deployment, args.prompt, negative=args.negative, timeout=args.timeout, **images,
-                  num_inference_steps=50 if args.steps is None else args.steps, guidance_scale=args.guidance,
-                  height=args.height, width=args.width, seed=args.seed, scheduler=args.scheduler,
-                  num_images_per_prompt=args.num_images if args.num_images != 1 else None, lora=args.lora)
+    negatives = [args.negative if args.negative is not None else ""] * len(args.prompt)
+    try:  # one request, as user code sends it; image-to-image and inpainting go to the image-task record
+        reply = DeploymentClient(args.deployment, timeout=args.timeout).generate(
+            args.prompt, negatives, **images, num_inference_steps=50 if args.steps is None else args.steps,
+            guidance_scale=args.guidance, height=args.height, width=args.width, seed=args.seed,
+            scheduler=args.scheduler, num_images_per_prompt=args.num_images if args.num_images != 1 else None,
+            lora=args.lora)
+    except DeploymentError as e:
+        raise ServingError(f"{e.code}: {e}") from None
     for path, image, flagged in zip(paths, reply.images, reply.nsfw_content_detected):
         image.save(path)
         print(f"{path}" + ("  (flagged by the safety checker: black image)" if flagged else ""))
@@ -180,7 +187,6 @@ def cmd_query(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from .deploy import format_status, list_deployments, status
     if not args.deployment:
         names = list_deployments()
         rows = [status(n) for n in names]
@@ -198,7 +204,6 @@ def cmd_status(args) -> int:
 
 
 def cmd_stop(args) -> int:
-    from .deploy import stop
     stop(args.deployment, timeout=args.timeout)
     return 0
 

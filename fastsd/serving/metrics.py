@@ -4,8 +4,8 @@
 
 The REST gateway serves `GET /metrics` on its own port; `--metrics-port` serves the same on a port of
 its own (for a deployment without REST). Both read the deployment's figures from the same files
-`fastsd status` reads (balancer.json, replica-I.json, state.json; see common.py), through
-`deploy.status`, so the metrics and `fastsd status --json` agree by construction. Names:
+`fastsd status` reads (balancer.json, replica-I.json, state.json; see folders.py), through
+`status.status`, so the metrics and `fastsd status --json` agree by construction. Names:
 
     fastsd_requests_total{task,outcome,code}      requests answered by the load balancer (gRPC status code)
     fastsd_request_duration_seconds               end to end, at the load balancer (histogram)
@@ -31,7 +31,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .common import read_json
+from . import logs
+from .folders import use_cache_path
+from .processes import graceful_signals, watch_parent
+from .spec import DeploymentSpec
+from .status import status
 
 OUTCOMES = {"OK": "ok", "INVALID_ARGUMENT": "bad_request", "UNIMPLEMENTED": "bad_request",
             "DEADLINE_EXCEEDED": "timeout", "UNAVAILABLE": "unavailable", "RESOURCE_EXHAUSTED": "busy",
@@ -50,7 +54,7 @@ def http_outcome(status: int) -> str:
 
 
 def _histogram(name: str, doc: str, h: dict | None):
-    """A histogram kept in a stats file (common.hist_new) as prometheus_client's family."""
+    """A histogram kept in a stats file (histograms.hist_new) as prometheus_client's family."""
     from prometheus_client.core import HistogramMetricFamily
     fam = HistogramMetricFamily(name, doc)
     if h and h.get("counts"):
@@ -84,7 +88,6 @@ class DeploymentCollector:
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-        from .deploy import status
         s = status(self.name)
         b = s["balancer"]
         req = CounterMetricFamily("fastsd_requests", "Requests answered by the load balancer, by task, outcome "
@@ -140,20 +143,18 @@ def main(argv=None) -> int:
 
     from prometheus_client import start_http_server
 
-    from . import logs
-    from .common import graceful_signals, use_cache_path, watch_parent
     argv = sys.argv[1:] if argv is None else argv
     ddir = Path(argv[0])
-    spec = read_json(ddir / "spec.json")
-    logs.setup("metrics", spec.get("log_format", "text"))
+    spec = DeploymentSpec.read(ddir)
+    logs.setup("metrics", spec.log_format)
     use_cache_path()
-    server, thread = start_http_server(int(spec["metrics_port"]), addr=spec["host"], registry=registry_for(spec["name"]))
+    server, thread = start_http_server(spec.metrics_port, addr=spec.host, registry=registry_for(spec.name))
     stop = threading.Event()
     graceful_signals(stop.set)
     watch_parent(stop.set)
     import logging
-    logging.getLogger("fastsd.serving.metrics").info("metrics on http://%s:%d/metrics", spec["host"],
-                                                     spec["metrics_port"])
+    logging.getLogger("fastsd.serving.metrics").info("metrics on http://%s:%d/metrics", spec.host,
+                                                     spec.metrics_port)
     stop.wait()
     server.shutdown()
     return 0

@@ -25,15 +25,24 @@ import time
 from concurrent import futures
 from pathlib import Path
 
-from . import logs
-from .common import graceful_signals, read_json, watch_parent, write_json
+from .. import images as imgs
+from ..errors import InvalidParameter
+from ..kernels import available_memory_bytes
+from ..backends import load_for_backend
+from ..optimize import OptimizeConfig, optimize
+from . import logs, schema, wire
+from .batch_size import BatchSizer, engine_need, engine_run, release_free_memory, resident_bytes
+from .batcher import BatchingPipeline, RequestTimeout
+from .folders import read_json, write_json
+from .loras import LoraCatalog
+from .ports import grpc_address
+from .progress import Interrupted, ReplicaProgress
+from .processes import graceful_signals, watch_parent
+from .request import Request
+from .spec import DeploymentSpec, ReplicaPlacement
 
 log = logging.getLogger("fastsd.serving.replica")
 HEADROOM = 0.9  # of the memory a replica may plan for (kernels.plan_memory's default)
-
-
-def grpc_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def make_servicer(pipeline):
@@ -41,10 +50,6 @@ def make_servicer(pipeline):
     from mii.legacy.constants import TaskType
     from mii.legacy.grpc_related.modelresponse_server import ModelResponse
     from mii.legacy.method_table import GRPC_METHOD_TABLE
-
-    from ..errors import InvalidParameter
-    from . import schema, wire
-    from .batcher import RequestTimeout
 
     class FastSDModelResponse(ModelResponse):
         def __init__(self, inference_pipeline):
@@ -60,6 +65,8 @@ def make_servicer(pipeline):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             except RequestTimeout as e:
                 context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
+            except Interrupted as e:
+                context.abort(grpc.StatusCode.ABORTED, str(e))  # not CANCELLED: the balancer fails that over
             except Exception as e:  # noqa: BLE001 - the caller gets the reason; the server goes on
                 log.exception("request failed")
                 context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
@@ -85,7 +92,6 @@ def make_servicer(pipeline):
             return self.task_methods.pack_response_to_proto(reply, time.time() - t0, -1)
 
         def _inpaint(self, request):
-            from .. import images as imgs
             limits = self.inference_pipeline.limits
             total = sum(len(b) for b in request.image) + sum(len(b) for b in request.mask_image)
             if total > limits.max_image_bytes:
@@ -118,7 +124,6 @@ def make_server(servicer, host: str, port: int, workers: int | None = None):
     from mii.legacy.constants import GRPC_MAX_MSG_SIZE, LB_MAX_WORKER_THREADS
     from mii.legacy.grpc_related.proto import legacymodelresponse_pb2_grpc as pb2_grpc
 
-    from . import wire
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers or LB_MAX_WORKER_THREADS),
         interceptors=[wire.guard_interceptor()],
@@ -135,42 +140,38 @@ def make_server(servicer, host: str, port: int, workers: int | None = None):
     return server
 
 
-def build_engine(spec: dict, replica: dict):
+def build_engine(spec: DeploymentSpec, replica: ReplicaPlacement | None = None):
+    """The engine a replica of `spec` serves (on the GPU its placement names, if any)."""
     import torch
-
-    from ..backends import load_for_backend
-    from ..optimize import OptimizeConfig, optimize
-    if spec.get("threads"):
-        torch.set_num_threads(int(spec["threads"]))
-    eng = dict(spec["engine"])
-    if replica.get("cuda_visible_devices") is not None:
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    eng = dict(spec.engine)
+    if replica is not None and replica.cuda_visible_devices is not None:
         eng["device"] = "cuda"
-    if spec.get("lora_dir"):
+    if spec.lora_dir:
         eng["lora_switching"] = True  # --compile keeps the weights writable for switches (optimize.py)
-    model = load_for_backend(eng.get("backend", "torch"), spec["model"],
-                             random_weights=spec.get("random_weights", False),
-                             allow_pickle=spec.get("allow_pickle", False), config=spec.get("config"),
+    model = load_for_backend(eng.get("backend", "torch"), spec.model, random_weights=spec.random_weights,
+                             allow_pickle=spec.allow_pickle, config=spec.config,
                              safety_checker=eng.get("safety_checker", True))
     return optimize(model, OptimizeConfig(**eng).validated())
 
 
-def build_sizer(spec: dict, replica: dict, engine, host_free_at_start: tuple[int, str] | None = None):
+def build_sizer(spec: DeploymentSpec, replica: ReplicaPlacement, engine,
+                host_free_at_start: tuple[int, str] | None = None):
     """The replica's BatchSizer: the deployment's --max-batch (a number, or auto with its limit and
     gain), capped by this replica's share of memory: on the CPU the host's available memory (measured
     by `fastsd serve` before any replica loaded) over the replicas on the host, less what this replica
     holds now; on a GPU the free memory now over the replicas on that GPU."""
-    from ..kernels import available_memory_bytes
-    from .batch_size import BatchSizer, engine_need, resident_bytes
     device = str(getattr(engine.backend, "device", "cpu"))
-    sharing = max(1, int(replica.get("host_replicas") or 1))
+    sharing = max(1, replica.host_replicas or 1)
     if device.startswith("cuda"):
         free, source = available_memory_bytes(device)
-        sharing = max(1, sum(1 for r in spec["replicas"] if r.get("host") == replica.get("host")
-                             and r.get("cuda_visible_devices") == replica.get("cuda_visible_devices")))
+        sharing = max(1, sum(1 for r in spec.replicas if r.host == replica.host
+                             and r.cuda_visible_devices == replica.cuda_visible_devices))
         budget, base = int(free * HEADROOM) // sharing, 0
         source = f"{HEADROOM:.0%} of {source} over {sharing} replica(s) on the GPU"
     else:
-        host = replica.get("host_memory_bytes")
+        host = replica.host_memory_bytes
         if host:
             source = f"{HEADROOM:.0%} of the host's available memory at `fastsd serve`"
         else:  # a replica on another host measured its own, before loading
@@ -178,15 +179,13 @@ def build_sizer(spec: dict, replica: dict, engine, host_free_at_start: tuple[int
             source = f"{HEADROOM:.0%} of {source} at replica start"
         budget, base = int(host * HEADROOM) // sharing, resident_bytes()
         source += f", over {sharing} replica(s) on the host"
-    return BatchSizer(spec.get("max_batch", 8), limit=spec.get("max_batch_limit", 8),
-                      min_gain=spec.get("batch_min_gain", 0.10), need=engine_need(engine, base),
+    return BatchSizer(spec.max_batch, limit=spec.max_batch_limit, min_gain=spec.batch_min_gain,
+                      need=engine_need(engine, base),
                       budget_bytes=budget, budget_source=source)
 
 
 def measure_native(sizer, engine, steps: int) -> None:
     """The start-up warm-up: the batch size for the model's native size, guided, at `steps` steps."""
-    from .batch_size import engine_run, release_free_memory
-    from .limits import Request
     size = engine.model.native_size
     probe = Request(prompts=["probe"], negatives=[""], guidance=[7.5], seeds=[0], steps=steps, height=size,
                     width=size, scheduler=None)
@@ -204,34 +203,27 @@ def measure_native(sizer, engine, steps: int) -> None:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ddir, index = Path(argv[0]), int(argv[1])
-    spec = read_json(ddir / "spec.json")
-    logs.setup(f"replica-{index}", spec.get("log_format", "text"))
-    replica = spec["replicas"][index]
+    spec = DeploymentSpec.read(ddir)
+    logs.setup(f"replica-{index}", spec.log_format)
+    replica = spec.replicas[index]
     stats_path = ddir / f"replica-{index}.json"
     t_start = time.time()
 
-    from .batcher import BatchingPipeline
-    from .limits import Limits
-
     free_at_start = None
-    if not replica.get("host_memory_bytes"):  # a host `fastsd serve` could not measure: before loading
-        from ..kernels import available_memory_bytes
+    if not replica.host_memory_bytes:  # a host `fastsd serve` could not measure: before loading
         free_at_start = available_memory_bytes("cpu")
     engine = build_engine(spec, replica)
-    catalog = None
-    if spec.get("lora_dir"):
-        from .loras import LoraCatalog
-        catalog = LoraCatalog(spec["lora_dir"])
-    default_loras = [tuple(x) for x in spec.get("loras") or []]
+    catalog = LoraCatalog(spec.lora_dir) if spec.lora_dir else None
+    default_loras = [tuple(x) for x in spec.loras]
     if default_loras:  # fused before the first request, which then pays no switch
-        engine.set_loras(default_loras, allow_pickle=spec.get("allow_pickle", False))
+        engine.set_loras(default_loras, allow_pickle=spec.allow_pickle)
     lock = threading.Lock()
-    state = {"index": index, "pid": os.getpid(), "port": replica["port"], "host": replica["bind"],
+    state = {"index": index, "pid": os.getpid(), "port": replica.port, "host": replica.bind,
              "ready": False, "started_at": t_start, "engine": engine.describe()}
     sizer = build_sizer(spec, replica, engine, free_at_start)
     if sizer.mode == "auto":
         write_json(stats_path, {**state, "phase": "measuring batch sizes", "batching": sizer.describe()})
-        measure_native(sizer, engine, int(spec.get("batch_probe_steps", 2)))
+        measure_native(sizer, engine, spec.batch_probe_steps)
 
     def write_stats():
         with lock:
@@ -240,15 +232,15 @@ def main(argv=None) -> int:
                                     "loras": engine.loras.describe() if engine.loras is not None else None,
                                     "updated_at": time.time()})
 
-    pipeline = BatchingPipeline(engine, Limits(**spec["limits"]), window=spec["batch_window_ms"] / 1000.0,
+    pipeline = BatchingPipeline(engine, spec.limits, window=spec.batch_window_ms / 1000.0,
                                 on_batch=write_stats, sizer=sizer, loras=catalog,
-                                default_loras=default_loras)
+                                default_loras=default_loras, progress=ReplicaProgress(ddir, index))
     previous = (read_json(stats_path) or {}).get("stats", {})  # counters run on across restarts
     for k, v in previous.items():
         if hasattr(pipeline.stats, k) and isinstance(v, (int, float, dict)):
             setattr(pipeline.stats, k, v)
     servicer = make_servicer(pipeline)
-    server = make_server(servicer, replica["bind"], replica["port"])
+    server = make_server(servicer, replica.bind, replica.port)
     stop = servicer.get_stop_event()  # set by MII's Terminate RPC
     graceful_signals(stop.set)
     watch_parent(stop.set)
@@ -256,8 +248,8 @@ def main(argv=None) -> int:
     state["ready"] = True
     state["ready_at"] = time.time()
     write_stats()
-    log.info("serving %s on %s:%d (start-up %.1f s), max batch %s, window %g ms", spec["model"], replica["bind"],
-             replica["port"], time.time() - t_start, spec["max_batch"], spec["batch_window_ms"])
+    log.info("serving %s on %s:%d (start-up %.1f s), max batch %s, window %g ms", spec.model, replica.bind,
+             replica.port, time.time() - t_start, spec.max_batch, spec.batch_window_ms)
     last = None
     while not stop.wait(0.5):
         snap = (pipeline.stats.as_dict(), pipeline.queue_depth())

@@ -1,5 +1,5 @@
 """The REST gateway: the model cards' online-endpoint scoring format over HTTP, forwarded to the
-deployment through MII's client (MII's own REST gateway answers HTTP 500 for images).
+deployment through its client (client.py, MII's stub; MII's own REST gateway answers HTTP 500 for images).
 
     python -m fastsd.serving.rest DEPLOYMENT_DIR
 
@@ -14,14 +14,14 @@ Every response carries X-Request-ID (the caller's, else a new one), also in erro
 "request_id", and every request gets one access-log line (logs.py).
 
 `data` rows are prompts, or rows with one value per column ("prompt", optionally "negative_prompt"),
-as lists or objects; every field is checked by schema.py before anything is forwarded.
+as lists or objects; the body is parsed and every field checked (request.py) before anything is forwarded.
 Errors are JSON {"error": "...", "request_id": "...", ...}: 400 body not JSON or not the format, 401 token missing or
 wrong, 413 body too large, 422 a value out of range (the engine's validation, through the replica),
 429 server busy, 503 the load balancer does not answer, 504 timeout (also when no replica is up: the balancer
 waits for one until the request times out).
 
-MII's client binds to the event loop it was made in, and FastAPI runs sync endpoints in a thread
-pool: each worker thread gets its own event loop and its own `mii_query_handle`.
+Requests go to the deployment through its one client (client.DeploymentClient), from a thread pool:
+MII's client binds to an event loop, so each worker thread has its own handles.
 """
 
 import asyncio
@@ -32,12 +32,27 @@ import json
 import logging
 import os
 import sys
-import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import schema
-from .common import TOKEN_ENV, graceful_signals, port_answers, read_json, use_cache_path, watch_parent
+from ..errors import InvalidParameter
+from . import a1111_api, logs, openai_api, wire
+from .client import DeploymentClient
+from .errors import DeploymentError
+from .folders import use_cache_path
+from .gateway import Gateway
+from .histograms import LATENCY_BOUNDS
+from .image_urls import fetch_cells
+from .metrics import DeploymentCollector, http_outcome
+from .ports import connect_host, port_answers
+from .processes import TOKEN_ENV, graceful_signals, watch_parent
+from .request import BadBody, Limits, Query, parse_score_body
+from .spec import DeploymentSpec
+
+# gRPC status of the deployment's answer -> HTTP status; any other is 500
+HTTP_STATUS = {"INVALID_ARGUMENT": 422, "DEADLINE_EXCEEDED": 504, "UNAVAILABLE": 503, "RESOURCE_EXHAUSTED": 429,
+               "UNIMPLEMENTED": 501}
 
 log = logging.getLogger("fastsd.serving.rest")
 
@@ -48,18 +63,16 @@ class BadRequest(Exception):
         self.status, self.message, self.extra = status, message, extra
 
 
-def parse_score_body(body: bytes, limits=None, with_images: bool = False):
-    """The model-card request -> (prompts, negative prompts or None, query kwargs), every field
-    checked by schema.py. Raises BadRequest (400 not JSON or not the format, 422 a value)."""
-    from ..errors import InvalidParameter
-    from .limits import Limits
+def read_score_body(body: bytes, limits: Limits | None = None, with_images: bool = False) -> Query:
+    """The bytes of a `POST /score` body -> the checked Query (request.parse_score_body), or BadRequest
+    with the HTTP status: 400 not JSON or not the format, 422 a value (naming the parameter)."""
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nesting too deep
         raise BadRequest(400, f"the body is not JSON: {str(e)[:200]}") from None
     try:
-        return schema.parse_score_body(doc, limits or Limits(), with_images=with_images)
-    except schema.BadBody as e:
+        return parse_score_body(doc, limits or Limits(), with_images=with_images)
+    except BadBody as e:
         raise BadRequest(400, str(e)) from None
     except InvalidParameter as e:
         raise BadRequest(422, str(e), parameter=e.name) from None
@@ -71,31 +84,18 @@ def png_b64(image) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def create_app(name: str, spec: dict, token: str | None):
-    import time
-
-    import grpc
-    import mii
+def create_app(spec: DeploymentSpec, token: str | None):
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response
-    from mii.legacy.method_table import GRPC_METHOD_TABLE
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-    from . import logs, wire
-    from .common import LATENCY_BOUNDS, connect_host
-    from .limits import Limits
-    from .metrics import DeploymentCollector, http_outcome
-
-    timeout = float(spec["limits"]["timeout"]) + 5
-    limits = Limits(**spec["limits"])
-    max_body = int(spec.get("max_body_bytes", 1 << 20))
-    local = threading.local()
+    name = spec.name
+    limits = spec.limits
+    max_body = spec.max_body_bytes
+    deployment = DeploymentClient(name)  # waits limits.timeout + 5 s for a reply
     pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="mii-client")  # one MII handle each
     app = FastAPI(title=f"fastsd deployment {name}", docs_url=None, redoc_url=None, openapi_url=None)
-    status_for = {grpc.StatusCode.INVALID_ARGUMENT: 422, grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-                  grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-                  grpc.StatusCode.UNIMPLEMENTED: 501}
-    replicas = [(connect_host(r["host"]), int(r["port"])) for r in spec["replicas"]]
+    replicas = [(connect_host(r.host), r.port) for r in spec.replicas]
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(DeploymentCollector(name))  # the deployment's figures, as `fastsd status` reads them
@@ -105,15 +105,7 @@ def create_app(name: str, spec: dict, token: str | None):
                              buckets=LATENCY_BOUNDS, registry=registry)
     http_in_flight = Gauge("fastsd_http_in_flight_requests", "HTTP requests being answered", registry=registry)
     PROBES = ("/health", "/ready", "/metrics")
-
-    def client(inpaint: bool = False):
-        if getattr(local, "client", None) is None:
-            local.loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(local.loop)
-            local.client = mii.legacy.mii_query_handle(name)
-        if inpaint and getattr(local, "inpaint_client", None) is None:
-            local.inpaint_client = mii.legacy.mii_query_handle(name + "-inpaint")  # InpaintingReply
-        return local.inpaint_client if inpaint else local.client
+    API_PATHS = (*openai_api.PATHS, *a1111_api.PATHS)
 
     def error(request: Request, status: int, message: str, **extra):
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
@@ -134,7 +126,7 @@ def create_app(name: str, spec: dict, token: str | None):
         rid = wire.request_id(request.headers.get("x-request-id"))
         request.state.request_id = rid
         request.state.info = {}
-        path = request.url.path if request.url.path in (*PROBES, "/score") else "other"
+        path = request.url.path if request.url.path in (*PROBES, "/score", *API_PATHS) else "other"
         t0 = time.monotonic()
         http_in_flight.inc()
         try:
@@ -160,7 +152,7 @@ def create_app(name: str, spec: dict, token: str | None):
     @app.get("/health")
     def health():
         """The process is alive and the load balancer answers (liveness)."""
-        ok = port_answers(spec["port"], spec["host"], 0.5)
+        ok = port_answers(spec.port, spec.host, 0.5)
         return JSONResponse({"status": "ok" if ok else "unavailable", "deployment": name},
                             status_code=200 if ok else 503)
 
@@ -168,7 +160,7 @@ def create_app(name: str, spec: dict, token: str | None):
     def ready():
         """At least one replica answers and so does the load balancer (readiness)."""
         up = [port_answers(p, h, 0.5) for h, p in replicas]
-        lb = port_answers(spec["port"], spec["host"], 0.5)
+        lb = port_answers(spec.port, spec.host, 0.5)
         ok = lb and any(up)
         return JSONResponse({"status": "ready" if ok else "not ready", "deployment": name,
                              "load_balancer": lb, "replicas_up": sum(up), "replicas": len(up)},
@@ -191,68 +183,54 @@ def create_app(name: str, spec: dict, token: str | None):
             if len(body) > max_body:
                 return error(request, 413, f"the body is larger than {max_body} bytes", limit=max_body)
         try:
-            prompts, negatives, kwargs, images = parse_score_body(bytes(body), limits, with_images=True)
+            query = read_score_body(bytes(body), limits, with_images=True)
         except BadRequest as e:
             return error(request, e.status, e.message, **e.extra)
+        kwargs = query.parameters
         info = request.state.info
-        info.update(prompts=len(prompts), steps=kwargs.get("num_inference_steps", "default"),
+        info.update(prompts=len(query.prompts), steps=kwargs.get("num_inference_steps", "default"),
                     size=logs.size(kwargs.get("width"), kwargs.get("height")))
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(pool, run_query, request, prompts, negatives, kwargs, images)
+        return await loop.run_in_executor(pool, run_query, request, query)
 
-    def run_query(request, prompts, negatives, kwargs, images=None):
-        from ..errors import InvalidParameter
-        from .image_urls import fetch_cells
-        if images and limits.image_url_allow:  # allowed URLs are fetched here, before the request is queued
+    def run_query(request, query: Query):
+        images = {"image": query.image, "mask_image": query.mask_image}
+        if limits.image_url_allow:  # allowed URLs are fetched here, before the request is queued
             try:
                 images = fetch_cells(images, limits.max_image_bytes, limits.image_url_timeout)
             except InvalidParameter as e:
                 return error(request, 422, str(e), parameter=e.name)
-        with_image = bool(images and images["image"])
-        c = client(inpaint=with_image)
-        methods = GRPC_METHOD_TABLE[c.task]
-        fields = {"prompt": prompts, "negative_prompt": negatives or [""] * len(prompts)}
-        if with_image:  # image-to-image is MII's InpaintingReply without masks
-            fields.update(image=images["image"], mask_image=images["mask_image"])
-        proto = methods.pack_request_to_proto(fields, **kwargs)
-
-        async def call():
-            # MII's stub with the request id as metadata; the timings come back in the trailers
-            c_ = getattr(c.stub, methods.method)(proto, metadata=[(wire.REQUEST_ID, request.state.request_id)],
-                                                 timeout=timeout)
-            reply = await c_
-            return reply, {k: v for k, v in (await c_.trailing_metadata() or ()) if isinstance(v, str)}
-        try:
-            proto_reply, trail = local.loop.run_until_complete(asyncio.wait_for(call(), timeout + 1))
-        except grpc.aio.AioRpcError as e:
-            details = e.details() or e.code().name
-            param = details.split(":", 1)[0] if e.code() == grpc.StatusCode.INVALID_ARGUMENT else None
-            return error(request, status_for.get(e.code(), 500), details, **({"parameter": param} if param else {}))
-        except asyncio.TimeoutError:
-            return error(request, 504, f"no reply within {timeout:g} s")
-        reply = methods.unpack_response_from_proto(proto_reply)
-        request.state.info.update(images=len(reply.images), queue_ms=wire.millis(trail.get(wire.QUEUE_MS)),
-                                  engine_ms=wire.millis(trail.get(wire.ENGINE_MS)))
+        prompts = query.prompts
+        try:  # image-to-image is MII's InpaintingReply without masks
+            reply = deployment.generate(prompts, query.negatives, image=images["image"] or None,
+                                        mask_image=images["mask_image"], request_id=request.state.request_id,
+                                        **query.parameters)
+        except DeploymentError as e:
+            param = str(e).split(":", 1)[0] if e.code == "INVALID_ARGUMENT" else None
+            return error(request, HTTP_STATUS.get(e.code, 500), str(e), **({"parameter": param} if param else {}))
+        request.state.info.update(images=len(reply.images), queue_ms=reply.queue_ms, engine_ms=reply.engine_ms)
         n_img = len(reply.images) // max(1, len(prompts))
         return JSONResponse([{"prompt": prompts[i // max(1, n_img)], "generated_image": png_b64(img),
                               "nsfw_content_detected": bool(flag)}
                              for i, (img, flag) in enumerate(zip(reply.images, reply.nsfw_content_detected))])
 
+    gateway = Gateway(spec, deployment, pool, token)  # the APIs image clients speak, on the same port and token
+    openai_api.mount(app, gateway)
+    a1111_api.mount(app, gateway)
     return app
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ddir = Path(argv[0])
-    spec = read_json(ddir / "spec.json")
-    from . import logs
-    logs.setup("rest", spec.get("log_format", "text"))
+    spec = DeploymentSpec.read(ddir)
+    logs.setup("rest", spec.log_format)
     os.environ["MII_CACHE_PATH"] = str(ddir.parent)
     use_cache_path()
     import uvicorn
     token = os.environ.get(TOKEN_ENV) or None
-    app = create_app(spec["name"], spec, token)
-    config = uvicorn.Config(app, host=spec["host"], port=int(spec["rest_port"]), log_level="warning",
+    app = create_app(spec, token)
+    config = uvicorn.Config(app, host=spec.host, port=spec.rest_port, log_level="warning",
                             access_log=False, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
 
@@ -260,7 +238,7 @@ def main(argv=None) -> int:
         server.should_exit = True
     watch_parent(stop)
     graceful_signals(stop)
-    log.info("REST gateway on http://%s:%d (token %s)", spec["host"], spec["rest_port"],
+    log.info("REST gateway on http://%s:%d (token %s)", spec.host, spec.rest_port,
              "required" if token else "not required")
     server.run()
     return 0

@@ -1,10 +1,10 @@
-"""What a serving request may hold: ONE table, used by both front doors, so they cannot disagree.
+"""What a serving request may hold: ONE table of fields, used by every front door, so they cannot disagree.
 
-- The REST gateway (rest.py) checks a `POST /score` body with `parse_score_body` before it forwards
-  anything; the replicas (limits.py, through batcher.py and replica.py) check what arrives over
-  gRPC (MII's client, or any raw gRPC caller) with `unpack_query_kwargs` + `check_param` before a
-  request is queued. Every failure is an `InvalidParameter` naming the field and what is allowed
-  (gRPC INVALID_ARGUMENT, HTTP 422) or, for a body that is not the format at all, a `BadBody` (400).
+- request.py's parser checks every field of a request with this table: the REST gateway (rest.py) on
+  a `POST /score` body before it forwards anything, the replicas (through batcher.py and replica.py) on
+  what arrives over gRPC (MII's client, or any raw gRPC caller, unpacked by `unpack_query_kwargs`)
+  before a request is queued. Every failure is an `InvalidParameter` naming the field and what is
+  allowed (gRPC INVALID_ARGUMENT, HTTP 422).
 - Parsing is total: any JSON value and any protobuf `Value` either passes every check or is refused
   with a one-line reason. Nothing unchecked reaches MII's packing (which raises on a seed beyond 64
   bits or a lone UTF-16 surrogate) or the engine.
@@ -16,6 +16,8 @@ anything else); lo/hi the range (a number, or a function of the deployment's `Li
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import numbers
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from typing import Any, Callable
 
 from .. import validation as v
 from ..errors import InvalidParameter
+from .image_urls import ImageUrl, allowed
 
 SCHEDULERS = ("pndm", "ddim", "euler", "euler-ancestral", "dpm++", "lms")
 MAX_TEXT_CHARS = 10_000  # CLIP reads 77 tokens; longer text only costs tokenizer time
@@ -30,11 +33,7 @@ MAX_GUIDANCE = 1000.0    # far beyond any useful value, and exact in MII's 32-bi
 SHOWN = 80               # characters of a refused value quoted back in an error
 
 
-class BadBody(ValueError):
-    """A REST body that is not the scoring format at all (HTTP 400)."""
-
-
-class _Shown:
+class Shown:
     """A refused value as an error quotes it: its repr, cut short (a 1 MB prompt must not come back
     in a gRPC status, whose metadata is limited to a few KB)."""
 
@@ -52,7 +51,7 @@ class _Shown:
 def refuse(name, value, allowed: str) -> InvalidParameter:
     """An InvalidParameter whose message is one short printable line, whatever the caller sent."""
     plain = isinstance(name, str) and len(name) <= SHOWN and name.isascii() and name.isprintable()
-    return InvalidParameter(name if plain else repr(_Shown(name)), _Shown(value), allowed)
+    return InvalidParameter(name if plain else repr(Shown(name)), Shown(value), allowed)
 
 
 @dataclass(frozen=True)
@@ -154,10 +153,7 @@ def image_cell(name: str, value, limits=None):
     """A base64 image cell -> its bytes; a URL under the deployment's --image-url-allow prefixes -> an
     ImageUrl that the REST gateway fetches (image_urls.py). Other URLs are refused: a server that fetches
     URLs on request can be sent to internal addresses (SSRF)."""
-    import base64
-    import binascii
     if isinstance(value, str) and value.strip().lower().startswith(("http://", "https://", "ftp://", "file:")):
-        from .image_urls import ImageUrl, allowed
         prefixes = tuple(getattr(limits, "image_url_allow", ()) or ())
         if prefixes and allowed(value, prefixes):
             return ImageUrl(value.strip())
@@ -201,84 +197,12 @@ def unpack_query_kwargs(query_kwargs) -> dict:
     return out
 
 
-def check_prompts(value, limit: int, name: str = "prompt", allow_blank: bool = False) -> list[str]:
-    """Prompts from a request: one text or a list of 1..limit texts."""
+def check_prompts(value, limit: int, name: str = "prompt", limits=None) -> list[str]:
+    """Prompts (or negative prompts: `name`, a text column) from a request: one text or a list of
+    1..limit texts, each checked by its column."""
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not items:
         raise refuse(name, value, "a non-empty string or a non-empty list of strings")
     if len(items) > limit:
         raise refuse(name, f"{len(items)} prompts", f"at most {limit} per request")
-    return [text(name, p, non_blank=not allow_blank) for p in items]
-
-
-# -- the REST body ----------------------------------------------------------------------------------
-BODY_KEYS = ("input_data", "parameters")
-INPUT_KEYS = ("columns", "data", "index", "parameters")
-FORMAT = 'expected {"input_data": {"columns": ["prompt"], "data": [...], "parameters": {...}}}'
-
-
-def parse_score_body(doc, limits, with_images: bool = False):
-    """A decoded JSON `POST /score` body -> (prompts, negative prompts or None, query kwargs), every
-    value checked. Raises BadBody (HTTP 400) or InvalidParameter (HTTP 422). with_images: a fourth item,
-    {"image": [bytes, ...], "mask_image": [...]} (empty lists for text-to-image); without it the image
-    columns are refused."""
-    if not isinstance(doc, dict) or not isinstance(doc.get("input_data"), dict):
-        raise BadBody(FORMAT)
-    unknown = [k for k in doc if k not in BODY_KEYS]
-    if unknown:
-        raise BadBody(f"unknown key {_Shown(unknown[0])} in the body; allowed: {', '.join(BODY_KEYS)}")
-    inp = doc["input_data"]
-    unknown = [k for k in inp if k not in INPUT_KEYS]
-    if unknown:
-        raise BadBody(f"input_data: unknown key {_Shown(unknown[0])}; allowed: {', '.join(INPUT_KEYS)}")
-    columns = inp.get("columns", ["prompt"])
-    if not isinstance(columns, list) or not columns or not all(isinstance(c, str) for c in columns):
-        raise BadBody("input_data.columns: expected a non-empty list of column names")
-    for c in columns:
-        if c not in COLUMNS or (c in IMAGE_COLUMNS and not with_images):
-            raise BadBody(f"input_data.columns: unknown column {_Shown(c)}; allowed: {', '.join(COLUMNS)}")
-    if "mask_image" in columns and "image" not in columns:
-        raise refuse("mask_image", "a mask column", "a mask only together with an image column")
-    if len(set(columns)) != len(columns):
-        raise BadBody("input_data.columns: a column is named twice")
-    for c in REQUIRED_COLUMNS:
-        if c not in columns:
-            raise BadBody(f'input_data.columns: a "{c}" column is required')
-    data = inp.get("data")
-    if not isinstance(data, list) or not data:
-        raise BadBody("input_data.data: expected a non-empty list of rows")
-    if len(data) > limits.max_prompts:
-        raise refuse("prompt", f"{len(data)} prompts", f"at most {limits.max_prompts} per request")
-    rows = {c: [] for c in columns}
-    for row in data:
-        if isinstance(row, dict):
-            extra = [k for k in row if k not in columns]
-            if extra:
-                raise BadBody(f"input_data.data: row key {_Shown(extra[0])} is not a column ({', '.join(columns)})")
-            row = [row.get(c) for c in columns]
-        elif not isinstance(row, list) and len(columns) == 1:
-            row = [row]
-        if not isinstance(row, list) or len(row) != len(columns):
-            raise BadBody(f"input_data.data: each row must be a prompt, an object or a list of {len(columns)} "
-                          f"values ({', '.join(columns)}); got {_Shown(row)}")
-        for c, val in zip(columns, row):
-            rows[c].append(COLUMNS[c].parse(val, limits))
-    params = {}
-    for where, p in (("parameters", doc.get("parameters")), ("input_data.parameters", inp.get("parameters"))):
-        if p is None:
-            continue
-        if not isinstance(p, dict):
-            raise BadBody(f"{where}: expected an object of parameters")
-        params.update(p)
-    negatives = rows.get("negative_prompt")
-    kwargs = {}
-    for k, val in params.items():
-        if k in REST_ONLY_PARAMS:
-            if negatives is not None:
-                raise BadBody(f"{k}: give it as a column or as a parameter, not both")
-            negatives = [REST_ONLY_PARAMS[k].parse(val, limits)] * len(data)
-            continue
-        kwargs[k] = check_param(k, val, limits)
-    if with_images:
-        return rows["prompt"], negatives, kwargs, {c: rows.get(c, []) for c in IMAGE_COLUMNS}
-    return rows["prompt"], negatives, kwargs
+    return [COLUMNS[name].parse(p, limits) for p in items]

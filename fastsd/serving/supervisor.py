@@ -24,7 +24,9 @@ import sys
 import time
 from pathlib import Path
 
-from .common import PARENT_ENV, WATCH_STDIN_ENV, pid_alive, read_json, write_json
+from .folders import write_json
+from .processes import PARENT_ENV, WATCH_STDIN_ENV, pid_alive
+from .spec import DeploymentSpec
 
 RESTART_DELAY, MAX_DELAY, QUICK_DEATH = 0.5, 30.0, 10.0
 # ssh gives up on a host that stops answering (15 s) instead of hanging, so the replica is restarted
@@ -42,8 +44,8 @@ def _die_with_parent():
         pass
 
 
-def ssh_command(spec: dict, host: str) -> list[str]:
-    config = ["-F", spec["ssh_config"]] if spec.get("ssh_config") else []
+def ssh_command(spec: DeploymentSpec, host: str) -> list[str]:
+    config = ["-F", spec.ssh_config] if spec.ssh_config else []
     return ["ssh", *SSH_OPTIONS, *config, host]
 
 
@@ -87,7 +89,7 @@ class Child:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ddir = Path(argv[0]).resolve()
-    spec = read_json(ddir / "spec.json")
+    spec = DeploymentSpec.read(ddir)
     stopping = {"why": None}
 
     def on_signal(signum, _frame):
@@ -100,23 +102,23 @@ def main(argv=None) -> int:
     base_env = dict(os.environ, **{PARENT_ENV: str(os.getpid()), "MII_CACHE_PATH": str(ddir.parent),
                                    "PYTHONUNBUFFERED": "1"})
     children: list[Child] = [Child("balancer", [py, "-m", "fastsd.serving.balancer", str(ddir)], base_env,
-                                   ddir / "balancer.log", spec["port"], None)]
-    for i, r in enumerate(spec["replicas"]):
+                                   ddir / "balancer.log", spec.port, None)]
+    for i, r in enumerate(spec.replicas):
         env = dict(base_env)
-        if r.get("cuda_visible_devices") is not None:
-            env["CUDA_VISIBLE_DEVICES"] = str(r["cuda_visible_devices"])
-        remote = None if r.get("local", True) else ssh_command(spec, r["host"])
+        if r.cuda_visible_devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(r.cuda_visible_devices)
+        remote = None if r.local else ssh_command(spec, r.host)
         children.append(Child(f"replica-{i}", [py, "-m", "fastsd.serving.replica", str(ddir), str(i)], env,
-                              ddir / f"replica-{i}.log", r["port"], remote))
-    if spec.get("rest_port"):
+                              ddir / f"replica-{i}.log", r.port, remote))
+    if spec.rest_port:
         children.append(Child("rest", [py, "-m", "fastsd.serving.rest", str(ddir)], base_env,
-                              ddir / "rest.log", spec["rest_port"], None))
-    if spec.get("ui_port"):  # the web page (fastsd.ui), a client of this deployment
-        children.append(Child("ui", [py, "-m", "fastsd.ui", str(ddir)], base_env, ddir / "ui.log", spec["ui_port"],
+                              ddir / "rest.log", spec.rest_port, None))
+    if spec.ui_port:  # the web page (fastsd.ui), a client of this deployment
+        children.append(Child("ui", [py, "-m", "fastsd.ui", str(ddir)], base_env, ddir / "ui.log", spec.ui_port,
                               None))
-    if spec.get("metrics_port"):
+    if spec.metrics_port:
         children.append(Child("metrics", [py, "-m", "fastsd.serving.metrics", str(ddir)], base_env,
-                              ddir / "metrics.log", spec["metrics_port"], None))
+                              ddir / "metrics.log", spec.metrics_port, None))
 
     started = time.time()
 
@@ -125,8 +127,8 @@ def main(argv=None) -> int:
                                          "updated_at": time.time(),
                                          "children": {c.name: c.info() for c in children}})
 
-    log(f"deployment {spec['name']}: model {spec['model']}, {len(spec['replicas'])} replica(s), "
-        f"load balancer port {spec['port']}" + (f", REST port {spec['rest_port']}" if spec.get("rest_port") else ""))
+    log(f"deployment {spec.name}: model {spec.model}, {len(spec.replicas)} replica(s), "
+        f"load balancer port {spec.port}" + (f", REST port {spec.rest_port}" if spec.rest_port else ""))
     for c in children:
         c.start()
     save("running")

@@ -29,9 +29,12 @@ import time
 from pathlib import Path
 
 from ..errors import InvalidParameter
-from ..serving.client import DeploymentClient, DeploymentError, deployment_info
-from ..serving.common import LOOPBACK, ServingError
-from ..serving.limits import SCHEDULERS
+from ..images import encode_png, read_file
+from ..serving.client import DeploymentClient, running_spec
+from ..serving.errors import DeploymentError, ServingError
+from ..serving.loras import LoraCatalog
+from ..serving.ports import LOOPBACK, port_free
+from ..serving.schema import SCHEDULERS
 
 log = logging.getLogger("fastsd.ui")
 MODEL_DEFAULT = "the model's"
@@ -75,15 +78,32 @@ def _prune(out_dir: Path, age: float = 3600.0) -> None:
             pass
 
 
-def _header(name: str) -> str:
-    return f"## {TITLE} · deployment `{name}`\n{deployment_info(name).describe()}"
+def describe(client: DeploymentClient) -> str:
+    """The engine the deployment runs, in one line (read now: a page may open before a replica says)."""
+    e, spec = client.engine(), client.spec
+    if not e:
+        return f"{spec.model} (deployment {client.name})"
+    return (f"{e.get('model', spec.model)}, {e.get('dtype')}, {e.get('backend')} on {e.get('device')}, "
+            f"attention {e.get('attention')} (deployment {client.name}, {len(spec.replicas)} replica(s))")
+
+
+def lora_names(client: DeploymentClient) -> list[str]:
+    """The adapter names a request's `lora` keyword may use (read now: files added later are offered)."""
+    if not client.spec.lora_dir:
+        return []
+    try:
+        return LoraCatalog(client.spec.lora_dir).names()
+    except InvalidParameter:  # the folder went away since `fastsd serve`
+        return []
+
+
+def _header(client: DeploymentClient) -> str:
+    return f"## {TITLE} · deployment `{client.name}`\n{describe(client)}"
 
 
 def _png(image, name: str, mode: str) -> bytes:
     """An image from the page (PIL, or a file path from an API caller) -> PNG bytes for the request."""
     from PIL import Image
-
-    from ..images import encode_png, read_file
     if isinstance(image, (str, Path)):
         return encode_png(read_file(image, name, mode=mode))
     if isinstance(image, dict) and image.get("path"):  # a FileData dict
@@ -145,7 +165,7 @@ def make_generate(client: DeploymentClient, out_dir: Path):
                 + f" · {task}" + (f" (strength {float(strength):g})" if image is not None else "")
                 + (f" · LoRA {lora_value(lora, lora_scale)}" if lora_value(lora, lora_scale) else "")
                 + f" · {len(seeds)} image(s) {w}x{h} in {elapsed:.2f} s · "
-                + deployment_info(client.name).describe()
+                + describe(client)
                 + (f" · {flagged} flagged by the safety checker (black)" if flagged else ""))
         gallery = [(p, f"seed {s}") for p, s in zip(paths, seeds)]
         return gallery, info, paths
@@ -155,19 +175,18 @@ def make_generate(client: DeploymentClient, out_dir: Path):
 
 def build_app(client: DeploymentClient, out_dir: Path | None = None):
     import gradio as gr
-    info = client.info
-    limits = info.limits
+    limits = client.spec.limits
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="fastsd-ui-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     generate = make_generate(client, out_dir)
-    with gr.Blocks(title=f"{TITLE}: {info.name}", analytics_enabled=False, delete_cache=(600, 3600)) as demo:
-        header = gr.Markdown(_header(info.name), elem_id="engine")
+    with gr.Blocks(title=f"{TITLE}: {client.name}", analytics_enabled=False, delete_cache=(600, 3600)) as demo:
+        header = gr.Markdown(_header(client), elem_id="engine")
         with gr.Row():
             with gr.Column(scale=1):
                 prompt = gr.Textbox(label="prompt", lines=2, placeholder="a red circle on a blue background",
                                     elem_id="prompt")
                 negative = gr.Textbox(value="", label="negative prompt", lines=1, elem_id="negative_prompt")
-                steps = gr.Slider(1, int(limits.get("max_steps", 150)), value=25, step=1, label="steps",
+                steps = gr.Slider(1, limits.max_steps, value=25, step=1, label="steps",
                                   elem_id="steps")
                 guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="guidance", elem_id="guidance")
                 with gr.Row():
@@ -178,7 +197,7 @@ def build_app(client: DeploymentClient, out_dir: Path | None = None):
                     height = gr.Number(value=0, precision=0, label="height (0: the model's)", elem_id="height")
                 scheduler = gr.Dropdown([MODEL_DEFAULT, *SCHEDULERS], value=MODEL_DEFAULT, label="scheduler",
                                         elem_id="scheduler")
-                num_images = gr.Slider(1, max(1, min(8, int(limits.get("max_images", 16)))), value=1, step=1,
+                num_images = gr.Slider(1, max(1, min(8, limits.max_images)), value=1, step=1,
                                        label="number of images", elem_id="num_images")
                 with gr.Accordion("image-to-image and inpainting", open=False, elem_id="image_inputs"):
                     with gr.Row():
@@ -189,7 +208,7 @@ def build_app(client: DeploymentClient, out_dir: Path | None = None):
                                               elem_id="mask_image")
                     strength = gr.Slider(0.05, 1.0, value=0.8, step=0.05, label="strength (how much is repainted)",
                                          elem_id="strength")
-                loras = info.lora_names()
+                loras = lora_names(client)
                 with gr.Row():
                     lora = gr.Dropdown([NO_LORA, *loras], value=NO_LORA, label="LoRA (the deployment's --lora-dir)",
                                        elem_id="lora", allow_custom_value=True)
@@ -202,9 +221,9 @@ def build_app(client: DeploymentClient, out_dir: Path | None = None):
                 files = gr.File(label="PNG downloads", file_count="multiple", elem_id="files")
         # read again when a page opens: a page started with its deployment may be up before the replicas say
         # which engine they run
-        demo.load(lambda: _header(info.name), None, header, api_name=False, queue=False)
+        demo.load(lambda: _header(client), None, header, api_name=False, queue=False)
         # the adapters the deployment offers now (files added to --lora-dir since the page started included)
-        demo.load(lambda: gr.Dropdown(choices=[NO_LORA, *info.lora_names()]), None, lora, api_name=False,
+        demo.load(lambda: gr.Dropdown(choices=[NO_LORA, *lora_names(client)]), None, lora, api_name=False,
                   queue=False)
         random_seed.click(lambda: -1, None, seed, api_name=False, queue=False)
         inputs = [prompt, negative, steps, guidance, seed, width, height, scheduler, num_images, image, mask_image,
@@ -217,7 +236,7 @@ def build_app(client: DeploymentClient, out_dir: Path | None = None):
 def check_exposure(host: str, token: str | None, name: str) -> None:
     """The page runs the deployment for whoever reaches it: off loopback only behind a token, and a
     deployment that requires a token gets a page that asks for it."""
-    if token is None and deployment_info(name).token_required:
+    if token is None and running_spec(name).token_required:
         raise InvalidParameter("token", None, f"the token of deployment '{name}', which requires one "
                                               "(--token or $FASTSD_TOKEN)")
     if token is None and host not in LOOPBACK:
@@ -230,14 +249,12 @@ def launch(name: str, host: str = "127.0.0.1", port: int = 7860, token: str | No
            concurrency: int | None = None, block: bool = True):
     """Serves the page; returns (demo, url). With block=False it returns once the page answers."""
     import hmac
-
-    from ..serving.common import port_free
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     check_exposure(host, token, name)
     if not 1 <= port <= 65535 or not port_free(port, host):
         raise InvalidParameter("port", port, "a free TCP port")
     client = DeploymentClient(name)
-    concurrency = concurrency or client.info.replicas * client.info.max_batch
+    concurrency = concurrency or len(client.spec.replicas) * client.spec.max_images_per_call
     demo = build_app(client)
     # up to `concurrency` requests in flight, so the deployment's dynamic batching can merge them; the
     # rest wait in Gradio's queue, and the page shows their position

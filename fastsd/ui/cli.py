@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import os
 
-from ..serving.common import TOKEN_ENV
+from ..serving.processes import TOKEN_ENV
+from .server import require_gradio, serve_forever
 
 
 def register(subparsers, parents) -> None:
@@ -18,13 +19,12 @@ def register(subparsers, parents) -> None:
     u.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     u.add_argument("--token", help=f"password the page asks for (default: ${TOKEN_ENV} if set)")
     u.add_argument("--concurrency", type=int,
-                   help="requests in flight to the deployment (default: its replicas x its --max-batch); "
-                        "more wait in the page's queue")
+                   help="requests in flight to the deployment (default: its replicas x its --max-batch, or its "
+                        "--max-batch-limit with auto); more wait in the page's queue")
     u.set_defaults(func=cmd_ui)
 
 
 def cmd_ui(args) -> int:
-    from .server import require_gradio, serve_forever
     require_gradio()
     token = args.token or os.environ.get(TOKEN_ENV) or None
     return serve_forever(args.deployment, args.host, args.port, token, args.concurrency)

@@ -9,7 +9,8 @@ import threading
 from pathlib import Path
 
 from ..errors import FastSDError
-from ..serving.common import TOKEN_ENV, graceful_signals, read_json, watch_parent
+from ..serving.processes import TOKEN_ENV, graceful_signals, watch_parent
+from ..serving.spec import DeploymentSpec
 
 
 def require_gradio() -> None:
@@ -19,7 +20,7 @@ def require_gradio() -> None:
 
 
 def serve_forever(name: str, host: str, port: int, token: str | None, concurrency: int | None = None) -> int:
-    from .app import launch
+    from .app import launch  # torch (fastsd.lora, for the LoRA names): `fastsd --help` does without it
     done = threading.Event()
     demo, _ = launch(name, host, port, token, concurrency, block=False)
     shown = "localhost" if host in ("127.0.0.1", "::1") else host
@@ -40,10 +41,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ddir = Path(argv[0])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s ui %(levelname)s %(message)s")
-    spec = read_json(ddir / "spec.json")
+    spec = DeploymentSpec.read(ddir)
     os.environ["MII_CACHE_PATH"] = str(ddir.parent)
-    code = serve_forever(spec["name"], spec["host"], int(spec["ui_port"]), os.environ.get(TOKEN_ENV) or None,
-                         spec.get("ui_concurrency"))
+    code = serve_forever(spec.name, spec.host, spec.ui_port, os.environ.get(TOKEN_ENV) or None)
     logging.shutdown()
     os._exit(code)  # gradio's server threads would otherwise hold the exit up
 

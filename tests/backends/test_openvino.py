@@ -10,7 +10,7 @@ import torch
 pytest.importorskip("openvino")
 
 from fastsd import optimize  # noqa: E402
-from fastsd.backends.openvino.backend import backend as ov_backend  # noqa: E402
+from fastsd.backends.openvino import backend as ov_backend  # noqa: E402
 from fastsd.cli import main  # noqa: E402
 from fastsd.errors import InvalidParameter, ModelLoadError  # noqa: E402
 from fastsd.export import export_model, load_onnx_model, reference_model  # noqa: E402
@@ -131,9 +131,10 @@ def test_errors_are_one_line(export_dir, capsys, monkeypatch):
 
 def test_serving_replica_builds_an_openvino_engine(export_dir):
     from fastsd.serving.replica import build_engine
-    spec = {"model": str(export_dir), "threads": 1,
-            "engine": {"backend": "openvino", "device": "cpu", "dtype": "fp32", "safety_checker": False}}
-    engine = build_engine(spec, {})
+    from fastsd.serving.spec import DeploymentSpec
+    spec = DeploymentSpec(name="openvino", model=str(export_dir), threads=1,
+                          engine={"backend": "openvino", "device": "cpu", "dtype": "fp32", "safety_checker": False})
+    engine = build_engine(spec)
     assert engine.describe()["backend"] == "openvino" and engine.describe()["threads"] == 1
     r = engine.generate("a cat", num_inference_steps=2, seed=0, progress=False)
     assert r.images[0].size == (64, 64)

@@ -8,7 +8,7 @@ import torch
 pytest.importorskip("openvino")
 
 from fastsd import optimize  # noqa: E402
-from fastsd.backends.openvino.backend import backend as ov_backend  # noqa: E402
+from fastsd.backends.openvino import backend as ov_backend  # noqa: E402
 from fastsd.errors import ModelLoadError  # noqa: E402
 from fastsd.export import export_model, load_onnx_model, reference_model  # noqa: E402
 from fastsd.optimize import OptimizeConfig  # noqa: E402

@@ -9,7 +9,7 @@ import pytest
 from fastsd.errors import InvalidParameter
 from fastsd.serving.batch_size import BatchSizer, Bucket, bucket_of, steps_bucket
 from fastsd.serving.batcher import BatchingPipeline
-from fastsd.serving.limits import Limits, Request
+from fastsd.serving.request import Limits, Request
 
 
 def request(n=1, size=64, steps=4, guidance=7.5):

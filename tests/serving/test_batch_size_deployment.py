@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("mii")  # the serving extra (see README: Serve through DeepSpeed-MII)
 
 from deployment_cleanup import end_deployment  # noqa: E402
-from fastsd.serving import common  # noqa: E402
+from fastsd.serving import ports  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -34,7 +34,7 @@ def deployment(tmp_path_factory):
     name = f"auto{os.getpid()}"
     ddir = cache / name
     try:
-        run_cli("serve", "--model", "fastsd-shapes", "--deployment", name, "--port", str(common.free_port_block(2)),
+        run_cli("serve", "--model", "fastsd-shapes", "--deployment", name, "--port", str(ports.free_port_block(2)),
                 "--threads", "1", "--batch-probe-steps", "2", "--batch-window-ms", "100", "--startup-timeout", "200",
                 timeout=240)
         yield name

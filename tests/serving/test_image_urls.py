@@ -15,8 +15,8 @@ from PIL import Image
 from fastsd.errors import InvalidParameter
 from fastsd.serving import image_urls
 from fastsd.serving.image_urls import ImageUrl, check_prefix, fetch, fetch_cells
-from fastsd.serving.limits import Limits
-from fastsd.serving.rest import BadRequest, parse_score_body
+from fastsd.serving.request import Limits
+from fastsd.serving.rest import BadRequest, read_score_body
 
 LIMIT = 4096
 
@@ -90,23 +90,24 @@ def body(*cells, columns=("prompt", "image")) -> bytes:
 def test_schema_passes_only_allowed_urls(server):
     port = int(server.rsplit(":", 1)[1])
     limits = Limits(image_url_allow=(server + "/ok/",))
-    _, _, _, images = parse_score_body(body(server + "/ok/a.png"), limits, with_images=True)
-    assert images == {"image": [ImageUrl(server + "/ok/a.png")], "mask_image": []}
+    q = read_score_body(body(server + "/ok/a.png"), limits, with_images=True)
+    assert {"image": q.image, "mask_image": q.mask_image} == {"image": [ImageUrl(server + "/ok/a.png")],
+                                                               "mask_image": []}
     b64 = base64.b64encode(png()).decode()
-    _, _, _, images = parse_score_body(body(b64, server.upper() + "/ok/m.png", columns=("prompt", "image", "mask_image")),
-                                       limits, with_images=True)  # scheme and host compared after parsing
-    assert images["image"] == [png()] and images["mask_image"] == [ImageUrl(server.upper() + "/ok/m.png")]
+    q = read_score_body(body(b64, server.upper() + "/ok/m.png", columns=("prompt", "image", "mask_image")),
+                        limits, with_images=True)  # scheme and host compared after parsing
+    assert q.image == [png()] and q.mask_image == [ImageUrl(server.upper() + "/ok/m.png")]
     for url in [f"http://127.0.0.1:{port + 1}/ok/a.png",  # another port
                 f"http://localhost:{port}/ok/a.png",  # another host name for the same address
                 f"https://127.0.0.1:{port}/ok/a.png",  # another scheme
                 server + "/other/a.png", server + "/ok/../secret.png", server + "/ok/%2e%2e/secret.png",
                 f"http://user:pw@127.0.0.1:{port}/ok/a.png", "file:///etc/passwd", "ftp://127.0.0.1/ok/a.png"]:
         with pytest.raises(BadRequest) as e:
-            parse_score_body(body(url), limits, with_images=True)
+            read_score_body(body(url), limits, with_images=True)
         assert e.value.status == 422 and e.value.extra == {"parameter": "image"}, url
         assert "allowed prefixes" in e.value.message or "does not fetch" in e.value.message
     with pytest.raises(BadRequest) as e:  # no allow-list: every URL refused, as before
-        parse_score_body(body(server + "/ok/a.png"), Limits(), with_images=True)
+        read_score_body(body(server + "/ok/a.png"), Limits(), with_images=True)
     assert "does not fetch URLs" in e.value.message
 
 

@@ -9,7 +9,7 @@ from PIL import Image, ImageDraw
 
 import mii  # noqa: F401 - the serving extra: `make test` installs it, so a missing one fails, not skips
 from fastsd.cli import main
-from fastsd.serving import deploy
+from fastsd.serving import cli as serving_cli
 from fastsd.serving.client import image_request
 
 
@@ -28,7 +28,8 @@ def files(tmp_path):
 
 @pytest.fixture
 def sent(monkeypatch):
-    """deploy.query replaced by a recorder that answers with one grey image per prompt."""
+    """The deployment client `fastsd query` uses replaced by a recorder that answers with one grey image
+    per prompt."""
     calls = []
 
     class Reply:
@@ -36,10 +37,14 @@ def sent(monkeypatch):
             self.images = [Image.new("RGB", (64, 64), (128, 128, 128))] * n
             self.nsfw_content_detected = [False] * n
 
-    def fake(name, prompts, **kw):
-        calls.append({"name": name, "prompts": prompts, **kw})
-        return Reply(len(prompts))
-    monkeypatch.setattr(deploy, "query", fake)
+    class FakeClient:
+        def __init__(self, name, timeout=None):
+            self.name = name
+
+        def generate(self, prompts, negatives=None, **kw):
+            calls.append({"name": self.name, "prompts": prompts, **kw})
+            return Reply(len(prompts))
+    monkeypatch.setattr(serving_cli, "DeploymentClient", FakeClient)
     return calls
 
 

@@ -24,7 +24,7 @@ import uvicorn  # noqa: E402,F401
 from PIL import Image
 
 from deployment_cleanup import end_deployment
-from fastsd.serving import common
+from fastsd.serving import folders, ports, processes
 
 pytestmark = pytest.mark.timeout(300)
 TOKEN = "test-token-123"
@@ -45,8 +45,8 @@ def deployment(tmp_path_factory):
     cache = tmp_path_factory.mktemp("mii")
     old = os.environ.get("MII_CACHE_PATH")
     os.environ["MII_CACHE_PATH"] = str(cache)
-    port = common.free_port_block(3)
-    rest_port = common.free_port_block(1)
+    port = ports.free_port_block(3)
+    rest_port = ports.free_port_block(1)
     name = f"t{os.getpid()}"
     info = {"name": name, "port": port, "rest_port": rest_port, "cache": cache, "dir": cache / name}
     try:
@@ -81,7 +81,7 @@ def max_diff(a, b) -> int:
 
 
 def status(name) -> dict:
-    from fastsd.serving.deploy import status as deployment_status
+    from fastsd.serving.status import status as deployment_status
     return deployment_status(name)
 
 
@@ -237,11 +237,11 @@ def test_second_serve_refused(deployment):
     p = run_cli("serve", "--model", "tiny", "--deployment", deployment["name"], "--port", str(deployment["port"] + 10),
                 check=False, timeout=60)
     assert p.returncode == 2 and "already running" in p.stderr
-    from fastsd.serving.common import ServingError
+    from fastsd.serving.errors import ServingError
     from fastsd.serving.deploy import serve
     for port, rest, taken in [(deployment["port"], None, deployment["port"]),  # the load balancer's
                               (deployment["port"] - 1, None, deployment["port"]),  # replica 0 would take it
-                              (common.free_port_block(2), deployment["rest_port"], deployment["rest_port"])]:
+                              (ports.free_port_block(2), deployment["rest_port"], deployment["rest_port"])]:
         with pytest.raises(ServingError, match=f"port {taken} .*in use.*{deployment['name']}"):
             serve(name=deployment["name"] + "b", model="tiny", port=port, rest_port=rest)
     assert not (deployment["cache"] / (deployment["name"] + "b") / "state.json").exists()
@@ -288,13 +288,13 @@ def test_killed_replica_loses_nothing_and_recovers(deployment, engine):
 
 def test_stop_leaves_nothing(deployment):
     name = deployment["name"]
-    state = common.read_json(deployment["dir"] / "state.json")
+    state = folders.read_json(deployment["dir"] / "state.json")
     pids = [state["supervisor_pid"]] + [c["pid"] for c in state["children"].values()]
-    assert all(common.pid_alive(p) for p in pids)
+    assert all(processes.pid_alive(p) for p in pids)
     p = run_cli("stop", name, timeout=60)
     assert "stopped deployment" in p.stdout
-    assert not any(common.pid_alive(p) for p in pids)
-    ports = [deployment["port"], deployment["port"] + 1, deployment["port"] + 2, deployment["rest_port"]]
-    assert all(common.port_free(p) for p in ports)
+    assert not any(processes.pid_alive(p) for p in pids)
+    used = [deployment["port"], deployment["port"] + 1, deployment["port"] + 2, deployment["rest_port"]]
+    assert all(ports.port_free(p) for p in used)
     assert not (deployment["dir"] / "score.py").exists()
     assert run_cli("status", name, check=False).returncode == 3

@@ -15,10 +15,10 @@ pytest.importorskip("mii")
 
 from fastsd import images as imgs  # noqa: E402
 from fastsd.errors import InvalidParameter  # noqa: E402
-from fastsd.serving import common  # noqa: E402
+from fastsd.serving import ports  # noqa: E402
 from fastsd.serving.batcher import BatchingPipeline  # noqa: E402
-from fastsd.serving.limits import Limits, parse  # noqa: E402
-from fastsd.serving.rest import BadRequest, parse_score_body  # noqa: E402
+from fastsd.serving.request import Limits, parse  # noqa: E402
+from fastsd.serving.rest import BadRequest, read_score_body  # noqa: E402
 
 
 def png(im) -> bytes:
@@ -129,7 +129,7 @@ def test_inpainting_reply_with_mii_client(engine):
     from mii.legacy.client import MIIClient
 
     from fastsd.serving.replica import make_server, make_servicer
-    port = common.free_port_block(1)
+    port = ports.free_port_block(1)
     pipe = BatchingPipeline(engine, Limits(timeout=60, max_pixels=16384), max_batch=4, window=0.0)
     server = make_server(make_servicer(pipe), "127.0.0.1", port, workers=4)
     server.start()
@@ -161,19 +161,19 @@ def test_rest_image_formats():
     doc = {"input_data": {"columns": ["prompt", "image", "mask_image", "negative_prompt"],
                           "data": [{"prompt": "a", "image": b64, "mask_image": b64, "negative_prompt": "b"}],
                           "index": [0], "parameters": {"num_inference_steps": 5, "strength": 0.9}}}
-    prompts, negatives, kw, images = parse_score_body(json.dumps(doc).encode(), with_images=True)
-    assert prompts == ["a"] and negatives == ["b"] and kw == {"num_inference_steps": 5, "strength": 0.9}
-    assert images["image"] == [png(drawn())] and len(images["mask_image"]) == 1
+    q = read_score_body(json.dumps(doc).encode(), with_images=True)
+    assert q.prompts == ["a"] and q.negatives == ["b"] and q.parameters == {"num_inference_steps": 5, "strength": 0.9}
+    assert q.image == [png(drawn())] and len(q.mask_image) == 1
     doc = {"input_data": {"columns": ["prompt", "image"], "data": [["a", "data:image/png;base64," + b64]]}}
-    assert parse_score_body(json.dumps(doc).encode(), with_images=True)[3]["mask_image"] == []
+    assert read_score_body(json.dumps(doc).encode(), with_images=True).mask_image == []
     for cell, match in [("https://example.com/a.png", "got 'a URL'.*does not fetch URLs"),
                         ("file:///etc/passwd", "got 'a URL'"), ("not base64!", "not base64"), (3, "image: got 3")]:
         doc = {"input_data": {"columns": ["prompt", "image"], "data": [["a", cell]]}}
         with pytest.raises(BadRequest, match=match) as e:
-            parse_score_body(json.dumps(doc).encode(), with_images=True)
+            read_score_body(json.dumps(doc).encode(), with_images=True)
         assert e.value.status == 422 and e.value.extra["parameter"] == "image"
     with pytest.raises(BadRequest, match="mask_image: .*a mask only together with an image column"):
-        parse_score_body(b'{"input_data": {"columns": ["prompt", "mask_image"], "data": [["a", "x"]]}}',
-                         with_images=True)
+        read_score_body(b'{"input_data": {"columns": ["prompt", "mask_image"], "data": [["a", "x"]]}}',
+                        with_images=True)
     with pytest.raises(BadRequest, match="unknown column 'image'"):  # the text-only parser refuses images
-        parse_score_body(b'{"input_data": {"columns": ["prompt", "image"], "data": [["a", "x"]]}}')
+        read_score_body(b'{"input_data": {"columns": ["prompt", "image"], "data": [["a", "x"]]}}')

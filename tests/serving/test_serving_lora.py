@@ -10,9 +10,9 @@ pytest.importorskip("mii")
 from fastsd.errors import InvalidParameter
 from fastsd.lora_files import random_factors, save_diffusers_layout, save_kohya_layout
 from fastsd.serving.batcher import BatchingPipeline
-from fastsd.serving.limits import Limits, parse
+from fastsd.serving.request import Limits, parse
 from fastsd.serving.loras import LoraCatalog
-from fastsd.serving.rest import parse_score_body
+from fastsd.serving.rest import read_score_body
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +51,9 @@ def test_request_keyword(lora_dir):
     assert r.loras == (("alpha", 0.8),) and r.key != parse(["a"], None, {"seed": 1}, Limits(), 64, loras=cat).key
     with pytest.raises(InvalidParameter, match="without --lora-dir"):
         parse(["a"], None, {"lora": "alpha"}, Limits(), 64)
-    prompts, _, kw = parse_score_body(b'{"input_data": {"columns": ["prompt"], "data": ["a"], '
-                                      b'"parameters": {"lora": "alpha:0.8"}}}')
-    assert kw == {"lora": "alpha:0.8"}
+    q = read_score_body(b'{"input_data": {"columns": ["prompt"], "data": ["a"], '
+                        b'"parameters": {"lora": "alpha:0.8"}}}')
+    assert q.parameters == {"lora": "alpha:0.8"}
 
 
 def test_batcher_merges_same_set_only_and_keeps_it_fused(engine, lora_dir):

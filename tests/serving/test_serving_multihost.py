@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from deployment_cleanup import end_deployment
-from fastsd.serving import common
+from fastsd.serving import ports, processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 HOSTS = 3
@@ -116,12 +116,12 @@ class Hosts:
         return [int(p) for p in out if p.isdigit()]
 
     def replica_pids(self, k) -> list[int]:
-        return [p for p in self.pids(k) if "fastsd.serving.replica" in common.pid_cmdline(p)]
+        return [p for p in self.pids(k) if "fastsd.serving.replica" in processes.pid_cmdline(p)]
 
     def close(self):
         for k in range(HOSTS):
             for p in self.pids(k):  # only processes inside the namespaces this test made
-                common.signal_pid(p, signal.SIGKILL)
+                processes.signal_pid(p, signal.SIGKILL)
             if self.sshd[k] is not None:
                 self.sshd[k].kill()
                 self.sshd[k].wait(5)
@@ -163,11 +163,12 @@ def wait_until(check, timeout):
 
 
 def test_replicas_on_other_hosts(hosts, tmp_path, monkeypatch):
-    from fastsd.serving.deploy import status, stop
+    from fastsd.serving.deploy import stop
+    from fastsd.serving.status import status
     monkeypatch.setenv("MII_CACHE_PATH", str(tmp_path / "mii"))
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("".join(f"{a} slots=1\n" for a in hosts.addr))
-    port = common.free_port_block(HOSTS + 1)
+    port = ports.free_port_block(HOSTS + 1)
     name = f"mh{os.getpid()}"
     ddir = tmp_path / "mii" / name
     serve = [sys.executable, "-m", "fastsd.cli", "serve", "--model", "fastsd-shapes", "--deployment", name,
@@ -200,7 +201,7 @@ def test_replicas_on_other_hosts(hosts, tmp_path, monkeypatch):
 
         # 3. host 2's sshd goes away, with everything on that host: marked down too; host 3 answers
         for pid in hosts.pids(1):
-            common.signal_pid(pid, signal.SIGKILL)
+            processes.signal_pid(pid, signal.SIGKILL)
         assert wait_until(lambda: status(name)["balancer"]["up"] == [False, False, True], 20)
         before = status(name)["balancer"]["forwarded"]
         assert all(len(r.images) == 1 for r in query(name, 3))
@@ -213,7 +214,7 @@ def test_replicas_on_other_hosts(hosts, tmp_path, monkeypatch):
         assert len(remote) == 1
         stop(name, quiet=True)
         assert wait_until(lambda: not hosts.replica_pids(2), 20), hosts.pids(2)
-        assert not common.pid_alive(remote[0])
+        assert not processes.pid_alive(remote[0])
         assert wait_until(lambda: not hosts.replica_pids(0), 30), hosts.pids(0)
         assert not any(hosts.replica_pids(k) for k in range(HOSTS))
     finally:

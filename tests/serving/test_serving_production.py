@@ -23,8 +23,8 @@ from mii.legacy.grpc_related.proto import legacymodelresponse_pb2 as pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from deployment_cleanup import end_deployment
-from fastsd.serving import common
-from fastsd.serving.deploy import status
+from fastsd.serving import folders, ports
+from fastsd.serving.status import status
 
 pytestmark = pytest.mark.timeout(900)
 TIMEOUT = 30  # the deployment's per-request timeout
@@ -44,7 +44,7 @@ def dep(tmp_path_factory):
     cache = tmp_path_factory.mktemp("mii")
     old = os.environ.get("MII_CACHE_PATH")
     os.environ["MII_CACHE_PATH"] = str(cache)
-    port = common.free_port_block(4)  # load balancer, replica, REST, metrics
+    port = ports.free_port_block(4)  # load balancer, replica, REST, metrics
     rest_port, metrics_port = port + 2, port + 3
     name = f"prod{os.getpid()}"
     info = {"name": name, "port": port, "rest": rest_port, "metrics": metrics_port, "dir": cache / name}
@@ -320,13 +320,13 @@ def test_request_id_echoed(dep):
 
 # -- failures an orchestrator sees ----------------------------------------------------------------
 def child_pid(dep, child):
-    return common.read_json(dep["dir"] / "state.json")["children"][child]["pid"]
+    return folders.read_json(dep["dir"] / "state.json")["children"][child]["pid"]
 
 
 def test_killed_balancer_comes_back_and_answers(dep):
     old = child_pid(dep, "balancer")
     os.kill(old, signal.SIGKILL)
-    assert wait_until(lambda: child_pid(dep, "balancer") != old and common.port_answers(dep["port"]))
+    assert wait_until(lambda: child_pid(dep, "balancer") != old and ports.port_answers(dep["port"]))
     assert wait_until(lambda: http(dep["rest"], "/health")[0] == 200)
     assert wait_until(lambda: score(dep, GOOD)[0] == 200, timeout=60, step=1)
     s = status(dep["name"])
@@ -337,7 +337,7 @@ def test_killed_rest_gateway_comes_back_and_answers(dep):
     old = child_pid(dep, "rest")
     os.kill(old, signal.SIGKILL)
     assert wait_until(lambda: child_pid(dep, "rest") != old)
-    assert wait_until(lambda: common.port_answers(dep["rest"]))
+    assert wait_until(lambda: ports.port_answers(dep["rest"]))
     assert score(dep, GOOD)[0] == 200
     assert status(dep["name"])["rest"]["restarts"] >= 1
 

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from fastsd.errors import InvalidParameter
 from fastsd.serving import schema
-from fastsd.serving.limits import Limits, parse
-from fastsd.serving.rest import BadRequest, parse_score_body
+from fastsd.serving.request import Limits, parse
+from fastsd.serving.rest import BadRequest, read_score_body
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 LONG = settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -41,12 +41,13 @@ def to_bytes(doc) -> bytes:
 
 def check_body(raw: bytes):
     try:
-        prompts, negatives, kwargs = parse_score_body(raw, LIMITS)
+        query = read_score_body(raw, LIMITS)
     except BadRequest as e:
         assert e.status in (400, 422) and e.message and "\n" not in e.message and len(e.message) < 600
         json.dumps({"error": e.message, **e.extra}, allow_nan=False).encode("utf-8")  # what the gateway sends
         return
     # accepted: everything MII's packing and the engine will see is in range
+    prompts, negatives, kwargs = query.prompts, query.negatives, query.parameters
     assert 1 <= len(prompts) <= LIMITS.max_prompts and all(p.strip() for p in prompts)
     for p in prompts + (negatives or []):
         p.encode("utf-8")
@@ -114,14 +115,14 @@ def test_long_fuzz_of_both_parsers(doc, prompt, negative, kwargs):
 ])
 def test_the_reported_holes_are_closed(raw, status, param):
     with pytest.raises(BadRequest) as e:
-        parse_score_body(raw, LIMITS)
+        read_score_body(raw, LIMITS)
     assert e.value.status == status and e.value.extra.get("parameter") == param, e.value.message
 
 
 def test_object_rows_and_both_parameter_places():
-    p, n, kw = parse_score_body(b'{"input_data": {"columns": ["prompt", "negative_prompt"], "data": '
-                                b'[{"prompt": "a", "negative_prompt": "b"}], "parameters": {"seed": 3}}}', LIMITS)
-    assert (p, n, kw) == (["a"], ["b"], {"seed": 3})
+    q = read_score_body(b'{"input_data": {"columns": ["prompt", "negative_prompt"], "data": '
+                        b'[{"prompt": "a", "negative_prompt": "b"}], "parameters": {"seed": 3}}}', LIMITS)
+    assert (q.prompts, q.negatives, q.parameters) == (["a"], ["b"], {"seed": 3})
 
 
 def test_raw_grpc_value_with_no_field_set():
@@ -134,10 +135,10 @@ def test_raw_grpc_value_with_no_field_set():
 def test_one_line_to_add_a_field(monkeypatch):
     """A new field is one entry in the table, and both front doors take it."""
     monkeypatch.setitem(schema.PARAMS, "strength", schema.Param("strength", "float", "how much to change", 0.0, 1.0))
-    assert parse_score_body(b'{"input_data": {"data": ["a"], "parameters": {"strength": 0.5}}}', LIMITS)[2] == \
-        {"strength": 0.5}
+    assert read_score_body(b'{"input_data": {"data": ["a"], "parameters": {"strength": 0.5}}}',
+                           LIMITS).parameters == {"strength": 0.5}
     with pytest.raises(BadRequest, match=r"strength: got 1\.5; allowed: a finite number in \[0, 1\]"):
-        parse_score_body(b'{"input_data": {"data": ["a"], "parameters": {"strength": 1.5}}}', LIMITS)
+        read_score_body(b'{"input_data": {"data": ["a"], "parameters": {"strength": 1.5}}}', LIMITS)
     assert schema.check_params({"strength": 1}, LIMITS) == {"strength": 1.0}
 
 

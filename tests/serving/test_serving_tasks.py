@@ -24,7 +24,7 @@ pytest.importorskip("mii")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from fastsd.serving import common  # noqa: E402
+from fastsd.serving import ports  # noqa: E402
 from deployment_cleanup import end_deployment  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
@@ -94,7 +94,7 @@ def deployment(tmp_path_factory, image_server):
     cache = tmp_path_factory.mktemp("mii")
     old = os.environ.get("MII_CACHE_PATH")
     os.environ["MII_CACHE_PATH"] = str(cache)
-    port, rest_port = common.free_port_block(2), common.free_port_block(1)
+    port, rest_port = ports.free_port_block(2), ports.free_port_block(1)
     name = f"img{os.getpid()}"
     info = {"name": name, "port": port, "rest_port": rest_port, "dir": cache / name, "cache": cache}
     try:

@@ -9,10 +9,10 @@ import pytest
 import mii  # noqa: E402,F401 - the serving extra: `make test` installs it, so a missing one fails, not skips
 
 from fastsd.errors import InvalidParameter
-from fastsd.serving import common
+from fastsd.serving import ports
 from fastsd.serving.batcher import BatchingPipeline, RequestTimeout
-from fastsd.serving.limits import Limits, _f32_to_float, parse
-from fastsd.serving.rest import BadRequest, parse_score_body
+from fastsd.serving.request import Limits, _f32_to_float, parse
+from fastsd.serving.rest import BadRequest, read_score_body
 
 
 # -- limits -----------------------------------------------------------------------------------------
@@ -57,12 +57,12 @@ SAMPLE = (b'{"input_data": {"columns": ["prompt"], "data": ["a photograph of an 
 
 
 def test_model_card_body():
-    prompts, negatives, kw = parse_score_body(SAMPLE)
-    assert prompts == ["a photograph of an astronaut riding a horse"] and negatives is None
-    assert kw == {"num_inference_steps": 50, "guidance_scale": 7.5}
-    p, n, _ = parse_score_body(b'{"input_data": {"columns": ["prompt", "negative_prompt"], '
-                               b'"data": [["a", "b"], ["c", ""]]}}')
-    assert p == ["a", "c"] and n == ["b", ""]
+    query = read_score_body(SAMPLE)
+    assert query.prompts == ["a photograph of an astronaut riding a horse"] and query.negatives is None
+    assert query.parameters == {"num_inference_steps": 50, "guidance_scale": 7.5}
+    query = read_score_body(b'{"input_data": {"columns": ["prompt", "negative_prompt"], '
+                            b'"data": [["a", "b"], ["c", ""]]}}')
+    assert query.prompts == ["a", "c"] and query.negatives == ["b", ""]
 
 
 @pytest.mark.parametrize("body,status", [
@@ -74,7 +74,7 @@ def test_model_card_body():
 ])
 def test_bad_bodies(body, status):
     with pytest.raises(BadRequest) as e:
-        parse_score_body(body)
+        read_score_body(body)
     assert e.value.status == status and e.value.message
 
 
@@ -154,12 +154,12 @@ def test_servicer_status_codes(engine):
     from mii.legacy.client import MIIClient
 
     from fastsd.serving.replica import make_server, make_servicer
-    port = common.free_port_block(1)
+    port = ports.free_port_block(1)
     pipe = BatchingPipeline(engine, Limits(timeout=30), max_batch=4, window=0.0)
     server = make_server(make_servicer(pipe), "127.0.0.1", port, workers=4)
     server.start()
     slow = make_server(make_servicer(BatchingPipeline(SlowEngine(), Limits(timeout=0.2))), "127.0.0.1", port + 1) \
-        if common.port_free(port + 1) else None
+        if ports.port_free(port + 1) else None
     if slow:
         slow.start()
     loop = asyncio.new_event_loop()

@@ -14,9 +14,10 @@ pytestmark = pytest.mark.timeout(300)
 def fake_deployment(tmp_path, monkeypatch, token_required: bool) -> str:
     from mii.legacy.models.score import create_score_file
 
-    from fastsd.serving.common import free_port_block, write_json
-    from fastsd.serving.deploy import plan_replicas
-    from fastsd.serving.limits import Limits
+    from fastsd.serving.ports import free_port_block
+    from fastsd.serving.records import plan_replicas
+    from fastsd.serving.request import Limits
+    from fastsd.serving.spec import DeploymentSpec
     monkeypatch.setenv("MII_CACHE_PATH", str(tmp_path))
     name = "nobody-home"
     ddir = tmp_path / name
@@ -24,9 +25,8 @@ def fake_deployment(tmp_path, monkeypatch, token_required: bool) -> str:
     port = free_port_block(2)
     plan, cfg = plan_replicas(name, ddir, 1, port, "127.0.0.1", None, None, "fastsd-shapes")
     create_score_file(cfg)  # what mii_query_handle(name) reads; nothing listens on its ports
-    write_json(ddir / "spec.json", {"name": name, "model": "fastsd-shapes", "replicas": plan, "max_batch": 2,
-                                    "limits": Limits(timeout=20).to_dict(), "token_required": token_required,
-                                    "host": "127.0.0.1", "port": port})
+    DeploymentSpec(name=name, model="fastsd-shapes", replicas=plan, max_batch=2, limits=Limits(timeout=20),
+                   token_required=token_required, host="127.0.0.1", port=port).write(ddir)
     return name
 
 
@@ -48,7 +48,7 @@ def test_token_is_the_password_and_no_replica_is_a_readable_error(tmp_path, monk
     from gradio_client import Client
     from gradio_client.exceptions import AppError
 
-    from fastsd.serving.common import free_port_block
+    from fastsd.serving.ports import free_port_block
     name = fake_deployment(tmp_path, monkeypatch, token_required=True)
     port = free_port_block(1)
     demo, _ = launch(name, "127.0.0.1", port, token="secret", block=False)

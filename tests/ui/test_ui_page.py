@@ -39,7 +39,7 @@ def image_of(gallery_item) -> Image.Image:
 
 # -- the API endpoint ----------------------------------------------------------------------------------
 def test_the_page_is_a_child_of_the_deployment(shapes_deployment, page):
-    from fastsd.serving.deploy import format_status, status
+    from fastsd.serving.status import format_status, status
     s = status(shapes_deployment["name"])
     assert s["ui_port"] == shapes_deployment["ui_port"] and f"page {page}" in format_status(s)
     state = (shapes_deployment["dir"] / "state.json").read_text()

@@ -1,0 +1,17 @@
+"""What serving raises: one error for a deployment that cannot be used as asked, and one for an
+answer the deployment gave with a gRPC status other than OK."""
+from __future__ import annotations
+
+from ..errors import FastSDError
+
+
+class ServingError(FastSDError):
+    """A deployment that cannot be started, found, queried or stopped as asked."""
+
+
+class DeploymentError(ServingError):
+    """The deployment answered with an error (or not at all); `code` is the gRPC status name."""
+
+    def __init__(self, code: str, message: str):
+        self.code = code
+        super().__init__(message)

@@ -233,8 +233,9 @@ def test_lora_loaded_through_diffusers_on_an_accelerated_pipeline(parts, tmp_pat
 
 
 def test_cuda_graph_path_takes_plain_calls_and_logs_why_not_once(parts, caplog):
-    """The graph cache with a CPU stand-in for capture: plain UNet calls replay graphs of the compute copy;
-    ControlNet residuals run the copy eagerly, with one logged reason for the whole run."""
+    """The graph cache with a CPU stand-in for capture: plain UNet calls replay graphs of the compute copy (and
+    capture again when the user's module changes, FreeU here); ControlNet residuals run the copy eagerly, with
+    one logged reason for the whole run."""
     from fastsd.kernels import CUDAGraphRunner
     from fastsd.kernels.cuda_graphs import CapturedGraph
 
@@ -259,6 +260,13 @@ def test_cuda_graph_path_takes_plain_calls_and_logs_why_not_once(parts, caplog):
         assert len(why) == (0 if via_graph else 1)
         if not via_graph:
             assert "down_block_additional_residuals" in why[0]
+        else:  # FreeU turned on after the capture: the graphs are captured again, with it
+            captures = state.graphs.captures
+            for p in (plain, pipe):
+                p.enable_freeu(s1=0.9, s2=0.2, b1=1.5, b2=1.6)
+            a, _ = run(plain, kind)
+            b, _ = run(pipe, kind)
+            assert np.array_equal(a, b) and state.graphs.captures > captures
 
 
 def test_bad_input_is_one_clear_error(parts):

@@ -75,8 +75,8 @@ def ensure_copy(state: AccelerateState, w: Wrapped, now) -> ComputeCopy:
                                  cpu_recipe=state.cpu_recipe, own=w.own)
         if w.role == "unet" and state.graph_factory is not None:
             state.graphs = state.graph_factory(_graph_fn(c))
-    else:
-        c.sync(now)
+    elif c.sync(now) and w.role == "unet" and state.graphs is not None:
+        state.graphs.clear()  # captured with the copy's former processors or settings: capture again
     return c
 
 

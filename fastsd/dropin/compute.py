@@ -109,12 +109,15 @@ class ComputeCopy:
         """The user's module is no longer what this copy was converted from."""
         return now.key() != self.key or not now.same_weights(self.seen)
 
-    def sync(self, now: Look) -> None:
-        """The user's attention processors and settings, as they are now, onto the copy."""
+    def sync(self, now: Look) -> bool:
+        """The user's attention processors and settings, as they are now, onto the copy. True when anything
+        changed (what a captured CUDA graph of the copy computes is then stale)."""
+        changed = False
         ids = tuple(id(p) for p in now.processors.values())
         if ids != self._processors:
             for name, p in now.processors.items():
                 self.by_name[name].set_processor(self._processor(name, p))
+            changed = self._processors is not None
             self._processors = ids
         for name, attrs in now.settings.items():
             target, seen = self.by_name.get(name), self._settings.setdefault(name, {})
@@ -124,6 +127,8 @@ class ComputeCopy:
                 if k not in seen or seen[k] != v:
                     setattr(target, k, copy_setting(v))
                     seen[k] = copy_setting(v)
+                    changed = True
+        return changed
 
     def _processor(self, name: str, user_processor):
         if takes(user_processor, self.exact):

@@ -164,6 +164,8 @@ def model_source(model, **given) -> dict:
             src["config"] = model.preset.name
     else:
         src["spec"] = model.name
+    if (model.extra or {}).get("vae_tiny"):
+        src["vae_tiny"] = model.extra["vae_tiny"]
     src.update({k: v for k, v in given.items() if v is not None})
     return src
 

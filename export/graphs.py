@@ -49,7 +49,9 @@ class VaeDecoderGraph(torch.nn.Module):
 
 
 class VaeEncoderGraph(torch.nn.Module):
-    """sample (image in [-1, 1]) -> latent_parameters: mean and log-variance, [B, 2*latent_channels, h, w]."""
+    """sample (image in [-1, 1]) -> latent_parameters: mean and log-variance, [B, 2*latent_channels, h, w]; for a
+    tiny VAE (AutoencoderTiny), whose encoder gives latents and no distribution, the latents [B, latent_channels,
+    h, w] (the engine tells them apart by their channels)."""
 
     def __init__(self, vae):
         super().__init__()
@@ -57,7 +59,7 @@ class VaeEncoderGraph(torch.nn.Module):
 
     def forward(self, sample):
         h = self.vae.encoder(sample)
-        if self.vae.quant_conv is not None:
+        if getattr(self.vae, "quant_conv", None) is not None:
             h = self.vae.quant_conv(h)
         return h
 

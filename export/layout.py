@@ -190,6 +190,6 @@ def reference_model(onnx_model, safety_checker: bool = True):
                           "so verify cannot rebuild the PyTorch FP32 reference; re-export it with `fastsd export`")
     ref = load_model(src["spec"], random_weights=bool(src.get("random_weights")), seed=int(src.get("seed", 0)),
                      allow_pickle=bool(src.get("allow_pickle")), config=src.get("config"),
-                     safety_checker=safety_checker)
+                     safety_checker=safety_checker, vae_tiny=src.get("vae_tiny"))
     onnx_model.safety_checker, onnx_model.feature_extractor = ref.safety_checker, ref.feature_extractor
     return ref

@@ -34,7 +34,8 @@ from .optimize import OptimizeConfig, config_from
 log = logging.getLogger("fastsd")
 
 STATE = "_fastsd_accelerate"
-SCOPE = ("a maintained diffusers pipeline built on UNet2DConditionModel and AutoencoderKL (StableDiffusionPipeline, "
+SCOPE = ("a maintained diffusers pipeline built on UNet2DConditionModel and AutoencoderKL (or a tiny VAE, "
+         "AutoencoderTiny) (StableDiffusionPipeline, "
          "its Img2Img, Inpaint, InstructPix2Pix, Depth2Img, upscalers, ControlNet, T2I-Adapter, PAG, LCM, Marigold, "
          "unCLIP and SDXL pipelines); not AnimateDiff (its UNet is a UNetMotionModel) nor the pipelines diffusers "
          "deprecated (diffusers.pipelines.deprecated), which fastsd is not checked against")
@@ -174,7 +175,7 @@ def _fp32_on_cpu(pipe) -> bool:
 def _check_pipeline(pipe) -> None:
     """InvalidParameter for a pipeline out of the drop-in's scope (SCOPE; tests/test_accelerate_pipelines.py
     builds and runs every class in it, and checks that the others are refused)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
     got = type(pipe).__name__
     if type(pipe).__module__.startswith(DEPRECATED):
         raise InvalidParameter("pipe", f"{got} (deprecated by diffusers)", SCOPE)
@@ -183,10 +184,10 @@ def _check_pipeline(pipe) -> None:
     if old:  # BlipDiffusionControlNetPipeline: BLIP-Diffusion's parts live in the deprecated package
         raise InvalidParameter("pipe", f"{got} (its {', '.join(old)} from diffusers' deprecated pipelines)", SCOPE)
     unet, vae = getattr(pipe, "unet", None), getattr(pipe, "vae", None)
-    if not isinstance(unet, UNet2DConditionModel) or not isinstance(vae, AutoencoderKL):
+    if not isinstance(unet, UNet2DConditionModel) or not isinstance(vae, (AutoencoderKL, AutoencoderTiny)):
         if unet is not None and not isinstance(unet, UNet2DConditionModel):
             got += f" (its unet is a {type(unet).__name__})"
-        elif vae is not None and not isinstance(vae, AutoencoderKL):
+        elif vae is not None and not isinstance(vae, (AutoencoderKL, AutoencoderTiny)):
             got += f" (its vae is a {type(vae).__name__})"
         raise InvalidParameter("pipe", got, SCOPE)
 

@@ -42,7 +42,7 @@ def cmd_generate(args) -> int:
                              num_inference_steps=50 if args.steps is None else args.steps, guidance_scale=args.guidance,
                              height=args.height, width=args.width, seed=args.seed, scheduler=args.scheduler,
                              progress=not args.quiet, image=image, mask_image=mask, strength=args.strength,
-                             resize=args.resize)
+                             resize=args.resize, eta=args.eta)
     judge = _judge_for(engine)
     for path, image, prompt, seed, flagged in zip(paths, result.images, result.prompts, result.seeds,
                                                   result.nsfw_content_detected):
@@ -99,14 +99,16 @@ def cmd_verify(args) -> int:
                           width=args.width, seed=args.seed if args.seed is not None else 0,
                           scheduler=args.scheduler, progress=not args.quiet, engine_model=engine_model,
                           loras=loras, allow_pickle=args.allow_pickle,
-                          task=args.task, image=image, mask_image=mask, strength=args.strength)
+                          task=args.task, image=image, mask_image=mask, strength=args.strength, eta=args.eta)
     for report, engine, _ in runs:
         tol = report["tolerance"]
         cached = report["config"]["cache_interval"]
         print(f"fastsd verify: {report['model']}  task {report['task']}"
               + (f" (strength {report['strength']:g})" if report["strength"] is not None else "")
               + f"  {engine.describe()}")
-        print(f"  {report['steps']} steps, guidance {report['guidance']}, {report['width']}x{report['height']}, "
+        print(f"  {report['steps']} steps, guidance {report['guidance']}" + (f", eta {report['eta']:g}" if report['eta']
+                                                                               else "") +
+              f", {report['width']}x{report['height']}, "
               f"scheduler {report['scheduler']}" + (f", step cache interval {cached}" if cached > 1 else "") +
               f"; tolerance ({tol['name']}): max abs <= {tol['max_abs']:g}, "
               f"PSNR >= {tol['min_psnr']:g} dB, latent cosine >= {tol['min_latent_cosine']}")
@@ -149,6 +151,9 @@ def _verify_pipelines(args) -> int:
         from .backends.openvino.backend import check_config  # lazy: torch after parsing
         check_config(config, "fastsd.accelerate with the openvino backend")
     model = load_for(args)
+    if args.scheduler:  # diffusers' own scheduler class in the pipeline, on both sides of the comparison
+        from .schedulers import make_scheduler  # lazy: torch after parsing
+        model.scheduler = make_scheduler(args.scheduler, model.scheduler.config)
     controlnet = None
     if "controlnet" in kinds and args.controlnet:
         from diffusers import ControlNetModel
@@ -164,7 +169,8 @@ def _verify_pipelines(args) -> int:
         r = verify_pipeline(pipe, prompt=prompt, negative_prompt=args.negative, config=config,
                             seed=args.seed if args.seed is not None else 0, guidance_scale=args.guidance,
                             num_images_per_prompt=args.num_images,
-                            num_inference_steps=25 if args.steps is None else args.steps, **sample_inputs(kind, size))
+                            num_inference_steps=25 if args.steps is None else args.steps, eta=args.eta,
+                            **sample_inputs(kind, size))
         deaccelerate(pipe)  # the next kind builds on the same modules, plain again
         reports[kind], ok = r, ok and r["passed"]
         rows = r["images"]  # the worst image of the call

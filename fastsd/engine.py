@@ -20,7 +20,7 @@ from . import tasks
 from . import validation as check
 from .errors import FastSDError, InvalidParameter
 from .lora import LoraSwitcher, as_refs
-from .schedulers import make_scheduler, scheduler_name
+from .schedulers import check_steps, make_scheduler, scheduler_name, takes_eta
 
 log = logging.getLogger("fastsd")
 
@@ -103,11 +103,14 @@ class Engine:
                  num_inference_steps: int = 50, guidance_scale=7.5, height: int | None = None,
                  width: int | None = None, seed=None, scheduler: str | None = None,
                  progress: bool = True, output_type: str = "pil", image=None, mask_image=None,
-                 strength: float | None = None, resize: bool = False, on_step=None) -> GenerationResult:
+                 strength: float | None = None, resize: bool = False, eta: float = 0.0,
+                 on_step=None) -> GenerationResult:
         """Text-to-image; with `image`, image-to-image; with `image` and `mask_image` (white = repaint),
         inpainting (fastsd.tasks). `strength` defaults to 0.8 for image-to-image and 1.0 for inpainting, as
         in diffusers. Images: one for all, one per prompt, or one per generated image. The
         output has the image's size unless height/width say otherwise (then `resize` must be set).
+        `eta`: DDIM's eta / TCD's gamma, diffusers' pipeline argument (default 0.0, as there); guidance at or
+        below 1 turns classifier-free guidance off (one UNet call per step at the batch size).
         `on_step(step, steps)` is called after each denoising step; an exception it raises ends the call."""
         prompts = check.prompts(prompt)
         negatives = check.negative_prompts(negative_prompt, len(prompts))
@@ -127,6 +130,11 @@ class Engine:
         seeds = check.seeds(seed, batch) or [random.randrange(2**31) for _ in range(batch)]
         sched = make_scheduler(scheduler, self.scheduler.config) if scheduler else \
             type(self.scheduler).from_config(self.scheduler.config)  # fresh state per call
+        check_steps(sched, steps)
+        eta = check.eta(eta)
+        if eta and not takes_eta(sched):
+            raise InvalidParameter("eta", eta, f"0 with the {scheduler_name(sched)} scheduler (eta is read by ddim and "
+                                   "tcd only)")
 
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
@@ -145,7 +153,8 @@ class Engine:
                                per_prompt=n_img, height=height, width=width,
                                unet_in_channels=self.model.unet.config.in_channels,
                                vae_scale_factor=self.model.vae_scale_factor,
-                               scaling_factor=self.model.vae.config.scaling_factor, guided=do_cfg)
+                               scaling_factor=self.model.vae.config.scaling_factor, guided=do_cfg,
+                               latent_channels=getattr(self.model.vae.config, "latent_channels", 4))
         self.backend.prepare(batch, height, width, do_cfg)
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         latent_shape = (getattr(self.model.vae.config, "latent_channels", 4), height // self.model.vae_scale_factor,
@@ -157,17 +166,18 @@ class Engine:
         step_kwargs = {}
         params = set(inspect.signature(sched.step).parameters)
         if "eta" in params:
-            step_kwargs["eta"] = 0.0
+            step_kwargs["eta"] = eta
         if "generator" in params:
             step_kwargs["generator"] = generators
         g = torch.tensor([gs for gs in gscales for _ in range(n_img)], dtype=torch.float32, device=device)
+        unet_kwargs = self._guidance_embedding(g - 1.0)
         g = g.view(-1, 1, 1, 1)
 
         t1 = time.perf_counter()
         for i, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress, leave=False)):
             model_in = torch.cat([latents] * 2) if do_cfg else latents
             model_in = task.unet_input(sched.scale_model_input(model_in, t))
-            noise = self.backend.unet(model_in, t, text_emb).float()
+            noise = self.backend.unet(model_in, t, text_emb, **unet_kwargs).float()
             if do_cfg:
                 n_uncond, n_text = noise.chunk(2)
                 noise = n_uncond + (g if len(set(gscales)) > 1 else gscales[0]) * (n_text - n_uncond)
@@ -199,6 +209,20 @@ class Engine:
         timings["total"] = time.perf_counter() - t0
         return GenerationResult(images, nsfw, seeds, latents.float().cpu(), timings,
                                 [p for p in prompts for _ in range(n_img)])
+
+    def _guidance_embedding(self, w: torch.Tensor) -> dict:
+        """An LCM-distilled UNet (time_cond_proj_dim set) takes guidance as an embedding of w = guidance - 1 instead
+        of classifier-free guidance: diffusers' own get_guidance_scale_embedding, per image. {} for any other UNet."""
+        dim = self.model.unet.config.time_cond_proj_dim
+        if dim is None:
+            return {}
+        if not getattr(self.backend, "takes_timestep_cond", False):
+            raise InvalidParameter("model", "an LCM-distilled UNet (time_cond_proj_dim)",
+                                   f"a UNet without a guidance embedding on the {self.backend.name} backend "
+                                   "(LCM-distilled models run on the torch backend; LCM-LoRAs on every backend)")
+        from diffusers import StableDiffusionPipeline
+        emb = StableDiffusionPipeline.get_guidance_scale_embedding(None, w.float().cpu(), embedding_dim=int(dim))
+        return {"timestep_cond": emb.to(self.backend.device)}
 
     def _safety_check(self, image: torch.Tensor):
         if self.safety_checker is None:

@@ -15,6 +15,7 @@ from .errors import ModelLoadError
 from .model import SDModel
 from .presets import CHECKPOINT_SUFFIXES, PRESETS, Preset, check_config, get_preset
 from .schedulers import make_scheduler
+from .tiny_vae import use_tiny_vae
 from .tokenizer import byte_level_clip_tokenizer
 
 log = logging.getLogger("fastsd")
@@ -45,7 +46,9 @@ def _load_folder(path: Path, name: str, source: str, preset: Preset | None) -> S
         raise ModelLoadError(f"model: {path} is not a diffusers model folder (no model_index.json)")
     try:
         index = json.loads((path / "model_index.json").read_text())
-        if index.get("_class_name") not in (None, "StableDiffusionPipeline"):
+        # an LCM-distilled folder (e.g. SimianLuo/LCM_Dreamshaper_v7) names diffusers' LCM pipeline: the same
+        # components, which StableDiffusionPipeline runs the same way (its UNet takes the guidance embedding)
+        if index.get("_class_name") not in (None, "StableDiffusionPipeline", "LatentConsistencyModelPipeline"):
             raise ModelLoadError(f"model: {path} holds a {index['_class_name']}, not a StableDiffusionPipeline")
         # no dtype keyword (diffusers renamed torch_dtype to dtype in 0.4x and warns on the old one):
         # load as saved, then make every module FP32 below
@@ -76,13 +79,21 @@ def _load_hub(preset_or_id: str, preset: Preset | None) -> SDModel:
 
 
 def load_model(spec: str, *, random_weights: bool = False, seed: int = 0, allow_pickle: bool = False,
-               config: str | None = None, safety_checker: bool = True) -> SDModel:
+               config: str | None = None, safety_checker: bool = True, vae_tiny: str | None = None) -> SDModel:
     """Load `spec`: a preset name, a hub id, a local diffusers folder or a single checkpoint file.
 
     random_weights: build the preset's architecture (spec must be a preset) with seeded weights.
     allow_pickle: allow `.ckpt` pickles (loaded with weights_only=True); off by default.
     config: for a single checkpoint file, the preset whose architecture it has (auto-detected if None).
+    vae_tiny: a local AutoencoderTiny (TAESD) folder that decodes and encodes in place of the model's VAE.
     """
+    model = _load(spec, random_weights=random_weights, seed=seed, allow_pickle=allow_pickle, config=config,
+                  safety_checker=safety_checker)
+    return use_tiny_vae(model, vae_tiny) if vae_tiny else model
+
+
+def _load(spec: str, *, random_weights: bool, seed: int, allow_pickle: bool, config: str | None,
+          safety_checker: bool) -> SDModel:
     check_config(spec, config)
     preset = get_preset(spec)
     path = Path(spec).expanduser()

@@ -44,6 +44,9 @@ def add_model_source(g, default: str | None = None) -> None:
     g.add_argument("--config", help="for a single checkpoint file: the preset whose architecture it has")
     g.add_argument("--allow-pickle", action="store_true",
                    help="allow .ckpt pickle checkpoints (loaded with weights_only=True)")
+    g.add_argument("--vae-tiny", metavar="DIR",
+                   help="a tiny VAE (AutoencoderTiny, TAESD format, e.g. madebyollin/taesd) folder that decodes and "
+                        "encodes in place of the model's VAE")
 
 
 def add_lora_option(g) -> None:
@@ -114,7 +117,11 @@ def generation_options() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int, help="pixels, a multiple of 8 in 64..2048 (default: the model's size)")
     g.add_argument("--width", type=int, help="pixels, a multiple of 8 in 64..2048 (default: the model's size)")
     g.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed+i")
-    g.add_argument("--scheduler", help="pndm | ddim | euler | euler-ancestral | dpm++ | lms (default: the model's)")
+    g.add_argument("--scheduler", help="pndm | ddim | euler | euler-ancestral | dpm++ | lms | lcm | tcd (default: "
+                                       "the model's own scheduler config); lcm and tcd: 2-8 steps with an LCM/TCD "
+                                       "model or LoRA, --guidance 1")
+    g.add_argument("--eta", type=float, default=0.0,
+                   help="DDIM's eta and TCD's gamma, in [0, 1] (default 0.0, as diffusers' pipelines)")
     g.add_argument("--negative", default=None, action=Once, help="one negative prompt, for every prompt")
     g.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
     return p
@@ -195,6 +202,10 @@ def check_generation_args(args) -> None:
         check.seeds(args.seed, 1)
     if args.scheduler is not None:
         check_scheduler(args.scheduler)
+    check.eta(getattr(args, "eta", 0.0))
+    if getattr(args, "vae_tiny", None):
+        from .tiny_vae import load_tiny_vae  # lazy: torch after parsing
+        load_tiny_vae(args.vae_tiny)  # the folder is checked before the model loads
 
 
 def load_for(args, backend: str | None = None):
@@ -202,7 +213,7 @@ def load_for(args, backend: str | None = None):
     from .backends import load_for_backend  # lazy: torch after parsing
     return load_for_backend(backend or args.backend or "torch", args.model, random_weights=args.random_weights,
                             allow_pickle=args.allow_pickle, config=args.config,
-                            safety_checker=not args.no_safety_checker)
+                            safety_checker=not args.no_safety_checker, vae_tiny=getattr(args, "vae_tiny", None))
 
 
 def output_paths(out: str, count: int) -> list[Path]:

@@ -95,3 +95,16 @@ def shapes_deployment(tmp_path_factory, shapes_lora_dir):
                 os.environ.pop("MII_CACHE_PATH", None)
             else:
                 os.environ["MII_CACHE_PATH"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_folder(tmp_path_factory):
+    """A tiny VAE (diffusers' AutoencoderTiny, TAESD layout) with seeded random weights that fits the tiny
+    model (4 latent channels, 8x: four blocks), written by save_pretrained: what --vae-tiny loads."""
+    from diffusers import AutoencoderTiny
+    torch.manual_seed(0)
+    vae = AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                          num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1), latent_channels=4).eval()
+    path = tmp_path_factory.mktemp("vae") / "tiny-taesd"
+    vae.save_pretrained(path, safe_serialization=True)
+    return path

@@ -314,3 +314,20 @@ def test_a_profile_backend_without_a_module_runner_keeps_the_torch_recipe(parts,
     assert state.config.backend == "torch" and state.config.device == "cpu"
     assert state.describe()["dtypes"]["unet"] == "bfloat16" and pipe.unet.dtype == torch.float32
     assert any("no module runner" in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize("scheduler", ["lcm", "tcd"])
+def test_drop_in_keeps_diffusers_own_few_step_scheduler_and_tiny_vae(parts, tiny_vae_folder, scheduler):
+    # the drop-in changes modules, never the pipeline's scheduler: diffusers' own LCMScheduler / TCDScheduler
+    # and its own AutoencoderTiny decode, before and after accelerate, at guidance 1
+    from fastsd.schedulers import make_scheduler
+    from fastsd.tiny_vae import load_tiny_vae
+    pipe = make_pipe(parts, "txt2img")
+    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    pipe.vae = load_tiny_vae(tiny_vae_folder)
+    before = pipe.scheduler
+    report = fastsd.verify_pipeline(pipe, prompt="a red circle", num_inference_steps=4, guidance_scale=1.0,
+                                    height=64, width=64, seed=3)
+    assert report["passed"] and all(r["identical"] for r in report["images"]), report["images"]
+    assert pipe.scheduler is before and type(pipe.vae).__name__ == "AutoencoderTiny"
+    fastsd.restore(pipe)

@@ -20,7 +20,7 @@ LAYERS = [
     ("kernels", ("fastsd.kernels", "fastsd.errors")),
     ("models", ("fastsd.model", "fastsd.loading", "fastsd.single_file", "fastsd.presets", "fastsd.schedulers",
                 "fastsd.tokenizer", "fastsd.images", "fastsd.validation", "fastsd.lora", "fastsd.lora_files",
-                "fastsd.step_cache")),
+                "fastsd.step_cache", "fastsd.tiny_vae")),
     ("graphs", ("fastsd.export",)),
     ("backends", ("fastsd.backends",)),
     ("engine", ()),

@@ -22,6 +22,7 @@ class Options:
     scheduler: str | None
     negative: str | None  # for rows without a negative_prompt value
     seed: int             # a row without a seed gets seed + its row number
+    eta: float = 0.0      # DDIM's eta / TCD's gamma
 
     def row_seed(self, row: Row) -> int:
         return row.seed if row.seed is not None else self.seed + row.number
@@ -76,7 +77,7 @@ class LocalRunner:
                                       num_images_per_prompt=1, num_inference_steps=o.steps, guidance_scale=o.guidance,
                                       height=o.height, width=o.width, seed=[o.row_seed(r) for r in rows],
                                       scheduler=o.scheduler, progress=False, image=image, mask_image=mask,
-                                      strength=rows[0].strength)
+                                      strength=rows[0].strength, eta=o.eta)
         return list(zip(result.images, result.nsfw_content_detected))
 
     def run(self, groups: Iterable[list[Row]]) -> Iterator[tuple[list[Row], list]]:
@@ -106,7 +107,7 @@ class DeploymentRunner:
         image, mask = row.encoded_images()
         reply = self.client.generate([row.prompt], [o.row_negative(row)], num_inference_steps=o.steps,
                                      guidance_scale=o.guidance, height=o.height, width=o.width,
-                                     seed=o.row_seed(row), scheduler=o.scheduler,
+                                     seed=o.row_seed(row), scheduler=o.scheduler, eta=o.eta or None,
                                      image=None if image is None else [image],
                                      mask_image=None if mask is None else [mask], strength=row.strength,
                                      lora=row.lora)

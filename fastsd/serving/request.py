@@ -74,6 +74,7 @@ class Request:
     images: list | None = None  # per image: PIL images (img2img, inpaint)
     masks: list | None = None   # per image: PIL masks (inpaint)
     strength: float | None = None
+    eta: float = 0.0  # DDIM's eta / TCD's gamma (one per engine call: part of the key)
 
     @property
     def n_images(self) -> int:
@@ -85,7 +86,7 @@ class Request:
         guidance travel inside the batch). Guidance on/off is part of the key: the engine runs one
         UNet call per step without guidance and two with it, so mixing them would change images."""
         return (self.height, self.width, self.steps, self.scheduler, max(self.guidance) > 1.0, self.loras,
-                self.task, self.strength)
+                self.task, self.strength, self.eta)
 
 
 # -- stage 1: any transport ---------------------------------------------------------------------------
@@ -267,4 +268,5 @@ def parse(prompt, negative_prompt, kwargs: dict, limits: Limits, native_size: in
     return Request(prompts=[p for p in prompts for _ in range(n_img)],
                    negatives=[n for n in negatives for _ in range(n_img)],
                    guidance=[g] * total, seeds=[seed + i for i in range(total)],
-                   steps=steps, height=height, width=width, scheduler=scheduler, loras=lora, **extra)
+                   steps=steps, height=height, width=width, scheduler=scheduler, loras=lora,
+                   eta=kw.get("eta", 0.0), **extra)

@@ -127,9 +127,10 @@ class ModelDims:
 
     @classmethod
     def of(cls, model) -> "ModelDims":
-        te = model.text_encoder.config
+        te = model.text_encoder.config if model.text_encoder is not None else None  # None: no text graph
+        vocab = int(te.vocab_size) if te is not None else 1
         eos = getattr(te, "eos_token_id", None)
-        return cls(int(te.vocab_size), int(eos if eos is not None and eos < te.vocab_size else te.vocab_size - 1),
+        return cls(vocab, int(eos if eos is not None and eos < vocab else vocab - 1),
                    int(model.unet.config.cross_attention_dim), int(model.unet.config.in_channels),
                    int(model.vae.config.latent_channels), int(model.vae_scale_factor),
                    float(model.vae.config.scaling_factor),

@@ -167,7 +167,7 @@ def _intervals(text) -> list[int]:
 def _verify_pipelines(args) -> int:
     """verify --pipeline: each kind of diffusers pipeline over the model, plain (the reference), then after
     fastsd.accelerate with the engine flags given, on the same inputs and seed."""
-    from .accelerate import restore  # lazy: torch after parsing
+    from .accelerate import deaccelerate  # lazy: torch after parsing
     # lazy: torch after parsing
     from .pipeline_verify import build_pipeline, check_kinds, sample_inputs, verify_pipeline
     kinds = check_kinds(args.pipeline)
@@ -201,7 +201,7 @@ def _verify_pipelines(args) -> int:
                             num_images_per_prompt=args.num_images,
                             num_inference_steps=25 if args.steps is None else args.steps, eta=args.eta,
                             **sample_inputs(kind, size))
-        restore(pipe)  # the next kind builds on the same modules, plain again
+        deaccelerate(pipe)  # the next kind builds on the same modules, plain again
         reports[kind], ok = r, ok and r["passed"]
         rows = r["images"]  # the worst image of the call
         print(f"{type(pipe).__name__:<36} max abs {max(x['max_abs'] for x in rows):>4.0f}  PSNR "

@@ -154,7 +154,11 @@ def weights_fingerprint(model) -> str:
     samples up to 4096 values of every tensor (hashing all 1.1B parameters of SD would take seconds)."""
     h = hashlib.sha256()
     for part in ("text_encoder", "unet", "vae"):
-        for name, t in getattr(model, part).state_dict().items():
+        module = getattr(model, part)
+        if module is None:  # a pipeline without a text encoder (prompt_embeds-only use)
+            h.update(f"{part}:none".encode())
+            continue
+        for name, t in module.state_dict().items():
             flat = t.detach().reshape(-1)
             step = max(1, flat.numel() // 4096)
             h.update(f"{part}.{name}{tuple(t.shape)}{t.dtype}".encode())

@@ -19,9 +19,9 @@ from .errors import FastSDError, InvalidParameter, ModelLoadError  # noqa: E402
 from .loading import load_model  # noqa: E402
 from .model import SDModel  # noqa: E402
 from .optimize import OptimizeConfig, optimize  # noqa: E402  (binds the function over the submodule)
-from .accelerate import accelerate, restore  # noqa: E402  (the drop-in for diffusers pipelines)
+from .accelerate import accelerate, deaccelerate, restore  # noqa: E402  (the drop-in for diffusers pipelines)
 from .pipeline_verify import verify_pipeline  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["Engine", "GenerationResult", "FastSDError", "InvalidParameter", "ModelLoadError", "SDModel",
-           "load_model", "OptimizeConfig", "optimize", "accelerate", "restore", "verify_pipeline", "__version__"]
+           "load_model", "OptimizeConfig", "optimize", "accelerate", "deaccelerate", "restore", "verify_pipeline", "__version__"]

@@ -65,6 +65,14 @@ def guidance(value) -> float:
     return float(value)
 
 
+def eta(value) -> float:
+    """DDIM's eta and TCD's gamma (diffusers' pipeline argument `eta`): 0 deterministic .. 1 fully stochastic."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or not 0 <= value <= 1:
+        raise InvalidParameter("eta", value, "a number in [0, 1] (DDIM's eta, TCD's gamma; default 0)")
+    return float(value)
+
+
 def seeds(value, count: int) -> list[int] | None:
     """One seed per image: an int S gives S, S+1, ...; a list gives each image its own."""
     if value is None:

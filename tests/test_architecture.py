@@ -18,9 +18,9 @@ MAX_LINES = 600
 # Written out in docs/architecture.md; a module not named here by prefix is in "engine".
 LAYERS = [
     ("kernels", ("fastsd.kernels", "fastsd.errors")),
-    ("models", ("fastsd.model", "fastsd.loading", "fastsd.single_file", "fastsd.presets", "fastsd.schedulers",
-                "fastsd.tokenizer", "fastsd.images", "fastsd.validation", "fastsd.lora", "fastsd.lora_files",
-                "fastsd.step_cache")),
+    ("models", ("fastsd.model", "fastsd.model_kinds", "fastsd.loading", "fastsd.single_file", "fastsd.presets",
+                "fastsd.schedulers", "fastsd.tokenizer", "fastsd.images", "fastsd.validation", "fastsd.lora",
+                "fastsd.lora_files", "fastsd.step_cache", "fastsd.tiny_vae")),
     ("graphs", ("fastsd.export",)),
     ("backends", ("fastsd.backends",)),
     ("engine", ()),

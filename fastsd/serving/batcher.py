@@ -25,7 +25,8 @@ from concurrent.futures import Future, TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from queue import Empty, Queue
 
-from ..errors import FastSDError
+from ..errors import FastSDError, InvalidParameter
+from ..schedulers import check_steps, make_scheduler, scheduler_name, takes_eta
 from .batch_size import BatchSizer
 from .histograms import BATCH_BOUNDS, hist_new, hist_observe
 from .progress import Interrupted
@@ -119,6 +120,7 @@ class BatchingPipeline:
             request = parse(prompt, negative_prompt, kwargs, self.limits, self.engine.model.native_size,
                             from_f32=True, loras=self.loras, image=image, mask_image=mask_image,
                             unet_in_channels=self._unet_in_channels())
+            self._check_sampler(request)
             self.sizer.admit(request)
         except ValueError:
             if not probe:
@@ -126,6 +128,18 @@ class BatchingPipeline:
                     self.stats.bad_requests += 1
             raise
         return self.submit(request)
+
+    def _check_sampler(self, request: Request) -> None:
+        """What the request's scheduler (named, or the model's own) takes: its steps (LCM and TCD at most their
+        original_inference_steps) and eta (DDIM and TCD only), refused before the request joins a batch."""
+        own = getattr(self.engine, "scheduler", None)
+        if own is None:
+            return
+        sched = make_scheduler(request.scheduler, own.config) if request.scheduler else own
+        check_steps(sched, request.steps)
+        if request.eta and not takes_eta(sched):
+            raise InvalidParameter("eta", request.eta, f"0 with the {scheduler_name(sched)} scheduler (eta is read by "
+                                   "ddim and tcd only)")
 
     def submit(self, request: Request) -> Reply:
         now = time.monotonic()
@@ -217,6 +231,9 @@ class BatchingPipeline:
             images = {"image": [im for r in reqs for im in r.images], "strength": first.strength}
             if first.task == "inpaint":
                 images["mask_image"] = [m for r in reqs for m in r.masks]
+            if first.task == "upscale":  # the output is 4x the image: no height/width; noise_level is in the key
+                images = {"image": images["image"], "noise_level": first.noise_level}
+        size = {} if first.task == "upscale" else {"height": first.height, "width": first.width}
         t0, started = self.sizer.clock(), time.monotonic()  # the sizer's clock may be a test's; arrival is monotonic
         try:
             self._use_loras(first.loras)
@@ -227,8 +244,8 @@ class BatchingPipeline:
                 [p for r in reqs for p in r.prompts], [n for r in reqs for n in r.negatives],
                 num_images_per_prompt=1, num_inference_steps=first.steps,
                 guidance_scale=guidance[0] if len(set(guidance)) == 1 else guidance,
-                height=first.height, width=first.width, seed=[s for r in reqs for s in r.seeds],
-                scheduler=first.scheduler, progress=False, **images)
+                **size, seed=[s for r in reqs for s in r.seeds],
+                scheduler=first.scheduler, progress=False, eta=first.eta, **images)
         except BaseException as e:  # noqa: BLE001 - every caller must hear about it
             if isinstance(e, Interrupted):
                 log.info("%s (a batch of %d request(s))", e, len(batch))

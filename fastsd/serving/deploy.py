@@ -159,7 +159,7 @@ def serve(*, name: str, model: str, replicas: int = 1, port: int = 50050, rest_p
           config: str | None = None, allow_pickle: bool = False, threads: int | None = None,
           max_body_bytes: int = 1 << 20, startup_timeout: float = 600.0, metrics_port: int | None = None,
           log_format: str = "text", ssh_config: str | None = None, echo=print,
-          lora_dir: str | None = None, loras=()) -> DeploymentSpec:
+          lora_dir: str | None = None, loras=(), vae_tiny: str | None = None) -> DeploymentSpec:
     """Starts a persistent deployment and returns once it answers through MII's client. `lora_dir`: the
     folder whose LoRA files requests may name (`lora` keyword); `loras`: [(path, scale), ...] fused for
     requests that name none."""
@@ -216,7 +216,8 @@ def serve(*, name: str, model: str, replicas: int = 1, port: int = 50050, rest_p
         max_body_bytes=max_body_bytes, metrics_port=metrics_port, log_format=log_format,
         ssh_config=str(Path(ssh_config).resolve()) if ssh_config else None, token_required=bool(token),
         created_at=time.time(), lora_dir=lora_dir,
-        loras=[(str(Path(p).expanduser().resolve()), float(sc)) for p, sc in loras])
+        loras=[(str(Path(p).expanduser().resolve()), float(sc)) for p, sc in loras],
+        vae_tiny=str(Path(vae_tiny).expanduser().resolve()) if vae_tiny else None)
     spec.write(ddir)
     write_records(mii_config)  # what mii_query_handle(record_name(name, task)) reads
 

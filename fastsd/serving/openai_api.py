@@ -11,7 +11,7 @@ client, Open WebUI's "openai" image engine, scripts written against OpenAI.
 
 fastsd's own fields are accepted beside OpenAI's (the `openai` client sends them with `extra_body`): `seed`,
 `num_inference_steps`, `guidance_scale`, `negative_prompt`, `scheduler`, `strength`, `lora` (NAME or
-NAME:WEIGHT). Without a seed one is drawn here; each image of the answer carries its `seed`.
+NAME:WEIGHT), `noise_level` (an x4 upscaler deployment's /v1/images/edits). Without a seed one is drawn here; each image of the answer carries its `seed`.
 `quality`, `style` and `user` are accepted and change nothing. Any other field is a 400.
 
 The body becomes request.parse_query's fields and goes through the same client as `/score`
@@ -36,7 +36,8 @@ PATHS = ("/v1/images/generations", "/v1/images/edits")  # the generation routes,
 IMAGE_TTL_S = DEFAULT_TTL_S
 FILES = "/files/images/"
 OPENAI_FIELDS = ("model", "prompt", "n", "size", "response_format", "quality", "style", "user")
-EXTENSIONS = ("seed", "num_inference_steps", "guidance_scale", "negative_prompt", "scheduler", "strength", "lora")
+EXTENSIONS = ("seed", "num_inference_steps", "guidance_scale", "negative_prompt", "scheduler", "strength", "lora",
+              "noise_level")
 EDIT_FILES = ("image", "image[]", "mask")
 RESPONSE_FORMATS = ("b64_json", "url")
 SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
@@ -47,7 +48,7 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: 
                413: "invalid_request_error", 429: "rate_limit_error"}
 ERROR_CODES = {401: "invalid_api_key", 413: "request_too_large", 429: "rate_limit_exceeded", 504: "timeout",
                503: "service_unavailable"}
-INT_FIELDS = ("n", "seed", "num_inference_steps")      # multipart values arrive as text
+INT_FIELDS = ("n", "seed", "num_inference_steps", "noise_level")  # multipart values arrive as text
 FLOAT_FIELDS = ("guidance_scale", "strength")
 
 
@@ -83,8 +84,8 @@ def translate(body: dict, gw: Gateway, multipart: bool = False) -> tuple[dict, s
                        "response_format")
     if "prompt" not in body:
         raise ApiError(400, "prompt: required", "prompt")
-    params = {k: body[k] for k in ("num_inference_steps", "guidance_scale", "scheduler", "strength", "lora", "seed")
-              if body.get(k) is not None}
+    params = {k: body[k] for k in ("num_inference_steps", "guidance_scale", "scheduler", "strength", "lora", "seed",
+                                   "noise_level") if body.get(k) is not None}
     if body.get("n") is not None:
         params["num_images_per_prompt"] = body["n"]
     size = body.get("size")

@@ -152,7 +152,7 @@ def build_engine(spec: DeploymentSpec, replica: ReplicaPlacement | None = None):
         eng["lora_switching"] = True  # --compile keeps the weights writable for switches (optimize.py)
     model = load_for_backend(eng.get("backend", "torch"), spec.model, random_weights=spec.random_weights,
                              allow_pickle=spec.allow_pickle, config=spec.config,
-                             safety_checker=eng.get("safety_checker", True))
+                             safety_checker=eng.get("safety_checker", True), vae_tiny=spec.vae_tiny)
     return optimize(model, OptimizeConfig(**eng).validated())
 
 

@@ -66,6 +66,7 @@ class DeploymentSpec:
     created_at: float = 0.0
     lora_dir: str | None = None
     loras: list[tuple[str, float]] = field(default_factory=list)  # (path, scale) fused for requests that name none
+    vae_tiny: str | None = None  # an AutoencoderTiny folder every replica decodes (and encodes) with
     version: int = SPEC_VERSION
 
     @property

@@ -169,3 +169,12 @@ def test_the_checker_catches_a_cycle_and_an_upward_import():
         assert any(layer(b) > layer(a) for a, b, _ in IMPORTS)
     finally:
         del IMPORTS[-2:]
+
+
+def test_every_package_is_listed_for_a_plain_install():
+    """pyproject.toml's `packages` names each package folder (a missing one works in an editable install and
+    is absent from a wheel)."""
+    import tomllib
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {name for name, path in MODULES.items() if path.name == "__init__.py"}
+    assert folders - listed == set()

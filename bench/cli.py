@@ -13,6 +13,7 @@ from fastsd.optimize import DTYPES, OptimizeConfig
 from fastsd.options import add_lora_option, add_model_source, lora_refs
 from fastsd.profiles import PROFILE_NAMES, profile_flags
 from fastsd.tasks import TASKS, strength_value
+from fastsd.tiny_vae import load_tiny_vae
 
 from .harness import run_bench
 from .report import format_report, write_markdown, write_plot
@@ -163,7 +164,6 @@ def settings_from_args(args):
     check.steps(args.steps)
     check.steps(args.estimate_steps)
     if args.vae_tiny:
-        from fastsd.tiny_vae import load_tiny_vae
         load_tiny_vae(args.vae_tiny)  # the folder is checked before anything is measured
     height = args.height or args.resolution
     width = args.width or args.resolution

@@ -114,10 +114,10 @@ def _kernel(op: str):
     # The Triton kernel modules are imported here, on first use, and in the functions below for the same
     # reason: importing them imports triton, which `import fastsd` must not.
     if op == "groupnorm_silu":
-        from . import triton_norm
+        from . import triton_norm  # lazy: imports triton
 
         return triton_norm
-    from . import triton_geglu
+    from . import triton_geglu  # lazy: imports triton
 
     return triton_geglu
 
@@ -150,7 +150,7 @@ def groupnorm_silu(x: torch.Tensor, num_groups: int, weight=None, bias=None, eps
     contiguous) and returns x's layout."""
     impl = _resolve_impl("groupnorm_silu", impl, x.device, x.dtype)
     if impl == "triton":
-        from .triton_norm import groupnorm_silu as kernel
+        from .triton_norm import groupnorm_silu as kernel  # lazy: imports triton
 
         return kernel(x, num_groups, weight, bias, eps)
     return groupnorm_silu_torch(x, num_groups, weight, bias, eps)
@@ -165,7 +165,7 @@ def geglu(x: torch.Tensor, *, impl: str = "auto") -> torch.Tensor:
     """x[..., :F] * gelu(x[..., F:]) (exact gelu). impl: 'auto' | 'triton' | 'torch'."""
     impl = _resolve_impl("geglu", impl, x.device, x.dtype)
     if impl == "triton":
-        from .triton_geglu import geglu as kernel
+        from .triton_geglu import geglu as kernel  # lazy: imports triton
 
         return kernel(x)
     return geglu_torch(x)
@@ -177,7 +177,7 @@ def _gn_silu(norm: nn.GroupNorm, x: torch.Tensor, impl: str) -> torch.Tensor:
         return groupnorm_silu_torch(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
 
     if impl == "triton":  # NCHW or channels_last (the channels_last UNet keeps the kernel)
-        from .triton_norm import groupnorm_silu as kernel
+        from .triton_norm import groupnorm_silu as kernel  # lazy: imports triton
 
         return _kernel_or_torch("groupnorm_silu", x, lambda: kernel(x, norm.num_groups, norm.weight, norm.bias,
                                                                     norm.eps), torch_path)
@@ -272,7 +272,7 @@ def _geglu_classes():
         def forward(self, hidden_states, *args, **kwargs):
             h = self.proj(hidden_states)
             if self._fastsd_impl == "triton":
-                from .triton_geglu import geglu as kernel
+                from .triton_geglu import geglu as kernel  # lazy: imports triton
 
                 return _kernel_or_torch("geglu", h, lambda: kernel(h), lambda: geglu_torch(h))
             return geglu_torch(h)

@@ -178,3 +178,18 @@ def test_every_package_is_listed_for_a_plain_install():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     folders = {name for name, path in MODULES.items() if path.name == "__init__.py"}
     assert folders - listed == set()
+
+
+def test_imports_inside_functions_say_why():
+    """A fastsd-internal import inside a function is there only to keep a heavy optional dependency out of a
+    process that does not need it; it says so in a comment on its line or the line above."""
+    bare = []
+    for name, path in MODULES.items():
+        src = path.read_text().splitlines()
+        for fn in ast.walk(ast.parse("\n".join(src))):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(fn):
+                    if isinstance(node, (ast.Import, ast.ImportFrom)) and targets(name, path, node) and \
+                            not any("#" in line for line in src[node.lineno - 2:node.end_lineno]):
+                        bare.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert sorted(set(bare)) == []

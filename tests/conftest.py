@@ -55,7 +55,22 @@ def shapes_lora_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def shapes_deployment(tmp_path_factory, shapes_lora_dir):
+def shared_mii_cache(tmp_path_factory):
+    """The one MII cache folder (MII_CACHE_PATH) of the session's shared deployments: each deployment fixture
+    is alive until the session ends, so each setting its own folder in the environment hid the others from
+    `fastsd status`/clients that read MII_CACHE_PATH."""
+    cache = tmp_path_factory.mktemp("mii-shared")
+    old = os.environ.get("MII_CACHE_PATH")
+    os.environ["MII_CACHE_PATH"] = str(cache)
+    yield cache
+    if old is None:
+        os.environ.pop("MII_CACHE_PATH", None)
+    else:
+        os.environ["MII_CACHE_PATH"] = old
+
+
+@pytest.fixture(scope="session")
+def shapes_deployment(shared_mii_cache, shapes_lora_dir):
     """One live deployment of the embedded fastsd-shapes model with its web page (`fastsd serve --ui-port`),
     shared by the web page and batch tests (each serving process costs ~350 MB and seconds of imports).
     Its --lora-dir offers one adapter, `speckle` (shapes_lora_dir)."""
@@ -63,9 +78,7 @@ def shapes_deployment(tmp_path_factory, shapes_lora_dir):
     import sys
     pytest.importorskip("mii")  # the serving extra
     from fastsd.serving import ports
-    cache = tmp_path_factory.mktemp("mii-shapes")
-    old = os.environ.get("MII_CACHE_PATH")
-    os.environ["MII_CACHE_PATH"] = str(cache)
+    cache = shared_mii_cache
     port, ui_port = ports.free_port_block(2), ports.free_port_block(1)
     name = f"shapes{os.getpid()}"
     info = {"name": name, "port": port, "ui_port": ui_port, "cache": cache, "dir": cache / name,
@@ -88,13 +101,7 @@ def shapes_deployment(tmp_path_factory, shapes_lora_dir):
         yield info
     finally:
         from deployment_cleanup import end_deployment
-        try:
-            end_deployment(name, info["dir"])  # never leave a server behind, whatever happened
-        finally:
-            if old is None:
-                os.environ.pop("MII_CACHE_PATH", None)
-            else:
-                os.environ["MII_CACHE_PATH"] = old
+        end_deployment(name, info["dir"])  # never leave a server behind, whatever happened
 
 
 @pytest.fixture(scope="session")

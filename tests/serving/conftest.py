@@ -6,7 +6,7 @@ API_TOKEN = "api-test-token"
 
 
 @pytest.fixture(scope="session")
-def shapes_api_deployment(tmp_path_factory, shapes_lora_dir):
+def shapes_api_deployment(shared_mii_cache, shapes_lora_dir):
     """One live deployment of the embedded fastsd-shapes model with its REST gateway and a token: the OpenAI
     and A1111 APIs, /score and the comparisons between them share it (a deployment costs ~1 GB and tens of
     seconds of start on this machine). Its --lora-dir offers `speckle` (shapes_lora_dir)."""
@@ -15,9 +15,7 @@ def shapes_api_deployment(tmp_path_factory, shapes_lora_dir):
     pytest.importorskip("mii")  # the serving extra
     pytest.importorskip("fastapi")
     from fastsd.serving import ports
-    cache = tmp_path_factory.mktemp("mii-api")
-    old = os.environ.get("MII_CACHE_PATH")
-    os.environ["MII_CACHE_PATH"] = str(cache)
+    cache = shared_mii_cache
     port, rest_port = ports.free_port_block(2), ports.free_port_block(1)
     name = f"api{os.getpid()}"
     info = {"name": name, "port": port, "rest_port": rest_port, "cache": cache, "dir": cache / name,
@@ -34,13 +32,7 @@ def shapes_api_deployment(tmp_path_factory, shapes_lora_dir):
         yield info
     finally:
         from deployment_cleanup import end_deployment
-        try:
-            end_deployment(name, info["dir"])  # never leave a server behind, whatever happened
-        finally:
-            if old is None:
-                os.environ.pop("MII_CACHE_PATH", None)
-            else:
-                os.environ["MII_CACHE_PATH"] = old
+        end_deployment(name, info["dir"])  # never leave a server behind, whatever happened
 
 
 @pytest.fixture(scope="session")

@@ -120,6 +120,13 @@ def lora_value(lora, scale) -> str | None:
     return f"{lora}:{float(1.0 if scale is None else scale):g}"
 
 
+def task_label(image, mask_image, strength) -> str:
+    """What the page says it did: the task, and the strength where an image was uploaded."""
+    if image is None:
+        return "text-to-image"
+    return f"{'image-to-image' if mask_image is None else 'inpainting'} (strength {float(strength):g})"
+
+
 def make_generate(client: DeploymentClient, out_dir: Path):
     """The function behind the button and the /generate endpoint (its parameter names are the API's)."""
     import gradio as gr
@@ -154,15 +161,14 @@ def make_generate(client: DeploymentClient, out_dir: Path):
         _prune(out_dir)
         request_dir = Path(tempfile.mkdtemp(prefix="req-", dir=out_dir))
         paths = []
-        for s, image in zip(seeds, reply.images):
+        for s, out in zip(seeds, reply.images):  # `image` stays the upload: it names the task below
             path = request_dir / f"fastsd-seed{s}.png"
-            image.save(path)
+            out.save(path)
             paths.append(str(path))
         flagged = sum(bool(f) for f in reply.nsfw_content_detected)
         w, h = reply.images[0].size if reply.images else (0, 0)
-        task = "text-to-image" if image is None else "image-to-image" if mask_image is None else "inpainting"
         info = (f"**seed {seeds[0]}**" + (f" to {seeds[-1]}" if len(seeds) > 1 else "")
-                + f" · {task}" + (f" (strength {float(strength):g})" if image is not None else "")
+                + f" · {task_label(image, mask_image, strength)}"
                 + (f" · LoRA {lora_value(lora, lora_scale)}" if lora_value(lora, lora_scale) else "")
                 + f" · {len(seeds)} image(s) {w}x{h} in {elapsed:.2f} s · "
                 + describe(client)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from . import tasks
 from . import validation as check
-from .errors import FastSDError, InvalidParameter
+from .errors import FastSDError, GenerationStopped, InvalidParameter
 from .lora import LoraSwitcher, as_refs
 from .schedulers import make_scheduler, scheduler_name
 
@@ -103,11 +103,13 @@ class Engine:
                  num_inference_steps: int = 50, guidance_scale=7.5, height: int | None = None,
                  width: int | None = None, seed=None, scheduler: str | None = None,
                  progress: bool = True, output_type: str = "pil", image=None, mask_image=None,
-                 strength: float | None = None, resize: bool = False) -> GenerationResult:
+                 strength: float | None = None, resize: bool = False, should_stop=None) -> GenerationResult:
         """Text-to-image; with `image`, image-to-image; with `image` and `mask_image` (white = repaint),
         inpainting (fastsd.tasks). `strength` defaults to 0.8 for image-to-image and 1.0 for inpainting, as
         in diffusers. Images: one for all, one per prompt, or one per generated image. The
-        output has the image's size unless height/width say otherwise (then `resize` must be set)."""
+        output has the image's size unless height/width say otherwise (then `resize` must be set).
+        `should_stop`: a callable asked before the text encoder and before each denoising step; when it
+        returns True the call ends with GenerationStopped (a server whose callers left or timed out)."""
         prompts = check.prompts(prompt)
         negatives = check.negative_prompts(negative_prompt, len(prompts))
         n_img = check.num_images(num_images_per_prompt)
@@ -130,6 +132,7 @@ class Engine:
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
         device = self.backend.device
+        _check_stop(should_stop, 0, steps)
         # guidance off at 1 or below: one UNet call per step (as diffusers decides it)
         do_cfg = max(gscales) > 1.0 and self.model.unet.config.time_cond_proj_dim is None
         cond = self.encode(prompts).repeat_interleave(n_img, dim=0)
@@ -164,6 +167,7 @@ class Engine:
 
         t1 = time.perf_counter()
         for i, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress, leave=False)):
+            _check_stop(should_stop, i, len(timesteps))
             model_in = torch.cat([latents] * 2) if do_cfg else latents
             model_in = task.unet_input(sched.scale_model_input(model_in, t))
             noise = self.backend.unet(model_in, t, text_emb).float()
@@ -212,3 +216,8 @@ class Engine:
         if self.loras is not None and self.loras.active:
             d["loras"] = [str(r) for r in self.loras.active]
         return d
+
+
+def _check_stop(should_stop, step: int, steps: int) -> None:
+    if should_stop is not None and should_stop():
+        raise GenerationStopped(f"stopped by its caller before step {step + 1} of {steps}")

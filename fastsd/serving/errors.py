@@ -10,8 +10,10 @@ class ServingError(FastSDError):
 
 
 class DeploymentError(ServingError):
-    """The deployment answered with an error (or not at all); `code` is the gRPC status name."""
+    """The deployment answered with an error (or not at all); `code` is the gRPC status name;
+    `retry_after`: seconds after which a refused request (RESOURCE_EXHAUSTED, UNAVAILABLE) may be sent again."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, retry_after: float | None = None):
         self.code = code
+        self.retry_after = retry_after
         super().__init__(message)

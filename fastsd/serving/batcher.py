@@ -281,6 +281,8 @@ class BatchingPipeline:
                 j.future.set_exception(j.unwanted_error())
             return
         except InvalidParameter as e:  # a request's LoRA set that does not load: its callers hear why
+            with self.stats.lock:
+                self.stats.bad_requests += len(batch)
             for j in batch:
                 j.future.set_exception(e)
             return

@@ -254,6 +254,7 @@ def main(argv=None) -> int:
             write_json(stats_path, {**state, "stats": pipeline.stats.as_dict(), "batching": sizer.describe(),
                                     "queue_depth": pipeline.queue_depth(),
                                     "loras": engine.loras.describe() if engine.loras is not None else None,
+                                    "lora_catalog": catalog.describe() if catalog is not None else None,
                                     "updated_at": time.time()})
 
     pipeline = BatchingPipeline(engine, spec.limits, window=spec.batch_window_ms / 1000.0,

@@ -83,7 +83,10 @@ def status(name: str) -> dict:
             "metrics_port": spec.metrics_port, "log_format": spec.log_format,
             "rest": kids.get("rest"), "dir": str(ddir), "mii_cache_path": str(ddir.parent),
             "lora_dir": spec.lora_dir, "lora_default": [list(x) for x in spec.loras],
-            "lora_active": [(read_json(ddir / f"replica-{i}.json") or {}).get("loras") for i in range(len(reps))]}
+            "lora_active": [(read_json(ddir / f"replica-{i}.json") or {}).get("loras") for i in range(len(reps))],
+            "lora_invalid": {k: v for i in range(len(reps)) for k, v in
+                             (((read_json(ddir / f"replica-{i}.json") or {}).get("lora_catalog") or {})
+                              .get("invalid") or {}).items()}}
 
 
 def list_deployments() -> list[str]:
@@ -117,6 +120,8 @@ def format_status(s: dict) -> str:
         active = ["+".join(a["active"]) or "none" if a else "none" for a in s.get("lora_active", [])]
         lines.append(f"  LoRA: {s['lora_dir']}; {n} switches, {secs:.2f} s in all"
                      + (f" ({1000 * secs / n:.0f} ms each)" if n else "") + f"; fused now: {', '.join(active)}")
+        for name, why in (s.get("lora_invalid") or {}).items():
+            lines.append(f"  LoRA {name}: invalid, not offered ({why})")
     b = s["balancer"]
     if b.get("requests") is not None:
         lines.append(f"  load balancer: {b['requests']} requests, {b['ok']} answered, {b['failovers']} failovers, "

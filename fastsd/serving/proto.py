@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import threading
 from pathlib import Path
 
 from .errors import ServingError
@@ -26,6 +27,7 @@ IMAGE_METHODS = ("Txt2ImgReply", "InpaintingReply")
 MESSAGE_OPTIONS = [("grpc.max_send_message_length", GRPC_MAX_MSG_SIZE),
                    ("grpc.max_receive_message_length", GRPC_MAX_MSG_SIZE)]
 VALUE_FIELDS = {str: "svalue", int: "ivalue", float: "fvalue", bool: "bvalue"}  # MII's dtype_proto_field
+_loading = threading.Lock()  # the gateway's threads ask at once: one loads, none sees a half-made module
 
 
 def messages():
@@ -33,21 +35,20 @@ def messages():
     for name in (MII_PB2, PB2):  # MII's own module where this process imported MII
         if name in sys.modules:
             return sys.modules[name]
-    spec = importlib.util.find_spec("mii")  # finds MII's package without running it
-    if spec is None or not spec.submodule_search_locations:
-        raise ServingError("DeepSpeed-MII is not installed: pip install 'fastsd[serving]', then "
-                           "pip install --no-deps deepspeed-mii (see docs/serving.md, Install)")
-    path = Path(spec.submodule_search_locations[0]) / "legacy" / "grpc_related" / "proto" / \
-        "legacymodelresponse_pb2.py"
-    file_spec = importlib.util.spec_from_file_location(PB2, path)
-    mod = importlib.util.module_from_spec(file_spec)
-    sys.modules[PB2] = mod
-    try:
+    with _loading:
+        if PB2 in sys.modules:
+            return sys.modules[PB2]
+        spec = importlib.util.find_spec("mii")  # finds MII's package without running it
+        if spec is None or not spec.submodule_search_locations:
+            raise ServingError("DeepSpeed-MII is not installed: pip install 'fastsd[serving]', then "
+                               "pip install --no-deps deepspeed-mii (see docs/serving.md, Install)")
+        path = Path(spec.submodule_search_locations[0]) / "legacy" / "grpc_related" / "proto" / \
+            "legacymodelresponse_pb2.py"
+        file_spec = importlib.util.spec_from_file_location(PB2, path)
+        mod = importlib.util.module_from_spec(file_spec)
         file_spec.loader.exec_module(mod)
-    except BaseException:
-        sys.modules.pop(PB2, None)
-        raise
-    return mod
+        sys.modules[PB2] = mod  # only once it is whole
+        return mod
 
 
 def methods() -> dict:

@@ -257,3 +257,23 @@ def test_stalled_replica_is_marked_down_and_restarted(dep):
             pass
     assert wait_until(lambda: status(dep["name"])["replicas"][0]["state"] == "up", 240, 0.5)
     assert score(dep, SHORT)[0] == 200
+
+
+# -- the load test (locust): 2x capacity ------------------------------------------------------------------
+def load_test(dep, seconds, probe_seconds):
+    from fastsd.bench import loadtest
+    summary = loadtest.run(dep["name"], factor=2.0, seconds=seconds, steps=4, probe_seconds=probe_seconds)
+    print(loadtest.TABLE_HEAD + "\n" + loadtest.table_row(summary))
+    assert not loadtest.check(summary), (loadtest.check(summary), summary)
+    assert summary["shed"] > 0 and summary["accepted"] > 0, summary  # over capacity: some of each
+    assert summary["sent"] >= 0.8 * summary["offered_rps"] * seconds, summary  # the generator kept its pace
+    return summary
+
+
+def test_load_at_twice_capacity_short(dep):
+    load_test(dep, seconds=10, probe_seconds=4)
+
+
+@pytest.mark.slow
+def test_load_at_twice_capacity_60s(dep):
+    load_test(dep, seconds=60, probe_seconds=10)

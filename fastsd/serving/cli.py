@@ -14,7 +14,7 @@ from ..options import image_options, lora_refs, optimize_config, output_paths, r
 from ..presets import check_config
 from .client import DeploymentClient
 from .deploy import serve, stop
-from .errors import DeploymentError, ServingError
+from .errors import DeploymentError, ServingError, plain_message
 from .folders import cache_path
 from .ports import DEFAULT_PORT
 from .processes import TOKEN_ENV
@@ -190,7 +190,7 @@ def cmd_query(args) -> int:
             scheduler=args.scheduler, num_images_per_prompt=args.num_images if args.num_images != 1 else None,
             lora=args.lora)
     except DeploymentError as e:
-        raise ServingError(f"{e.code}: {e}") from None
+        raise ServingError(f"{e.code}: {plain_message(e)}") from None
     for path, image, flagged in zip(paths, reply.images, reply.nsfw_content_detected):
         image.save(path)
         print(f"{path}" + ("  (flagged by the safety checker: black image)" if flagged else ""))

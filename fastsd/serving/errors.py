@@ -17,3 +17,23 @@ class DeploymentError(ServingError):
         self.code = code
         self.retry_after = retry_after
         super().__init__(message)
+
+
+# what a caller is told for each status the deployment answers with (the gRPC text stays in the logs):
+# every front door says these, never gRPC's own text, addresses or exception text
+PLAIN_MESSAGES = {
+    "DEADLINE_EXCEEDED": "the request did not finish within its deadline",
+    "UNAVAILABLE": "the deployment is not available now; retry later",
+    "RESOURCE_EXHAUSTED": "the deployment is at capacity; retry later",
+    "UNIMPLEMENTED": "the deployment does not serve this request",
+    "CANCELLED": "the request was cancelled",
+}
+FAILED_MESSAGE = "the deployment failed to answer this request; its logs have the details (request id)"
+
+
+def plain_message(e: DeploymentError) -> str:
+    """The caller's message for `e`: fastsd's own reason for a refused value (INVALID_ARGUMENT names the
+    parameter), else a fixed plain message for the status."""
+    if e.code == "INVALID_ARGUMENT":
+        return str(e)
+    return PLAIN_MESSAGES.get(e.code, FAILED_MESSAGE)

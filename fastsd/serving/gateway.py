@@ -39,22 +39,16 @@ from ..errors import InvalidParameter
 from .admission import Admission
 from .client import DeploymentClient
 from .control import bearer, same
-from .errors import DeploymentError
+from .errors import PLAIN_MESSAGES, DeploymentError, plain_message
 from .folders import cache_path, read_json
 from .spec import DeploymentSpec
 
 TIMEOUT_HEADER = "x-request-timeout"
 BODY_TIMEOUT = 30.0   # seconds to receive a whole body once its headers are in
 CLIENT_CLOSED = 499   # nginx's code for "client closed request"
-# gRPC status of the deployment's answer -> (HTTP status, plain message); any other is 500
-PLAIN = {
-    "DEADLINE_EXCEEDED": (504, "the request did not finish within its deadline"),
-    "UNAVAILABLE": (503, "the deployment is not available now; retry later"),
-    "RESOURCE_EXHAUSTED": (429, "the deployment is at capacity; retry later"),
-    "UNIMPLEMENTED": (501, "the deployment does not serve this request"),
-    "CANCELLED": (CLIENT_CLOSED, "the request was cancelled"),
-}
-FAILED = (500, "the deployment failed to answer this request; its logs have the details (request id)")
+# gRPC status of the deployment's answer -> HTTP status; any other is 500
+HTTP_STATUS = {"DEADLINE_EXCEEDED": 504, "UNAVAILABLE": 503, "RESOURCE_EXHAUSTED": 429, "UNIMPLEMENTED": 501,
+               "CANCELLED": CLIENT_CLOSED}
 
 
 class HttpError(Exception):
@@ -69,7 +63,7 @@ def from_deployment_error(e: DeploymentError, seconds: float | None = None) -> H
     """The deployment's gRPC status -> the HTTP refusal, with a plain message (never gRPC's own text)."""
     if e.code == "INVALID_ARGUMENT":  # fastsd's own message: "<parameter>: got ...; allowed: ..."
         return HttpError(422, str(e), parameter=str(e).split(":", 1)[0])
-    status, message = PLAIN.get(e.code, FAILED)
+    status, message = HTTP_STATUS.get(e.code, 500), plain_message(e)
     if e.code == "DEADLINE_EXCEEDED" and seconds is not None:
         message += f" ({seconds:g} s)"
     headers = {"Retry-After": str(e.retry_after or 1)} if status in (429, 503) else None
@@ -136,7 +130,8 @@ class Gateway:
         HttpError 429 (503 with no replica up) with Retry-After."""
         up = self.replicas_up()
         if not self.admission.try_admit(up):
-            status, message = (429, PLAIN["RESOURCE_EXHAUSTED"][1]) if up else (503, PLAIN["UNAVAILABLE"][1])
+            status, code = (429, "RESOURCE_EXHAUSTED") if up else (503, "UNAVAILABLE")
+            message = PLAIN_MESSAGES[code]
             raise HttpError(status, message, {"Retry-After": str(self.admission.retry_after(up))})
         return _Ticket(self.admission)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from ..errors import InvalidParameter
 from ..images import encode_png, read_file
 from ..serving.client import DeploymentClient, running_spec
-from ..serving.errors import DeploymentError, ServingError
+from ..serving.errors import DeploymentError, ServingError, plain_message
 from ..serving.loras import LoraCatalog
 from ..serving.ports import LOOPBACK, port_free
 from ..serving.schema import SCHEDULERS
@@ -53,8 +53,8 @@ ERROR_KINDS = {
 
 def friendly(e: Exception) -> str:
     """One readable line for the page."""
-    if isinstance(e, DeploymentError):
-        return f"{ERROR_KINDS.get(e.code, 'The deployment failed')}: {e}"
+    if isinstance(e, DeploymentError):  # plain: no gRPC text or addresses on the page
+        return f"{ERROR_KINDS.get(e.code, 'The deployment failed')}: {plain_message(e)}"
     if isinstance(e, (ServingError, InvalidParameter)):
         return str(e)
     return f"Unexpected error ({type(e).__name__}): {e}"

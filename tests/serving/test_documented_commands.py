@@ -56,7 +56,8 @@ def rewrite(line: str, name: str, port_of) -> list[str]:
     while i < len(words):
         w = words[i]
         if w in ("--port", "--rest-port", "--ui-port", "--metrics-port") and i + 1 < len(words):
-            out += [w, str(port_of(w))]
+            page_of_its_own = words[:2] == ["fastsd", "ui"]  # `fastsd ui --port`: the page's own port
+            out += [w, str(ports.free_port_block(1) if page_of_its_own else port_of(w))]
             i += 2
             continue
         if w == "--model" and i + 1 < len(words):

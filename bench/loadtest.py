@@ -5,12 +5,11 @@ multiple of its measured capacity.
 
 1. Capacity: `replicas x images per engine call` clients send requests back to back for `--probe-seconds`;
    capacity is the requests per second they got answered.
-2. Load: locust users, each starting one request every PACING seconds (constant pacing), spawned at the
-   offered rate so their starts spread evenly, `offered x PACING` of them: the offered load is `--factor`
-   x capacity whatever the answers are (an answer that takes longer than PACING delays its user's next
-   request; `sent` shows what was offered in the end). Locust runs in its own process
-   (bench/locustfile.py), which writes every answer to a JSON file; it waits for requests in flight when
-   the time is up, so none is cut off by the generator.
+2. Load: `offered x PACING` locust users, each waiting a random time of mean PACING seconds (exponential)
+   after each answer, so the requests arrive as a Poisson stream of about `--factor` x capacity whatever
+   the answers are (answers are short beside PACING; `sent` shows what was offered in the end). Locust
+   runs in its own process (bench/locustfile.py), which writes every answer to a JSON file; it waits for
+   requests in flight when the time is up, so none is cut off by the generator.
 3. The table: offered load, requests sent, accepted (200), shed (429/503 with Retry-After), other answers,
    lost (no HTTP answer), and the latency of the accepted ones (p50, p99, max).
 
@@ -36,7 +35,7 @@ from fastsd.serving.client import running_spec
 from fastsd.serving.processes import TOKEN_ENV
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
-PACING = 2.0  # seconds between the starts of one user's requests
+PACING = 2.0  # mean seconds a user waits between an answer and its next request
 
 
 def post(url: str, steps: int, token: str | None, timeout: float) -> int:
@@ -99,7 +98,8 @@ def run(name: str, factor: float = 2.0, seconds: float = 60.0, steps: int = 4, p
         argv = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(users), "-r",
                 f"{offered:.3f}", "--run-time", f"{seconds:g}s", "--stop-timeout", f"{spec.limits.timeout + 10:g}",
                 "--host", f"http://127.0.0.1:{spec.rest_port}", "--only-summary", "--loglevel", "WARNING"]
-        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=seconds + spec.limits.timeout + 120)
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True,
+                              timeout=seconds + spec.limits.timeout + 120)
         if not out.exists():
             raise RuntimeError(f"locust wrote no records (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
         records = json.loads(out.read_text())

@@ -1,16 +1,17 @@
-"""The load generator's user (locust): POST /score at a fixed pace, every answer recorded.
+"""The load generator's user (locust): POST /score with random waits of a fixed mean, every answer recorded.
 
 Run by fastsd.bench.loadtest (`locust -f bench/locustfile.py --headless ...`), never imported by fastsd:
 locust patches the standard library (gevent) in the process that imports it. Settings come from the
-environment (FASTSD_LOAD_*): the pacing per user (seconds between request starts), the steps and size of
-each request, the client deadline (X-Request-Timeout), a bearer token, and the JSON file every answer is
-written to when the run ends (status, seconds, Retry-After, error).
+environment (FASTSD_LOAD_*): the mean wait per user (seconds between one answer and the next request),
+the steps of each request, the client deadline (X-Request-Timeout), a bearer token, and the JSON file
+every answer is written to when the run ends (status, seconds, Retry-After, error).
 """
 import json
 import os
+import random
 import time
 
-from locust import HttpUser, constant_pacing, events, task
+from locust import HttpUser, events, task
 
 PACING = float(os.environ.get("FASTSD_LOAD_PACING", "1"))
 STEPS = int(os.environ.get("FASTSD_LOAD_STEPS", "4"))
@@ -21,7 +22,10 @@ RECORDS = []
 
 
 class ScoreUser(HttpUser):
-    wait_time = constant_pacing(PACING)
+    def wait_time(self):
+        """Random waits of mean PACING (Poisson arrivals): locust spawns users in bursts, and a fixed pace
+        would keep each burst together for the whole run."""
+        return random.expovariate(1.0 / PACING)
 
     @task
     def score(self):

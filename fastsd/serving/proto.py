@@ -6,8 +6,8 @@ load balancer, the REST gateway, a batch or bench client) need only MII's genera
 which import nothing but protobuf. `messages()` loads that one generated file from MII's installed
 package, under a module name of ours, without running MII's `__init__`; a process that has imported
 MII already gets MII's own module. Either way the message classes are MII's (protobuf's descriptor pool
-holds the file once, so a process that imports MII later shares them). The service's methods are read from its descriptor, so stubs and
-servers here speak exactly MII's wire format. Standard library, grpc and protobuf only.
+holds the file once, so a process that imports MII later shares them). The service's methods are read
+from its descriptor, so stubs and servers here speak exactly MII's wire format. Standard library, grpc and protobuf only.
 """
 from __future__ import annotations
 

@@ -11,10 +11,11 @@ started by the supervisor. It serves MII's `ModelResponse` servicer (the class b
   while it is queued and stops the engine at the next denoising step once no request of the batch is
   still wanted;
 - a bad request becomes INVALID_ARGUMENT with the reason (MII would answer UNKNOWN with
-  "Exception calling application"; a broken LoRA file is one, naming the adapter, loras.py), a timeout
-  DEADLINE_EXCEEDED, a cancelled call CANCELLED, other failures INTERNAL with a plain message (the traceback goes to the log with
-  the request id, never to the caller); the request is unpacked by schema.py, not by MII (whose
-  unpacking raises on an empty `Value`), and bytes that are not a request message are refused too (wire.py);
+  "Exception calling application"; a broken LoRA file is one, naming the adapter, loras.py), a
+  timeout DEADLINE_EXCEEDED, a cancelled call CANCELLED, other failures INTERNAL with a plain message
+  (the traceback goes to the log with the request id, never to the caller); the request is unpacked
+  by schema.py, not by MII (whose unpacking raises on an empty `Value`), and bytes that are not a
+  request message are refused too (wire.py);
 - the reply's trailing metadata carries its queue wait, engine time and image count (wire.py);
 - it serves the standard gRPC health service (grpc.health.v1), which the load balancer calls to
   tell a live replica from a stalled one; Terminate is obeyed only with the stop key (control.py);

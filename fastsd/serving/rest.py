@@ -174,7 +174,8 @@ def create_app(spec: DeploymentSpec, token: str | None, gateway: Gateway | None 
 def score_rows(prompts: list[str], reply) -> list[dict]:
     """The reply as /score's rows: one per image, prompt-major, each a base64 PNG."""
     n_img = len(reply.images) // max(1, len(prompts))
-    return [{"prompt": prompts[i // max(1, n_img)], "generated_image": png_b64(img), "nsfw_content_detected": bool(flag)}
+    return [{"prompt": prompts[i // max(1, n_img)], "generated_image": png_b64(img),
+             "nsfw_content_detected": bool(flag)}
             for i, (img, flag) in enumerate(zip(reply.images, reply.nsfw_content_detected))]
 
 

@@ -174,6 +174,20 @@ def test_disconnected_client_is_499_and_cancelled(dep):
     assert_free_again(dep)
 
 
+def test_cancelled_grpc_call_is_cancelled_down_to_the_engine(dep):
+    stopped = replica_stats(dep).get("stopped_batches", 0)
+    gone = threading.Event()
+    threading.Timer(1.0, gone.set).start()
+    t = time.monotonic()
+    with pytest.raises(DeploymentError) as e:
+        DeploymentClient(dep["name"]).generate(["a"], request_id="grpc-gone-1", cancel=gone, **LONG)
+    assert e.value.code == "CANCELLED" and time.monotonic() - t < 2.0
+    assert wait_until(lambda: replica_stats(dep).get("stopped_batches", 0) > stopped, 5)
+    assert wait_until(lambda: any("grpc-gone-1" in x and "status=CANCELLED" in x
+                                  for x in (dep["dir"] / "balancer.log").read_text().splitlines()), 5)
+    assert_free_again(dep)
+
+
 # -- item 4 -------------------------------------------------------------------------------------------
 def test_over_capacity_is_a_fast_no_with_retry_after(dep):
     """1 replica x 1 image per call + --max-queue 1: two requests in flight; the next is refused at once."""

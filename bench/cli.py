@@ -84,7 +84,8 @@ def register(subparsers, parents):
     b.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     b.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (default 7.5)")
     b.add_argument("--seed", type=int, default=0, help="seed of the first image (default 0)")
-    b.add_argument("--scheduler", help="pndm | ddim | euler | euler-ancestral | dpm++ | lms (default: the model's)")
+    b.add_argument("--scheduler", help="pndm | ddim | euler | euler-ancestral | dpm++ | lms | lcm | tcd (default: "
+                                       "the model's)")
     b.add_argument("--task", default="text2img",
                    help="text2img (default), img2img or inpaint: image-to-image / inpainting measured against "
                         "diffusers' StableDiffusionImg2ImgPipeline / StableDiffusionInpaintPipeline on a drawn input "
@@ -93,6 +94,11 @@ def register(subparsers, parents):
                         "only, with its inpainting UNet; a 4-channel model inpaints the diffusers way")
     b.add_argument("--strength", type=float,
                    help="img2img / inpaint: how much is repainted, in (0, 1] (default 0.8 for img2img, 1.0 for inpaint)")
+    b.add_argument("--few-step", action="store_true",
+                   help="also time every configuration at LCM, 4 steps, guidance 1 (one UNet call per step, no "
+                        "classifier-free guidance), end to end, and report the time per image beside the run's "
+                        "own generation (--steps, --scheduler, --guidance; by default 50 steps at 7.5); with an "
+                        "LCM-LoRA (--lora) the few-step images are the ones to look at")
     b.add_argument("--prompt", default="a red circle on a blue background", help="the prompt")
     b.add_argument("--negative", default="", help="negative prompt (default empty)")
     o = p.add_argument_group("output")
@@ -156,6 +162,9 @@ def settings_from_args(args):
         raise InvalidParameter("threads", args.threads, "1 or more")
     check.steps(args.steps)
     check.steps(args.estimate_steps)
+    if args.vae_tiny:
+        from fastsd.tiny_vae import load_tiny_vae
+        load_tiny_vae(args.vae_tiny)  # the folder is checked before anything is measured
     height = args.height or args.resolution
     width = args.width or args.resolution
     if args.task not in TASKS:
@@ -181,7 +190,8 @@ def settings_from_args(args):
         e2e_warmup=args.e2e_warmup, guidance=args.guidance, seed=args.seed, scheduler=args.scheduler,
         prompt=args.prompt, negative=args.negative, estimate_steps=args.estimate_steps,
         safety_checker=not args.no_safety_checker, threads=args.threads, onnx_dir=args.onnx_dir,
-        progress=not args.quiet, loras=lora_refs(args), task=args.task, strength=args.strength)
+        progress=not args.quiet, loras=lora_refs(args), task=args.task, strength=args.strength,
+        few_step=args.few_step, vae_tiny=args.vae_tiny)
 
 
 def profile_specs(names: list[str], device: str, existing: list) -> list:
@@ -214,7 +224,7 @@ def command_line(args) -> str:
     parts += ["--dtype", args.dtype, "--steps", str(args.steps), "--batch", args.batch]
     if args.task != "text2img":
         parts += ["--task", args.task] + (["--strength", str(args.strength)] if args.strength is not None else [])
-    for name in ("resolution", "height", "width", "config", "onnx_dir", "threads", "scheduler"):
+    for name in ("resolution", "height", "width", "config", "vae_tiny", "onnx_dir", "threads", "scheduler"):
         if getattr(args, name) is not None:
             parts += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     parts += ["--repeat", str(args.repeat), "--warmup", str(args.warmup)]
@@ -229,6 +239,7 @@ def command_line(args) -> str:
     if args.profile:
         parts += ["--profile", args.profile]
     parts += ["--no-safety-checker"] if args.no_safety_checker else []
+    parts += ["--few-step"] if args.few_step else []
     for name in ("json", "plot", "markdown"):
         if getattr(args, name):
             parts += ["--" + name, getattr(args, name)]

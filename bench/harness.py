@@ -24,6 +24,7 @@ from fastsd.errors import InvalidParameter, ModelLoadError
 from fastsd.loading import load_model
 from fastsd.reference import compare, tolerance_for
 
+from . import fewstep
 from .inputs import make_inputs, task_inputs, unet_calls, vae_encodes
 from .machine import machine_info, versions
 from .measurement import PeakMemory, summarize, timed_call
@@ -131,7 +132,8 @@ def run_bench(settings: BenchSettings, model=None, log=print) -> dict:
         if given is not None:
             return copy.deepcopy(given)
         return load_model(settings.model, random_weights=settings.random_weights, allow_pickle=settings.allow_pickle,
-                          config=settings.model_config, safety_checker=settings.safety_checker)
+                          config=settings.model_config, safety_checker=settings.safety_checker,
+                          vae_tiny=settings.vae_tiny)
     model = fresh_model()
     load_s = time.perf_counter() - t0
     model_info = {"name": model.name, "spec": settings.model, "source": model.source,
@@ -145,6 +147,8 @@ def run_bench(settings: BenchSettings, model=None, log=print) -> dict:
     strength = settings.task_inputs.get("strength")
     n_calls, sched_name, _ = unet_calls(model, settings.steps, settings.scheduler, settings.task, strength)
     est_calls, _, _ = unet_calls(model, settings.estimate_steps, settings.scheduler, settings.task, strength)
+    few = fewstep.FEW_STEP
+    few_calls = unet_calls(model, few["steps"], few["scheduler"], settings.task, strength)[0] if settings.few_step else 0
     has_safety = settings.safety_checker and model.safety_checker is not None
     all_comps = components_for(settings.task)
     nine = model.unet.config.in_channels == 9
@@ -167,7 +171,8 @@ def run_bench(settings: BenchSettings, model=None, log=print) -> dict:
         log(f"FAILED {spec.name}: {reason}")
 
     comps = [c for c in all_comps if c != "safety_checker" or has_safety]
-    per_batch = len(comps) * (settings.warmup + settings.repeat) + settings.e2e_warmup + settings.repeat
+    per_batch = len(comps) * (settings.warmup + settings.repeat) + settings.e2e_warmup + settings.repeat + \
+        fewstep.calls(settings)
     progress = _Progress(len(configs) * (1 + len(settings.batches) * per_batch), settings.progress)
     inputs, shapes = {}, {}
     for b in settings.batches:
@@ -324,6 +329,8 @@ def run_bench(settings: BenchSettings, model=None, log=print) -> dict:
                                  "max_abs": max(r.max_abs for r in rows),
                                  "passed": all(r.passed for r in rows), "tolerance": asdict(tol),
                                  "images": [asdict(r) for r in rows]}
+        if settings.few_step:  # the same configurations at LCM, 4 steps, guidance 1, beside this run's generation
+            fewstep.measure(built, settings, b, height, width, device, few_calls, progress, log)
     peak = mem.stop()
     for spec, entry, runner in built:
         entry["peak_memory"] = {"kind": "cuda" if device.type == "cuda" else "cpu", "method": mem.method,
@@ -367,7 +374,8 @@ def run_bench(settings: BenchSettings, model=None, log=print) -> dict:
                      "safety_checker": has_safety, "task": settings.task, "strength": strength,
                      "pipeline": PIPELINES[settings.task], "components": list(all_comps),
                      "mask": "top-left quarter" if settings.task == "inpaint" else None,
-                     "unet_in_channels": model_info["unet_in_channels"]},
+                     "unet_in_channels": model_info["unet_in_channels"],
+                     "few_step": {**few, "unet_calls": few_calls} if settings.few_step else None},
         "machine": machine,
         "versions": versions(),
         "shapes": shapes,

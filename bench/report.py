@@ -186,9 +186,37 @@ def dropin_lines(report: dict) -> list[str]:
     return out
 
 
+def few_step_lines(report: dict) -> list[str]:
+    """--few-step: time per image of the run's generation and of LCM, 4 steps, guidance 1, per configuration."""
+    s, few = report["settings"], report["settings"].get("few_step")
+    if not few:
+        return []
+    out = ["", f"time per image: this run's generation ({s['steps']} steps {s['scheduler']}, guidance {s['guidance']:g}, "
+           f"{s['unet_calls']} UNet calls) against few-step ({few['scheduler']}, {few['steps']} steps, guidance "
+           f"{few['guidance']:g}: {few['unet_calls']} UNet calls, no classifier-free guidance), end to end, medians of "
+           f"{s['repeat']} runs; gain = {s['steps']}-step time / {few['steps']}-step time of the configuration, vs baseline = "
+           f"diffusers' {few['steps']}-step time / the configuration's; parity against the baseline's own "
+           f"{few['scheduler']} images"]
+    rows = [["config", "batch", f"{s['steps']} steps s/img", f"{few['steps']} steps s/img", "gain",
+             "vs baseline", "PSNR dB", "parity"]]
+    for c in report["configs"]:
+        for b, row in c["batches"].items():
+            st = row.get("few_step") or {}
+            if "failed" in st:
+                rows.append([c["name"], b, _s(st.get("default_per_image_s")), "FAILED", "", "", "", st["failed"][:60]])
+                continue
+            p = st.get("parity", {})
+            rows.append([c["name"] + (" (baseline)" if c["baseline"] else ""), b, _s(st.get("default_per_image_s")),
+                         _s(st.get("per_image_s")), f"{st['vs_default']:.1f}x" if st.get("vs_default") else "-",
+                         _x(st) or "-", "ref" if p.get("reference") else _psnr(p.get("psnr_db")),
+                         "reference" if p.get("reference") else
+                         f"{'pass' if p.get('passed') else 'FAIL'} (>= {p['tolerance']['min_psnr']:g} dB)"])
+    return out + _grid(rows, right={1, 2, 3, 4, 5, 6})
+
+
 def format_report(report: dict) -> str:
     return "\n".join(["fastsd bench"] + ["  " + line for line in header_lines(report)] + table_lines(report)
-                     + dropin_lines(report))
+                     + few_step_lines(report) + dropin_lines(report))
 
 
 def write_markdown(report: dict, path, command: str):

@@ -31,11 +31,17 @@ class DiffusersRunner:
         self.pipe = model.to_pipeline(with_safety_checker=settings.safety_checker, task=settings.task)
         self.pipe.to(self.device, torch.float32)
         self.pipe.set_progress_bar_config(disable=True)
-        if settings.scheduler:
-            self.pipe.scheduler = make_scheduler(settings.scheduler, self.pipe.scheduler.config)
+        self._schedulers = {None: self.pipe.scheduler}  # by name; None: the model's own
+        self.pipe.scheduler = self._scheduler(settings.scheduler)
         self.has_safety_checker = self.pipe.safety_checker is not None
         if settings.loras:  # diffusers' own way: PEFT layers beside the weights, not fused
             _load_reference_loras(self.pipe, settings.loras, settings.allow_pickle)
+
+    def _scheduler(self, name: str | None):
+        """The pipeline's scheduler for `name` (made once from the model's config, as fastsd.reference does)."""
+        if name not in self._schedulers:
+            self._schedulers[name] = make_scheduler(name, self._schedulers[None].config)
+        return self._schedulers[name]
 
     @torch.inference_mode()
     def text_encoder(self, ids):
@@ -43,7 +49,8 @@ class DiffusersRunner:
 
     @torch.inference_mode()
     def vae_encode(self, pixels):
-        return self.pipe.vae.encode(pixels, return_dict=False)[0].parameters
+        out = self.pipe.vae.encode(pixels, return_dict=False)[0]
+        return getattr(out, "parameters", out)  # a tiny VAE's encoder gives the latents themselves
 
     @torch.inference_mode()
     def unet_step(self, sample, t, hidden):
@@ -66,6 +73,7 @@ class DiffusersRunner:
         # image-to-image takes its size from the image (as fastsd.reference runs it); one image per generated
         # image, so that each is encoded with its own generator as the engine does
         size = {} if self.task == "img2img" else {"height": height, "width": width}
+        self.pipe.scheduler = self._scheduler(s.scheduler)  # --few-step runs LCM between the run's own calls
         out = self.pipe(s.prompt, negative_prompt=s.negative or None, num_images_per_prompt=batch,
                         num_inference_steps=s.steps, guidance_scale=s.guidance, **size,
                         **task_arguments(s, batch), output_type="pil",

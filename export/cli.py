@@ -51,7 +51,8 @@ def cmd_export(args) -> int:
         spec = str(Path(spec).expanduser().resolve())
     try:
         model = load_model(args.model, random_weights=args.random_weights, allow_pickle=args.allow_pickle,
-                           config=args.config, safety_checker=False)  # the safety checker is not exported
+                           config=args.config, safety_checker=False,  # the safety checker is not exported
+                           vae_tiny=args.vae_tiny)
         source = {"spec": spec, "random_weights": args.random_weights, "seed": 0,
                   "allow_pickle": args.allow_pickle, "config": args.config}
         info = export_model(model, out, opts, source=source, echo=print)

@@ -104,7 +104,9 @@ class ExportOptions:
         resolution = parse_range("resolution", res, low=validation.MIN_SIZE, high=validation.MAX_SIZE,
                                  multiple=multiple)
         batch = parse_range("batch", self.batch, low=1, high=validation.MAX_IMAGES)
-        return Shapes(batch, resolution, bool(self.static), int(model.tokenizer.model_max_length))
+        # the prompt length: the tokenizer's (CLIP's 77 where a pipeline has none: prompt_embeds-only use)
+        sequence = getattr(model.tokenizer, "model_max_length", None) or 77
+        return Shapes(batch, resolution, bool(self.static), int(sequence))
 
 
 def _require_onnx() -> None:
@@ -162,6 +164,8 @@ def model_source(model, **given) -> dict:
             src["config"] = model.preset.name
     else:
         src["spec"] = model.name
+    if (model.extra or {}).get("vae_tiny"):
+        src["vae_tiny"] = model.extra["vae_tiny"]
     src.update({k: v for k, v in given.items() if v is not None})
     return src
 
@@ -259,8 +263,12 @@ def export_model(model, out, options: ExportOptions | None = None, *, source: di
     random_weights, seed, ...); derived from the model when not given. Raises FastSDError subclasses:
     UnknownComponent, UnsupportedOpset, OutputNotEmpty, DiskFull, ParityError, TensorRTMissing."""
     opts = dataclasses.replace(options or ExportOptions(), **overrides).validated()
-    for part in ("text_encoder", "unet", "vae"):
-        p = next(getattr(model, part).parameters(), None)
+    needs = {"text_encoder": "text_encoder", "unet": "unet", "vae_decoder": "vae", "vae_encoder": "vae"}
+    for part in dict.fromkeys(needs[c] for c in opts.components if c in needs):  # what the graphs are made of
+        module = getattr(model, part)
+        if module is None:
+            raise InvalidParameter("model", f"no {part}", f"a model with a {part} (the graphs asked for need it)")
+        p = next(module.parameters(), None)
         if p is None or p.dtype != torch.float32 or p.device.type != "cpu":
             raise InvalidParameter("model", f"{part} in {getattr(p, 'dtype', 'no torch weights')}",
                                    "an SDModel with its PyTorch modules in FP32 on the CPU (the parity reference); "
@@ -268,7 +276,7 @@ def export_model(model, out, options: ExportOptions | None = None, *, source: di
     out = prepare_out(out, opts.overwrite)
     shapes = opts.shapes_for(model)
     dims = ModelDims.of(model)
-    specs = graph_specs(opts.static)
+    specs = graph_specs(opts.static, dims.class_labels)
     say = echo or (lambda s: None)
     if opts.overwrite:
         _clear_previous(out)
@@ -301,10 +309,16 @@ def export_model(model, out, options: ExportOptions | None = None, *, source: di
                 raise ParityError("export: " + "; ".join(
                     f"{r.graph} is beyond the {r.dtype} tolerance (rel {r.max_rel:.2e} > {r.tolerance:g}, max abs "
                     f"{r.max_abs:.2e})" for r in failed) + "; nothing was written")
-        for part, save in (("tokenizer", layout.save_tokenizer), ("scheduler", layout.save_scheduler)):
+        parts = [("tokenizer", layout.save_tokenizer, model.tokenizer),
+                 ("scheduler", layout.save_scheduler, model.scheduler)]
+        if model.extra.get("low_res_scheduler") is not None:  # the x4 upscaler's noise schedule for its input
+            parts.append(("low_res_scheduler", layout.save_scheduler, model.extra["low_res_scheduler"]))
+        for part, save, obj in parts:
+            if obj is None:  # a pipeline without a tokenizer (prompt_embeds-only use)
+                continue
             staged[part] = staging_dir(out, part)
             try:
-                save(getattr(model, part), staged[part])
+                save(obj, staged[part])
             except OSError as e:
                 raise write_failure(e, f"{out}/{part}") from e
         for name, folder in list(staged.items()):

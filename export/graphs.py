@@ -27,14 +27,17 @@ class TextEncoderGraph(torch.nn.Module):
 
 
 class UNetGraph(torch.nn.Module):
-    """(sample, timestep [1] float32, encoder_hidden_states) -> out_sample (the noise prediction)."""
+    """(sample, timestep [1] float32, encoder_hidden_states[, class_labels int64 [B]]) -> out_sample (the noise
+    prediction). class_labels: the x4 upscaler's noise level per image (diffusers' ONNX upscale pipeline's name);
+    sample has the UNet's own input channels (4, 9 inpainting, 5 depth, 7 upscaler)."""
 
     def __init__(self, unet):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample, timestep, encoder_hidden_states, class_labels=None):
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, class_labels=class_labels,
+                         return_dict=False)[0]
 
 
 class VaeDecoderGraph(torch.nn.Module):
@@ -49,7 +52,9 @@ class VaeDecoderGraph(torch.nn.Module):
 
 
 class VaeEncoderGraph(torch.nn.Module):
-    """sample (image in [-1, 1]) -> latent_parameters: mean and log-variance, [B, 2*latent_channels, h, w]."""
+    """sample (image in [-1, 1]) -> latent_parameters: mean and log-variance, [B, 2*latent_channels, h, w]; for a
+    tiny VAE (AutoencoderTiny), whose encoder gives latents and no distribution, the latents [B, latent_channels,
+    h, w] (the engine tells them apart by their channels)."""
 
     def __init__(self, vae):
         super().__init__()
@@ -57,7 +62,7 @@ class VaeEncoderGraph(torch.nn.Module):
 
     def forward(self, sample):
         h = self.vae.encoder(sample)
-        if self.vae.quant_conv is not None:
+        if getattr(self.vae, "quant_conv", None) is not None:
             h = self.vae.quant_conv(h)
         return h
 
@@ -118,15 +123,18 @@ class ModelDims:
     latent_channels: int  # VAE latent channels
     vae_scale_factor: int
     scaling_factor: float
+    class_labels: bool = False  # the UNet takes class labels (the x4 upscaler's noise level)
 
     @classmethod
     def of(cls, model) -> "ModelDims":
-        te = model.text_encoder.config
+        te = model.text_encoder.config if model.text_encoder is not None else None  # None: no text graph
+        vocab = int(te.vocab_size) if te is not None else 1
         eos = getattr(te, "eos_token_id", None)
-        return cls(int(te.vocab_size), int(eos if eos is not None and eos < te.vocab_size else te.vocab_size - 1),
+        return cls(vocab, int(eos if eos is not None and eos < vocab else vocab - 1),
                    int(model.unet.config.cross_attention_dim), int(model.unet.config.in_channels),
                    int(model.vae.config.latent_channels), int(model.vae_scale_factor),
-                   float(model.vae.config.scaling_factor))
+                   float(model.vae.config.scaling_factor),
+                   getattr(model.unet.config, "num_class_embeds", None) is not None)
 
 
 @dataclass(frozen=True)
@@ -154,7 +162,8 @@ class GraphSpec:
         return {
             "text_encoder": {"input_ids": [b, shapes.sequence]},
             "unet": {"sample": [b, dims.in_channels, lat, lat], "timestep": [1],
-                     "encoder_hidden_states": [b, shapes.sequence, dims.hidden_size]},
+                     "encoder_hidden_states": [b, shapes.sequence, dims.hidden_size],
+                     **({"class_labels": [b]} if dims.class_labels else {})},
             "vae_decoder": {"latent_sample": [b, dims.latent_channels, lat, lat]},
             "vae_encoder": {"sample": [b, 3, res, res]},
         }[self.name]
@@ -170,6 +179,8 @@ class GraphSpec:
                 out[name] = ids.to(torch.int32)
             elif name == "timestep":
                 out[name] = torch.tensor([981.0]).expand(shape).contiguous()
+            elif name == "class_labels":  # noise levels the upscaler is run at (0..350)
+                out[name] = torch.randint(0, 351, shape, generator=g, dtype=torch.int64)
             elif name == "latent_sample":
                 out[name] = torch.randn(shape, generator=g) / dims.scaling_factor
             elif self.name == "vae_encoder":
@@ -179,16 +190,18 @@ class GraphSpec:
         return out
 
 
-def graph_specs(static: bool = False) -> dict[str, GraphSpec]:
+def graph_specs(static: bool = False, class_labels: bool = False) -> dict[str, GraphSpec]:
+    """class_labels: the UNet graph takes them (ModelDims.class_labels: the x4 upscaler)."""
     def axes(d):
         return {} if static else d
+    labels = ("class_labels",) if class_labels else ()
     return {
         "text_encoder": GraphSpec("text_encoder", ("input_ids",), ("last_hidden_state", "pooler_output"), axes({
             "input_ids": {0: "batch", 1: "sequence"}, "last_hidden_state": {0: "batch", 1: "sequence"},
             "pooler_output": {0: "batch"}})),
-        "unet": GraphSpec("unet", ("sample", "timestep", "encoder_hidden_states"), ("out_sample",), axes({
+        "unet": GraphSpec("unet", ("sample", "timestep", "encoder_hidden_states", *labels), ("out_sample",), axes({
             "sample": {0: "batch", 2: "height", 3: "width"}, "encoder_hidden_states": {0: "batch", 1: "sequence"},
-            "out_sample": {0: "batch", 2: "height", 3: "width"}})),
+            "out_sample": {0: "batch", 2: "height", 3: "width"}, **{k: {0: "batch"} for k in labels}})),
         "vae_decoder": GraphSpec("vae_decoder", ("latent_sample",), ("sample",), axes({
             "latent_sample": {0: "batch", 2: "height", 3: "width"},
             "sample": {0: "batch", 2: "image_height", 3: "image_width"}})),
@@ -200,7 +213,7 @@ def graph_specs(static: bool = False) -> dict[str, GraphSpec]:
 
 def trt_profiles(dims: ModelDims, shapes: Shapes, components) -> dict:
     """{graph: {input: {"min": [...], "opt": [...], "max": [...]}}} for TensorRT optimization profiles."""
-    specs = graph_specs(shapes.static)
+    specs = graph_specs(shapes.static, dims.class_labels)
     out = {}
     for comp in components:
         spec = specs[comp]

@@ -27,7 +27,7 @@ EXPORT_INFO = "fastsd_export.json"
 GRAPH = "model.onnx"
 GPU_GRAPH = "model.gpu.onnx"
 # the files and folders an export writes (what --overwrite replaces; nothing else in DIR is touched)
-EXPORT_ENTRIES = (*COMPONENTS, "tokenizer", "scheduler", "model_index.json", "trt_profiles.json",
+EXPORT_ENTRIES = (*COMPONENTS, "tokenizer", "scheduler", "low_res_scheduler", "model_index.json", "trt_profiles.json",
                   "BUILD_TENSORRT.md", EXPORT_INFO)
 
 
@@ -42,6 +42,9 @@ def model_index(model, components) -> dict:
              "requires_safety_checker": False}
     for comp in COMPONENTS:
         index[comp] = onnx_entry if comp in components else [None, None]
+    if model.extra.get("low_res_scheduler") is not None:  # the x4 upscaler (its UNet graph takes class_labels)
+        index["low_res_scheduler"] = ["diffusers", type(model.extra["low_res_scheduler"]).__name__]
+        index["max_noise_level"] = int(model.extra.get("max_noise_level", 350))
     return index
 
 
@@ -174,8 +177,12 @@ def load_onnx_model(folder):
     vae = OnnxGraph("vae", vae_cfg, vae_parts)
     onnx_paths = {**text_encoder.paths, **unet.paths, **vae.paths}
     name = info.get("model", {}).get("name") or path.name
+    extra = {"onnx": onnx_paths, "export": info}
+    if (path / "low_res_scheduler" / "scheduler_config.json").is_file():  # the x4 upscaler
+        extra["low_res_scheduler"] = diffusers.DDPMScheduler.from_pretrained(str(path / "low_res_scheduler"))
+        extra["max_noise_level"] = int(index.get("max_noise_level", 350))
     return SDModel(name, "onnx", tokenizer, text_encoder, unet, vae, scheduler, None, None, preset=None, path=path,
-                   extra={"onnx": onnx_paths, "export": info})
+                   extra=extra)
 
 
 def reference_model(onnx_model, safety_checker: bool = True):
@@ -190,6 +197,6 @@ def reference_model(onnx_model, safety_checker: bool = True):
                           "so verify cannot rebuild the PyTorch FP32 reference; re-export it with `fastsd export`")
     ref = load_model(src["spec"], random_weights=bool(src.get("random_weights")), seed=int(src.get("seed", 0)),
                      allow_pickle=bool(src.get("allow_pickle")), config=src.get("config"),
-                     safety_checker=safety_checker)
+                     safety_checker=safety_checker, vae_tiny=src.get("vae_tiny"))
     onnx_model.safety_checker, onnx_model.feature_extractor = ref.safety_checker, ref.feature_extractor
     return ref

@@ -28,9 +28,10 @@ __version__ = "0.1.0"
 # name -> the module that defines it; imported when the name is first read
 _LAZY = {"Engine": "engine", "GenerationResult": "engine", "load_model": "loading", "SDModel": "model",
          "OptimizeConfig": "optimize", "optimize": "optimize", "accelerate": "accelerate",
-         "restore": "accelerate", "verify_pipeline": "pipeline_verify"}
+         "deaccelerate": "accelerate", "restore": "accelerate", "verify_pipeline": "pipeline_verify"}
 __all__ = ["Engine", "GenerationResult", "FastSDError", "InvalidParameter", "ModelLoadError", "SDModel",
-           "load_model", "OptimizeConfig", "optimize", "accelerate", "restore", "verify_pipeline", "__version__"]
+           "load_model", "OptimizeConfig", "optimize", "accelerate", "deaccelerate", "restore", "verify_pipeline",
+           "__version__"]
 
 
 class _Package(_types.ModuleType):

@@ -16,7 +16,7 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 from .errors import FastSDError, InvalidParameter, ModelLoadError  # noqa: E402
 from .options import (OneLineParser, check_generation_args, generation_options, image_options,  # noqa: E402
-                      load_for, lora_refs, model_options, optimize_config, output_paths, read_images)
+                      kind_inputs, load_for, lora_refs, model_options, optimize_config, output_paths, read_images)
 
 # Feature areas add their own subcommands: module -> `register(subparsers, parents)`.
 EXTRA_COMMANDS = ["fastsd.export.cli", "fastsd.bench.cli", "fastsd.serving.cli", "fastsd.batch.cli", "fastsd.ui.cli"]
@@ -30,6 +30,7 @@ def cmd_generate(args) -> int:
     check_generation_args(args)
     loras = lora_refs(args)
     image, mask = read_images(args)
+    extra = kind_inputs(args)
     config = optimize_config(args)
     if args.profile and not args.quiet:
         from .profiles import device_class, profile_flags  # lazy: torch after parsing
@@ -38,13 +39,26 @@ def cmd_generate(args) -> int:
     engine = optimize(load_for(args, config.backend), config)
     if loras:
         engine.set_loras(loras, allow_pickle=args.allow_pickle)
+    steps = 50 if args.steps is None else args.steps
     result = engine.generate(prompts, args.negative, num_images_per_prompt=args.num_images,
-                             num_inference_steps=50 if args.steps is None else args.steps, guidance_scale=args.guidance,
+                             num_inference_steps=steps, guidance_scale=args.guidance,
                              height=args.height, width=args.width, seed=args.seed, scheduler=args.scheduler,
                              progress=not args.quiet, image=image, mask_image=mask, strength=args.strength,
-                             resize=args.resize)
-    judge = _judge_for(engine)
-    for path, image, prompt, seed, flagged in zip(paths, result.images, result.prompts, result.seeds,
+                             resize=args.resize, eta=args.eta, **extra)
+    judge = None if args.upscale else _judge_for(engine)
+    images, described = result.images, engine.describe()
+    if args.upscale:  # the chain: the x4 upscaler over each image, the base image kept beside it
+        from .upscale_chain import upscale_images  # lazy: torch after parsing
+        for path, base in zip(paths, images):
+            base.save(path.with_name(f"{path.stem}-base{path.suffix}"))
+        del engine
+        upscaler = optimize(load_for(args, config.backend, spec=args.upscaler), config)
+        images, secs = upscale_images(upscaler, images, result.prompts, result.seeds, negative_prompt=args.negative,
+                                      steps=steps, guidance=args.guidance, progress=not args.quiet)
+        if not args.quiet:
+            print(f"upscaled 4x with {upscaler.model.name} in {secs:.2f}s (the images before: *-base)",
+                  file=sys.stderr)
+    for path, image, prompt, seed, flagged in zip(paths, images, result.prompts, result.seeds,
                                                   result.nsfw_content_detected):
         image.save(path)
         note = " (flagged by the safety checker: black image)" if flagged else ""
@@ -52,7 +66,7 @@ def cmd_generate(args) -> int:
         print(f"{path}  seed={seed}{note}{verdict}")
     t = result.timings
     if not args.quiet:
-        print(f"{engine.describe()}  total {t['total']:.2f}s, unet step {t['unet_step'] * 1000:.1f} ms, "
+        print(f"{described}  total {t['total']:.2f}s, unet step {t['unet_step'] * 1000:.1f} ms, "
               f"vae {t['vae_decode']:.2f}s" + (f", vae encode {t['vae_encode']:.2f}s" if "vae_encode" in t else ""),
               file=sys.stderr)
     return 0
@@ -83,8 +97,10 @@ def cmd_verify(args) -> int:
         return _verify_pipelines(args)
     loras = lora_refs(args)
     image, mask = read_images(args, own_defaults=True)
-    if args.task == "text2img" and image is not None:
-        raise InvalidParameter("image", args.image, "--image only with --task img2img or inpaint")
+    extra = kind_inputs(args, own_defaults=True)
+    if (args.task or "text2img") == "text2img" and image is not None and not extra:
+        raise InvalidParameter("image", args.image, "--image only with --task img2img or inpaint (or a depth or "
+                               "upscale model)")
     intervals = _intervals(args.cache_interval)
     args.cache_interval = intervals[0] if intervals else None
     config = optimize_config(args)
@@ -93,20 +109,36 @@ def cmd_verify(args) -> int:
     if model.source == "onnx":  # the export runs in the engine; the model it came from is the reference
         from .export import reference_model  # lazy: torch after parsing
         model, engine_model = reference_model(model, safety_checker=not args.no_safety_checker), model
-    runs, _ = verify_each(model, configs, prompts=args.prompt or None,
-                          negative_prompt=args.negative, num_images_per_prompt=args.num_images,
-                          steps=25 if args.steps is None else args.steps, guidance=args.guidance, height=args.height,
-                          width=args.width, seed=args.seed if args.seed is not None else 0,
-                          scheduler=args.scheduler, progress=not args.quiet, engine_model=engine_model,
-                          loras=loras, allow_pickle=args.allow_pickle,
-                          task=args.task, image=image, mask_image=mask, strength=args.strength)
+    common = dict(prompts=args.prompt or None, negative_prompt=args.negative, num_images_per_prompt=args.num_images,
+                  steps=25 if args.steps is None else args.steps, guidance=args.guidance, height=args.height,
+                  width=args.width, seed=args.seed if args.seed is not None else 0, scheduler=args.scheduler,
+                  progress=not args.quiet, engine_model=engine_model, image=image, strength=args.strength,
+                  eta=args.eta)
+    if model.kind in ("depth", "upscale"):  # the task is the model's; it makes its own inputs
+        from .verify_kinds import verify_each as verify_kind  # lazy: torch after parsing
+        for name, value in (("task", args.task), ("mask", args.mask), ("lora", loras or None)):
+            if value is not None:
+                raise InvalidParameter(name, value, f"nothing with a {model.kind} model (its task is its own)")
+        runs, _ = verify_kind(model, configs, **common, **extra)
+    else:
+        if extra:
+            name = next(iter(extra))
+            raise InvalidParameter(name, getattr(args, name), "only with a depth model (--depth-map) or the x4 "
+                                   "upscaler (--noise-level, --tile-size)")
+        runs, _ = verify_each(model, configs, **common, loras=loras, allow_pickle=args.allow_pickle,
+                              task=args.task or "text2img", mask_image=mask)
     for report, engine, _ in runs:
         tol = report["tolerance"]
         cached = report["config"]["cache_interval"]
         print(f"fastsd verify: {report['model']}  task {report['task']}"
               + (f" (strength {report['strength']:g})" if report["strength"] is not None else "")
+              + (f" (noise level {report['noise_level']}, input {report['input_size'][0]}x{report['input_size'][1]})"
+                 if report.get("noise_level") is not None else "")
+              + (f" (depth map {report['depth_map']})" if report.get("depth_map") else "")
               + f"  {engine.describe()}")
-        print(f"  {report['steps']} steps, guidance {report['guidance']}, {report['width']}x{report['height']}, "
+        print(f"  {report['steps']} steps, guidance {report['guidance']}" + (f", eta {report['eta']:g}" if report['eta']
+                                                                               else "") +
+              f", {report['width']}x{report['height']}, "
               f"scheduler {report['scheduler']}" + (f", step cache interval {cached}" if cached > 1 else "") +
               f"; tolerance ({tol['name']}): max abs <= {tol['max_abs']:g}, "
               f"PSNR >= {tol['min_psnr']:g} dB, latent cosine >= {tol['min_latent_cosine']}")
@@ -135,7 +167,7 @@ def _intervals(text) -> list[int]:
 def _verify_pipelines(args) -> int:
     """verify --pipeline: each kind of diffusers pipeline over the model, plain (the reference), then after
     fastsd.accelerate with the engine flags given, on the same inputs and seed."""
-    from .accelerate import restore  # lazy: torch after parsing
+    from .accelerate import deaccelerate  # lazy: torch after parsing
     # lazy: torch after parsing
     from .pipeline_verify import build_pipeline, check_kinds, sample_inputs, verify_pipeline
     kinds = check_kinds(args.pipeline)
@@ -149,6 +181,9 @@ def _verify_pipelines(args) -> int:
         from .backends.openvino.backend import check_config  # lazy: torch after parsing
         check_config(config, "fastsd.accelerate with the openvino backend")
     model = load_for(args)
+    if args.scheduler:  # diffusers' own scheduler class in the pipeline, on both sides of the comparison
+        from .schedulers import make_scheduler  # lazy: torch after parsing
+        model.scheduler = make_scheduler(args.scheduler, model.scheduler.config)
     controlnet = None
     if "controlnet" in kinds and args.controlnet:
         from diffusers import ControlNetModel
@@ -164,8 +199,9 @@ def _verify_pipelines(args) -> int:
         r = verify_pipeline(pipe, prompt=prompt, negative_prompt=args.negative, config=config,
                             seed=args.seed if args.seed is not None else 0, guidance_scale=args.guidance,
                             num_images_per_prompt=args.num_images,
-                            num_inference_steps=25 if args.steps is None else args.steps, **sample_inputs(kind, size))
-        restore(pipe)  # the next kind builds on the same modules, plain again
+                            num_inference_steps=25 if args.steps is None else args.steps, eta=args.eta,
+                            **sample_inputs(kind, size))
+        deaccelerate(pipe)  # the next kind builds on the same modules, plain again
         reports[kind], ok = r, ok and r["passed"]
         rows = r["images"]  # the worst image of the call
         print(f"{type(pipe).__name__:<36} max abs {max(x['max_abs'] for x in rows):>4.0f}  PSNR "
@@ -189,7 +225,7 @@ def cmd_models(args) -> int:
     from .loading import build_random  # lazy: torch after parsing
     from .presets import PRESETS  # lazy: torch after parsing
     print(f"{'preset':<12} {'size':>5} {'prediction':<13} {'sched':<6} {'text enc':>9} {'unet':>9} {'vae':>8} "
-          f"{'safety':>8}  hub id")
+          f"{'safety':>8} {'depth':>8}  hub id")
     for p in PRESETS.values():
         if args.preset and p.name not in args.preset:
             continue
@@ -201,7 +237,7 @@ def cmd_models(args) -> int:
             return f"{counts[k] / 1e6:.2f}M" if k in counts else "-"
         origin = p.hub_id or ("(packaged)" if p.local_path else "(none: random by design)")
         print(f"{p.name:<12} {p.size:>5} {p.prediction_type:<13} {p.scheduler:<6} {m('text_encoder'):>9} "
-              f"{m('unet'):>9} {m('vae'):>8} {m('safety_checker'):>8}  {origin}")
+              f"{m('unet'):>9} {m('vae'):>8} {m('safety_checker'):>8} {m('depth_estimator'):>8}  {origin}")
     return 0
 
 
@@ -217,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with --image and --mask, inpainting.")
     g.add_argument("prompt", nargs="+", help="one or more prompts (quote each)")
     g.add_argument("--out", "-o", default="out/image.png", help="image path; several images get -0, -1, ...")
+    g.add_argument("--upscale", action="store_true",
+                   help="then run the x4 upscaler on each image (its prompt and seed): 512 -> 2048; the image "
+                        "before is kept as *-base.png")
+    g.add_argument("--upscaler", default="sd-x4-upscaler", metavar="DIR|PRESET",
+                   help="with --upscale: the x4 upscaler folder or preset (default sd-x4-upscaler)")
     g.set_defaults(func=cmd_generate)
 
     v = sub.add_parser("verify", parents=[mo, go, image_options()], help="compare a configuration with the FP32 diffusers pipeline",
@@ -225,10 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "when an image is beyond the tolerance of the configuration's dtype.")
     v.add_argument("prompt", nargs="*", help="prompts (default: two sample prompts)")
     v.add_argument("--json", help="write the figures to this JSON file")
-    v.add_argument("--task", default="text2img", choices=["text2img", "img2img", "inpaint"],
-                   help="text2img (StableDiffusionPipeline), img2img (StableDiffusionImg2ImgPipeline) or inpaint "
-                        "(StableDiffusionInpaintPipeline); the image and mask default to a drawn disc and its "
-                        "top-left quarter at the model's size, or --image/--mask")
+    v.add_argument("--task", default=None, choices=["text2img", "img2img", "inpaint"],
+                   help="text2img (StableDiffusionPipeline, the default), img2img (StableDiffusionImg2ImgPipeline) or "
+                        "inpaint (StableDiffusionInpaintPipeline); the image and mask default to a drawn disc and its "
+                        "top-left quarter at the model's size, or --image/--mask. A depth or x4 upscaler model is "
+                        "compared with StableDiffusionDepth2ImgPipeline / StableDiffusionUpscalePipeline on its own "
+                        "test image (and depth map) without --task")
     v.add_argument("--pipeline", metavar="KINDS",
                    help="compare diffusers' own pipelines plain and after fastsd.accelerate instead: a comma list of "
                         "txt2img, img2img, inpaint, controlnet (ControlNet: --controlnet DIR, else random weights); "
@@ -236,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--controlnet", metavar="DIR", help="with --pipeline controlnet: a diffusers ControlNet folder")
     v.set_defaults(func=cmd_verify)
 
-    ms = sub.add_parser("models", help="list the presets and their parameter counts")
+    ms = sub.add_parser("models", help="list the presets and their parameter counts (depth: a depth model's DPT "
+                                       "estimator)")
     ms.add_argument("preset", nargs="*", help="only these presets")
     ms.set_defaults(func=cmd_models)
 

@@ -16,13 +16,16 @@ import torch
 from diffusers.image_processor import VaeImageProcessor
 from tqdm.auto import tqdm
 
-from . import tasks
+from . import tasks, tasks_depth, tasks_upscale
 from . import validation as check
-from .errors import FastSDError, GenerationStopped, InvalidParameter
+from .errors import FastSDError, InvalidParameter
 from .lora import LoraSwitcher, as_refs
-from .schedulers import make_scheduler, scheduler_name
+from .schedulers import check_steps, make_scheduler, scheduler_name, takes_eta
 
 log = logging.getLogger("fastsd")
+
+# the tasks of a depth or upscale model (fastsd.model_kinds): module with check(...) and make(...)
+KIND_TASKS = {"depth": tasks_depth, "upscale": tasks_upscale}
 
 
 class NonFiniteOutput(FastSDError):
@@ -103,19 +106,36 @@ class Engine:
                  num_inference_steps: int = 50, guidance_scale=7.5, height: int | None = None,
                  width: int | None = None, seed=None, scheduler: str | None = None,
                  progress: bool = True, output_type: str = "pil", image=None, mask_image=None,
-                 strength: float | None = None, resize: bool = False, should_stop=None) -> GenerationResult:
+                 strength: float | None = None, resize: bool = False, eta: float = 0.0, on_step=None,
+                 depth_map=None, noise_level: int | None = None, tile_size: int | None = None) -> GenerationResult:
         """Text-to-image; with `image`, image-to-image; with `image` and `mask_image` (white = repaint),
         inpainting (fastsd.tasks). `strength` defaults to 0.8 for image-to-image and 1.0 for inpainting, as
         in diffusers. Images: one for all, one per prompt, or one per generated image. The
         output has the image's size unless height/width say otherwise (then `resize` must be set).
-        `should_stop`: a callable asked before the text encoder and before each denoising step; when it
-        returns True the call ends with GenerationStopped (a server whose callers left or timed out)."""
+        `eta`: DDIM's eta / TCD's gamma, diffusers' pipeline argument (default 0.0, as there); guidance at or
+        below 1 turns classifier-free guidance off (one UNet call per step at the batch size).
+        `on_step(step, steps)` is called after each denoising step; an exception it raises ends the call.
+        A depth model takes `image` and `depth_map` (fastsd.tasks_depth); the x4 upscaler `image`,
+        `noise_level` and `tile_size` (fastsd.tasks_upscale), its output 4x the image's size."""
         prompts = check.prompts(prompt)
         negatives = check.negative_prompts(negative_prompt, len(prompts))
         n_img = check.num_images(num_images_per_prompt)
         steps = check.steps(num_inference_steps)
-        tasks.check_inputs(image, mask_image, strength, self.model.unet.config.in_channels)
-        if image is not None:
+        kind_tasks = KIND_TASKS.get(self.model.kind)
+        kind_inputs = {k: v for k, v in (("depth_map", depth_map), ("noise_level", noise_level),
+                                         ("tile_size", tile_size)) if v is not None}
+        if kind_tasks is not None:
+            height, width = kind_tasks.check(self.model, image=image, mask_image=mask_image, strength=strength,
+                                             height=height, width=width, resize=resize, **kind_inputs)
+        elif kind_inputs:
+            name = next(iter(kind_inputs))
+            value = kind_inputs[name]
+            raise InvalidParameter(name, f"a {type(value).__name__}" if hasattr(value, "shape") else value,
+                                   f"nothing with this model ({self.model.kind}): depth_map with a depth model, "
+                                   "noise_level and tile_size with the x4 upscaler")
+        else:
+            tasks.check_inputs(image, mask_image, strength, self.model.unet.config.in_channels)
+        if image is not None and kind_tasks is None:
             height, width = tasks.target_size(image, mask_image, height, width, resize, self.model.vae_scale_factor)
         height = check.size("height", height if height is not None else self.model.native_size)
         width = check.size("width", width if width is not None else self.model.native_size)
@@ -128,11 +148,15 @@ class Engine:
         seeds = check.seeds(seed, batch) or [random.randrange(2**31) for _ in range(batch)]
         sched = make_scheduler(scheduler, self.scheduler.config) if scheduler else \
             type(self.scheduler).from_config(self.scheduler.config)  # fresh state per call
+        check_steps(sched, steps)
+        eta = check.eta(eta)
+        if eta and not takes_eta(sched):
+            raise InvalidParameter("eta", eta, f"0 with the {scheduler_name(sched)} scheduler (eta is read by ddim and "
+                                   "tcd only)")
 
         t0 = time.perf_counter()
         timings: dict[str, float] = {}
         device = self.backend.device
-        _check_stop(should_stop, 0, steps)
         # guidance off at 1 or below: one UNet call per step (as diffusers decides it)
         do_cfg = max(gscales) > 1.0 and self.model.unet.config.time_cond_proj_dim is None
         cond = self.encode(prompts).repeat_interleave(n_img, dim=0)
@@ -143,11 +167,16 @@ class Engine:
             text_emb = cond
         timings["text_encoder"] = time.perf_counter() - t0
 
-        task = tasks.make_task(image=image, mask_image=mask_image, strength=strength, prompts=len(prompts),
-                               per_prompt=n_img, height=height, width=width,
-                               unet_in_channels=self.model.unet.config.in_channels,
-                               vae_scale_factor=self.model.vae_scale_factor,
-                               scaling_factor=self.model.vae.config.scaling_factor, guided=do_cfg)
+        if kind_tasks is not None:
+            task = kind_tasks.make(self.model, self.backend, image=image, strength=strength, prompts=len(prompts),
+                                   per_prompt=n_img, height=height, width=width, guided=do_cfg, **kind_inputs)
+        else:
+            task = tasks.make_task(image=image, mask_image=mask_image, strength=strength, prompts=len(prompts),
+                                   per_prompt=n_img, height=height, width=width,
+                                   unet_in_channels=self.model.unet.config.in_channels,
+                                   vae_scale_factor=self.model.vae_scale_factor,
+                                   scaling_factor=self.model.vae.config.scaling_factor, guided=do_cfg,
+                                   latent_channels=getattr(self.model.vae.config, "latent_channels", 4))
         self.backend.prepare(batch, height, width, do_cfg)
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         latent_shape = (getattr(self.model.vae.config, "latent_channels", 4), height // self.model.vae_scale_factor,
@@ -159,23 +188,25 @@ class Engine:
         step_kwargs = {}
         params = set(inspect.signature(sched.step).parameters)
         if "eta" in params:
-            step_kwargs["eta"] = 0.0
+            step_kwargs["eta"] = eta
         if "generator" in params:
             step_kwargs["generator"] = generators
         g = torch.tensor([gs for gs in gscales for _ in range(n_img)], dtype=torch.float32, device=device)
+        unet_kwargs = self._guidance_embedding(g - 1.0)
         g = g.view(-1, 1, 1, 1)
 
         t1 = time.perf_counter()
         for i, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress, leave=False)):
-            _check_stop(should_stop, i, len(timesteps))
             model_in = torch.cat([latents] * 2) if do_cfg else latents
             model_in = task.unet_input(sched.scale_model_input(model_in, t))
-            noise = self.backend.unet(model_in, t, text_emb).float()
+            noise = task.predict(self.backend, model_in, t, text_emb, **unet_kwargs).float()
             if do_cfg:
                 n_uncond, n_text = noise.chunk(2)
                 noise = n_uncond + (g if len(set(gscales)) > 1 else gscales[0]) * (n_text - n_uncond)
             latents = sched.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
             latents = task.after_step(latents, i, timesteps, sched)
+            if on_step is not None:
+                on_step(i + 1, len(timesteps))
         if not torch.isfinite(latents).all():
             raise NonFiniteOutput(f"latents became NaN/inf during denoising in {self.backend.dtype}; "
                                   "run with --dtype fp32 (or bf16)")
@@ -201,6 +232,20 @@ class Engine:
         return GenerationResult(images, nsfw, seeds, latents.float().cpu(), timings,
                                 [p for p in prompts for _ in range(n_img)])
 
+    def _guidance_embedding(self, w: torch.Tensor) -> dict:
+        """An LCM-distilled UNet (time_cond_proj_dim set) takes guidance as an embedding of w = guidance - 1 instead
+        of classifier-free guidance: diffusers' own get_guidance_scale_embedding, per image. {} for any other UNet."""
+        dim = self.model.unet.config.time_cond_proj_dim
+        if dim is None:
+            return {}
+        if not getattr(self.backend, "takes_timestep_cond", False):
+            raise InvalidParameter("model", "an LCM-distilled UNet (time_cond_proj_dim)",
+                                   f"a UNet without a guidance embedding on the {self.backend.name} backend "
+                                   "(LCM-distilled models run on the torch backend; LCM-LoRAs on every backend)")
+        from diffusers import StableDiffusionPipeline
+        emb = StableDiffusionPipeline.get_guidance_scale_embedding(None, w.float().cpu(), embedding_dim=int(dim))
+        return {"timestep_cond": emb.to(self.backend.device)}
+
     def _safety_check(self, image: torch.Tensor):
         if self.safety_checker is None:
             return image, [False] * image.shape[0]
@@ -211,13 +256,8 @@ class Engine:
         return image, [bool(f) for f in flags]
 
     def describe(self) -> dict:
-        d = {"model": self.model.name, "source": self.model.source, "scheduler": scheduler_name(self.scheduler),
-             **self.backend.describe()}
+        d = {"model": self.model.name, "source": self.model.source, "kind": self.model.kind,
+             "scheduler": scheduler_name(self.scheduler), **self.backend.describe()}
         if self.loras is not None and self.loras.active:
             d["loras"] = [str(r) for r in self.loras.active]
         return d
-
-
-def _check_stop(should_stop, step: int, steps: int) -> None:
-    if should_stop is not None and should_stop():
-        raise GenerationStopped(f"stopped by its caller before step {step + 1} of {steps}")

@@ -13,8 +13,10 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPTextConfig, CLIPTex
 
 from .errors import ModelLoadError
 from .model import SDModel
+from .model_kinds import kind_of
 from .presets import CHECKPOINT_SUFFIXES, PRESETS, Preset, check_config, get_preset
 from .schedulers import make_scheduler
+from .tiny_vae import use_tiny_vae
 from .tokenizer import byte_level_clip_tokenizer
 
 log = logging.getLogger("fastsd")
@@ -36,28 +38,57 @@ def build_random(preset: Preset, seed: int = 0, with_safety_checker: bool = True
         fe = CLIPImageProcessor()
     scheduler = make_scheduler(preset.scheduler, preset.scheduler_config())
     return SDModel(preset.name, "random", byte_level_clip_tokenizer(), text_encoder, unet, vae, scheduler,
-                   safety, fe, preset=preset)
+                   safety, fe, preset=preset, extra=kind_parts(preset))
+
+
+def kind_parts(preset: Preset) -> dict:
+    """What a depth or upscale preset has beyond the SD components (SDModel.extra), with random weights."""
+    extra = {}
+    if preset.depth_estimator is not None:
+        from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+        cfg = DPTConfig(**preset.depth_estimator)
+        extra["depth_estimator"] = DPTForDepthEstimation(cfg).eval()
+        extra["depth_processor"] = DPTImageProcessor(size={"height": cfg.image_size, "width": cfg.image_size})
+    if preset.upscaler is not None:
+        from diffusers import DDPMScheduler
+        extra["low_res_scheduler"] = DDPMScheduler.from_config(preset.upscaler["low_res_scheduler"])
+        extra["max_noise_level"] = int(preset.upscaler["max_noise_level"])
+    return extra
 
 
 def _load_folder(path: Path, name: str, source: str, preset: Preset | None) -> SDModel:
-    from diffusers import StableDiffusionPipeline
+    """Any SD-family folder (fastsd.model_kinds): loaded with the pipeline class its model_index.json names,
+    which must agree with its UNet's input channels."""
+    import diffusers
     if not (path / "model_index.json").is_file():
         raise ModelLoadError(f"model: {path} is not a diffusers model folder (no model_index.json)")
     try:
         index = json.loads((path / "model_index.json").read_text())
-        if index.get("_class_name") not in (None, "StableDiffusionPipeline"):
-            raise ModelLoadError(f"model: {path} holds a {index['_class_name']}, not a StableDiffusionPipeline")
+        class_name = index.get("_class_name") or "StableDiffusionPipeline"
+        unet_config = path / "unet" / "config.json"
+        channels = json.loads(unet_config.read_text()).get("in_channels", 4) if unet_config.is_file() else 4
+        kind_of(channels, class_name, where=f"model: {path}")
         # no dtype keyword (diffusers renamed torch_dtype to dtype in 0.4x and warns on the old one):
         # load as saved, then make every module FP32 below
-        pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, use_safetensors=None)
+        loader = "StableDiffusionPipeline" if class_name == "LatentConsistencyModelPipeline" else class_name
+        pipe = getattr(diffusers, loader).from_pretrained(str(path), local_files_only=True, use_safetensors=None)
     except ModelLoadError:
         raise
     except Exception as e:  # diffusers raises many types for a broken folder; say which file
         raise ModelLoadError(f"model: cannot load {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
     modules = [m.to(torch.float32).eval() if m is not None else None
-               for m in (pipe.text_encoder, pipe.unet, pipe.vae, pipe.safety_checker)]
+               for m in (pipe.text_encoder, pipe.unet, pipe.vae, getattr(pipe, "safety_checker", None))]
+    extra, fe = {}, getattr(pipe, "feature_extractor", None)
+    if class_name == "StableDiffusionDepth2ImgPipeline":
+        estimator = pipe.depth_estimator
+        extra = {"depth_estimator": estimator.to(torch.float32).eval() if estimator is not None else None,
+                 "depth_processor": fe}
+        fe = None  # the folder's feature extractor is DPT's, not a safety checker's
+    elif class_name == "StableDiffusionUpscalePipeline":
+        extra = {"low_res_scheduler": pipe.low_res_scheduler, "max_noise_level": int(pipe.config.max_noise_level)}
+        fe = fe if modules[3] is not None else None
     return SDModel(name, source, pipe.tokenizer, modules[0], modules[1], modules[2], pipe.scheduler, modules[3],
-                   pipe.feature_extractor, preset=preset, path=path)
+                   fe, preset=preset, path=path, extra=extra)
 
 
 def _load_hub(preset_or_id: str, preset: Preset | None) -> SDModel:
@@ -76,13 +107,21 @@ def _load_hub(preset_or_id: str, preset: Preset | None) -> SDModel:
 
 
 def load_model(spec: str, *, random_weights: bool = False, seed: int = 0, allow_pickle: bool = False,
-               config: str | None = None, safety_checker: bool = True) -> SDModel:
+               config: str | None = None, safety_checker: bool = True, vae_tiny: str | None = None) -> SDModel:
     """Load `spec`: a preset name, a hub id, a local diffusers folder or a single checkpoint file.
 
     random_weights: build the preset's architecture (spec must be a preset) with seeded weights.
     allow_pickle: allow `.ckpt` pickles (loaded with weights_only=True); off by default.
     config: for a single checkpoint file, the preset whose architecture it has (auto-detected if None).
+    vae_tiny: a local AutoencoderTiny (TAESD) folder that decodes and encodes in place of the model's VAE.
     """
+    model = _load(spec, random_weights=random_weights, seed=seed, allow_pickle=allow_pickle, config=config,
+                  safety_checker=safety_checker)
+    return use_tiny_vae(model, vae_tiny) if vae_tiny else model
+
+
+def _load(spec: str, *, random_weights: bool, seed: int, allow_pickle: bool, config: str | None,
+          safety_checker: bool) -> SDModel:
     check_config(spec, config)
     preset = get_preset(spec)
     path = Path(spec).expanduser()

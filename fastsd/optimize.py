@@ -110,9 +110,13 @@ def as_model(model) -> SDModel:
     if isinstance(model, str):
         return load_model(model)
     if all(hasattr(model, a) for a in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")):
+        extra, fe = {}, getattr(model, "feature_extractor", None)
+        if hasattr(model, "low_res_scheduler"):  # StableDiffusionUpscalePipeline
+            extra = {"low_res_scheduler": model.low_res_scheduler, "max_noise_level": int(model.config.max_noise_level)}
+        if hasattr(model, "depth_estimator"):  # StableDiffusionDepth2ImgPipeline: its processor is DPT's
+            extra, fe = {"depth_estimator": model.depth_estimator, "depth_processor": fe}, None
         return SDModel(type(model).__name__, "pipeline", model.tokenizer, model.text_encoder, model.unet,
-                       model.vae, model.scheduler, getattr(model, "safety_checker", None),
-                       getattr(model, "feature_extractor", None))
+                       model.vae, model.scheduler, getattr(model, "safety_checker", None), fe, extra=extra)
     raise InvalidParameter("model", type(model).__name__, "an SDModel, a StableDiffusionPipeline or a model name")
 
 

@@ -44,6 +44,9 @@ def add_model_source(g, default: str | None = None) -> None:
     g.add_argument("--config", help="for a single checkpoint file: the preset whose architecture it has")
     g.add_argument("--allow-pickle", action="store_true",
                    help="allow .ckpt pickle checkpoints (loaded with weights_only=True)")
+    g.add_argument("--vae-tiny", metavar="DIR",
+                   help="a tiny VAE (AutoencoderTiny, TAESD format, e.g. madebyollin/taesd) folder that decodes and "
+                        "encodes in place of the model's VAE")
 
 
 def add_lora_option(g) -> None:
@@ -114,7 +117,11 @@ def generation_options() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int, help="pixels, a multiple of 8 in 64..2048 (default: the model's size)")
     g.add_argument("--width", type=int, help="pixels, a multiple of 8 in 64..2048 (default: the model's size)")
     g.add_argument("--seed", type=int, default=None, help="seed of the first image; image i uses seed+i")
-    g.add_argument("--scheduler", help="pndm | ddim | euler | euler-ancestral | dpm++ | lms (default: the model's)")
+    g.add_argument("--scheduler", help="pndm | ddim | euler | euler-ancestral | dpm++ | lms | lcm | tcd (default: "
+                                       "the model's own scheduler config); lcm and tcd: 2-8 steps with an LCM/TCD "
+                                       "model or LoRA, --guidance 1")
+    g.add_argument("--eta", type=float, default=0.0,
+                   help="DDIM's eta and TCD's gamma, in [0, 1] (default 0.0, as diffusers' pipelines)")
     g.add_argument("--negative", default=None, action=Once, help="one negative prompt, for every prompt")
     g.add_argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
     return p
@@ -135,7 +142,35 @@ def image_options(resize: bool = True) -> argparse.ArgumentParser:
         g.add_argument("--resize", action="store_true",
                        help="resize the image (and mask) to --height/--width, or its size rounded down to a multiple "
                             "of 8; without it an image of another size is refused")
+    add_kind_options(p)
     return p
+
+
+def add_kind_options(p) -> None:
+    """The inputs of a depth-to-image model and of the x4 upscaler (fastsd.tasks_depth, fastsd.tasks_upscale)."""
+    g = p.add_argument_group("depth-to-image and the x4 upscaler")
+    g.add_argument("--depth-map", metavar="FILE",
+                   help="depth model: a grayscale PNG (8- or 16-bit) or a .npy HxW float array, larger = nearer "
+                        "(default: the folder's own DPT depth estimator)")
+    g.add_argument("--noise-level", type=int, default=None,
+                   help="x4 upscaler: noise added to the low-res image, 0..max_noise_level (350); default 20")
+    g.add_argument("--tile-size", type=int, default=None,
+                   help="x4 upscaler: the UNet runs on windows of this many input pixels a side, overlapping by a "
+                        "quarter and blended (default 128); the output is 4x the input")
+
+
+def kind_inputs(args, own_defaults: bool = False) -> dict:
+    """--depth-map, --noise-level, --tile-size as generate's keywords (only those given), the depth map read now,
+    before a model loads. own_defaults: the command supplies an image itself (verify)."""
+    from . import depth  # lazy: torch after parsing
+    given = {k: getattr(args, k, None) for k in ("depth_map", "noise_level", "tile_size")}
+    given = {k: v for k, v in given.items() if v is not None}
+    if given and not args.image and not own_defaults:
+        name = next(iter(given))
+        raise InvalidParameter(name, given[name], "only together with --image")
+    if "depth_map" in given:
+        given["depth_map"] = depth.read_depth_map(given["depth_map"], "depth_map")
+    return given
 
 
 def read_images(args, own_defaults: bool = False):
@@ -195,14 +230,18 @@ def check_generation_args(args) -> None:
         check.seeds(args.seed, 1)
     if args.scheduler is not None:
         check_scheduler(args.scheduler)
+    check.eta(getattr(args, "eta", 0.0))
+    if getattr(args, "vae_tiny", None):
+        from .tiny_vae import load_tiny_vae  # lazy: torch after parsing
+        load_tiny_vae(args.vae_tiny)  # the folder is checked before the model loads
 
 
-def load_for(args, backend: str | None = None):
-    """The model for `backend` (the engine config's; else --backend, else torch)."""
+def load_for(args, backend: str | None = None, spec: str | None = None):
+    """The model for `backend` (the engine config's; else --backend, else torch): --model, or `spec`."""
     from .backends import load_for_backend  # lazy: torch after parsing
-    return load_for_backend(backend or args.backend or "torch", args.model, random_weights=args.random_weights,
+    return load_for_backend(backend or args.backend or "torch", spec or args.model, random_weights=args.random_weights,
                             allow_pickle=args.allow_pickle, config=args.config,
-                            safety_checker=not args.no_safety_checker)
+                            safety_checker=not args.no_safety_checker, vae_tiny=getattr(args, "vae_tiny", None))
 
 
 def output_paths(out: str, count: int) -> list[Path]:

@@ -38,7 +38,7 @@ def verify_pipeline(pipe, *args, config=None, profile: str | None = None, seed: 
     accelerated. `kwargs` are the pipeline's own (prompt, image, num_inference_steps, ...); `generator` and
     `output_type` are set here."""
     if accelerated(pipe) is not None:
-        raise InvalidParameter("pipe", "an accelerated pipeline", "the plain pipeline (fastsd.restore(pipe) first)")
+        raise InvalidParameter("pipe", "an accelerated pipeline", "the plain pipeline (fastsd.deaccelerate(pipe) first)")
     for k in ("generator", "output_type"):
         if k in kwargs:
             raise InvalidParameter(k, kwargs[k], f"nothing: verify_pipeline sets {k} itself (use seed=)")

@@ -38,6 +38,28 @@ _OPENCLIP_H = dict(  # OpenCLIP ViT-H/14 text tower, penultimate layer (SD 2.x s
     vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
     num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
 )
+_X4_UNET = dict(  # stable-diffusion-x4-upscaler (x4-upscaling.yaml): 4 latent + 3 low-res image channels in,
+    # noise_level as a class label, cross-attention only in the three attention levels, 8 heads
+    sample_size=128, in_channels=7, out_channels=4, layers_per_block=2, block_out_channels=(256, 512, 512, 1024),
+    down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 3,
+    up_block_types=("CrossAttnUpBlock2D",) * 3 + ("UpBlock2D",),
+    only_cross_attention=(True, True, True, False), num_class_embeds=1000, cross_attention_dim=1024,
+    attention_head_dim=8, use_linear_projection=True,
+)
+_X4_VAE = dict(_SD_VAE, block_out_channels=(128, 256, 512), down_block_types=("DownEncoderBlock2D",) * 3,
+               up_block_types=("UpDecoderBlock2D",) * 3, sample_size=256, scaling_factor=0.08333)  # 4x, not 8x
+_X4_SCHEDULER = dict(beta_start=0.0001, beta_end=0.02)  # DDIM, v-prediction, over these betas
+_X4_UPSCALER = dict(  # low_res_scheduler: noises the low-res image to noise_level; max_noise_level: model_index.json
+    low_res_scheduler=dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="scaled_linear",
+                           clip_sample=False, variance_type="fixed_small"),
+    max_noise_level=350)
+_DPT_HYBRID = dict(  # the depth_estimator of stable-diffusion-2-depth: DPT-Hybrid (MiDaS 3.0), ViT-B/16 on a BiT stem
+    is_hybrid=True, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+    image_size=384, patch_size=16, backbone_out_indices=(2, 5, 8, 11), neck_hidden_sizes=(256, 512, 768, 768),
+    fusion_hidden_size=256, readout_type="project", reassemble_factors=(4, 2, 1, 0.5),
+    backbone_featmap_shape=(1, 1024, 24, 24), neck_ignore_stages=(0, 1),
+)
+
 _SAFETY_VIT_L = dict(  # the vision tower of StableDiffusionSafetyChecker (CLIP ViT-L/14)
     hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
     image_size=224, patch_size=14, projection_dim=768,
@@ -58,9 +80,12 @@ class Preset:
     local_path: Path | None = None  # a folder shipped inside the package
     description: str = ""
     aliases: tuple[str, ...] = field(default=())
+    scheduler_overrides: dict[str, Any] | None = None  # over SD_SCHEDULER (the x4 upscaler's betas)
+    depth_estimator: dict[str, Any] | None = None  # DPTConfig of a depth model's estimator
+    upscaler: dict[str, Any] | None = None  # an upscaler's low_res_scheduler config and max_noise_level
 
     def scheduler_config(self) -> dict[str, Any]:
-        return dict(SD_SCHEDULER, prediction_type=self.prediction_type)
+        return dict(SD_SCHEDULER, prediction_type=self.prediction_type, **(self.scheduler_overrides or {}))
 
 
 TINY = Preset(
@@ -102,9 +127,29 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("sd-2-inpainting", "stabilityai/stable-diffusion-2-inpainting", 512, "epsilon", "pndm",
            dict(_SD2_UNET, in_channels=9), _SD_VAE, _OPENCLIP_H,
            description="Stable Diffusion 2 inpainting, 512x512 (9-channel UNet)"),
+    # the rest of the SD 2 family: depth-to-image (5-channel UNet + a DPT depth estimator) and the x4 upscaler
+    Preset("sd-2-depth", "stabilityai/stable-diffusion-2-depth", 512, "epsilon", "pndm",
+           dict(_SD2_UNET, in_channels=5), _SD_VAE, _OPENCLIP_H, depth_estimator=_DPT_HYBRID,
+           description="Stable Diffusion 2 depth-to-image, 512x512 (5-channel UNet, DPT-Hybrid depth estimator)"),
+    Preset("sd-x4-upscaler", "stabilityai/stable-diffusion-x4-upscaler", 512, "v_prediction", "ddim", _X4_UNET,
+           _X4_VAE, _OPENCLIP_H, scheduler_overrides=_X4_SCHEDULER, upscaler=_X4_UPSCALER,
+           description="Stable Diffusion x4 upscaler: 128 -> 512 (7-channel UNet, noise_level, 4x VAE)"),
     TINY,
     replace(TINY, name="tiny-inpainting", unet=dict(TINY.unet, in_channels=9),
             description="the tiny model with a 9-channel inpainting UNet, for tests"),
+    replace(TINY, name="tiny-depth", unet=dict(TINY.unet, in_channels=5),
+            depth_estimator=dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37,
+                                 image_size=32, patch_size=8, backbone_out_indices=(0, 1, 2, 3),
+                                 neck_hidden_sizes=(8, 16, 32, 32), fusion_hidden_size=16),
+            description="the tiny model with a 5-channel depth UNet and a tiny DPT, for tests"),
+    replace(TINY, name="tiny-upscaler", prediction_type="v_prediction", scheduler="ddim",
+            unet=dict(TINY.unet, in_channels=7, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                      up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), only_cross_attention=(True, False),
+                      num_class_embeds=1000, use_linear_projection=True),
+            vae=dict(TINY.vae, block_out_channels=(16, 16, 32), down_block_types=("DownEncoderBlock2D",) * 3,
+                     up_block_types=("UpDecoderBlock2D",) * 3, scaling_factor=0.08333),
+            scheduler_overrides=_X4_SCHEDULER, upscaler=_X4_UPSCALER,
+            description="the tiny model as an x4 upscaler (7-channel UNet, 4x VAE), 16 -> 64, for tests"),
 ]}
 
 

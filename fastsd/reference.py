@@ -72,7 +72,7 @@ def to_uint8(images) -> np.ndarray:
 def run_reference(model, prompts: list[str], negatives: list[str], *, num_images_per_prompt: int,
                   steps: int, guidance: float, height: int, width: int, seeds: list[int],
                   scheduler: str | None = None, safety_checker: bool = True, loras=(), allow_pickle: bool = False,
-                  image=None, mask_image=None, strength: float = 0.8):
+                  image=None, mask_image=None, strength: float = 0.8, eta: float = 0.0):
     """diffusers' pipeline in FP32 on the CPU over `model`'s modules. Returns (PIL images, final latents,
     nsfw flags, seconds). Run it before `optimize` takes the modules over. `loras` (fastsd.lora.LoraRef)
     are loaded with diffusers' own `load_lora_weights` and unloaded afterwards. With `image` (and
@@ -86,7 +86,7 @@ def run_reference(model, prompts: list[str], negatives: list[str], *, num_images
     try:
         return _run(pipe, prompts, negatives, num_images_per_prompt=num_images_per_prompt, steps=steps,
                     guidance=guidance, height=height, width=width, seeds=seeds, scheduler=scheduler, task=task,
-                    image=image, mask_image=mask_image, strength=strength)
+                    image=image, mask_image=mask_image, strength=strength, eta=eta)
     finally:
         if loras:
             pipe.unload_lora_weights()  # the modules go on to the engine without PEFT layers
@@ -111,7 +111,7 @@ def _load_reference_loras(pipe, loras, allow_pickle: bool) -> None:
 
 
 def _run(pipe, prompts, negatives, *, num_images_per_prompt, steps, guidance, height, width, seeds, scheduler,
-         task="text2img", image=None, mask_image=None, strength=0.8):
+         task="text2img", image=None, mask_image=None, strength=0.8, eta=0.0):
     pipe.set_progress_bar_config(disable=True)
     if scheduler:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
@@ -127,7 +127,7 @@ def _run(pipe, prompts, negatives, *, num_images_per_prompt, steps, guidance, he
     if mask_image is not None:
         images["mask_image"] = mask_image
     out = pipe(prompts, negative_prompt=negatives, num_images_per_prompt=num_images_per_prompt,
-               num_inference_steps=steps, guidance_scale=guidance, **size, **images,
+               num_inference_steps=steps, guidance_scale=guidance, eta=eta, **size, **images,
                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], output_type="pil",
                callback_on_step_end=keep_latents, callback_on_step_end_tensor_inputs=["latents"])
     seconds = time.perf_counter() - t0

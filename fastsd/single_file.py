@@ -10,12 +10,14 @@ import torch
 
 from .errors import ModelLoadError
 from .model import SDModel
+from .model_kinds import kind_of
 from .presets import PRESETS, get_preset
 from .schedulers import make_scheduler
 from .tokenizer import byte_level_clip_tokenizer
 
 _UNET_PREFIX = "model.diffusion_model."
 _V2_KEY = "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"
+_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
 
 
 def read_state_dict(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
@@ -36,11 +38,17 @@ def read_state_dict(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
 
 
 def detect_preset(sd: dict[str, torch.Tensor]) -> str:
-    """The preset whose architecture these weights have (SD 2 by its 1024-wide cross-attention,
-    small-SD by its count of UNet input blocks)."""
+    """The preset whose architecture these weights have: the kind by the UNet's input channels
+    (fastsd.model_kinds), SD 2 by its 1024-wide cross-attention, small-SD by its count of UNet input blocks."""
     if not any(k.startswith(_UNET_PREFIX) for k in sd):
         raise ModelLoadError("model: the checkpoint has no 'model.diffusion_model.*' weights; "
                              "it is not a Stable Diffusion checkpoint in the original layout")
+    kind = kind_of(sd[_CONV_IN].shape[1], where="model: the checkpoint") if _CONV_IN in sd else "sd"
+    v2 = any(k.endswith("attn2.to_k.weight") and k.startswith(_UNET_PREFIX) and v.shape[-1] == 1024
+             for k, v in sd.items())
+    if kind != "sd":
+        return {"inpaint": "sd-2-inpainting" if v2 else "sd-1.5-inpainting", "depth": "sd-2-depth",
+                "upscale": "sd-x4-upscaler"}[kind]
     if _V2_KEY in sd and sd[_V2_KEY].shape[-1] == 1024:
         return "sd-2-base"
     blocks = {int(k.split(".")[3]) for k in sd if k.startswith(_UNET_PREFIX + "input_blocks.")}
@@ -81,6 +89,13 @@ def load_single_file(path: Path, allow_pickle: bool = False, config: str | None 
                              f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); pass --config PRESET") from e
     # Tokenizer and scheduler are not in the file: take the preset's (its scheduler, a byte-level CLIP
     # vocabulary; put the checkpoint in a diffusers folder to use its real tokenizer).
+    # an upscaler's noise schedule for its low-res input comes from the preset; a depth model's estimator is not
+    # read from the file: pass --depth-map (or use the diffusers folder, which has it)
+    extra = {}
+    if preset.upscaler is not None:
+        from diffusers import DDPMScheduler
+        extra = {"low_res_scheduler": DDPMScheduler.from_config(preset.upscaler["low_res_scheduler"]),
+                 "max_noise_level": int(preset.upscaler["max_noise_level"])}
     return SDModel(path.stem, "single-file", byte_level_clip_tokenizer(), text_encoder.eval(), unet.eval(),
                    vae.eval(), make_scheduler(preset.scheduler, preset.scheduler_config()), preset=preset,
-                   path=path)
+                   path=path, extra=extra)

@@ -43,6 +43,10 @@ class TextToImage:
     def unet_input(self, model_in: torch.Tensor) -> torch.Tensor:
         return model_in
 
+    def predict(self, backend, model_in: torch.Tensor, t, text_emb: torch.Tensor, **unet_kwargs) -> torch.Tensor:
+        """The UNet's prediction for this step (the x4 upscaler's adds its noise level, in tiles)."""
+        return backend.unet(model_in, t, text_emb, **unet_kwargs)
+
     def after_step(self, latents: torch.Tensor, i: int, timesteps, sched) -> torch.Tensor:
         return latents
 
@@ -143,9 +147,10 @@ class ImageToImage(TextToImage):
     """StableDiffusionImg2ImgPipeline: the image's latents noised to the start step that `strength` picks."""
     name = "img2img"
 
-    def __init__(self, prepared: _Prepared, strength: float, scaling: float):
+    def __init__(self, prepared: _Prepared, strength: float, scaling: float, latent_channels: int = 4):
         super().__init__()
         self.prepared, self.strength, self.scaling = prepared, strength, scaling
+        self.latent_channels, self.sampled = latent_channels, True
 
     def start_timesteps(self, sched, steps: int):
         """diffusers' get_timesteps: the last int(steps * strength) steps of the schedule."""
@@ -164,7 +169,16 @@ class ImageToImage(TextToImage):
         distinct = sorted(set(sel))
         # the encoder's output is the same for equal images; only the sample differs per generator
         params_for = {k: j for j, k in enumerate(distinct)}
-        params = backend.encode_image(images[distinct].to(backend.device)).float().cpu()
+        # one image per encoder call, as diffusers' pipelines encode with per-image generators: a batched
+        # convolution may take another kernel (measured on AVX-512 without AMX: 1e-5 apart after 4 steps)
+        params = torch.cat([backend.encode_image(images[i:i + 1].to(backend.device)).float().cpu()
+                            for i in distinct])
+        # a tiny VAE's encoder gives the latents (latent_channels), as diffusers' retrieve_latents reads
+        # `.latents`: no sample, no draw from the generators; a KL VAE's gives mean and log-variance (twice that)
+        self.sampled = params.shape[1] == 2 * self.latent_channels
+        if not self.sampled:
+            self.timings["vae_encode"] = self.timings.get("vae_encode", 0.0) + time.perf_counter() - t0
+            return self.scaling * params[[params_for[b] for b in sel]]
         mean, logvar = torch.chunk(params, 2, dim=1)
         std = torch.exp(0.5 * torch.clamp(logvar, -30.0, 20.0))
         out = []
@@ -188,8 +202,9 @@ class Inpaint(ImageToImage):
     """StableDiffusionInpaintPipeline, with a 9-channel inpainting UNet or an ordinary 4-channel one."""
     name = "inpaint"
 
-    def __init__(self, prepared: _Prepared, strength: float, scaling: float, nine_channels: bool, guided: bool):
-        super().__init__(prepared, strength, scaling)
+    def __init__(self, prepared: _Prepared, strength: float, scaling: float, nine_channels: bool, guided: bool,
+                 latent_channels: int = 4):
+        super().__init__(prepared, strength, scaling, latent_channels)
         self.nine, self.guided = nine_channels, guided
 
     def start(self, sched, steps, backend, generators, latent_shape, device):
@@ -220,8 +235,9 @@ class Inpaint(ImageToImage):
                 self.cond = torch.cat([self.cond] * 2)
         else:
             # diffusers encodes the masked image here too but a 4-channel UNet never reads it: draw the
-            # sample's noise only, so the generators (which ancestral schedulers read) stay in step
-            for g in generators:
+            # sample's noise only (a KL VAE's encoder samples; a tiny VAE's draws nothing), so the generators
+            # (which ancestral schedulers read) stay in step
+            for g in generators if self.sampled else ():
                 torch.randn((1, *latent_shape), generator=g, dtype=torch.float32)
             self.image_latents, self.noise, self.timesteps = image_latents, noise, timesteps
         return timesteps, latents
@@ -239,7 +255,8 @@ class Inpaint(ImageToImage):
 
 
 def make_task(*, image, mask_image, strength, prompts: int, per_prompt: int, height: int, width: int,
-              unet_in_channels: int, vae_scale_factor: int, scaling_factor: float, guided: bool):
+              unet_in_channels: int, vae_scale_factor: int, scaling_factor: float, guided: bool,
+              latent_channels: int = 4):
     """The task for one call; images already checked by `target_size` for (height, width)."""
     if image is None:
         return TextToImage()
@@ -252,7 +269,7 @@ def make_task(*, image, mask_image, strength, prompts: int, per_prompt: int, hei
         raise InvalidParameter("image", type(items[0]).__name__, f"RGB images ({str(e).splitlines()[0][:120]})") from None
     prepared = _Prepared(images, _spread(len(items), "image", prompts, per_prompt))
     if mask_image is None:
-        return ImageToImage(prepared, strength, scaling_factor)
+        return ImageToImage(prepared, strength, scaling_factor, latent_channels)
     masks_in = _as_items(mask_image, "mask_image")
     mask_processor = VaeImageProcessor(vae_scale_factor=vae_scale_factor, do_normalize=False, do_binarize=True,
                                        do_convert_grayscale=True)
@@ -262,4 +279,4 @@ def make_task(*, image, mask_image, strength, prompts: int, per_prompt: int, hei
         raise InvalidParameter("mask_image", type(masks_in[0]).__name__,
                                f"grayscale or RGB images ({str(e).splitlines()[0][:120]})") from None
     prepared.mask_index = _spread(len(masks_in), "mask_image", prompts, per_prompt)
-    return Inpaint(prepared, strength, scaling_factor, unet_in_channels == 9, guided)
+    return Inpaint(prepared, strength, scaling_factor, unet_in_channels == 9, guided, latent_channels)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 from dataclasses import asdict, replace
 
-from . import tasks
+from . import tasks, verify_kinds
 from . import validation as check
 from .lora import as_refs
 from .model import SDModel
@@ -31,7 +31,7 @@ def verify(model: SDModel, config: OptimizeConfig, *, prompts=None, negative_pro
            num_images_per_prompt: int = 1, steps: int = 25, guidance: float = 7.5, height=None, width=None,
            seed: int = 0, scheduler: str | None = None, progress: bool = False, engine_model=None,
            loras=(), allow_pickle: bool = False,
-           task: str = "text2img", image=None, mask_image=None, strength: float | None = None):
+           task: str = "text2img", image=None, mask_image=None, strength: float | None = None, eta: float = 0.0):
     """Runs the reference on `model` first, then builds the engine (which takes the modules over) and
     compares. `engine_model` is what the engine runs when it is not `model` itself (an ONNX export).
     `loras` ([(path, scale), ...]): the reference loads them with diffusers' `load_lora_weights` (unfused
@@ -43,7 +43,7 @@ def verify(model: SDModel, config: OptimizeConfig, *, prompts=None, negative_pro
         model, [config], prompts=prompts, negative_prompt=negative_prompt,
         num_images_per_prompt=num_images_per_prompt, steps=steps, guidance=guidance, height=height, width=width,
         seed=seed, scheduler=scheduler, progress=progress, engine_model=engine_model, loras=loras,
-        allow_pickle=allow_pickle, task=task, image=image, mask_image=mask_image, strength=strength)
+        allow_pickle=allow_pickle, task=task, image=image, mask_image=mask_image, strength=strength, eta=eta)
     return report, engine, result, ref_images
 
 
@@ -51,11 +51,22 @@ def verify_each(model: SDModel, configs: list[OptimizeConfig], *, prompts=None, 
                 num_images_per_prompt: int = 1, steps: int = 25, guidance: float = 7.5, height=None, width=None,
                 seed: int = 0, scheduler: str | None = None, progress: bool = False, engine_model=None,
                 loras=(), allow_pickle: bool = False,
-                task: str = "text2img", image=None, mask_image=None, strength: float | None = None):
+                task: str = "text2img", image=None, mask_image=None, strength: float | None = None,
+                eta: float = 0.0):
     """verify() for several configurations (e.g. one per step-caching interval) against one reference run.
     Each engine gets its own copy of the model. Returns ([(report, engine, result) per config], reference
     images)."""
     loras = as_refs(loras)
+    if model.kind in ("depth", "upscale"):  # the model's own task and pipeline (fastsd.verify_kinds)
+        for name, value in (("task", None if task == "text2img" else task), ("mask_image", mask_image),
+                            ("loras", [str(r) for r in loras] or None)):
+            if value is not None:
+                raise check.InvalidParameter(name, value, f"nothing with a {model.kind} model (its task is its own)")
+        return verify_kinds.verify_each(
+            model, configs, prompts=prompts, negative_prompt=negative_prompt,
+            num_images_per_prompt=num_images_per_prompt, steps=steps, guidance=guidance, seed=seed,
+            scheduler=scheduler, progress=progress, engine_model=engine_model, image=image, strength=strength,
+            height=height, width=width, eta=eta)
     if task not in tasks.TASKS:
         raise check.InvalidParameter("task", task, ", ".join(tasks.TASKS))
     prompts = check.prompts(prompts or DEFAULT_PROMPTS)
@@ -65,6 +76,7 @@ def verify_each(model: SDModel, configs: list[OptimizeConfig], *, prompts=None, 
     height = check.size("height", height or model.native_size)
     width = check.size("width", width or model.native_size)
     steps = check.steps(steps)
+    eta = check.eta(eta)
     count = len(prompts) * check.num_images(num_images_per_prompt)
     seeds = check.seeds(seed, count)
     images = {}
@@ -88,7 +100,7 @@ def verify_each(model: SDModel, configs: list[OptimizeConfig], *, prompts=None, 
     ref_images, ref_latents, ref_nsfw, ref_s = run_reference(
         model, prompts, negatives, num_images_per_prompt=num_images_per_prompt, steps=steps,
         guidance=check.guidance(guidance), height=height, width=width, seeds=seeds, scheduler=scheduler,
-        safety_checker=configs[0].safety_checker, loras=loras, allow_pickle=allow_pickle, **images)
+        safety_checker=configs[0].safety_checker, loras=loras, allow_pickle=allow_pickle, eta=eta, **images)
     source = engine_model if engine_model is not None else model
     out = []
     for i, config in enumerate(configs):
@@ -97,13 +109,13 @@ def verify_each(model: SDModel, configs: list[OptimizeConfig], *, prompts=None, 
             engine.set_loras(loras, allow_pickle=allow_pickle)
         result = engine.generate(prompts, negatives, num_images_per_prompt=num_images_per_prompt,
                                  num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
-                                 seed=seeds, scheduler=scheduler, progress=progress, **images)
+                                 seed=seeds, scheduler=scheduler, progress=progress, eta=eta, **images)
         tol = tolerance_for(config)
         rows = compare(ref_images, result.images, ref_latents, result.latents, result.prompts, seeds, tol)
         report = report_dict(rows, tol, model=model.name, task=task, strength=images.get("strength"),
                              config=asdict(config), engine=engine.describe(),
-                             tolerance_name=tol.name, steps=steps, guidance=guidance, height=height, width=width,
-                             scheduler=scheduler or engine.describe()["scheduler"],
+                             tolerance_name=tol.name, steps=steps, guidance=guidance, eta=eta, height=height,
+                             width=width, scheduler=scheduler or engine.describe()["scheduler"],
                              reference_seconds=ref_s, engine_seconds=result.timings["total"],
                              engine_timings=result.timings, nsfw_reference=ref_nsfw,
                              nsfw_engine=result.nsfw_content_detected, loras=[str(r) for r in loras])

@@ -95,3 +95,32 @@ def save_random_lora(parts, folder) -> None:
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
                                 init_lora_weights=False))
     StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet))
+
+
+def ip_adapter_state(unet, seed: int = 0) -> dict:
+    """An IP-Adapter for `unet` with random weights, in the layout `unet._load_ip_adapter_weights` reads: an
+    image projection to 4 tokens and to_k_ip/to_v_ip per cross-attention layer (no image encoder needed:
+    the call passes `ip_adapter_image_embeds`)."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor
+    from diffusers.models.embeddings import ImageProjection
+    torch.manual_seed(seed)
+    dim, channels = unet.config.cross_attention_dim, list(unet.config.block_out_channels)
+    layers, key = {}, 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        block = name.split(".")
+        hidden = channels[-1] if block[0] == "mid_block" else \
+            channels[::-1][int(block[1])] if block[0] == "up_blocks" else channels[int(block[1])]
+        sd = IPAdapterAttnProcessor(hidden_size=hidden, cross_attention_dim=dim, scale=1.0).state_dict()
+        layers[f"{key}.to_k_ip.weight"], layers[f"{key}.to_v_ip.weight"] = sd["to_k_ip.0.weight"], sd["to_v_ip.0.weight"]
+        key += 2
+    proj = ImageProjection(cross_attention_dim=dim, image_embed_dim=dim, num_image_text_embeds=4).state_dict()
+    return {"image_proj": {"proj.weight": proj["image_embeds.weight"], "proj.bias": proj["image_embeds.bias"],
+                           "norm.weight": proj["norm.weight"], "norm.bias": proj["norm.bias"]},
+            "ip_adapter": layers}
+
+
+def image_embeds(dim: int = 32, seed: int = 3) -> list:
+    """`ip_adapter_image_embeds` for one image with guidance: [negative, positive] stacked."""
+    return [torch.randn(2, 1, dim, generator=torch.Generator().manual_seed(seed))]

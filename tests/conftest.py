@@ -95,3 +95,43 @@ def shapes_deployment(tmp_path_factory, shapes_lora_dir):
                 os.environ.pop("MII_CACHE_PATH", None)
             else:
                 os.environ["MII_CACHE_PATH"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_vae_folder(tmp_path_factory):
+    """A tiny VAE (diffusers' AutoencoderTiny, TAESD layout) with seeded random weights that fits the tiny
+    model (4 latent channels, 8x: four blocks), written by save_pretrained: what --vae-tiny loads."""
+    from diffusers import AutoencoderTiny
+    torch.manual_seed(0)
+    vae = AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
+                          num_encoder_blocks=(1, 1, 1, 1), num_decoder_blocks=(1, 1, 1, 1), latent_channels=4).eval()
+    path = tmp_path_factory.mktemp("vae") / "tiny-taesd"
+    vae.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def _saved(tmp_path_factory, preset: str, task: str = "text2img"):
+    from fastsd.loading import build_random
+    from fastsd.presets import PRESETS
+    model = build_random(PRESETS[preset], seed=0)
+    path = tmp_path_factory.mktemp("models") / preset
+    model.to_pipeline(task=task).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_depth_folder(tmp_path_factory):
+    """tiny-depth written by diffusers (StableDiffusionDepth2ImgPipeline: 5-channel UNet, a tiny DPT estimator)."""
+    return _saved(tmp_path_factory, "tiny-depth")
+
+
+@pytest.fixture(scope="session")
+def tiny_upscaler_folder(tmp_path_factory):
+    """tiny-upscaler written by diffusers (StableDiffusionUpscalePipeline: 7-channel UNet, low_res_scheduler)."""
+    return _saved(tmp_path_factory, "tiny-upscaler")
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_folder(tmp_path_factory):
+    """tiny-inpainting saved by diffusers as StableDiffusionInpaintPipeline (9-channel UNet), as SD 2's is."""
+    return _saved(tmp_path_factory, "tiny-inpainting", task="inpaint")

@@ -21,7 +21,7 @@ def unet_to_ldm(unet) -> dict:
     prefixes = {"time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
                 "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2.",
                 "mid_block.resnets.0.": "middle_block.0.", "mid_block.attentions.0.": "middle_block.1.",
-                "mid_block.resnets.1.": "middle_block.2."}
+                "mid_block.resnets.1.": "middle_block.2.", "class_embedding.": "label_emb."}
     for i in range(len(cfg.block_out_channels)):
         for j in range(lpb):
             n = i * (lpb + 1) + j + 1

@@ -18,9 +18,9 @@ MAX_LINES = 600
 # Written out in docs/architecture.md; a module not named here by prefix is in "engine".
 LAYERS = [
     ("kernels", ("fastsd.kernels", "fastsd.errors")),
-    ("models", ("fastsd.model", "fastsd.loading", "fastsd.single_file", "fastsd.presets", "fastsd.schedulers",
-                "fastsd.tokenizer", "fastsd.images", "fastsd.validation", "fastsd.lora", "fastsd.lora_files",
-                "fastsd.step_cache")),
+    ("models", ("fastsd.model", "fastsd.model_kinds", "fastsd.loading", "fastsd.single_file", "fastsd.presets",
+                "fastsd.schedulers", "fastsd.tokenizer", "fastsd.images", "fastsd.validation", "fastsd.lora",
+                "fastsd.lora_files", "fastsd.step_cache", "fastsd.tiny_vae")),
     ("graphs", ("fastsd.export",)),
     ("backends", ("fastsd.backends",)),
     ("engine", ()),
@@ -169,3 +169,12 @@ def test_the_checker_catches_a_cycle_and_an_upward_import():
         assert any(layer(b) > layer(a) for a, b, _ in IMPORTS)
     finally:
         del IMPORTS[-2:]
+
+
+def test_every_package_is_listed_for_a_plain_install():
+    """pyproject.toml's `packages` names each package folder (a missing one works in an editable install and
+    is absent from a wheel)."""
+    import tomllib
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {name for name, path in MODULES.items() if path.name == "__init__.py"}
+    assert folders - listed == set()

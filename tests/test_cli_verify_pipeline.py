@@ -19,6 +19,17 @@ def test_verify_pipeline_fp32_is_bit_identical(tmp_path, capsys):
         assert r["passed"] and img["max_abs"] == 0 and img["psnr_db"] is None and img["identical"]
 
 
+def test_verify_pipeline_with_a_few_step_scheduler_and_a_tiny_vae(tmp_path, capsys, tiny_vae_folder):
+    # diffusers' own LCMScheduler and AutoencoderTiny in the pipeline, on both sides; guidance 1: no CFG
+    out = tmp_path / "v.json"
+    rc = main(["verify", "--model", "tiny", "--pipeline", "txt2img,img2img", "--scheduler", "lcm", "--steps", "4",
+               "--guidance", "1", "--vae-tiny", str(tiny_vae_folder), "--device", "cpu", "-q", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0 and "PASS" in text, text
+    for r in json.loads(out.read_text()).values():
+        assert r["passed"] and r["images"][0]["identical"], r["images"]
+
+
 def test_verify_pipeline_with_the_openvino_runners(tmp_path, capsys):
     pytest.importorskip("openvino")
     out = tmp_path / "v.json"

@@ -71,6 +71,10 @@ def load_for_backend(backend: str, spec: str, **load_kwargs) -> SDModel:
     """The model `backend` runs: for onnxruntime, `spec` is an ONNX export folder (`fastsd export`); for
     openvino, an export folder or any model (exported on the fly); otherwise `load_model(spec, **load_kwargs)`."""
     if backend == "onnxruntime" or (backend == "openvino" and is_onnx_export(spec)):
+        if load_kwargs.get("vae_tiny"):
+            raise InvalidParameter("vae_tiny", load_kwargs["vae_tiny"], f"nothing with an ONNX export on --backend "
+                                   f"{backend}: the export's VAE graphs run; write an export with the tiny VAE "
+                                   "(fastsd export --vae-tiny DIR) and run that")
         from fastsd.export import load_onnx_model  # the export reader imports onnx tooling: only when asked
         return load_onnx_model(spec)
     return load_model(spec, **load_kwargs)

@@ -110,6 +110,7 @@ def export_dtype(folder: Path) -> str:
 
 def pipeline_model(pipe):
     """The pipeline's modules as the SDModel the exporter takes. One name for every pipeline class, so that
-    the text-to-image, image-to-image and inpainting pipelines over the same weights share one export."""
-    return SDModel("diffusers-pipeline", "pipeline", pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae,
-                   pipe.scheduler)
+    the text-to-image, image-to-image and inpainting pipelines over the same weights share one export. A
+    pipeline's optional parts may be absent (no text encoder or tokenizer: prompt_embeds-only use)."""
+    return SDModel("diffusers-pipeline", "pipeline", getattr(pipe, "tokenizer", None),
+                   getattr(pipe, "text_encoder", None), pipe.unet, pipe.vae, pipe.scheduler)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 from .. import validation as check
 from ..errors import InvalidParameter
@@ -58,7 +59,7 @@ def _check(args) -> None:
         raise InvalidParameter("deployment", args.deployment, "either --deployment or --model, not both "
                                                               "(the deployment's model draws the images)")
     if args.deployment:  # the deployment's engine draws the images; its flags were set by `fastsd serve`
-        given = [f for f in ("dtype", "attention", "profile", "config") if getattr(args, f) is not None]
+        given = [f for f in ("dtype", "attention", "profile", "config", "vae_tiny") if getattr(args, f) is not None]
         given += [f for f in ("random_weights", "fused_ops", "cuda_graphs", "compile", "no_safety_checker",
                               "allow_pickle") if getattr(args, f)]
         given += ["backend"] if args.backend not in (None, "torch") else []
@@ -93,7 +94,7 @@ def run_batch(args) -> int:
     rows = read_rows(args.input)
     options = Options(steps=50 if args.steps is None else args.steps, guidance=args.guidance, height=args.height,
                       width=args.width, scheduler=args.scheduler, negative=args.negative,
-                      seed=0 if args.seed is None else args.seed)
+                      seed=0 if args.seed is None else args.seed, eta=args.eta)
     if args.deployment:
         client = DeploymentClient(args.deployment)
         model = client.spec.model
@@ -105,6 +106,10 @@ def run_batch(args) -> int:
     fingerprint = {"model": model, "steps": options.steps, "guidance": options.guidance, "height": options.height,
                    "width": options.width, "scheduler": options.scheduler, "negative": options.negative,
                    "seed": options.seed}
+    if options.eta:  # added only when set, so that a store written before eta existed still resumes
+        fingerprint["eta"] = options.eta
+    if args.vae_tiny:
+        fingerprint["vae_tiny"] = str(Path(args.vae_tiny).expanduser().resolve())
     if default_loras or loras:  # images drawn with adapters differ: a rerun must use the same ones
         fingerprint.update(lora=[[str(p), sc] for p, sc in default_loras],
                            lora_dir=str(loras.folder) if loras else None)

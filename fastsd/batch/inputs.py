@@ -8,7 +8,9 @@ in one row (an empty prompt, a seed that is not an integer, an unreadable image)
 PNG/JPEG/WebP (a data: URL too); an image makes the row image-to-image, with a mask inpainting (white =
 repaint). Each image is read and checked here and read again when its row runs, so a large batch never
 holds every image in memory. `strength` is a number in (0, 1]; `lora` names adapters as a deployment's
-`lora` keyword does, NAME[:SCALE][,NAME[:SCALE]] (the deployment's --lora-dir, or the batch's own)."""
+`lora` keyword does, NAME[:SCALE][,NAME[:SCALE]] (the deployment's --lora-dir, or the batch's own).
+With a depth model, `depth_map` names a grayscale PNG or .npy file (local batches; else the model's own
+estimator); with the x4 upscaler, `noise_level` is an integer (default 20) and the output is 4x the image."""
 from __future__ import annotations
 
 import csv
@@ -21,7 +23,7 @@ from ..errors import InvalidParameter
 
 REQUIRED = ("prompt",)
 # Columns a row may carry.
-OPTIONAL = ("negative_prompt", "seed", "image", "mask_image", "strength", "lora")
+OPTIONAL = ("negative_prompt", "seed", "image", "mask_image", "strength", "lora", "depth_map", "noise_level")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -38,6 +40,8 @@ class Row:
     strength: float | None = None
     lora: str | None = None        # NAME[:SCALE][,...] as given
     size: tuple[int, int] | None = None  # the image's (width, height)
+    depth_map: str | None = None  # a depth model's map: a PNG or .npy file, resolved and checked
+    noise_level: int | None = None  # the x4 upscaler's
 
     @property
     def key(self) -> tuple[str, int]:
@@ -175,6 +179,26 @@ def _row(csv_name: str, number: int, record: dict, folder: Path = Path(".")) -> 
             row.strength = _strength(raw_strength)
         column = "lora"
         row.lora = (record.get("lora") or "").strip() or None
+        column = "depth_map"
+        raw_depth = (record.get("depth_map") or "").strip()
+        if raw_depth:
+            if row.image is None:
+                raise InvalidParameter("depth_map", raw_depth, "a depth map only together with an image")
+            from ..depth import read_depth_map  # torch: only rows with a depth map need it
+            path = Path(raw_depth).expanduser()
+            row.depth_map = str(path if path.is_absolute() else folder / path)
+            read_depth_map(row.depth_map)
+        column = "noise_level"
+        raw_level = (record.get("noise_level") or "").strip()
+        if raw_level:
+            if row.image is None:
+                raise InvalidParameter("noise_level", raw_level, "a noise level only together with an image")
+            try:
+                row.noise_level = int(raw_level)
+            except ValueError:
+                raise InvalidParameter("noise_level", raw_level, "an integer in [0, 350]") from None
+            if not 0 <= row.noise_level <= 350:
+                raise InvalidParameter("noise_level", raw_level, "an integer in [0, 350]")
         for column in ("image", "mask_image"):  # read now, so a bad image fails its row before anything runs
             if getattr(row, column) is not None:
                 size = read_image(getattr(row, column), column, "L" if column == "mask_image" else "RGB").size

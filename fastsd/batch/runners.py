@@ -24,6 +24,7 @@ class Options:
     scheduler: str | None
     negative: str | None  # for rows without a negative_prompt value
     seed: int             # a row without a seed gets seed + its row number
+    eta: float = 0.0      # DDIM's eta / TCD's gamma
 
     def row_seed(self, row: Row) -> int:
         return row.seed if row.seed is not None else self.seed + row.number
@@ -33,8 +34,9 @@ class Options:
 
 
 def call_key(row: Row) -> tuple:
-    """Rows that one engine call can draw together: the same task, image size, strength and LoRA set."""
-    return (row.task, row.size, row.strength, row.lora or "")
+    """Rows that one engine call can draw together: the same task, image size, strength and LoRA set (and noise
+    level, depth maps given or not)."""
+    return (row.task, row.size, row.strength, row.lora or "", row.noise_level, row.depth_map is not None)
 
 
 def chunks(rows: list[Row], size: int) -> list[list[Row]]:
@@ -78,7 +80,8 @@ class LocalRunner:
                                       num_images_per_prompt=1, num_inference_steps=o.steps, guidance_scale=o.guidance,
                                       height=o.height, width=o.width, seed=[o.row_seed(r) for r in rows],
                                       scheduler=o.scheduler, progress=False, image=image, mask_image=mask,
-                                      strength=rows[0].strength)
+                                      strength=rows[0].strength, eta=o.eta, noise_level=rows[0].noise_level,
+                                      depth_map=[r.depth_map for r in rows] if rows[0].depth_map else None)
         return list(zip(result.images, result.nsfw_content_detected))
 
     def run(self, groups: Iterable[list[Row]]) -> Iterator[tuple[list[Row], list]]:
@@ -121,13 +124,17 @@ class DeploymentRunner:
 
     def _once(self, row: Row):
         o = self.options
+        if row.depth_map is not None:
+            raise InvalidParameter("depth_map", row.depth_map, "nothing with a deployment (MII carries images and "
+                                   "masks only): its depth model estimates the map itself; run the batch locally "
+                                   "(--model) to give maps")
         image, mask = row.encoded_images()
         reply = self.client.generate([row.prompt], [o.row_negative(row)], num_inference_steps=o.steps,
                                      guidance_scale=o.guidance, height=o.height, width=o.width,
-                                     seed=o.row_seed(row), scheduler=o.scheduler,
+                                     seed=o.row_seed(row), scheduler=o.scheduler, eta=o.eta or None,
                                      image=None if image is None else [image],
                                      mask_image=None if mask is None else [mask], strength=row.strength,
-                                     lora=row.lora)
+                                     lora=row.lora, noise_level=row.noise_level)
         return [(reply.images[0], reply.nsfw_content_detected[0])]
 
     def run(self, groups: Iterable[list[Row]]) -> Iterator[tuple[list[Row], list]]:

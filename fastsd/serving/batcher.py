@@ -15,12 +15,12 @@ Per-image seeds make each image the one its request would get alone, up to float
 batched GEMMs (~1e-5; at most 1 level of 255 after conversion to uint8).
 
 Deadlines: each request has one (its gRPC deadline, capped by the deployment's `--timeout`) and a
-`cancelled` event (set when its call ends early: the caller went away). Its caller gets
-DEADLINE_EXCEEDED (RequestTimeout) or CANCELLED (RequestCancelled) as soon as either happens, whether
-the request is queued or running. A queued request that is no longer wanted is dropped before its
-batch runs; a running engine call is stopped at its next denoising step once no request of its batch
-is still wanted (Engine.generate's `should_stop`), so a request merged into a batch with others that
-are still wanted leaves them running.
+`cancelled` event (set when its call ends early: the caller went away). Its caller gets DEADLINE_EXCEEDED
+(RequestTimeout) or CANCELLED (RequestCancelled) as soon as either happens, whether the request is queued or
+running. A queued request that is no longer wanted is dropped before its batch runs; a running engine call
+is stopped at its next denoising step once no request of its batch is still wanted (Engine.generate's
+`on_step` raises GenerationStopped), so a request merged into a batch with others that are still wanted
+leaves them running.
 """
 from __future__ import annotations
 
@@ -35,8 +35,10 @@ from queue import Empty, Queue
 
 from ..errors import FastSDError, GenerationStopped, InvalidParameter
 from ..lora import LoraError
+from ..schedulers import check_steps, make_scheduler, scheduler_name, takes_eta
 from .batch_size import BatchSizer
 from .histograms import BATCH_BOUNDS, hist_new, hist_observe
+from .progress import Interrupted
 from .request import Limits, Request, parse
 
 log = logging.getLogger("fastsd.serving")
@@ -108,13 +110,14 @@ class Stats:
 class BatchingPipeline:
     def __init__(self, engine, limits: Limits | None = None, max_batch: int = 8, window: float = 0.02,
                  on_batch=None, sizer: BatchSizer | None = None,
-                 loras=None, default_loras=()):
+                 loras=None, default_loras=(), progress=None):
         self.engine = engine
         self.limits = limits or Limits()
         self.sizer = sizer or BatchSizer.fixed(max_batch)
         self.window = max(0.0, float(window))
         self.stats = Stats()
         self.on_batch = on_batch  # called after each engine call (the replica writes its stats file)
+        self.progress = progress  # progress.ReplicaProgress: each step of an engine call, and the interrupt
         # LoRA: the catalogue requests name adapters from (serving/loras.py) and the set a request that
         # names none gets. The last batch's set stays fused, so a run of requests for one set pays no switch.
         self.loras = loras
@@ -144,6 +147,7 @@ class BatchingPipeline:
             request = parse(prompt, negative_prompt, kwargs, self.limits, self.engine.model.native_size,
                             from_f32=True, loras=self.loras, image=image, mask_image=mask_image,
                             unet_in_channels=self._unet_in_channels())
+            self._check_sampler(request)
             self.sizer.admit(request)
         except ValueError:
             if not probe:
@@ -151,6 +155,18 @@ class BatchingPipeline:
                     self.stats.bad_requests += 1
             raise
         return self.submit(request, deadline, cancelled)
+
+    def _check_sampler(self, request: Request) -> None:
+        """What the request's scheduler (named, or the model's own) takes: its steps (LCM and TCD at most their
+        original_inference_steps) and eta (DDIM and TCD only), refused before the request joins a batch."""
+        own = getattr(self.engine, "scheduler", None)
+        if own is None:
+            return
+        sched = make_scheduler(request.scheduler, own.config) if request.scheduler else own
+        check_steps(sched, request.steps)
+        if request.eta and not takes_eta(sched):
+            raise InvalidParameter("eta", request.eta, f"0 with the {scheduler_name(sched)} scheduler (eta is read by "
+                                   "ddim and tcd only)")
 
     def submit(self, request: Request, deadline: float | None = None,
                cancelled: threading.Event | None = None) -> Reply:
@@ -263,16 +279,28 @@ class BatchingPipeline:
             images = {"image": [im for r in reqs for im in r.images], "strength": first.strength}
             if first.task == "inpaint":
                 images["mask_image"] = [m for r in reqs for m in r.masks]
+            if first.task == "upscale":  # the output is 4x the image: no height/width; noise_level is in the key
+                images = {"image": images["image"], "noise_level": first.noise_level}
+        size = {} if first.task == "upscale" else {"height": first.height, "width": first.width}
         t0, started = self.sizer.clock(), time.monotonic()  # the sizer's clock may be a test's; arrival is monotonic
         try:
             self._use_loras(first.loras)
+            if self.progress is not None:
+                self.progress.begin(first.steps, len(batch))
+
+            def on_step(step: int, steps: int) -> None:
+                """After each denoising step: the progress file (and A1111's interrupt), then the deadlines."""
+                if self.progress is not None:
+                    self.progress.step(step, steps)
+                if step < steps and not any(j.wanted(time.monotonic()) for j in batch):
+                    raise GenerationStopped(f"stopped after step {step} of {steps}")
+            images["on_step"] = on_step
             result = self.engine.generate(
                 [p for r in reqs for p in r.prompts], [n for r in reqs for n in r.negatives],
                 num_images_per_prompt=1, num_inference_steps=first.steps,
                 guidance_scale=guidance[0] if len(set(guidance)) == 1 else guidance,
-                height=first.height, width=first.width, seed=[s for r in reqs for s in r.seeds],
-                scheduler=first.scheduler, progress=False,
-                should_stop=lambda: not any(j.wanted(time.monotonic()) for j in batch), **images)
+                **size, seed=[s for r in reqs for s in r.seeds],
+                scheduler=first.scheduler, progress=False, eta=first.eta, **images)
         except GenerationStopped as e:  # every caller of the batch left or timed out: none is waiting
             log.info("engine call for %d request(s) %s: none of them is still wanted", len(batch), e)
             with self.stats.lock:
@@ -287,12 +315,18 @@ class BatchingPipeline:
                 j.future.set_exception(e)
             return
         except BaseException as e:  # noqa: BLE001 - every caller must hear about it
-            log.exception("engine call failed for a batch of %d request(s)", len(batch))
+            if isinstance(e, Interrupted):
+                log.info("%s (a batch of %d request(s))", e, len(batch))
+            else:
+                log.exception("engine call failed for a batch of %d request(s)", len(batch))
             with self.stats.lock:
                 self.stats.errors += len(batch)
             for j in batch:
                 j.future.set_exception(e)
             return
+        finally:
+            if self.progress is not None:
+                self.progress.end()
         elapsed = self.sizer.clock() - t0
         i = 0
         for j in batch:

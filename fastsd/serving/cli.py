@@ -12,6 +12,7 @@ from ..errors import InvalidParameter
 from ..images import encode_png
 from ..options import image_options, lora_refs, optimize_config, output_paths, read_images
 from ..presets import check_config
+from ..tiny_vae import load_tiny_vae
 from .client import DeploymentClient
 from .deploy import serve, stop
 from .errors import DeploymentError, ServingError, plain_message
@@ -141,6 +142,8 @@ def register(subparsers, parents) -> None:
 
 def cmd_serve(args) -> int:
     check_config(args.model, args.config)
+    if args.vae_tiny:
+        load_tiny_vae(args.vae_tiny)  # checked before any process starts
     if args.gpus:
         args.device = "cuda"
     engine = dataclasses.asdict(optimize_config(args))
@@ -161,7 +164,7 @@ def cmd_serve(args) -> int:
                  allow_pickle=args.allow_pickle, threads=args.threads, max_body_bytes=args.max_body_bytes,
                  startup_timeout=args.startup_timeout, metrics_port=args.metrics_port, log_format=args.log_format,
                  ssh_config=args.ssh_config, lora_dir=args.lora_dir, loras=loras, max_queue=args.max_queue,
-                 tls_cert=args.tls_cert, tls_key=args.tls_key)
+                 tls_cert=args.tls_cert, tls_key=args.tls_key, vae_tiny=args.vae_tiny)
     n = len(spec.replicas)
     print(f"deployment '{spec.name}' is up: {spec.model}, {n} replica(s), gRPC {spec.host}:{spec.port} "
           f"(inpainting and image-to-image: MII deployment '{record_name(spec.name, IMAGE_TASK)}')"
@@ -188,7 +191,7 @@ def cmd_query(args) -> int:
             args.prompt, negatives, **images, num_inference_steps=50 if args.steps is None else args.steps,
             guidance_scale=args.guidance, height=args.height, width=args.width, seed=args.seed,
             scheduler=args.scheduler, num_images_per_prompt=args.num_images if args.num_images != 1 else None,
-            lora=args.lora)
+            lora=args.lora, eta=args.eta or None)  # eta 0 is the deployment's default: left out
     except DeploymentError as e:
         raise ServingError(f"{e.code}: {plain_message(e)}") from None
     for path, image, flagged in zip(paths, reply.images, reply.nsfw_content_detected):

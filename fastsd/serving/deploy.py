@@ -163,7 +163,7 @@ def serve(*, name: str, model: str, replicas: int = 1, port: int = 50050, rest_p
           max_body_bytes: int = 1 << 20, startup_timeout: float = 600.0, metrics_port: int | None = None,
           log_format: str = "text", ssh_config: str | None = None, echo=print,
           lora_dir: str | None = None, loras=(), max_queue: int | None = None, tls_cert: str | None = None,
-          tls_key: str | None = None) -> DeploymentSpec:
+          tls_key: str | None = None, vae_tiny: str | None = None) -> DeploymentSpec:
     """Starts a persistent deployment and returns once it answers through MII's client. `lora_dir`: the
     folder whose LoRA files requests may name (`lora` keyword); `loras`: [(path, scale), ...] fused for
     requests that name none."""
@@ -223,7 +223,8 @@ def serve(*, name: str, model: str, replicas: int = 1, port: int = 50050, rest_p
         created_at=time.time(), lora_dir=lora_dir,
         loras=[(str(Path(p).expanduser().resolve()), float(sc)) for p, sc in loras], max_queue=max_queue,
         tls_cert=str(Path(tls_cert).resolve()) if tls_cert else None,
-        tls_key=str(Path(tls_key).resolve()) if tls_key else None)
+        tls_key=str(Path(tls_key).resolve()) if tls_key else None,
+        vae_tiny=str(Path(vae_tiny).expanduser().resolve()) if vae_tiny else None)
     spec.write(ddir)
     control.create_stop_key(ddir)  # what `fastsd stop` sends with Terminate; mode 0600
     write_records(mii_config)  # what mii_query_handle(record_name(name, task)) reads

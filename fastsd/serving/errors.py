@@ -27,13 +27,14 @@ PLAIN_MESSAGES = {
     "RESOURCE_EXHAUSTED": "the deployment is at capacity; retry later",
     "UNIMPLEMENTED": "the deployment does not serve this request",
     "CANCELLED": "the request was cancelled",
+    "ABORTED": "the request was interrupted (POST /sdapi/v1/interrupt)",
 }
 FAILED_MESSAGE = "the deployment failed to answer this request; its logs have the details (request id)"
 
 
 def plain_message(e: DeploymentError) -> str:
     """The caller's message for `e`: fastsd's own reason for a refused value (INVALID_ARGUMENT names the
-    parameter), else a fixed plain message for the status."""
+    parameter), else a fixed plain message for the status, and the status's name."""
     if e.code == "INVALID_ARGUMENT":
         return str(e)
-    return PLAIN_MESSAGES.get(e.code, FAILED_MESSAGE)
+    return f"{PLAIN_MESSAGES.get(e.code, FAILED_MESSAGE)} ({e.code})"

@@ -1,73 +1,90 @@
-"""The REST gateway's shared HTTP layer: what every route on it inherits (`POST /score` in rest.py, and
-any other format mounted on the same app, e.g. OpenAI's or A1111's).
+"""What every route on the REST gateway shares (`POST /score` in rest.py, openai_api.py, a1111_api.py): the
+token check, the body read under the deployment's byte limit and a time limit, and one generation call
+with the request's deadline, load shedding and cancellation. A generation takes the fields of
+request.parse_query (every value checked by the one table, schema.py), fetches allowed image URLs, and goes
+to the deployment through its one client (client.DeploymentClient) from the gateway's thread pool, so it
+gets the same deadline, batching, request id, metrics and access-log line whatever the route.
 
-A route does, in order (rest.py's /score is the example):
+A route does:
 
-    gw.check_token(request)                       # 401 unless the bearer token matches (when one is set)
-    seconds = gw.deadline(request)                # the request's deadline: X-Request-Timeout or --timeout, the smaller
-    with gw.admit():                              # shed or admit: 429 (503 with no replica up) with Retry-After
-        body = await gw.read_body(request)        # 413 over --max-body-bytes, 408 when it trickles past BODY_TIMEOUT
-        ...parse with request.py...
-        reply = await gw.generate(request, prompts, negatives, seconds=seconds, **parameters)
+    gw.check_token(request)                # 401 unless the token matches (when one is set)
+    body = await gw.body(request)          # 413 over --max-body-bytes, 408 when it trickles past BODY_TIMEOUT
+    query = gw.query(fields)               # 422 naming the field
+    reply = await gw.generate(request, query)
 
-and raises `HttpError` for any refusal; `gw.respond_error(request, e)` turns it into the one error body
-(rest.py's middleware does it for every route: a route may simply raise):
-
-    {"error": "<a plain message>", "request_id": "<the X-Request-ID>", ...}  (+ "parameter" for 422)
-
-Messages are plain and fixed per status: no gRPC text, no addresses, no exception text, no paths (a
-replica's INVALID_ARGUMENT reason is fastsd's own message naming the parameter, and is passed on).
-Status codes: 400 body not the format, 401 token, 408 body too slow, 413 body too large, 422 a value (or
-a header) out of range, 429 at capacity, 499 the client closed the connection (logged; nobody reads it),
-500 the deployment failed, 501 not served, 503 no replica up or the load balancer gone, 504 the deadline
-passed. 429 and 503 carry `Retry-After` (seconds, from the measured service rate).
-
-`generate` runs the call in a thread pool with the request's deadline as its gRPC deadline, watches the
-connection, and cancels the call when the client goes away: the load balancer and the replica then stop
-working on it (the engine at its next denoising step).
+`generate` is, in order: the request's deadline (`deadline`: X-Request-Timeout or --timeout, the smaller),
+shed or admit (`admit`: 429, or 503 with no replica up, both with Retry-After from the measured service
+rate), the call with that deadline as its gRPC deadline, cancelled when the client disconnects (499 in the
+access log; the load balancer and the replica stop working on it, the engine at its next denoising step).
+Every failure is an ApiError with the HTTP status and a plain message: no gRPC text, addresses, exception
+text or paths (a refused value's message is fastsd's own, naming the parameter). Each API writes it in its
+own error shape; `/score`'s is {"error": "...", "request_id": "...", ...} (`score_error`).
+Statuses: 400 not the format, 401 token, 408 body too slow, 409 interrupted (A1111's /interrupt), 413 body
+too large, 422 a value or header out of range, 429 at capacity, 499 the client closed the connection, 500 the
+deployment failed, 501 not served, 503 no replica up or the load balancer gone, 504 the deadline passed.
 """
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
+import hmac
+import io
 import math
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from ..errors import InvalidParameter
+from . import logs
 from .admission import Admission
-from .client import DeploymentClient
-from .control import bearer, same
+from .client import DeploymentClient, DeploymentReply
 from .errors import PLAIN_MESSAGES, DeploymentError, plain_message
 from .folders import cache_path, read_json
+from .image_urls import fetch_cells
+from .loras import LoraCatalog
+from .request import Limits, Query, parse_query
 from .spec import DeploymentSpec
 
 TIMEOUT_HEADER = "x-request-timeout"
 BODY_TIMEOUT = 30.0   # seconds to receive a whole body once its headers are in
 CLIENT_CLOSED = 499   # nginx's code for "client closed request"
 # gRPC status of the deployment's answer -> HTTP status; any other is 500
-HTTP_STATUS = {"DEADLINE_EXCEEDED": 504, "UNAVAILABLE": 503, "RESOURCE_EXHAUSTED": 429, "UNIMPLEMENTED": 501,
+HTTP_STATUS = {"INVALID_ARGUMENT": 422, "DEADLINE_EXCEEDED": 504, "UNAVAILABLE": 503, "RESOURCE_EXHAUSTED": 429,
+               "UNIMPLEMENTED": 501, "ABORTED": 409,  # ABORTED: interrupted (progress.py)
                "CANCELLED": CLIENT_CLOSED}
+RETRY_AFTER_S = 1  # told on a 429 or 503 that carries no measured Retry-After
 
 
-class HttpError(Exception):
-    """A refusal with its HTTP status, plain message, extra body fields and headers."""
+@dataclass
+class ApiError(Exception):
+    status: int
+    message: str
+    param: str | None = None    # the request field at fault
+    headers: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # more fields of /score's error body (e.g. "limit")
 
-    def __init__(self, status: int, message: str, headers: dict | None = None, **extra):
-        super().__init__(message)
-        self.status, self.message, self.headers, self.extra = status, message, headers or {}, extra
+    def __post_init__(self):
+        super().__init__(self.message)
+        if self.status in (429, 503):
+            self.headers.setdefault("Retry-After", str(RETRY_AFTER_S))
+        if self.status == 401:
+            self.headers.setdefault("WWW-Authenticate", "Bearer")
 
 
-def from_deployment_error(e: DeploymentError, seconds: float | None = None) -> HttpError:
+def invalid(e: InvalidParameter, param: str | None = None, status: int = 422) -> ApiError:
+    return ApiError(status, str(e), param or e.name)
+
+
+def from_deployment_error(e: DeploymentError, seconds: float | None = None) -> ApiError:
     """The deployment's gRPC status -> the HTTP refusal, with a plain message (never gRPC's own text)."""
-    if e.code == "INVALID_ARGUMENT":  # fastsd's own message: "<parameter>: got ...; allowed: ..."
-        return HttpError(422, str(e), parameter=str(e).split(":", 1)[0])
     status, message = HTTP_STATUS.get(e.code, 500), plain_message(e)
+    if e.code == "INVALID_ARGUMENT":  # fastsd's own message: "<parameter>: got ...; allowed: ..."
+        return ApiError(422, message, message.split(":", 1)[0])
     if e.code == "DEADLINE_EXCEEDED" and seconds is not None:
         message += f" ({seconds:g} s)"
-    headers = {"Retry-After": str(e.retry_after or 1)} if status in (429, 503) else None
-    return HttpError(status, message, headers)
+    headers = {"Retry-After": str(e.retry_after)} if status in (429, 503) and e.retry_after else {}
+    return ApiError(status, message, headers=headers)
 
 
 def request_deadline(header: str | None, server_timeout: float) -> float:
@@ -84,95 +101,172 @@ def request_deadline(header: str | None, server_timeout: float) -> float:
     return min(value, server_timeout)
 
 
-class Gateway:
-    """One per REST gateway process: the deployment's client, a thread pool, the token and admission."""
+def score_error(e: ApiError, request_id: str | None):
+    """`/score`'s error body: {"error": message, "request_id": id, "parameter"?, ...extra}."""
+    from starlette.responses import JSONResponse  # lazy: the web framework, only in the gateway process
+    body = {"error": e.message, "request_id": request_id, **({"parameter": e.param} if e.param else {}), **e.extra}
+    return JSONResponse(body, status_code=e.status, headers=e.headers or None)
 
-    def __init__(self, spec: DeploymentSpec, token: str | None, client: DeploymentClient | None = None):
-        self.spec = spec
-        self.token = token
-        self.client = client or DeploymentClient(spec.name)
+
+def png_b64(image) -> str:
+    return base64.b64encode(png_bytes(image)).decode()
+
+
+def png_bytes(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class Gateway:
+    """One deployment as the routes see it. `client` and `pool` are the REST gateway's own; `pool` should
+    have a worker for every request `admission` lets in (`workers`)."""
+
+    def __init__(self, spec: DeploymentSpec, client: DeploymentClient, pool, token: str | None):
+        self.spec, self.client, self.pool, self.token = spec, client, pool, token
+        self.limits: Limits = spec.limits
         self.admission = Admission(spec.max_images_per_call, spec.queue_limit)
-        # a worker per admitted request (each waits on its gRPC call), and a few for image URLs
-        self.pool = ThreadPoolExecutor(max_workers=self.admission.limit(len(spec.replicas)) + 8,
-                                       thread_name_prefix="deployment-call")
         self._up = (0.0, len(spec.replicas))
 
-    def respond_error(self, request, e: HttpError):
-        """The one error body: {"error": message, "request_id": id, ...extra}, with the error's headers."""
-        from starlette.responses import JSONResponse  # lazy: the web framework, only in the gateway process
-        return JSONResponse({"error": e.message, "request_id": getattr(request.state, "request_id", None), **e.extra},
-                            status_code=e.status, headers=e.headers or None)
+    @staticmethod
+    def workers(spec: DeploymentSpec) -> int:
+        """Threads the gateway's pool needs: one per request it admits, and a few for image URLs."""
+        return Admission(spec.max_images_per_call, spec.queue_limit).limit(len(spec.replicas)) + 8
 
-    # -- the steps of a route --------------------------------------------------------------------------
-    def check_token(self, request) -> None:
-        if self.token and not same(bearer(request.headers.get("authorization")), self.token):
-            raise HttpError(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
-                            {"WWW-Authenticate": "Bearer"})
+    @property
+    def folder(self):
+        """The deployment's folder (the replicas' progress files, the interrupt)."""
+        return cache_path() / self.spec.name
 
-    def deadline(self, request) -> float:
-        """The request's deadline in seconds from now (X-Request-Timeout, capped by --timeout)."""
+    @property
+    def model_id(self) -> str:
+        """The one model a deployment serves, as `fastsd serve --model` named it."""
+        return self.spec.model
+
+    def loras(self) -> LoraCatalog | None:
+        """The deployment's --lora-dir, read now (files added later are offered); None without one."""
+        if not self.spec.lora_dir:
+            return None
         try:
-            return request_deadline(request.headers.get(TIMEOUT_HEADER), self.spec.limits.timeout)
-        except InvalidParameter as e:
-            raise HttpError(422, str(e), parameter=e.name) from None
+            return LoraCatalog(self.spec.lora_dir)
+        except InvalidParameter:
+            return None
 
-    def replicas_up(self) -> int:
-        """Replicas the load balancer sees up (its balancer.json, read at most twice a second)."""
-        at, up = self._up
-        if time.monotonic() - at > 0.5:
-            seen = (read_json(cache_path() / self.spec.name / "balancer.json") or {}).get("up")
-            up = sum(bool(u) for u in seen) if isinstance(seen, list) else len(self.spec.replicas)
-            self._up = (time.monotonic(), up)
-        return up
+    # -- the door -------------------------------------------------------------------------------------
+    def check_token(self, request) -> None:
+        """With --token: `Authorization: Bearer TOKEN`, or HTTP basic auth with the token as password (any
+        user name: A1111's clients, webuiapi's set_auth included, send basic auth)."""
+        if not self.token:
+            return
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        given = value.strip()
+        if scheme.lower() == "basic":
+            try:
+                given = base64.b64decode(given, validate=True).decode().partition(":")[2]
+            except (ValueError, UnicodeDecodeError):
+                given = ""
+        elif scheme.lower() != "bearer":
+            given = ""
+        if not (given and hmac.compare_digest(given.encode(errors="replace"), self.token.encode())):
+            raise ApiError(401, "missing or wrong token (Authorization: Bearer <token>)")
 
-    def admit(self):
-        """Shed or admit, before the body is read: a context manager for an admitted request, else
-        HttpError 429 (503 with no replica up) with Retry-After."""
-        up = self.replicas_up()
-        if not self.admission.try_admit(up):
-            status, code = (429, "RESOURCE_EXHAUSTED") if up else (503, "UNAVAILABLE")
-            message = PLAIN_MESSAGES[code]
-            raise HttpError(status, message, {"Retry-After": str(self.admission.retry_after(up))})
-        return _Ticket(self.admission)
-
-    async def read_body(self, request) -> bytes:
-        """The body, at most --max-body-bytes (413), within BODY_TIMEOUT seconds (408)."""
+    async def body(self, request) -> bytes:
+        """The request body, refused (413) past the deployment's --max-body-bytes as it streams in, and
+        (408) when it has not all arrived within BODY_TIMEOUT seconds."""
         limit = self.spec.max_body_bytes
+        too_large = ApiError(413, f"the body is larger than {limit} bytes (fastsd serve --max-body-bytes)",
+                             extra={"limit": limit})
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            raise HttpError(413, f"the body is larger than {limit} bytes", limit=limit)
+            raise too_large
         body = bytearray()
 
         async def read():
             async for chunk in request.stream():
                 body.extend(chunk)
                 if len(body) > limit:
-                    raise HttpError(413, f"the body is larger than {limit} bytes", limit=limit)
+                    raise too_large
         try:
             await asyncio.wait_for(read(), BODY_TIMEOUT)
         except asyncio.TimeoutError:
-            raise HttpError(408, f"the body did not arrive within {BODY_TIMEOUT:g} s") from None
+            raise ApiError(408, f"the body did not arrive within {BODY_TIMEOUT:g} s") from None
         return bytes(body)
 
+    def deadline(self, request) -> float:
+        """The request's deadline in seconds from now (X-Request-Timeout, capped by --timeout)."""
+        try:
+            return request_deadline(request.headers.get(TIMEOUT_HEADER), self.limits.timeout)
+        except InvalidParameter as e:
+            raise invalid(e) from None
+
+    def replicas_up(self) -> int:
+        """Replicas the load balancer sees up (its balancer.json, read at most twice a second)."""
+        at, up = self._up
+        if time.monotonic() - at > 0.5:
+            seen = (read_json(self.folder / "balancer.json") or {}).get("up")
+            # no file yet: the load balancer has not said; the call goes on and it answers
+            up = sum(bool(u) for u in seen) if isinstance(seen, list) else max(1, len(self.spec.replicas))
+            self._up = (time.monotonic(), up)
+        return up
+
+    def admit(self):
+        """Shed or admit: a context manager for an admitted request, else ApiError 429 (503 with no replica
+        up) with Retry-After, at once."""
+        up = self.replicas_up()
+        if not self.admission.try_admit(up):
+            status, code = (429, "RESOURCE_EXHAUSTED") if up else (503, "UNAVAILABLE")
+            raise ApiError(status, f"{PLAIN_MESSAGES[code]} ({code})",
+                           headers={"Retry-After": str(self.admission.retry_after(up))})
+        return _Ticket(self.admission)
+
+    # -- one generation ---------------------------------------------------------------------------------
+    def query(self, fields: dict, params: dict | None = None) -> Query:
+        """parse_query's fields -> the checked Query; InvalidParameter -> 422 naming the field (`params`
+        renames schema fields to the API's own names in the error)."""
+        try:
+            return parse_query(fields, self.limits)
+        except InvalidParameter as e:
+            name = (params or {}).get(e.name, e.name)
+            message = f"{name} ({str(e)}" .replace(":", "):", 1) if name != e.name else str(e)
+            raise ApiError(422, message, name) from None
+
     async def run(self, fn, *args, **kwargs):
-        """A blocking function (image URL fetches, PNG encoding) in the gateway's thread pool."""
+        """A blocking function (PNG encoding, ...) in the gateway's thread pool."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args, **kwargs))
 
-    async def generate(self, request, prompts, negatives=None, *, seconds: float, **kwargs):
-        """One deployment call with the request's deadline; cancelled when the client disconnects
-        (HttpError 499). Refusals come back as HttpError with a plain message."""
-        cancel = threading.Event()
-        call = self.run(self.client.generate, prompts, negatives, timeout=seconds, cancel=cancel,
-                        request_id=getattr(request.state, "request_id", None), **kwargs)
-        watcher = asyncio.ensure_future(_watch_disconnect(request, cancel))
-        try:
-            return await call
+    async def generate(self, request, query: Query) -> DeploymentReply:
+        """The request's deadline, shed or admit, then the call; cancelled when the client disconnects."""
+        seconds = self.deadline(request)
+        info = request.state.info
+        kw = query.parameters
+        info.update(prompts=len(query.prompts), steps=kw.get("num_inference_steps", "default"),
+                    size=logs.size(kw.get("width"), kw.get("height")))
+        with self.admit():
+            cancel = threading.Event()
+            watcher = asyncio.ensure_future(_watch_disconnect(request, cancel))
+            try:
+                reply = await self.run(self._call, request.state.request_id, query, seconds, cancel)
+            finally:
+                watcher.cancel()
+        info.update(images=len(reply.images), queue_ms=reply.queue_ms, engine_ms=reply.engine_ms)
+        return reply
+
+    def _call(self, request_id: str, query: Query, seconds: float, cancel: threading.Event) -> DeploymentReply:
+        end = time.monotonic() + seconds
+        images = {"image": query.image, "mask_image": query.mask_image}
+        if self.limits.image_url_allow:  # allowed URLs are fetched here, before the request is queued
+            try:
+                images = fetch_cells(images, self.limits.max_image_bytes, self.limits.image_url_timeout)
+            except InvalidParameter as e:
+                raise invalid(e) from None
+        try:  # image-to-image is MII's InpaintingReply without masks
+            return self.client.generate(query.prompts, query.negatives, image=images["image"] or None,
+                                        mask_image=images["mask_image"], request_id=request_id,
+                                        timeout=end - time.monotonic(), cancel=cancel, **query.parameters)
         except DeploymentError as e:
             if cancel.is_set():
-                raise HttpError(CLIENT_CLOSED, "the client closed the connection") from None
+                raise ApiError(CLIENT_CLOSED, "the client closed the connection") from None
             raise from_deployment_error(e, seconds) from None
-        finally:
-            watcher.cancel()
 
 
 class _Ticket:

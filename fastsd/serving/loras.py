@@ -15,7 +15,8 @@ import re
 from pathlib import Path
 
 from ..errors import InvalidParameter
-from ..lora import MAX_SCALE, LoraError, check_scale
+from ..validation import MAX_LORA_SCALE as MAX_SCALE
+from ..validation import lora_scale as check_scale
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_LORAS = 4  # adapters per request
@@ -39,9 +40,9 @@ class LoraCatalog:
     def describe(self) -> dict:
         return {"offered": self.names(), "invalid": dict(sorted(self.invalid.items()))}
 
-    def broken(self, error: LoraError, parsed) -> InvalidParameter:
-        """A LoRA set that failed to load: marks the adapter at fault invalid (by the path its error names)
-        and returns the request's error, naming the adapter, not the path."""
+    def broken(self, error: Exception, parsed) -> InvalidParameter:
+        """A LoRA set that failed to load (fastsd.lora.LoraError): marks the adapter at fault invalid (by the
+        path its error names) and returns the request's error, naming the adapter, not the path."""
         text = str(error)
         name = next((n for n, _ in parsed if str(self.files[n]) in text), parsed[0][0])
         why = text.replace(str(self.files[name]), name).removeprefix("lora: ").removeprefix(f"{name}: ")

@@ -44,6 +44,7 @@ from .batcher import BatchingPipeline, RequestCancelled, RequestTimeout
 from .folders import read_json, write_json
 from .loras import LoraCatalog
 from .ports import grpc_address
+from .progress import Interrupted, ReplicaProgress
 from .processes import graceful_signals, watch_parent
 from .request import Request
 from .spec import DeploymentSpec, ReplicaPlacement
@@ -75,6 +76,8 @@ def make_servicer(pipeline):
                 context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
             except RequestCancelled as e:
                 context.abort(grpc.StatusCode.CANCELLED, str(e))
+            except Interrupted as e:
+                context.abort(grpc.StatusCode.ABORTED, str(e))  # not CANCELLED: the balancer fails that over
             except Exception:  # noqa: BLE001 - the log gets the traceback, the caller a plain reason
                 rid = wire.metadata(context).get(wire.REQUEST_ID, "-")
                 log.exception("request %s failed", rid)
@@ -175,7 +178,7 @@ def build_engine(spec: DeploymentSpec, replica: ReplicaPlacement | None = None):
         eng["lora_switching"] = True  # --compile keeps the weights writable for switches (optimize.py)
     model = load_for_backend(eng.get("backend", "torch"), spec.model, random_weights=spec.random_weights,
                              allow_pickle=spec.allow_pickle, config=spec.config,
-                             safety_checker=eng.get("safety_checker", True))
+                             safety_checker=eng.get("safety_checker", True), vae_tiny=spec.vae_tiny)
     return optimize(model, OptimizeConfig(**eng).validated())
 
 
@@ -260,7 +263,7 @@ def main(argv=None) -> int:
 
     pipeline = BatchingPipeline(engine, spec.limits, window=spec.batch_window_ms / 1000.0,
                                 on_batch=write_stats, sizer=sizer, loras=catalog,
-                                default_loras=default_loras)
+                                default_loras=default_loras, progress=ReplicaProgress(ddir, index))
     previous = (read_json(stats_path) or {}).get("stats", {})  # counters run on across restarts
     for k, v in previous.items():
         if hasattr(pipeline.stats, k) and isinstance(v, (int, float, dict)):

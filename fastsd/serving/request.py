@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 
 from .. import validation as check
 from ..errors import InvalidParameter
+from ..model_kinds import KIND_BY_CHANNELS
 from . import schema
 from .image_urls import ImageUrl
 
@@ -70,10 +71,12 @@ class Request:
     width: int
     scheduler: str | None
     loras: tuple | None = None  # ((name, scale), ...) from the `lora` keyword; None: the deployment's default
-    task: str = "text2img"  # text2img | img2img | inpaint (fastsd.tasks)
-    images: list | None = None  # per image: PIL images (img2img, inpaint)
+    task: str = "text2img"  # text2img | img2img | inpaint (fastsd.tasks) | depth | upscale (the model's kind)
+    images: list | None = None  # per image: PIL images (img2img, inpaint, depth, upscale)
     masks: list | None = None   # per image: PIL masks (inpaint)
     strength: float | None = None
+    noise_level: int | None = None  # upscale
+    eta: float = 0.0  # DDIM's eta / TCD's gamma (one per engine call: part of the key)
 
     @property
     def n_images(self) -> int:
@@ -85,7 +88,7 @@ class Request:
         guidance travel inside the batch). Guidance on/off is part of the key: the engine runs one
         UNet call per step without guidance and two with it, so mixing them would change images."""
         return (self.height, self.width, self.steps, self.scheduler, max(self.guidance) > 1.0, self.loras,
-                self.task, self.strength)
+                self.task, self.strength, self.eta, self.noise_level)
 
 
 # -- stage 1: any transport ---------------------------------------------------------------------------
@@ -230,8 +233,14 @@ def parse(prompt, negative_prompt, kwargs: dict, limits: Limits, native_size: in
     from .. import tasks  # torch: only a replica, which has its engine loaded, gets here
     image = q.image or None
     mask_image = q.mask_image or None
-    tasks.check_inputs(image, mask_image, kw.get("strength"), unet_in_channels)
-    if image is not None:
+    kind = KIND_BY_CHANNELS.get(unet_in_channels, "sd")
+    if kind in ("depth", "upscale"):  # the model's own task: an image in, strength (depth) or noise_level
+        kw.update(_kind_inputs(kind, image, mask_image, kw, len(prompts)))
+    else:
+        if "noise_level" in kw:
+            raise InvalidParameter("noise_level", kw["noise_level"], "only with an x4 upscaler deployment")
+        tasks.check_inputs(image, mask_image, kw.get("strength"), unet_in_channels)
+    if image is not None and kind not in ("depth", "upscale"):
         for name, items in (("image", image), ("mask_image", mask_image)):
             if items is not None and len(items) not in (1, len(prompts)):
                 raise InvalidParameter(name, f"{len(items)} images", f"1, or one per prompt ({len(prompts)})")
@@ -258,13 +267,47 @@ def parse(prompt, negative_prompt, kwargs: dict, limits: Limits, native_size: in
         def per_image(items):  # one per generated image (prompt-major), as the engine takes them in a batch
             return [items[0 if len(items) == 1 else p] for p in range(len(prompts)) for _ in range(n_img)]
         strength = tasks.strength_value(kw.get("strength"), mask_image is not None)
-        extra = {"task": "inpaint" if mask_image is not None else "img2img", "images": per_image(image),
+        task = kind if kind in ("depth", "upscale") else "inpaint" if mask_image is not None else "img2img"
+        extra = {"task": task, "images": per_image(image),
                  "masks": per_image(mask_image) if mask_image is not None else None, "strength": strength}
-        if int(steps * strength) < 1:
+        if kind == "upscale":
+            extra.update(strength=None, noise_level=kw.get("noise_level", 20))
+        elif int(steps * strength) < 1:
             raise InvalidParameter("strength", strength, f"at least 1/{steps} with {steps} steps")
     elif "strength" in kw:
         raise InvalidParameter("strength", kw["strength"], "only with an image (image-to-image or inpainting)")
     return Request(prompts=[p for p in prompts for _ in range(n_img)],
                    negatives=[n for n in negatives for _ in range(n_img)],
                    guidance=[g] * total, seeds=[seed + i for i in range(total)],
-                   steps=steps, height=height, width=width, scheduler=scheduler, loras=lora, **extra)
+                   steps=steps, height=height, width=width, scheduler=scheduler, loras=lora,
+                   eta=kw.get("eta", 0.0), **extra)
+
+
+def _kind_inputs(kind: str, image, mask_image, kw: dict, prompts: int) -> dict:
+    """A depth or x4 upscaler deployment: an image (one, or one per prompt) and no mask; the upscaler's output
+    is 4x the image (no height/width, no strength). Returns the height and width of the output."""
+    from .. import tasks  # torch: only a replica, which has its engine loaded, gets here
+    what = "a depth-to-image model" if kind == "depth" else "the x4 upscaler"
+    if image is None:
+        raise InvalidParameter("image", None, f"an image: this deployment runs {what}")
+    if mask_image is not None:
+        raise InvalidParameter("mask_image", "a mask", f"no mask: this deployment runs {what}")
+    if len(image) not in (1, prompts):
+        raise InvalidParameter("image", f"{len(image)} images", f"1, or one per prompt ({prompts})")
+    if kind == "depth":
+        if "noise_level" in kw:
+            raise InvalidParameter("noise_level", kw["noise_level"], "only with an x4 upscaler deployment")
+        tasks.strength_value(kw.get("strength"))
+        height, width = tasks.target_size(image, None, kw.get("height"), kw.get("width"), False, 8)
+        return {"height": height, "width": width}
+    for name in ("height", "width", "strength"):
+        if name in kw:
+            raise InvalidParameter(name, kw[name], "nothing with the x4 upscaler: its output is 4x the image")
+    sizes = {im.size for im in image}
+    if len(sizes) > 1:
+        raise InvalidParameter("image", sorted(sizes), "images of one size (width, height)")
+    w, h = sizes.pop()
+    if w % 8 or h % 8 or not check.MIN_SIZE <= 4 * w <= check.MAX_SIZE or not check.MIN_SIZE <= 4 * h <= check.MAX_SIZE:
+        raise InvalidParameter("image", f"{w}x{h}", f"multiples of 8 from {check.MIN_SIZE // 4} to "
+                               f"{check.MAX_SIZE // 4} pixels a side (the output is 4x)")
+    return {"height": 4 * h, "width": 4 * w}

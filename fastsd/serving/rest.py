@@ -23,21 +23,20 @@ The HTTP server (uvicorn) closes a connection whose headers do not arrive within
 and takes at most MAX_CONNECTIONS at once (slowloris.py).
 """
 
-import base64
-import io
 import json
 import logging
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from ..errors import InvalidParameter
-from . import logs, slowloris, wire
+from . import a1111_api, logs, openai_api, slowloris, wire
+from .client import DeploymentClient
 from .folders import cache_path, read_json, use_cache_path
-from .gateway import Gateway, HttpError
+from .gateway import ApiError, Gateway, png_b64, score_error
 from .histograms import LATENCY_BOUNDS
-from .image_urls import fetch_cells
 from .metrics import DeploymentCollector, http_outcome
 from .ports import port_answers
 from .processes import TOKEN_ENV, graceful_signals, watch_parent
@@ -45,28 +44,22 @@ from .request import BadBody, Limits, Query, parse_score_body
 from .spec import DeploymentSpec
 
 log = logging.getLogger("fastsd.serving.rest")
-BadRequest = HttpError  # the name this module's refusals had before gateway.py held them
+BadRequest = ApiError  # the name this module's refusals had before gateway.py held them
 
 
 def read_score_body(body: bytes, limits: Limits | None = None, with_images: bool = False) -> Query:
-    """The bytes of a `POST /score` body -> the checked Query (request.parse_score_body), or HttpError
+    """The bytes of a `POST /score` body -> the checked Query (request.parse_score_body), or ApiError
     with the HTTP status: 400 not JSON or not the format, 422 a value (naming the parameter)."""
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nesting too deep
-        raise HttpError(400, f"the body is not JSON: {str(e)[:200]}") from None
+        raise ApiError(400, f"the body is not JSON: {str(e)[:200]}") from None
     try:
         return parse_score_body(doc, limits or Limits(), with_images=with_images)
     except BadBody as e:
-        raise HttpError(400, str(e)) from None
+        raise ApiError(400, str(e)) from None
     except InvalidParameter as e:
-        raise HttpError(422, str(e), parameter=e.name) from None
-
-
-def png_b64(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
+        raise ApiError(422, str(e), e.name) from None
 
 
 def create_app(spec: DeploymentSpec, token: str | None, gateway: Gateway | None = None):
@@ -76,7 +69,10 @@ def create_app(spec: DeploymentSpec, token: str | None, gateway: Gateway | None 
 
     name = spec.name
     limits = spec.limits
-    gw = gateway or Gateway(spec, token)
+    if gateway is None:  # a worker per admitted request: each waits on its gRPC call
+        pool = ThreadPoolExecutor(max_workers=Gateway.workers(spec), thread_name_prefix="deployment-call")
+        gateway = Gateway(spec, DeploymentClient(name), pool, token)
+    gw = gateway
     app = FastAPI(title=f"fastsd deployment {name}", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.gateway = gw  # other routes mounted on this app use the same layer
 
@@ -88,10 +84,11 @@ def create_app(spec: DeploymentSpec, token: str | None, gateway: Gateway | None 
                              buckets=LATENCY_BOUNDS, registry=registry)
     http_in_flight = Gauge("fastsd_http_in_flight_requests", "HTTP requests being answered", registry=registry)
     PROBES = ("/health", "/ready", "/metrics")
+    API_PATHS = (*openai_api.PATHS, *a1111_api.PATHS)
 
-    @app.exception_handler(HttpError)
-    async def refused(request: Request, e: HttpError):
-        return gw.respond_error(request, e)
+    @app.exception_handler(ApiError)
+    async def refused(request: Request, e: ApiError):  # /score's shape; the APIs write their own
+        return score_error(e, request.state.request_id)
 
     @app.middleware("http")
     async def request_id_and_access_log(request: Request, call_next):
@@ -99,7 +96,7 @@ def create_app(spec: DeploymentSpec, token: str | None, gateway: Gateway | None 
         rid = wire.request_id(request.headers.get("x-request-id"))
         request.state.request_id = rid
         request.state.info = {}
-        path = request.url.path if request.url.path in (*PROBES, "/score") else "other"
+        path = request.url.path if request.url.path in (*PROBES, "/score", *API_PATHS) else "other"
         t0 = time.monotonic()
         http_in_flight.inc()
         try:
@@ -149,25 +146,12 @@ def create_app(spec: DeploymentSpec, token: str | None, gateway: Gateway | None 
     @app.post("/score")
     async def score(request: Request):
         gw.check_token(request)
-        seconds = gw.deadline(request)
-        with gw.admit():
-            query = read_score_body(await gw.read_body(request), limits, with_images=True)
-            kwargs = query.parameters
-            info = request.state.info
-            info.update(prompts=len(query.prompts), steps=kwargs.get("num_inference_steps", "default"),
-                        size=logs.size(kwargs.get("width"), kwargs.get("height")))
-            images = {"image": query.image, "mask_image": query.mask_image}
-            if limits.image_url_allow:  # allowed URLs are fetched here, before the request is queued
-                try:
-                    images = await gw.run(fetch_cells, images, limits.max_image_bytes, limits.image_url_timeout)
-                except InvalidParameter as e:
-                    raise HttpError(422, str(e), parameter=e.name) from None
-            prompts = query.prompts  # image-to-image is MII's InpaintingReply without masks
-            reply = await gw.generate(request, prompts, query.negatives, seconds=seconds,
-                                      image=images["image"] or None, mask_image=images["mask_image"], **kwargs)
-            info.update(images=len(reply.images), queue_ms=reply.queue_ms, engine_ms=reply.engine_ms)
-            return JSONResponse(await gw.run(score_rows, prompts, reply))
+        query = read_score_body(await gw.body(request), limits, with_images=True)
+        reply = await gw.generate(request, query)
+        return JSONResponse(await gw.run(score_rows, query.prompts, reply))
 
+    openai_api.mount(app, gw)  # the APIs image clients speak, on the same port, token and layer
+    a1111_api.mount(app, gw)
     return app
 
 

@@ -27,7 +27,7 @@ from .. import validation as v
 from ..errors import InvalidParameter
 from .image_urls import ImageUrl, allowed
 
-SCHEDULERS = ("pndm", "ddim", "euler", "euler-ancestral", "dpm++", "lms")
+SCHEDULERS = ("pndm", "ddim", "euler", "euler-ancestral", "dpm++", "lms", "lcm", "tcd")  # fastsd.schedulers
 MAX_TEXT_CHARS = 10_000  # CLIP reads 77 tokens; longer text only costs tokenizer time
 MAX_GUIDANCE = 1000.0    # far beyond any useful value, and exact in MII's 32-bit floats
 SHOWN = 80               # characters of a refused value quoted back in an error
@@ -130,9 +130,12 @@ PARAMS = {p.name: p for p in [
     Param("width", "int", "image width in pixels", v.MIN_SIZE, v.MAX_SIZE, multiple_of=8),
     Param("seed", "int", "seed of the first image (the next ones take seed+1, ...)", 0, v.MAX_SEED),
     Param("scheduler", "choice", "sampler", choices=SCHEDULERS),
+    Param("eta", "float", "DDIM's eta, TCD's gamma: 0 deterministic .. 1 stochastic (ddim and tcd only)", 0.0, 1.0),
     Param("num_images_per_prompt", "int", "images per prompt", 1, lambda lim: lim.max_images),
     Param("lora", "text", "LoRA adapters of the deployment's --lora-dir: NAME[:SCALE][,NAME[:SCALE]]"),
-    Param("strength", "float", "image-to-image and inpainting: how much is repainted, in (0, 1]", 0.0, 1.0),
+    Param("strength", "float", "image-to-image, inpainting and depth-to-image: how much is repainted, in (0, 1]",
+          0.0, 1.0),
+    Param("noise_level", "int", "x4 upscaler: noise added to the low-res image (default 20)", 0, 350),
 ]}
 # REST only: a negative prompt for every row, as a parameter instead of a column
 REST_ONLY_PARAMS = {"negative_prompt": Param("negative_prompt", "text", "negative prompt for every row")}

@@ -70,6 +70,7 @@ class DeploymentSpec:
     max_queue: int | None = None  # requests allowed to wait beyond those running; None: admission.default_max_queue
     tls_cert: str | None = None  # PEM files: HTTPS for REST, TLS for gRPC on --host (control.py)
     tls_key: str | None = None
+    vae_tiny: str | None = None  # an AutoencoderTiny folder every replica decodes (and encodes) with
     version: int = SPEC_VERSION
 
     @property

@@ -3,13 +3,16 @@
 
 The generate action is also Gradio's API endpoint `/generate`; its inputs are named after the parameters
 of `generate` below (prompt, negative_prompt, steps, guidance, seed, width, height, scheduler, num_images,
-image, mask_image, strength, lora, lora_scale):
+image, mask_image, strength, lora, lora_scale, noise_level):
 
     from gradio_client import Client
     Client("http://127.0.0.1:7860/").predict(prompt="a red circle", steps=25, seed=0, api_name="/generate")
 
 An uploaded image makes the request image-to-image, with a mask too (white = repaint) inpainting; both go
-to the deployment's inpainting record through MII's InpaintingReply. The LoRA picker lists the adapters
+to the deployment's inpainting record through MII's InpaintingReply. A deployment of a depth model takes the
+image (and strength) as depth-to-image, its depth from the model's own estimator; one of the x4 upscaler takes
+the image and `noise_level` (not strength) and answers 4x the image's size (the page asks the deployment
+which kind its model is). The LoRA picker lists the adapters
 in the deployment's --lora-dir (read when the page opens) and sends `lora="name:scale"`.
 
 Errors from the server (a value it refuses, a timeout, no replica up) come back as `gr.Error`: a readable
@@ -120,11 +123,14 @@ def lora_value(lora, scale) -> str | None:
     return f"{lora}:{float(1.0 if scale is None else scale):g}"
 
 
-def task_label(image, mask_image, strength) -> str:
-    """What the page says it did: the task, and the strength where an image was uploaded."""
+def task_label(image, mask_image, strength, kind: str | None = None, noise_level=None) -> str:
+    """What the page says it did: the task (the model's kind for a depth or upscaler model), and the strength
+    or noise level where an image was uploaded."""
     if image is None:
         return "text-to-image"
-    return f"{'image-to-image' if mask_image is None else 'inpainting'} (strength {float(strength):g})"
+    task = {"depth": "depth-to-image", "upscale": "x4 upscale"}.get(kind) or \
+        ("image-to-image" if mask_image is None else "inpainting")
+    return f"{task} ({f'noise level {noise_level}' if noise_level is not None else f'strength {float(strength):g}'})"
 
 
 def make_generate(client: DeploymentClient, out_dir: Path):
@@ -133,15 +139,18 @@ def make_generate(client: DeploymentClient, out_dir: Path):
 
     def generate(prompt: str, negative_prompt: str = "", steps: int = 25, guidance: float = 7.5, seed: int = -1,
                  width: int = 0, height: int = 0, scheduler: str = MODEL_DEFAULT, num_images: int = 1,
-                 image=None, mask_image=None, strength: float = 0.8, lora: str = NO_LORA, lora_scale: float = 1.0):
+                 image=None, mask_image=None, strength: float = 0.8, lora: str = NO_LORA, lora_scale: float = 1.0,
+                 noise_level: int = 20):
         try:
             if seed is None or seed < 0:
                 seed = random.randrange(MAX_SEED)  # drawn here, so the page can say which seed it used
             n = _int_or_none(num_images) or 1
             if mask_image is not None and image is None:
                 raise InvalidParameter("mask_image", "a mask", "a mask only together with an image (upload one)")
-            images = {}
-            if image is not None:  # image-to-image, or with a mask inpainting
+            images, kind = {}, (client.engine() or {}).get("kind")
+            if image is not None and kind == "upscale":  # the x4 upscaler: a noise level, no strength
+                images = {"image": [_png(image, "image", "RGB")], "noise_level": _int_or_none(noise_level)}
+            elif image is not None:  # image-to-image, with a mask inpainting; depth-to-image for a depth model
                 images = {"image": [_png(image, "image", "RGB")], "strength": float(strength)}
                 if mask_image is not None:
                     images["mask_image"] = [_png(mask_image, "mask_image", "L")]
@@ -168,7 +177,7 @@ def make_generate(client: DeploymentClient, out_dir: Path):
         flagged = sum(bool(f) for f in reply.nsfw_content_detected)
         w, h = reply.images[0].size if reply.images else (0, 0)
         info = (f"**seed {seeds[0]}**" + (f" to {seeds[-1]}" if len(seeds) > 1 else "")
-                + f" · {task_label(image, mask_image, strength)}"
+                + f" · {task_label(image, mask_image, strength, kind, images.get('noise_level'))}"
                 + (f" · LoRA {lora_value(lora, lora_scale)}" if lora_value(lora, lora_scale) else "")
                 + f" · {len(seeds)} image(s) {w}x{h} in {elapsed:.2f} s · "
                 + describe(client)
@@ -214,6 +223,8 @@ def build_app(client: DeploymentClient, out_dir: Path | None = None):
                                               elem_id="mask_image")
                     strength = gr.Slider(0.05, 1.0, value=0.8, step=0.05, label="strength (how much is repainted)",
                                          elem_id="strength")
+                    noise_level = gr.Slider(0, 350, value=20, step=1, elem_id="noise_level",
+                                            label="noise level (an x4 upscaler deployment: noise added to the image)")
                 loras = lora_names(client)
                 with gr.Row():
                     lora = gr.Dropdown([NO_LORA, *loras], value=NO_LORA, label="LoRA (the deployment's --lora-dir)",
@@ -233,7 +244,7 @@ def build_app(client: DeploymentClient, out_dir: Path | None = None):
                   queue=False)
         random_seed.click(lambda: -1, None, seed, api_name=False, queue=False)
         inputs = [prompt, negative, steps, guidance, seed, width, height, scheduler, num_images, image, mask_image,
-                  strength, lora, lora_scale]
+                  strength, lora, lora_scale, noise_level]
         button.click(generate, inputs, [gallery, result, files], api_name="generate")
         prompt.submit(generate, inputs, [gallery, result, files], api_name=False)
     return demo

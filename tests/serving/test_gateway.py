@@ -15,6 +15,7 @@ from fastsd.serving import folders, ports  # noqa: E402
 from fastsd.serving.admission import Admission, default_max_queue  # noqa: E402
 from fastsd.serving.errors import DeploymentError  # noqa: E402
 from fastsd.serving.gateway import Gateway, from_deployment_error, request_deadline  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from fastsd.serving.request import Limits  # noqa: E402
 from fastsd.serving.rest import create_app  # noqa: E402
 from fastsd.serving.spec import DeploymentSpec, ReplicaPlacement  # noqa: E402
@@ -79,7 +80,7 @@ def test_deployment_errors_become_plain_messages(code, status):
     assert e.status == status and not any(leak in e.message for leak in LEAKS), e.message
     assert (e.headers.get("Retry-After") == "7") == (status in (429, 503))
     bad = from_deployment_error(DeploymentError("INVALID_ARGUMENT", "height: got 100; allowed: a multiple of 8"))
-    assert bad.status == 422 and bad.extra["parameter"] == "height" and bad.message.startswith("height")
+    assert bad.status == 422 and bad.param == "height" and bad.message.startswith("height")
 
 
 # -- the app, with a stand-in client ----------------------------------------------------------------
@@ -103,7 +104,7 @@ def spec(**kw):
 def app_with(behaviour, token=None, **kw):
     client = FakeClient(behaviour)
     s = spec(**kw)
-    return TestClient(create_app(s, token, Gateway(s, token, client=client))), client
+    return TestClient(create_app(s, token, Gateway(s, client, ThreadPoolExecutor(8), token))), client
 
 
 def image_reply(timeout, cancel):
@@ -125,7 +126,7 @@ def test_deadline_header_reaches_the_call():
     http, client = app_with(image_reply)
     assert http.post("/score", json=GOOD, headers={"X-Request-Timeout": "2.5"}).status_code == 200
     assert http.post("/score", json=GOOD).status_code == 200
-    assert client.timeouts == [2.5, 30.0]
+    assert client.timeouts == [pytest.approx(2.5, abs=0.1), pytest.approx(30.0, abs=0.1)]
     doc = check_error_body(http.post("/score", json=GOOD, headers={"X-Request-Timeout": "soon"}), 422)
     assert doc["parameter"] == "X-Request-Timeout"
 
@@ -191,7 +192,7 @@ def test_a_real_grpc_failure_reaches_no_body(tmp_path, monkeypatch):
     with pytest.raises(DeploymentError) as e:
         client.generate(["a"], timeout=3)
     assert e.value.code == "UNAVAILABLE"  # with gRPC's text in the exception, for logs
-    http = TestClient(create_app(s, None, Gateway(s, None, client=client)))
+    http = TestClient(create_app(s, None, Gateway(s, client, ThreadPoolExecutor(4), None)))
     r = http.post("/score", json=GOOD)
     doc = check_error_body(r, 503)
     assert "retry-after" in r.headers and json.dumps(doc).count("retry later") == 1

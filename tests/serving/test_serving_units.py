@@ -126,6 +126,46 @@ def test_batch_keeps_different_shapes_apart(engine):
         pipe.close()
 
 
+def test_few_step_requests_batch_without_guidance_and_keep_eta_apart(engine):
+    pipe = BatchingPipeline(engine, max_batch=8, window=0.5)
+    calls = []
+    real = engine.backend.unet
+    engine.backend.unet = lambda x, t, e, **kw: calls.append(x.shape[0]) or real(x, t, e, **kw)
+    try:
+        out = {}
+
+        def call(k, **kw):
+            out[k] = pipe(prompt=["x"], negative_prompt=[""], num_inference_steps=4, seed=1, scheduler="tcd", **kw)
+        jobs = {"off1": {"guidance_scale": 1.0}, "off0": {"guidance_scale": 0.5}, "on": {"guidance_scale": 2.0},
+                "eta": {"guidance_scale": 1.0, "eta": 0.3}}
+        ts = [threading.Thread(target=call, args=(k,), kwargs=kw) for k, kw in jobs.items()]
+        [t.start() for t in ts]
+        [t.join(60) for t in ts]
+        # guidance off (1.0 and 0.5) share one call of one UNet batch row each; guided and eta 0.3 run apart
+        assert pipe.stats.batches == 3 and out["off1"].batch_requests == 2 and out["on"].batch_requests == 1
+        assert sorted(calls) == sorted([2] * 4 + [2] * 4 + [1] * 4)
+        alone = engine.generate("x", num_inference_steps=4, seed=1, scheduler="tcd", guidance_scale=1.0, eta=0.3,
+                                progress=False)
+        assert np.abs(np.asarray(out["eta"].images[0], np.int16) - np.asarray(alone.images[0], np.int16)).max() <= 1
+    finally:
+        engine.backend.unet = real
+        pipe.close()
+
+
+@pytest.mark.parametrize("kwargs, name", [({"scheduler": "lcm", "num_inference_steps": 51}, "steps"),
+                                          ({"scheduler": "pndm", "eta": 0.5}, "eta"),
+                                          ({"eta": 0.5}, "eta"),  # the tiny model's own scheduler is PNDM
+                                          ({"scheduler": "tcd", "eta": 1.5}, "eta")])
+def test_sampler_limits_are_refused_before_batching(engine, kwargs, name):
+    pipe = BatchingPipeline(engine, max_batch=2, window=0.0)
+    try:
+        with pytest.raises(InvalidParameter) as e:
+            pipe(prompt=["x"], negative_prompt=[""], **kwargs)
+        assert e.value.name == name and pipe.stats.batches == 0
+    finally:
+        pipe.close()
+
+
 class SlowEngine:
     class model:
         native_size = 64
@@ -187,3 +227,9 @@ def test_servicer_status_codes(engine):
             slow.stop(0)
         pipe.close()
         loop.close()
+
+
+def test_the_request_schema_names_every_scheduler_the_engine_has():
+    from fastsd.schedulers import SCHEDULERS
+    from fastsd.serving.schema import SCHEDULERS as OFFERED
+    assert OFFERED == tuple(SCHEDULERS)

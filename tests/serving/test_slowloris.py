@@ -12,6 +12,7 @@ import pytest
 
 pytest.importorskip("uvicorn")  # the serving extra
 import uvicorn  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
 from fastsd.serving import gateway as gateway_module  # noqa: E402
 from fastsd.serving import ports, slowloris  # noqa: E402
@@ -47,7 +48,7 @@ def server(monkeypatch):
                           limits=Limits(timeout=20), max_batch=1)
     client = WaitsForCancel()
     port = ports.free_port_block(1)
-    app = create_app(spec, None, Gateway(spec, None, client=client))
+    app = create_app(spec, None, Gateway(spec, client, ThreadPoolExecutor(8), None))
     app.router.routes = [r for r in app.router.routes if getattr(r, "path", "") != "/health"]
 
     @app.get("/health")  # the gateway's own probe asks the load balancer; here the process alone answers

@@ -96,7 +96,7 @@ def _scene(tmp_path):
 def test_api_names_the_task_inputs(api):
     params = [p["parameter_name"] for p in
               api.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate"]["parameters"]]
-    assert params[9:] == ["image", "mask_image", "strength", "lora", "lora_scale"]
+    assert params[9:] == ["image", "mask_image", "strength", "lora", "lora_scale", "noise_level"]
 
 
 def test_api_image_to_image_recolours_the_uploaded_shape(api, tmp_path):

@@ -292,7 +292,9 @@ class OnnxRuntimeBackend:
         ids = input_ids.cpu().numpy().astype(g.dtype("input_ids"))
         return torch.from_numpy(np.ascontiguousarray(g.run({"input_ids": ids}, ("input_ids",))[0])).float()
 
-    def unet(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def unet(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
+             class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """class_labels: the x4 upscaler's noise levels (its export's UNet graph takes them)."""
         g = self.graphs["unet"]
         t = float(timestep.item() if torch.is_tensor(timestep) else timestep)
         ts = np.asarray(t, dtype=g.dtype("timestep"))
@@ -301,7 +303,11 @@ class OnnxRuntimeBackend:
         feed = {"sample": sample.detach().cpu().numpy().astype(g.dtype("sample"), copy=False), "timestep": ts,
                 "encoder_hidden_states": encoder_hidden_states.detach().cpu().numpy().astype(
                     g.dtype("encoder_hidden_states"), copy=False)}
-        out = g.run(feed, ("sample", "encoder_hidden_states"))[0]
+        batched = ("sample", "encoder_hidden_states")
+        if class_labels is not None:
+            feed["class_labels"] = class_labels.detach().cpu().numpy().astype(g.dtype("class_labels"), copy=False)
+            batched += ("class_labels",)
+        out = g.run(feed, batched)[0]
         return torch.from_numpy(np.ascontiguousarray(out)).float()
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:

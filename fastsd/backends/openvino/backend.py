@@ -154,7 +154,11 @@ def weights_fingerprint(model) -> str:
     samples up to 4096 values of every tensor (hashing all 1.1B parameters of SD would take seconds)."""
     h = hashlib.sha256()
     for part in ("text_encoder", "unet", "vae"):
-        for name, t in getattr(model, part).state_dict().items():
+        module = getattr(model, part)
+        if module is None:  # a pipeline without a text encoder (prompt_embeds-only use)
+            h.update(f"{part}:none".encode())
+            continue
+        for name, t in module.state_dict().items():
             flat = t.detach().reshape(-1)
             step = max(1, flat.numel() // 4096)
             h.update(f"{part}.{name}{tuple(t.shape)}{t.dtype}".encode())
@@ -184,6 +188,9 @@ class OpenVINOBackend:
     name = "openvino"
 
     def __init__(self, model, config):
+        if model.kind in ("depth", "upscale"):  # its static-shape graphs and UNet call take neither's inputs yet
+            raise InvalidParameter("backend", "openvino", f"torch or onnxruntime for a {model.kind} model "
+                                   "(depth-to-image and the x4 upscaler are not wired into the openvino backend)")
         ov = import_openvino()
         check_config(config)
         self.converted = None

@@ -7,6 +7,7 @@ import torch
 
 from fastsd import kernels
 
+from ...errors import InvalidParameter
 from ...lora import LoraError, ModuleWeights
 from ...step_cache import StepCache
 from . import recipe
@@ -16,6 +17,7 @@ log = logging.getLogger("fastsd")
 
 class TorchBackend:
     name = "torch"
+    takes_timestep_cond = True  # an LCM-distilled UNet's guidance embedding (eager UNet only)
 
     def __init__(self, model, config):
         self.device = torch.device(config.device)
@@ -109,8 +111,23 @@ class TorchBackend:
                             "generation, or build the engine with lora_switching=True")
 
     @torch.inference_mode()
-    def unet(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def unet(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
+             timestep_cond: torch.Tensor | None = None, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """timestep_cond: an LCM-distilled UNet's guidance embedding; class_labels: the x4 upscaler's noise level per
+        image (its UNet's class embedding). Both run the eager UNet."""
         self.ran = True
+        if timestep_cond is not None or class_labels is not None:
+            if self.step_cache is not None or self.graphs is not None:
+                raise InvalidParameter("model", "an LCM-distilled UNet (time_cond_proj_dim) or the x4 upscaler "
+                                       "(class labels)", "a UNet without a guidance embedding or class labels with "
+                                       "step caching or CUDA graphs")
+            extra = {}
+            if timestep_cond is not None:
+                extra["timestep_cond"] = timestep_cond.to(self.dtype)
+            if class_labels is not None:
+                extra["class_labels"] = class_labels.to(self.device)
+            return self.unet_module(sample.to(self.dtype), timestep, encoder_hidden_states=encoder_hidden_states.to(
+                self.dtype), **extra, return_dict=False)[0]
         if self.step_cache is not None:
             return self.step_cache(sample.to(self.dtype), timestep, encoder_hidden_states.to(self.dtype))
         if self.graphs is not None:
@@ -121,8 +138,10 @@ class TorchBackend:
     @torch.inference_mode()
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         """Image in [-1, 1] -> the encoder's latent_parameters (mean and log-variance, [B, 8, h, w]), the
-        output of the export's vae_encoder graph; the engine samples from them with its own generators."""
-        return self.vae.encode(image.to(self.device, self.vae_dtype)).latent_dist.parameters
+        output of the export's vae_encoder graph; the engine samples from them with its own generators. A tiny
+        VAE (AutoencoderTiny) gives its latents themselves ([B, 4, h, w]): nothing to sample."""
+        out = self.vae.encode(image.to(self.device, self.vae_dtype))
+        return out.latent_dist.parameters if hasattr(out, "latent_dist") else out.latents
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

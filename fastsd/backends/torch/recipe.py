@@ -1,9 +1,10 @@
 """The torch speed recipe, written once for the Engine's torch backend and for `fastsd.accelerate`: the dtype
 each network computes in, and the attention kernels, fused ops and memory format put on its modules.
 
-Both callers move their modules to `Precision`'s dtypes and then call `install`; what they add on top is
-their own (the engine: step caching, compile with weight freezing, CUDA graphs of its UNet call; accelerate:
-wrapped forwards that keep a user's pipeline dtype-transparent)."""
+The engine moves its modules to `Precision`'s dtypes and calls `install`; accelerate converts a copy of each
+of the user's modules and calls `install_module` on it (what `install` does per module). What they add on
+top is their own (the engine: step caching, compile with weight freezing, CUDA graphs of its UNet call;
+accelerate: wrapped calls that keep the user's modules as they are and the pipeline dtype-transparent)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -39,20 +40,42 @@ class Installed:
     channels_last: list = field(default_factory=list)  # the modules converted to channels_last
 
 
+def channels_last(role: str, config, prec: Precision) -> bool:
+    """Whether the recipe puts `role`'s module in channels_last: the denoisers with the flag or under the CPU
+    recipe, the VAE under the CPU recipe (measured ~20% faster decode there)."""
+    return prec.cpu_recipe or (role != "vae" and config.channels_last)
+
+
+def install_module(module, role: str, config, device: torch.device, prec: Precision, *, attention: str,
+                   fuse_qkv: bool, fused_with=None) -> tuple[str, list, bool]:
+    """The recipe on one module (a denoiser or the VAE, already in its dtype): fastsd's attention kernels,
+    the fused ops (`fused_with`: a VAE fused alongside a denoiser, in the denoiser's dtype), channels_last.
+    Returns (the attention backend chosen, the fused ops applied, whether channels_last was applied)."""
+    dtype = prec.vae if role == "vae" else prec.denoiser
+    chosen = kernels.install_attention(module, attention, device=device, dtype=dtype)
+    fused = (kernels.apply_fused_ops(module, fused_with, device, dtype, fuse_qkv=fuse_qkv)
+             if config.fused_ops else [])
+    cl = channels_last(role, config, prec)
+    if cl:
+        module.to(memory_format=torch.channels_last)
+    return chosen, fused, cl
+
+
 def install(denoisers: list, vae, config, device: torch.device, prec: Precision, *,
             fuse_qkv: bool) -> Installed:
-    """Attention kernels on the denoisers and the VAE, the fused ops (the first denoiser's with the VAE's),
-    and channels_last (the denoisers; the VAE too under the CPU recipe, measured ~20% faster decode there).
+    """The recipe on the engine's networks: attention kernels on the denoisers and the VAE, the fused ops
+    (the first denoiser's with the VAE's), channels_last (install_module, per module).
     fuse_qkv: fold q/k/v into one GEMM where it helps (CUDA); False where adapters may be loaded later
     through diffusers (its LoRA loader targets to_q/to_k/to_v, which fused weights would bypass)."""
-    target = denoisers[0] if len(denoisers) == 1 else denoisers
-    done = Installed(kernels.install_attention(target, config.attention, device=device, dtype=prec.denoiser))
+    done = Installed(kernels.choose_attention(config.attention, device, prec.denoiser))
     kernels.install_attention(vae, done.attention, device=device, dtype=prec.vae)
-    if config.fused_ops:
-        done.fused = [kernels.apply_fused_ops(m, vae if i == 0 else None, device, prec.denoiser, fuse_qkv=fuse_qkv)
-                      for i, m in enumerate(denoisers)]
-    if config.channels_last or prec.cpu_recipe:
-        done.channels_last = list(denoisers) + ([vae] if prec.cpu_recipe else [])
-        for m in done.channels_last:
-            m.to(memory_format=torch.channels_last)
+    for i, m in enumerate(denoisers):
+        _, fused, cl = install_module(m, "unet", config, device, prec, attention=done.attention,
+                                      fuse_qkv=fuse_qkv, fused_with=vae if i == 0 else None)
+        done.fused.append(fused)
+        if cl:
+            done.channels_last.append(m)
+    if channels_last("vae", config, prec):
+        vae.to(memory_format=torch.channels_last)
+        done.channels_last.append(vae)
     return done

@@ -1,0 +1,270 @@
+"""Distill fastsd-shapes into a few-step model: an LCM-LoRA (latent consistency distillation into a LoRA).
+
+    python training/train_lcm_lora.py --threads 1 --out out/loras          # writes out/loras/lcm-shapes.safetensors
+    python training/train_lcm_lora.py --eval-only --lora fastsd/models/loras/lcm-shapes.safetensors
+
+The recipe is diffusers' `examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py` at toy scale,
+written out here for the shapes model (same maths, no accelerate/webdataset):
+  - teacher: the frozen base UNet with classifier-free guidance at `--guidance` (7.5, what the base model is
+    calibrated for) and a DDIM solver over `--ddim-steps` (50) timesteps of SD's schedule (k = 1000 / 50);
+  - student: the same UNet with a PEFT LoRA (UNet only; text encoder and VAE frozen), one call without
+    guidance, read through LCM's boundary conditions (c_skip, c_out of diffusers' LCMScheduler, timestep
+    scaling 10): f(x_t, t) = c_skip(t) x_t + c_out(t) x0(x_t, t);
+  - target: the student itself (no gradient) at the teacher's DDIM step t - k from x_t;
+  - loss: pseudo-Huber (c = 0.001) between the two, on latents of scenes drawn by training/shapes_data.py and
+    encoded once by the frozen VAE (never the held-out (colour, shape, position) combinations).
+The LoRA is saved with diffusers' own `save_lora_weights`, so diffusers and fastsd both load it; with
+`LCMScheduler` (fastsd: `--scheduler lcm`) and guidance 1 it draws in 2-8 steps.
+
+Judged on the model's 60 held-out evaluation prompts (prompt i, seed i, 64x64) by fastsd.judge: the base
+model at 50 PNDM steps, guidance 7.5 (its default), against the LoRA at 4 LCM steps, guidance 1 (one UNet
+call per step instead of two), both in diffusers FP32.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from shapes_data import held_out_triples, prompt_text, random_prompt  # noqa: E402
+from train_shapes import MAX_LEN, SCHEDULE, encode_dataset, lr_at  # noqa: E402
+
+BASE = Path(__file__).resolve().parents[1] / "fastsd" / "models" / "fastsd-shapes"
+NAME = "lcm-shapes"
+# the layers diffusers' LCM-LoRA script adapts (attention, projections, feed-forward, resnets, resamplers,
+# time embedding), as they are named in this UNet
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+
+
+def pseudo_huber(a: torch.Tensor, b: torch.Tensor, c: float = 0.001) -> torch.Tensor:
+    return (torch.sqrt((a.float() - b.float()) ** 2 + c * c) - c).mean()
+
+
+def x0_from_eps(x: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    a = alpha_bar.view(-1, 1, 1, 1)
+    return (x - (1 - a).sqrt() * eps) / a.sqrt()
+
+
+class Setup:
+    """What both targets share: SD's schedule, LCM's boundary conditions, the 50-point timestep grid."""
+
+    def __init__(self, args):
+        from diffusers import DDPMScheduler, LCMScheduler
+        self.sched = DDPMScheduler(**SCHEDULE, prediction_type="epsilon")
+        self.bounds = LCMScheduler(**SCHEDULE)  # c_skip / c_out exactly as the LCM sampler computes them
+        self.alpha_bar = self.sched.alphas_cumprod
+        self.k = SCHEDULE["num_train_timesteps"] // args.ddim_steps
+        self.grid = torch.arange(1, args.ddim_steps + 1) * self.k - 1  # 19, 39, ..., 999: LCM's original timesteps
+
+    def consistency(self, unet, x, t, cond):
+        """f(x_t, t) = c_skip(t) x_t + c_out(t) x0(x_t, t): the LCM sampler's `denoised`."""
+        c_skip, c_out = (v.view(-1, 1, 1, 1) for v in self.bounds.get_scalings_for_boundary_condition_discrete(t))
+        return c_skip * x + c_out * x0_from_eps(x, unet(x, t, cond).sample, self.alpha_bar[t])
+
+    def ddim_step(self, teacher, x, t, t_prev, cond, empty, guidance):
+        """One DDIM step t -> t_prev of the teacher with classifier-free guidance; returns (x_prev, x0)."""
+        eps_c, eps_u = teacher(torch.cat([x, x]), torch.cat([t, t]),
+                               torch.cat([cond, empty.expand(len(x), -1, -1)])).sample.chunk(2)
+        eps = eps_u + guidance * (eps_c - eps_u)
+        x0 = x0_from_eps(x, eps, self.alpha_bar[t])
+        a_prev = self.alpha_bar[t_prev].view(-1, 1, 1, 1)
+        return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps, x0
+
+
+@torch.no_grad()
+def teacher_trajectories(teacher, text_encoder, tok, prompts, empty, setup, args):
+    """The teacher's probability-flow ODE (guided DDIM over the 50-point grid, 999 -> 0) from pure noise, one per
+    prompt: the state at every grid timestep and where the trajectory ends. Every state's target is its end."""
+    g = torch.Generator().manual_seed(args.seed + 1)
+    states, ends = [], []
+    t0 = time.time()
+    for i in range(0, len(prompts), args.ode_batch):
+        ids = tok(prompts[i:i + args.ode_batch], padding="max_length", max_length=MAX_LEN, truncation=True,
+                  return_tensors="pt").input_ids
+        cond = text_encoder(ids).last_hidden_state
+        x = torch.randn((len(ids), 4, 8, 8), generator=g)  # LCMScheduler's start: init_noise_sigma 1 at t=999
+        path = []
+        for j in range(len(setup.grid) - 1, -1, -1):
+            t = setup.grid[j].repeat(len(ids))
+            t_prev = (t - setup.k).clamp(min=0)
+            path.append(x)
+            x, _ = setup.ddim_step(teacher, x, t, t_prev, cond, empty, args.guidance)
+        states.append(torch.stack(path[::-1], 1))  # [b, grid, 4, 8, 8], grid ascending
+        ends.append(x)
+        print(f"trajectories {i + len(ids)}/{len(prompts)} {time.time() - t0:.0f} s", flush=True)
+    return torch.cat(states), torch.cat(ends)
+
+
+def train(unet, text_encoder, tok, prompts, means, stds, scale, args):
+    setup = Setup(args)
+    grid, k = setup.grid, setup.k
+    teacher = copy.deepcopy(unet).eval().requires_grad_(False)
+    from peft import LoraConfig
+    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=UNET_TARGETS))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    ema = [p.detach().clone() for p in params]
+    ids = tok(prompts, padding="max_length", max_length=MAX_LEN, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        empty = text_encoder(tok([""], padding="max_length", max_length=MAX_LEN,
+                                 return_tensors="pt").input_ids).last_hidden_state
+    if args.target == "ode":
+        states, ends = teacher_trajectories(teacher, text_encoder, tok, prompts, empty, setup, args)
+    g = torch.Generator().manual_seed(args.seed)
+    ema_loss, t0 = None, time.time()
+    for step in range(args.steps):
+        for grp in opt.param_groups:
+            grp["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        idx = torch.randint(0, len(prompts), (args.batch,), generator=g)
+        n = torch.randint(0, args.ddim_steps, (args.batch,), generator=g)
+        t, t_prev = grid[n], (grid[n] - k).clamp(min=0)
+        with torch.no_grad():
+            cond = text_encoder(ids[idx]).last_hidden_state
+        if args.target == "ode":
+            # the consistency function's definition: every state of a trajectory maps to where it ends
+            x_t, target = states[idx, n], ends[idx]
+        else:  # diffusers' LCM-LoRA recipe: one guided DDIM step of the teacher, the student's own output there
+            z = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)) * scale
+            x_t = setup.sched.add_noise(z, torch.randn(z.shape, generator=g), t)
+            with torch.no_grad():
+                x_prev, _ = setup.ddim_step(teacher, x_t, t, t_prev, cond, empty, args.guidance)
+                target = setup.consistency(unet, x_prev, t_prev, cond)
+        loss = pseudo_huber(setup.consistency(unet, x_t, t, cond), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - min(args.ema, (1 + step) / (10 + step)))
+        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
+        if step % 50 == 0 or step == args.steps - 1:
+            print(f"step {step}/{args.steps} loss {ema_loss:.5f} lr {opt.param_groups[0]['lr']:.2e} "
+                  f"{time.time() - t0:.0f} s", flush=True)
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    return ema_loss
+
+
+def generate(base: Path, prompts, *, lora: Path | None, scheduler: str | None, steps: int, guidance: float):
+    """diffusers FP32, prompt i with seed i, 64x64; a named scheduler (fastsd's names) from the folder's config."""
+    from diffusers import StableDiffusionPipeline
+
+    from fastsd.schedulers import make_scheduler
+    pipe = StableDiffusionPipeline.from_pretrained(str(base))
+    pipe.set_progress_bar_config(disable=True)
+    if scheduler:
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    if lora is not None:
+        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+    images = []
+    for i in range(0, len(prompts), 20):
+        gens = [torch.Generator().manual_seed(s) for s in range(i, min(i + 20, len(prompts)))]
+        images += pipe(prompts[i:i + 20], num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                       height=64, width=64).images
+    return images
+
+
+def evaluate(base: Path, lora: Path | None, prompts: list[str], few_steps=(2, 4, 8)) -> dict:
+    """The judge's accuracy of the base model (50 PNDM steps, guidance 7.5) and of the LoRA (LCM, guidance 1)."""
+    from eval_shapes import score
+    runs = {"base 50 steps pndm guidance 7.5": dict(lora=None, scheduler=None, steps=50, guidance=7.5),
+            "base 50 steps ddim guidance 7.5": dict(lora=None, scheduler="ddim", steps=50, guidance=7.5),
+            "base 4 steps pndm guidance 7.5": dict(lora=None, scheduler=None, steps=4, guidance=7.5),
+            "base 4 steps lcm guidance 1": dict(lora=None, scheduler="lcm", steps=4, guidance=1.0)}
+    if lora is not None:
+        runs.update({f"lcm-lora {n} steps lcm guidance 1": dict(lora=lora, scheduler="lcm", steps=n, guidance=1.0)
+                     for n in few_steps})
+    out = {}
+    for name, kw in runs.items():
+        t0 = time.perf_counter()
+        res = score(generate(base, prompts, **kw), prompts)
+        verdicts = res.pop("verdicts")
+        res["found_colours"] = [str(v.found_colour) for v in verdicts]
+        out[name] = dict(res, seconds=round(time.perf_counter() - t0, 1))
+        print(f"{name:<40} shape colour {res['shape_colour']:.1%}  background {res['background']:.1%}  "
+              f"shape {res['shape']:.1%}  {out[name]['seconds']} s", flush=True)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", type=Path, default=BASE)
+    ap.add_argument("--out", type=Path, default=Path("out/loras"), help=f"folder for {NAME}.safetensors")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--target", choices=("ode", "bootstrap"), default="ode",
+                    help="ode: each state of the teacher's guided 50-step ODE maps to where it ends (the consistency "
+                         "function's definition, computed once); bootstrap: diffusers' LCM-LoRA recipe (one teacher "
+                         "DDIM step, then the student's own output as the target)")
+    ap.add_argument("--trajectories", type=int, default=2000, help="ode: teacher trajectories, one prompt each")
+    ap.add_argument("--ode-batch", type=int, default=250, help="ode: trajectories solved together")
+    ap.add_argument("--scenes", type=int, default=6000, help="bootstrap: scenes drawn and encoded once")
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--ema", type=float, default=0.995, help="EMA decay of the saved LoRA weights")
+    ap.add_argument("--guidance", type=float, default=7.5, help="the teacher's classifier-free guidance")
+    ap.add_argument("--ddim-steps", type=int, default=50, help="the teacher's DDIM grid (LCM's original_inference_steps)")
+    ap.add_argument("--eval-only", action="store_true")
+    ap.add_argument("--lora", type=Path, help="with --eval-only: the adapter to score")
+    ap.add_argument("--eval-n", type=int, default=0, help="judge the first N evaluation prompts only (0: all 60)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    prompts = json.loads((args.base / "eval_prompts.json").read_text())
+    prompts = prompts[:args.eval_n] if args.eval_n else prompts
+    if args.eval_only:
+        print(json.dumps({k: {m: v for m, v in r.items() if m != "found_colours"}
+                          for k, r in evaluate(args.base, args.lora, prompts).items()}, indent=1))
+        return
+
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed + 7)
+    t0 = time.time()
+    tok = CLIPTokenizer.from_pretrained(str(args.base / "tokenizer"))
+    vae = AutoencoderKL.from_pretrained(str(args.base / "vae")).eval().requires_grad_(False)
+    unet = UNet2DConditionModel.from_pretrained(str(args.base / "unet")).requires_grad_(False)
+    text_encoder = CLIPTextModel.from_pretrained(str(args.base / "text_encoder")).eval().requires_grad_(False)
+    if args.target == "ode":  # the teacher draws the targets itself: prompts only, never the held-out combinations
+        exclude = held_out_triples()
+        train_prompts = [prompt_text(random_prompt(rng, exclude), rng) for _ in range(args.trajectories)]
+        means = stds = None
+    else:
+        train_prompts, means, stds = encode_dataset(vae, rng, held_out_triples(), args.scenes)
+    t_enc = time.time() - t0
+    loss = train(unet, text_encoder, tok, train_prompts, means, stds, vae.config.scaling_factor, args)
+    t_train = time.time() - t0 - t_enc
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = f"{NAME}.safetensors"
+    StableDiffusionPipeline.save_lora_weights(
+        str(args.out), weight_name=name, safe_serialization=True,
+        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+    res = evaluate(args.base, args.out / name, prompts)
+    stats = {"command": "python training/train_lcm_lora.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+             "args": {k: str(v) for k, v in vars(args).items()}, "unet_targets": UNET_TARGETS,
+             "final_loss": round(loss, 6), "bytes": (args.out / name).stat().st_size,
+             "seconds": {"encode": round(t_enc), "train": round(t_train), "total": round(time.time() - t0)},
+             "torch": torch.__version__, "eval_prompts": f"fastsd/models/fastsd-shapes/eval_prompts.json (the first {len(prompts)})",
+             "judge": res}
+    (args.out / f"{NAME}.json").write_text(json.dumps(stats, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in stats.items() if k not in ("args", "judge")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

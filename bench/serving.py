@@ -226,7 +226,8 @@ def main(argv=None) -> int:
             serve(name=name, model=args.model, random_weights=args.random_weights, replicas=args.replicas, port=port,
                   max_batch=max_batch, max_batch_limit=args.max_batch_limit,
                   batch_probe_steps=args.batch_probe_steps or args.steps, batch_window_ms=args.batch_window_ms,
-                  threads=args.threads, engine={"dtype": args.dtype}, echo=lambda *_: None)
+                  threads=args.threads, engine={"dtype": args.dtype}, echo=lambda *_: None,
+                  max_queue=max(levels))  # every client waits its turn: this measures batching, not shedding
         started = time.perf_counter() - t
         try:
             if args.warmup:

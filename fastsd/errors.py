@@ -19,3 +19,7 @@ class ModelLoadError(FastSDError):
 
 class ReferenceMismatch(FastSDError):
     """An optimized path that is farther from the FP32 reference than its tolerance."""
+
+
+class GenerationStopped(FastSDError):
+    """A generation stopped between denoising steps because its caller asked it to (`should_stop`)."""

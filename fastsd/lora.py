@@ -28,12 +28,13 @@ import torch
 
 from . import kernels
 from .errors import FastSDError, InvalidParameter
+from .validation import MAX_LORA_SCALE as MAX_SCALE  # noqa: F401 - the name callers import from here
+from .validation import lora_scale as check_scale
 
 log = logging.getLogger("fastsd")
 
 COMPONENTS = ("unet", "text_encoder")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-MAX_SCALE = 10.0
 _A, _B = ".lora_A.weight", ".lora_B.weight"
 
 
@@ -49,16 +50,6 @@ class LoraRef:
 
     def __str__(self) -> str:
         return f"{Path(self.path).name}:{self.scale:g}"
-
-
-def check_scale(value, name: str = "lora") -> float:
-    try:
-        s = float(value)
-    except (TypeError, ValueError):
-        raise InvalidParameter(f"{name} scale", value, f"a number in [-{MAX_SCALE:g}, {MAX_SCALE:g}]") from None
-    if not math.isfinite(s) or abs(s) > MAX_SCALE:
-        raise InvalidParameter(f"{name} scale", value, f"a number in [-{MAX_SCALE:g}, {MAX_SCALE:g}]")
-    return s
 
 
 def parse_lora_arg(text: str) -> LoraRef:

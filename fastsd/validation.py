@@ -83,3 +83,18 @@ def seeds(value, count: int) -> list[int] | None:
         return [_int("seed", s, 0, MAX_SEED) for s in value]
     s = _int("seed", value, 0, MAX_SEED)
     return [s + i for i in range(count)]
+
+
+MAX_LORA_SCALE = 10.0
+
+
+def lora_scale(value, name: str = "lora") -> float:
+    """A LoRA's fusing scale: a finite number in [-MAX_LORA_SCALE, MAX_LORA_SCALE]."""
+    try:
+        s = float(value)
+    except (TypeError, ValueError):
+        raise InvalidParameter(f"{name} scale", value, f"a number in [-{MAX_LORA_SCALE:g}, {MAX_LORA_SCALE:g}]") \
+            from None
+    if not math.isfinite(s) or abs(s) > MAX_LORA_SCALE:
+        raise InvalidParameter(f"{name} scale", value, f"a number in [-{MAX_LORA_SCALE:g}, {MAX_LORA_SCALE:g}]")
+    return s

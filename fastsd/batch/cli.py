@@ -13,7 +13,9 @@ from ..presets import DEFAULT_MODEL
 from ..serving.client import DeploymentClient
 from .inputs import read_rows
 from .runners import DeploymentRunner, LocalRunner, Options
-from .store import OutputStore
+from .store import OutputFull, OutputStore
+
+EXIT_FULL = 4  # the output folder's disk is full: rerun to resume
 
 
 def register(subparsers, parents) -> None:
@@ -29,7 +31,8 @@ def register(subparsers, parents) -> None:
                     "Optional columns 'image' and 'mask_image' (a file path relative to the CSV file's folder, or "
                     "base64) make a row image-to-image or inpainting, 'strength' sets how much is repainted, and "
                     "'lora' names adapters as NAME[:SCALE][,NAME[:SCALE]] (the deployment's --lora-dir, or "
-                    "--lora-dir here); a bad value fails its row only.")
+                    "--lora-dir here); a bad value fails its row only. Exit codes: 0 every row done, 1 a row failed, "
+                    "2 bad input or options, 4 the output folder's disk is full (rerun to resume).")
     b.add_argument("input", help="a .csv file, or a folder of .csv files")
     b.add_argument("--out", "-o", required=True, help="output folder (created if missing)")
     b.add_argument("--deployment", "-d", help="send rows to this running deployment (`fastsd serve`) instead of "
@@ -71,6 +74,14 @@ def _check(args) -> None:
 
 
 def cmd_batch(args) -> int:
+    try:
+        return run_batch(args)
+    except OutputFull as e:
+        print(f"fastsd batch: error: {e}", file=sys.stderr)
+        return EXIT_FULL
+
+
+def run_batch(args) -> int:
     from tqdm import tqdm
 
     _check(args)

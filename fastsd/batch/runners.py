@@ -4,11 +4,13 @@ deployment (one request per row, many in flight, so the deployment's dynamic bat
 Both yield `(rows, results)` as work finishes, each result an `(image, nsfw)` pair or the error text."""
 from __future__ import annotations
 
+import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from ..errors import FastSDError, InvalidParameter
+from ..serving.errors import DeploymentError, plain_message
 from .inputs import Row
 
 
@@ -98,6 +100,10 @@ class LocalRunner:
 
 
 class DeploymentRunner:
+    """Rows through a running deployment. A row the deployment sheds (busy: RESOURCE_EXHAUSTED; no replica
+    up: UNAVAILABLE) is sent again after the Retry-After it gave, for up to RETRY_FOR seconds."""
+    RETRY_FOR = 600.0
+
     def __init__(self, client, options: Options, concurrency: int):
         self.client, self.options, self.concurrency = client, options, concurrency
 
@@ -105,6 +111,18 @@ class DeploymentRunner:
         return [[r] for r in rows]
 
     def _call(self, row: Row):
+        end = time.monotonic() + self.RETRY_FOR
+        while True:
+            try:
+                return self._once(row)
+            except FastSDError as e:
+                wait_s = getattr(e, "retry_after", None)
+                if getattr(e, "code", None) not in ("RESOURCE_EXHAUSTED", "UNAVAILABLE") or not wait_s \
+                        or time.monotonic() + wait_s > end:
+                    raise
+                time.sleep(wait_s)
+
+    def _once(self, row: Row):
         o = self.options
         if row.depth_map is not None:
             raise InvalidParameter("depth_map", row.depth_map, "nothing with a deployment (MII carries images and "
@@ -138,5 +156,5 @@ class DeploymentRunner:
                     try:
                         yield group, fut.result()
                     except FastSDError as e:
-                        yield group, [f"{getattr(e, 'code', 'ERROR')}: {e}" if getattr(e, "code", None) else str(e)]
+                        yield group, [f"{e.code}: {plain_message(e)}" if isinstance(e, DeploymentError) else str(e)]
                 top_up()

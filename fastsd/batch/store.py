@@ -11,16 +11,20 @@ Every file is written to a temporary name in DIR and renamed over the old one (a
 file system), the image first and its line after: a row is done when its line is in predictions.csv, and
 its image is then complete. The lines are kept in input order, so an interrupted and resumed batch ends
 with the same files as one that ran straight through.
+
+A full disk (or quota) is `OutputFull`: the file being written is removed, nothing half written is left
+or recorded as done, and the command says so in one line (exit 4); run it again once there is room.
 """
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
 from pathlib import Path
 
-from ..errors import InvalidParameter
+from ..errors import FastSDError, InvalidParameter
 from .inputs import Row
 
 PREDICTIONS = "predictions.csv"
@@ -30,13 +34,28 @@ PREDICTION_COLUMNS = ("row_number_per_file", "prompt", "generated_image", "nsfw_
 ERROR_COLUMNS = ("input_csv_name", "row_number_per_file", "prompt", "error")
 
 
+FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class OutputFull(FastSDError):
+    """The output folder's file system has no room left (or the user's quota is used up)."""
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)  # never a half-written file, under any name
+        if e.errno in FULL:
+            raise OutputFull(f"out: no space left in {path.parent} ({os.strerror(e.errno).lower()}) while writing "
+                             f"{path.name}; the rows done so far are kept: free some space and run the same "
+                             "command again to resume") from None
+        raise
 
 
 class OutputStore:

@@ -13,6 +13,14 @@ one image does not wait at all.
 
 Per-image seeds make each image the one its request would get alone, up to float rounding of the
 batched GEMMs (~1e-5; at most 1 level of 255 after conversion to uint8).
+
+Deadlines: each request has one (its gRPC deadline, capped by the deployment's `--timeout`) and a
+`cancelled` event (set when its call ends early: the caller went away). Its caller gets DEADLINE_EXCEEDED
+(RequestTimeout) or CANCELLED (RequestCancelled) as soon as either happens, whether the request is queued or
+running. A queued request that is no longer wanted is dropped before its batch runs; a running engine call
+is stopped at its next denoising step once no request of its batch is still wanted (Engine.generate's
+`on_step` raises GenerationStopped), so a request merged into a batch with others that are still wanted
+leaves them running.
 """
 from __future__ import annotations
 
@@ -25,7 +33,8 @@ from concurrent.futures import Future, TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from queue import Empty, Queue
 
-from ..errors import FastSDError, InvalidParameter
+from ..errors import FastSDError, GenerationStopped, InvalidParameter
+from ..lora import LoraError
 from ..schedulers import check_steps, make_scheduler, scheduler_name, takes_eta
 from .batch_size import BatchSizer
 from .histograms import BATCH_BOUNDS, hist_new, hist_observe
@@ -33,10 +42,15 @@ from .progress import Interrupted
 from .request import Limits, Request, parse
 
 log = logging.getLogger("fastsd.serving")
+WAIT_POLL = 0.05  # seconds between a waiting caller's looks at its cancel event
 
 
 class RequestTimeout(FastSDError, TimeoutError):
-    """A request that did not finish within the deployment's per-request timeout."""
+    """A request that did not finish within its deadline (the deployment's per-request timeout at most)."""
+
+
+class RequestCancelled(FastSDError):
+    """A request whose caller went away before it was answered."""
 
 
 @dataclass
@@ -56,6 +70,15 @@ class _Job:
     arrival: float
     deadline: float
     future: Future = field(default_factory=Future)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def wanted(self, now: float) -> bool:
+        return not self.cancelled.is_set() and now < self.deadline
+
+    def unwanted_error(self) -> Exception:
+        if self.cancelled.is_set() and time.monotonic() < self.deadline:
+            return RequestCancelled("the caller went away before the request was answered")
+        return RequestTimeout("the request's deadline passed before it was answered")
 
 
 class Stats:
@@ -70,6 +93,8 @@ class Stats:
         self.max_batch_images = 0
         self.bad_requests = 0
         self.timeouts = 0
+        self.cancelled = 0        # callers that went away before their answer
+        self.stopped_batches = 0  # engine calls stopped between steps: no request of theirs was still wanted
         self.errors = 0
         self.busy_seconds = 0.0
         self.lora_switches = 0         # LoRA sets fused (fastsd.lora), the first one included
@@ -113,9 +138,11 @@ class BatchingPipeline:
         return int(getattr(getattr(unet, "config", None), "in_channels", 4))
 
     def handle(self, prompt, negative_prompt, kwargs: dict, probe: bool = False, image=None,
-               mask_image=None) -> Reply:
+               mask_image=None, deadline: float | None = None, cancelled: threading.Event | None = None) -> Reply:
         """One request as it arrived (kwargs as a dict: a raw gRPC caller may name a keyword `prompt`).
-        A probe (the deployment's own readiness check) is refused like any bad request but not counted."""
+        A probe (the deployment's own readiness check) is refused like any bad request but not counted.
+        `deadline`: time.monotonic() by which it must be answered (capped by the deployment's timeout);
+        `cancelled`: set when its caller goes away."""
         try:
             request = parse(prompt, negative_prompt, kwargs, self.limits, self.engine.model.native_size,
                             from_f32=True, loras=self.loras, image=image, mask_image=mask_image,
@@ -127,7 +154,7 @@ class BatchingPipeline:
                 with self.stats.lock:
                     self.stats.bad_requests += 1
             raise
-        return self.submit(request)
+        return self.submit(request, deadline, cancelled)
 
     def _check_sampler(self, request: Request) -> None:
         """What the request's scheduler (named, or the model's own) takes: its steps (LCM and TCD at most their
@@ -141,18 +168,34 @@ class BatchingPipeline:
             raise InvalidParameter("eta", request.eta, f"0 with the {scheduler_name(sched)} scheduler (eta is read by "
                                    "ddim and tcd only)")
 
-    def submit(self, request: Request) -> Reply:
+    def submit(self, request: Request, deadline: float | None = None,
+               cancelled: threading.Event | None = None) -> Reply:
         now = time.monotonic()
-        job = _Job(request, now, now + self.limits.timeout)
+        cap = now + self.limits.timeout
+        job = _Job(request, now, cap if deadline is None else min(deadline, cap))
+        if cancelled is not None:
+            job.cancelled = cancelled
         self._queue.put(job)
-        try:
-            return job.future.result(timeout=self.limits.timeout)
-        except FutureTimeout:
+        while True:
+            left = job.deadline - time.monotonic()
+            try:
+                return job.future.result(timeout=max(0.0, min(left, WAIT_POLL)))
+            except FutureTimeout:
+                pass
+            if job.wanted(time.monotonic()):
+                continue
+            error = job.unwanted_error()
+            job.cancelled.set()  # the engine stops at its next step if no request of its batch is still wanted
             job.future.cancel()  # the worker skips it if it has not started
             with self.stats.lock:
-                self.stats.timeouts += 1
-            raise RequestTimeout(f"the request did not finish within the deployment's timeout "
-                                 f"({self.limits.timeout:g} s)") from None
+                if isinstance(error, RequestTimeout):
+                    self.stats.timeouts += 1
+                else:
+                    self.stats.cancelled += 1
+            if isinstance(error, RequestTimeout):
+                raise RequestTimeout(f"the request did not finish within its deadline (the deployment's timeout is "
+                                     f"{self.limits.timeout:g} s)") from None
+            raise error
 
     def queue_depth(self) -> int:
         """Requests queued, not yet in an engine call."""
@@ -203,9 +246,9 @@ class BatchingPipeline:
             now, live = time.monotonic(), []
             for j in batch:
                 if not j.future.set_running_or_notify_cancel():
-                    continue  # its caller timed out and left
-                if j.deadline <= now:
-                    j.future.set_exception(RequestTimeout("the request waited past the deployment's timeout"))
+                    continue  # its caller timed out or went away
+                if not j.wanted(now):  # dropped while queued: its caller has its answer already
+                    j.future.set_exception(j.unwanted_error())
                     continue
                 live.append(j)
             if live:
@@ -216,7 +259,12 @@ class BatchingPipeline:
         refs = self.default_loras if wanted is None else self.loras.refs(wanted)
         if getattr(self.engine, "loras", None) is None and not refs:
             return  # no LoRA was ever fused: nothing to restore
-        sw = self.engine.set_loras(refs)
+        try:
+            sw = self.engine.set_loras(refs)
+        except LoraError as e:  # a file that reads but does not load: invalid from now on, named, no path
+            if wanted is None:
+                raise
+            raise self.loras.broken(e, wanted) from None
         if sw.changed:
             with self.stats.lock:
                 self.stats.lora_switches += 1
@@ -239,13 +287,33 @@ class BatchingPipeline:
             self._use_loras(first.loras)
             if self.progress is not None:
                 self.progress.begin(first.steps, len(batch))
-                images["on_step"] = self.progress.step
+
+            def on_step(step: int, steps: int) -> None:
+                """After each denoising step: the progress file (and A1111's interrupt), then the deadlines."""
+                if self.progress is not None:
+                    self.progress.step(step, steps)
+                if step < steps and not any(j.wanted(time.monotonic()) for j in batch):
+                    raise GenerationStopped(f"stopped after step {step} of {steps}")
+            images["on_step"] = on_step
             result = self.engine.generate(
                 [p for r in reqs for p in r.prompts], [n for r in reqs for n in r.negatives],
                 num_images_per_prompt=1, num_inference_steps=first.steps,
                 guidance_scale=guidance[0] if len(set(guidance)) == 1 else guidance,
                 **size, seed=[s for r in reqs for s in r.seeds],
                 scheduler=first.scheduler, progress=False, eta=first.eta, **images)
+        except GenerationStopped as e:  # every caller of the batch left or timed out: none is waiting
+            log.info("engine call for %d request(s) %s: none of them is still wanted", len(batch), e)
+            with self.stats.lock:
+                self.stats.stopped_batches += 1
+            for j in batch:
+                j.future.set_exception(j.unwanted_error())
+            return
+        except InvalidParameter as e:  # a request's LoRA set that does not load: its callers hear why
+            with self.stats.lock:
+                self.stats.bad_requests += len(batch)
+            for j in batch:
+                j.future.set_exception(e)
+            return
         except BaseException as e:  # noqa: BLE001 - every caller must hear about it
             if isinstance(e, Interrupted):
                 log.info("%s (a batch of %d request(s))", e, len(batch))

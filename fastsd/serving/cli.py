@@ -15,7 +15,7 @@ from ..presets import check_config
 from ..tiny_vae import load_tiny_vae
 from .client import DeploymentClient
 from .deploy import serve, stop
-from .errors import DeploymentError, ServingError
+from .errors import DeploymentError, ServingError, plain_message
 from .folders import cache_path
 from .ports import DEFAULT_PORT
 from .processes import TOKEN_ENV
@@ -65,8 +65,9 @@ def register(subparsers, parents) -> None:
                    help="the processes' logs: text lines, or one JSON object per line (default text)")
     s.add_argument("--ui-port", type=int, help="also serve the web page (fastsd ui; the ui extra) on this port")
     s.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (default 127.0.0.1; MII's gRPC has no authentication: keep it private)")
-    s.add_argument("--token", help=f"bearer token the REST gateway requires (default: ${TOKEN_ENV} if set)")
+                   help="address to bind (default 127.0.0.1); with --token, gRPC calls from other hosts must carry it")
+    s.add_argument("--token", help=f"bearer token the REST gateway requires, and gRPC off loopback (default: "
+                                   f"${TOKEN_ENV} if set)")
     s.add_argument("--gpus", type=_gpus, help="GPU indices, e.g. 0,1: replica i runs on GPU gpus[i mod n] "
                    "(CUDA_VISIBLE_DEVICES per replica; implies --device cuda)")
     s.add_argument("--hostfile", help="MII/DeepSpeed hostfile ('HOST slots=N' lines) placing replicas on hosts; "
@@ -98,7 +99,16 @@ def register(subparsers, parents) -> None:
                         "--image-url-timeout). Any other URL is refused (HTTP 422). Needs --rest-port")
     s.add_argument("--image-url-timeout", type=float, default=10.0,
                    help="seconds to fetch one allowed image URL (default 10)")
-    s.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queueing included (default 300)")
+    s.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds per request, queueing included (default 300); a client's shorter deadline (gRPC "
+                        "deadline, REST X-Request-Timeout) wins; past it the request is cancelled, also in the engine")
+    s.add_argument("--max-queue", type=int,
+                   help="requests allowed to wait beyond those running (replicas up x images per call); more get "
+                        "HTTP 429 / gRPC RESOURCE_EXHAUSTED with Retry-After at once (default: replicas x --max-batch, "
+                        "or x --max-batch-limit with auto)")
+    s.add_argument("--tls-cert", help="PEM certificate: HTTPS for REST and the page, TLS for gRPC on --host "
+                                      "(loopback stays plain gRPC for MII's client); with --tls-key")
+    s.add_argument("--tls-key", help="PEM private key for --tls-cert")
     s.add_argument("--max-body-bytes", type=int, default=1 << 20, help="REST body limit (default 1 MiB)")
     s.add_argument("--threads", type=int, help="torch threads per replica (default: torch's)")
     s.add_argument("--lora-dir", help="folder of LoRA .safetensors files that requests may name with the `lora` "
@@ -153,7 +163,8 @@ def cmd_serve(args) -> int:
                  engine=engine, random_weights=args.random_weights, config=args.config,
                  allow_pickle=args.allow_pickle, threads=args.threads, max_body_bytes=args.max_body_bytes,
                  startup_timeout=args.startup_timeout, metrics_port=args.metrics_port, log_format=args.log_format,
-                 ssh_config=args.ssh_config, lora_dir=args.lora_dir, loras=loras, vae_tiny=args.vae_tiny)
+                 ssh_config=args.ssh_config, lora_dir=args.lora_dir, loras=loras, max_queue=args.max_queue,
+                 tls_cert=args.tls_cert, tls_key=args.tls_key, vae_tiny=args.vae_tiny)
     n = len(spec.replicas)
     print(f"deployment '{spec.name}' is up: {spec.model}, {n} replica(s), gRPC {spec.host}:{spec.port} "
           f"(inpainting and image-to-image: MII deployment '{record_name(spec.name, IMAGE_TASK)}')"
@@ -182,7 +193,7 @@ def cmd_query(args) -> int:
             scheduler=args.scheduler, num_images_per_prompt=args.num_images if args.num_images != 1 else None,
             lora=args.lora, eta=args.eta or None)  # eta 0 is the deployment's default: left out
     except DeploymentError as e:
-        raise ServingError(f"{e.code}: {e}") from None
+        raise ServingError(f"{e.code}: {plain_message(e)}") from None
     for path, image, flagged in zip(paths, reply.images, reply.nsfw_content_detected):
         image.save(path)
         print(f"{path}" + ("  (flagged by the safety checker: black image)" if flagged else ""))

@@ -1,30 +1,33 @@
 """The one client of a running deployment. Every front door that talks to a deployment sends its
 requests through `DeploymentClient`: `fastsd query`, the REST gateway, the web page, `fastsd batch
---deployment`, the serving benchmark and `fastsd serve`'s readiness ping. It speaks MII's own stub and
-messages to the deployment's MII records (records.py: NAME for text-to-image, its image-task record
-for image-to-image and inpainting).
+--deployment`, the serving benchmark and `fastsd serve`'s readiness ping. It speaks MII's own service
+and messages (proto.py) to the deployment's load balancer, as MII's client does, without importing
+MII's package (torch, deepspeed): the REST gateway that uses it stays a light process.
 
-Thread-safe: MII's `mii_query_handle` binds to the event loop current when it is made, and `query`
-fails inside a running loop and across threads, so each calling thread gets its own event loop and
-its own handles. gRPC errors come back as `DeploymentError` with the status name and the server's
-reason (a bad value is INVALID_ARGUMENT naming the parameter), never as a traceback.
+Thread-safe: one gRPC channel, shared by every thread. Each call has a deadline (`timeout`: the
+deployment's per-request timeout and 5 s more by default) that travels with it, so the load balancer
+and the replica stop working on it when it passes, and a caller that goes away can cancel it
+(`cancel`, a threading.Event). gRPC errors come back as `DeploymentError` with the status name, the
+server's reason (a bad value is INVALID_ARGUMENT naming the parameter) and, for a busy deployment,
+the seconds after which to retry, never as a traceback.
 """
 from __future__ import annotations
 
-import asyncio
 import threading
 from dataclasses import dataclass
 
-from . import wire
+from . import proto, wire
 from .errors import DeploymentError, ServingError
 from .folders import cache_path, check_name, read_json, use_cache_path
-from .records import IMAGE_TASK, TEXT_TO_IMAGE, import_mii, record_name
+from .ports import LOOPBACK, connect_host, grpc_address
 from .spec import DeploymentSpec
+
+CANCEL_POLL = 0.05  # seconds between looks at a caller's cancel event
 
 
 @dataclass
 class DeploymentReply:
-    mii_reply: object               # MII's ImageResponse: it decodes its images when they are first read
+    mii_reply: proto.ImageReply     # MII's reply as MII's client returns it: images decoded when first read
     queue_ms: float | str = "-"     # the replica's timings from its trailing metadata (wire.py); "-": none sent
     engine_ms: float | str = "-"
 
@@ -71,9 +74,13 @@ class DeploymentClient:
         use_cache_path()
         self.spec = running_spec(name)
         self.name = name
-        import_mii()  # seconds of imports (deepspeed), paid here rather than by the first request
         self.timeout = float(timeout) if timeout is not None else self.spec.limits.timeout + 5.0
-        self._local = threading.local()
+        # the load balancer also listens on loopback (MII's client dials localhost), in plain gRPC
+        host = connect_host(self.spec.host) if self.spec.host in LOOPBACK else "127.0.0.1"
+        self.address = grpc_address(host, self.spec.port)
+        self._lock = threading.Lock()
+        self._channel = None
+        self._stubs = {}
 
     def engine(self) -> dict:
         """The engine the deployment runs, as its first replica to write it describes it (read now: empty
@@ -85,44 +92,63 @@ class DeploymentClient:
                 return engine
         return {}
 
-    def _handle(self, task: str):
-        """This thread's MII handle for the deployment's record of `task`."""
-        handles = getattr(self._local, "handles", None)
-        if handles is None:
-            self._local.loop = asyncio.new_event_loop()
-            asyncio.set_event_loop(self._local.loop)  # MII's handle binds to the loop current when it is made
-            handles = self._local.handles = {}
-        if task not in handles:
-            handles[task] = import_mii().legacy.mii_query_handle(record_name(self.name, task))
-        return handles[task]
+    def _stub(self, method: str):
+        import grpc
+        with self._lock:
+            if self._channel is None:
+                self._channel = grpc.insecure_channel(self.address, options=proto.MESSAGE_OPTIONS)
+            if method not in self._stubs:
+                self._stubs[method] = proto.stub(self._channel, method)
+            return self._stubs[method]
+
+    def close(self) -> None:
+        with self._lock:
+            if self._channel is not None:
+                self._channel.close()
+            self._channel, self._stubs = None, {}
 
     def generate(self, prompts: list[str], negatives: list[str] | None = None, *, image=None, mask_image=None,
-                 request_id: str | None = None, probe: bool = False, **kwargs) -> DeploymentReply:
+                 request_id: str | None = None, probe: bool = False, timeout: float | None = None,
+                 cancel: threading.Event | None = None, **kwargs) -> DeploymentReply:
         """One request. Keyword values that are None are left out (MII's Value carries str, int, float and
         bool only). With `image` (encoded PNG, JPEG or WebP bytes: one, or one per prompt) it is
         image-to-image, with `mask_image` too inpainting, through MII's InpaintingReply. `request_id`
         travels as metadata (the deployment's logs name it); `probe` marks the deployment's own readiness
-        check, which no request count includes."""
+        check, which no request count includes. `timeout`: this call's deadline in seconds (default the
+        client's). `cancel`: set it to abandon the call (DeploymentError CANCELLED); the deployment stops
+        working on it."""
         import grpc
-        from mii.legacy.method_table import GRPC_METHOD_TABLE
         if mask_image and not image:
             raise ServingError("mask_image: a mask only together with an image")
-        handle = self._handle(IMAGE_TASK if image else TEXT_TO_IMAGE)
-        request = (image_request(prompts, negatives, image, mask_image) if image else
-                   {"prompt": list(prompts), "negative_prompt": list(negatives) if negatives else [""] * len(prompts)})
-        methods = GRPC_METHOD_TABLE[handle.task]
-        proto = methods.pack_request_to_proto(request, **{k: v for k, v in kwargs.items() if v is not None})
+        pb2 = proto.messages()
+        values = proto.query_kwargs({k: v for k, v in kwargs.items() if v is not None})
+        if image:
+            fields = image_request(prompts, negatives, image, mask_image)
+            method, request = "InpaintingReply", pb2.InpaintingRequest(**fields, query_kwargs=values)
+        else:
+            method = "Txt2ImgReply"
+            request = pb2.Text2ImageRequest(prompt=list(prompts), query_kwargs=values,
+                                            negative_prompt=list(negatives) if negatives else [""] * len(prompts))
         metadata = ([(wire.REQUEST_ID, request_id)] if request_id else []) + ([(wire.PROBE, "1")] if probe else [])
-
-        async def call():
-            pending = getattr(handle.stub, methods.method)(proto, metadata=metadata, timeout=self.timeout)
-            reply = await pending
-            return reply, {k: v for k, v in (await pending.trailing_metadata() or ()) if isinstance(v, str)}
+        seconds = self.timeout if timeout is None else float(timeout)
+        if seconds <= 0:
+            raise DeploymentError("DEADLINE_EXCEEDED", "the request's deadline passed before it was sent")
+        call = self._stub(method).future(request, timeout=seconds, metadata=metadata)
         try:
-            proto_reply, trail = self._local.loop.run_until_complete(asyncio.wait_for(call(), self.timeout + 1))
-        except grpc.aio.AioRpcError as e:
-            raise DeploymentError(e.code().name, e.details() or e.code().name) from None
-        except asyncio.TimeoutError:
-            raise DeploymentError("DEADLINE_EXCEEDED", f"no reply within {self.timeout:g} s") from None
-        return DeploymentReply(methods.unpack_response_from_proto(proto_reply), wire.millis(trail.get(wire.QUEUE_MS)),
+            while True:
+                try:
+                    reply = call.result(timeout=CANCEL_POLL if cancel is not None else None)
+                    break
+                except grpc.FutureTimeoutError:
+                    if cancel.is_set():
+                        call.cancel()
+                        raise DeploymentError("CANCELLED", "the caller cancelled the request") from None
+        except grpc.FutureCancelledError:
+            raise DeploymentError("CANCELLED", "the request was cancelled") from None
+        except grpc.RpcError as e:
+            trail = wire.trailing(e)
+            raise DeploymentError(e.code().name, e.details() or e.code().name,
+                                  retry_after=wire.seconds(trail.get(wire.RETRY_AFTER))) from None
+        trail = wire.trailing(call)
+        return DeploymentReply(proto.ImageReply(reply), wire.millis(trail.get(wire.QUEUE_MS)),
                                wire.millis(trail.get(wire.ENGINE_MS)))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..errors import InvalidParameter
 from ..presets import PRESETS, get_preset
+from . import control, proto, wire
 from .client import DeploymentClient
 from .errors import DeploymentError, ServingError
 from .folders import cache_path, check_name, read_json, use_cache_path, write_json
@@ -72,7 +73,7 @@ def _check_ports(replica_ports: list[int], port: int, rest_port: int | None, hos
 def check_serve_options(*, replicas, port, rest_port, metrics_port, max_batch, batch_window_ms, limits, threads,
                         max_body_bytes, startup_timeout, log_format, ssh_config, token, host, hostfile=None,
                         model=None, random_weights=False, ui_port=None, max_batch_limit=8, batch_min_gain=0.10,
-                        batch_probe_steps=2) -> None:
+                        batch_probe_steps=2, max_queue=None, tls_cert=None, tls_key=None) -> None:
     """Every `fastsd serve` option, before anything starts: a bad one is a one-line error naming it."""
     def integer(flag, value, lo, hi, allow_none=False):
         if value is None and allow_none:
@@ -99,6 +100,8 @@ def check_serve_options(*, replicas, port, rest_port, metrics_port, max_batch, b
     integer("--max-steps", limits.max_steps, 1, 1000)
     number("--timeout", limits.timeout, 0.1, 24 * 3600)
     number("--image-url-timeout", limits.image_url_timeout, 0.1, 600)
+    integer("--max-queue", max_queue, 0, 100_000, allow_none=True)
+    control.check_tls(tls_cert, tls_key)
     if limits.image_url_allow:
         limits.image_url_allow = tuple(check_prefix(p) for p in limits.image_url_allow)
         if rest_port is None:
@@ -159,7 +162,8 @@ def serve(*, name: str, model: str, replicas: int = 1, port: int = 50050, rest_p
           config: str | None = None, allow_pickle: bool = False, threads: int | None = None,
           max_body_bytes: int = 1 << 20, startup_timeout: float = 600.0, metrics_port: int | None = None,
           log_format: str = "text", ssh_config: str | None = None, echo=print,
-          lora_dir: str | None = None, loras=(), vae_tiny: str | None = None) -> DeploymentSpec:
+          lora_dir: str | None = None, loras=(), max_queue: int | None = None, tls_cert: str | None = None,
+          tls_key: str | None = None, vae_tiny: str | None = None) -> DeploymentSpec:
     """Starts a persistent deployment and returns once it answers through MII's client. `lora_dir`: the
     folder whose LoRA files requests may name (`lora` keyword); `loras`: [(path, scale), ...] fused for
     requests that name none."""
@@ -173,7 +177,8 @@ def serve(*, name: str, model: str, replicas: int = 1, port: int = 50050, rest_p
                         max_body_bytes=max_body_bytes, startup_timeout=startup_timeout, log_format=log_format,
                         ssh_config=ssh_config, token=token, host=host, hostfile=hostfile, model=model,
                         random_weights=random_weights, ui_port=ui_port, max_batch_limit=max_batch_limit,
-                        batch_min_gain=batch_min_gain, batch_probe_steps=batch_probe_steps)
+                        batch_min_gain=batch_min_gain, batch_probe_steps=batch_probe_steps, max_queue=max_queue,
+                        tls_cert=tls_cert, tls_key=tls_key)
     root = use_cache_path()
     ddir = root / name
     state = running_state(ddir)
@@ -216,9 +221,12 @@ def serve(*, name: str, model: str, replicas: int = 1, port: int = 50050, rest_p
         max_body_bytes=max_body_bytes, metrics_port=metrics_port, log_format=log_format,
         ssh_config=str(Path(ssh_config).resolve()) if ssh_config else None, token_required=bool(token),
         created_at=time.time(), lora_dir=lora_dir,
-        loras=[(str(Path(p).expanduser().resolve()), float(sc)) for p, sc in loras],
+        loras=[(str(Path(p).expanduser().resolve()), float(sc)) for p, sc in loras], max_queue=max_queue,
+        tls_cert=str(Path(tls_cert).resolve()) if tls_cert else None,
+        tls_key=str(Path(tls_key).resolve()) if tls_key else None,
         vae_tiny=str(Path(vae_tiny).expanduser().resolve()) if vae_tiny else None)
     spec.write(ddir)
+    control.create_stop_key(ddir)  # what `fastsd stop` sends with Terminate; mode 0600
     write_records(mii_config)  # what mii_query_handle(record_name(name, task)) reads
 
     env = dict(os.environ, MII_CACHE_PATH=str(root))
@@ -287,6 +295,23 @@ def _ping(name: str, timeout: float) -> None:
 
 
 # -- stop ------------------------------------------------------------------------------------------
+def _terminate(spec: DeploymentSpec, key: str | None) -> bool:
+    """MII's Terminate to the load balancer, with the stop key (control.py): True when it was obeyed."""
+    import grpc
+    from google.protobuf import empty_pb2
+    if not key:
+        return False
+    host = spec.host if spec.host in LOOPBACK else "127.0.0.1"  # the balancer's plain loopback listener
+    channel = grpc.insecure_channel(f"{'[::1]' if host == '::1' else host}:{spec.port}")
+    try:
+        proto.stub(channel, proto.TERMINATE)(empty_pb2.Empty(), timeout=5, metadata=[(wire.STOP_KEY, key)])
+        return True
+    except grpc.RpcError:
+        return False  # the balancer is down or stuck: the supervisor's signal does it
+    finally:
+        channel.close()
+
+
 def stop(name: str, timeout: float = 30.0, quiet: bool = False, echo=print) -> dict:
     """Stops every process of the deployment and checks that no process or port is left."""
     check_name(name)
@@ -299,6 +324,8 @@ def stop(name: str, timeout: float = 30.0, quiet: bool = False, echo=print) -> d
     if state:
         pids = [state.get("supervisor_pid")] + [c.get("pid") for c in state.get("children", {}).values()]
     pids = [p for p in pids if p and is_ours(p, ddir)]
+    if pids:
+        _terminate(spec, control.read_stop_key(ddir))  # MII's Terminate with the key; the signals below back it up
     (ddir / "stopping").write_text("fastsd stop\n")
     sup = state.get("supervisor_pid") if state else None
     if sup and is_ours(sup, ddir):

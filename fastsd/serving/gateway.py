@@ -1,33 +1,59 @@
-"""What the HTTP APIs mounted on the REST gateway share (openai_api.py, a1111_api.py): the token check,
-the body read under the deployment's byte limit, and one generation call. A generation takes the fields
-of request.parse_query (every value checked by the one table, schema.py), fetches allowed image URLs,
-and goes to the deployment through its one client (client.DeploymentClient) from the gateway's thread
-pool, so it gets the same deadline, batching, request id, metrics and access-log line as `POST /score`.
+"""What every route on the REST gateway shares (`POST /score` in rest.py, openai_api.py, a1111_api.py): the
+token check, the body read under the deployment's byte limit and a time limit, and one generation call
+with the request's deadline, load shedding and cancellation. A generation takes the fields of
+request.parse_query (every value checked by the one table, schema.py), fetches allowed image URLs, and goes
+to the deployment through its one client (client.DeploymentClient) from the gateway's thread pool, so it
+gets the same deadline, batching, request id, metrics and access-log line whatever the route.
 
-Every failure is an ApiError with the HTTP status; each API writes it in its own error shape.
+A route does:
+
+    gw.check_token(request)                # 401 unless the token matches (when one is set)
+    body = await gw.body(request)          # 413 over --max-body-bytes, 408 when it trickles past BODY_TIMEOUT
+    query = gw.query(fields)               # 422 naming the field
+    reply = await gw.generate(request, query)
+
+`generate` is, in order: the request's deadline (`deadline`: X-Request-Timeout or --timeout, the smaller),
+shed or admit (`admit`: 429, or 503 with no replica up, both with Retry-After from the measured service
+rate), the call with that deadline as its gRPC deadline, cancelled when the client disconnects (499 in the
+access log; the load balancer and the replica stop working on it, the engine at its next denoising step).
+Every failure is an ApiError with the HTTP status and a plain message: no gRPC text, addresses, exception
+text or paths (a refused value's message is fastsd's own, naming the parameter). Each API writes it in its
+own error shape; `/score`'s is {"error": "...", "request_id": "...", ...} (`score_error`).
+Statuses: 400 not the format, 401 token, 408 body too slow, 409 interrupted (A1111's /interrupt), 413 body
+too large, 422 a value or header out of range, 429 at capacity, 499 the client closed the connection, 500 the
+deployment failed, 501 not served, 503 no replica up or the load balancer gone, 504 the deadline passed.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hmac
 import io
+import math
+import threading
+import time
 from dataclasses import dataclass, field
 
 from ..errors import InvalidParameter
 from . import logs
+from .admission import Admission
 from .client import DeploymentClient, DeploymentReply
-from .errors import DeploymentError
-from .folders import cache_path
+from .errors import PLAIN_MESSAGES, DeploymentError, plain_message
+from .folders import cache_path, read_json
 from .image_urls import fetch_cells
 from .loras import LoraCatalog
 from .request import Limits, Query, parse_query
 from .spec import DeploymentSpec
 
-# gRPC status of the deployment's answer -> HTTP status (as /score answers them); any other is 500
+TIMEOUT_HEADER = "x-request-timeout"
+BODY_TIMEOUT = 30.0   # seconds to receive a whole body once its headers are in
+CLIENT_CLOSED = 499   # nginx's code for "client closed request"
+# gRPC status of the deployment's answer -> HTTP status; any other is 500
 HTTP_STATUS = {"INVALID_ARGUMENT": 422, "DEADLINE_EXCEEDED": 504, "UNAVAILABLE": 503, "RESOURCE_EXHAUSTED": 429,
-               "UNIMPLEMENTED": 501, "ABORTED": 409}  # ABORTED: interrupted (progress.py)
-RETRY_AFTER_S = 1  # told to callers on 429 and 503 (the openai client and most others honour Retry-After)
+               "UNIMPLEMENTED": 501, "ABORTED": 409,  # ABORTED: interrupted (progress.py)
+               "CANCELLED": CLIENT_CLOSED}
+RETRY_AFTER_S = 1  # told on a 429 or 503 that carries no measured Retry-After
 
 
 @dataclass
@@ -36,6 +62,7 @@ class ApiError(Exception):
     message: str
     param: str | None = None    # the request field at fault
     headers: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # more fields of /score's error body (e.g. "limit")
 
     def __post_init__(self):
         super().__init__(self.message)
@@ -49,6 +76,38 @@ def invalid(e: InvalidParameter, param: str | None = None, status: int = 422) ->
     return ApiError(status, str(e), param or e.name)
 
 
+def from_deployment_error(e: DeploymentError, seconds: float | None = None) -> ApiError:
+    """The deployment's gRPC status -> the HTTP refusal, with a plain message (never gRPC's own text)."""
+    status, message = HTTP_STATUS.get(e.code, 500), plain_message(e)
+    if e.code == "INVALID_ARGUMENT":  # fastsd's own message: "<parameter>: got ...; allowed: ..."
+        return ApiError(422, message, message.split(":", 1)[0])
+    if e.code == "DEADLINE_EXCEEDED" and seconds is not None:
+        message += f" ({seconds:g} s)"
+    headers = {"Retry-After": str(e.retry_after)} if status in (429, 503) and e.retry_after else {}
+    return ApiError(status, message, headers=headers)
+
+
+def request_deadline(header: str | None, server_timeout: float) -> float:
+    """Seconds the request may take: the client's X-Request-Timeout when given and smaller, else the
+    deployment's --timeout. InvalidParameter (HTTP 422) for a value that is not a positive number."""
+    if header is None or header.strip() == "":
+        return server_timeout
+    try:
+        value = float(header)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise InvalidParameter("X-Request-Timeout", header, "a positive number of seconds")
+    return min(value, server_timeout)
+
+
+def score_error(e: ApiError, request_id: str | None):
+    """`/score`'s error body: {"error": message, "request_id": id, "parameter"?, ...extra}."""
+    from starlette.responses import JSONResponse  # lazy: the web framework, only in the gateway process
+    body = {"error": e.message, "request_id": request_id, **({"parameter": e.param} if e.param else {}), **e.extra}
+    return JSONResponse(body, status_code=e.status, headers=e.headers or None)
+
+
 def png_b64(image) -> str:
     return base64.b64encode(png_bytes(image)).decode()
 
@@ -60,11 +119,19 @@ def png_bytes(image) -> bytes:
 
 
 class Gateway:
-    """One deployment as the APIs see it. `client` and `pool` are the REST gateway's own."""
+    """One deployment as the routes see it. `client` and `pool` are the REST gateway's own; `pool` should
+    have a worker for every request `admission` lets in (`workers`)."""
 
     def __init__(self, spec: DeploymentSpec, client: DeploymentClient, pool, token: str | None):
         self.spec, self.client, self.pool, self.token = spec, client, pool, token
         self.limits: Limits = spec.limits
+        self.admission = Admission(spec.max_images_per_call, spec.queue_limit)
+        self._up = (0.0, len(spec.replicas))
+
+    @staticmethod
+    def workers(spec: DeploymentSpec) -> int:
+        """Threads the gateway's pool needs: one per request it admits, and a few for image URLs."""
+        return Admission(spec.max_images_per_call, spec.queue_limit).limit(len(spec.replicas)) + 8
 
     @property
     def folder(self):
@@ -104,17 +171,53 @@ class Gateway:
             raise ApiError(401, "missing or wrong token (Authorization: Bearer <token>)")
 
     async def body(self, request) -> bytes:
-        """The request body, refused (413) past the deployment's --max-body-bytes as it streams in."""
+        """The request body, refused (413) past the deployment's --max-body-bytes as it streams in, and
+        (408) when it has not all arrived within BODY_TIMEOUT seconds."""
         limit = self.spec.max_body_bytes
+        too_large = ApiError(413, f"the body is larger than {limit} bytes (fastsd serve --max-body-bytes)",
+                             extra={"limit": limit})
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limit):
-            raise ApiError(413, f"the body is larger than {limit} bytes (fastsd serve --max-body-bytes)")
+            raise too_large
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise ApiError(413, f"the body is larger than {limit} bytes (fastsd serve --max-body-bytes)")
+
+        async def read():
+            async for chunk in request.stream():
+                body.extend(chunk)
+                if len(body) > limit:
+                    raise too_large
+        try:
+            await asyncio.wait_for(read(), BODY_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the body did not arrive within {BODY_TIMEOUT:g} s") from None
         return bytes(body)
+
+    def deadline(self, request) -> float:
+        """The request's deadline in seconds from now (X-Request-Timeout, capped by --timeout)."""
+        try:
+            return request_deadline(request.headers.get(TIMEOUT_HEADER), self.limits.timeout)
+        except InvalidParameter as e:
+            raise invalid(e) from None
+
+    def replicas_up(self) -> int:
+        """Replicas the load balancer sees up (its balancer.json, read at most twice a second)."""
+        at, up = self._up
+        if time.monotonic() - at > 0.5:
+            seen = (read_json(self.folder / "balancer.json") or {}).get("up")
+            # no file yet: the load balancer has not said; the call goes on and it answers
+            up = sum(bool(u) for u in seen) if isinstance(seen, list) else max(1, len(self.spec.replicas))
+            self._up = (time.monotonic(), up)
+        return up
+
+    def admit(self):
+        """Shed or admit: a context manager for an admitted request, else ApiError 429 (503 with no replica
+        up) with Retry-After, at once."""
+        up = self.replicas_up()
+        if not self.admission.try_admit(up):
+            status, code = (429, "RESOURCE_EXHAUSTED") if up else (503, "UNAVAILABLE")
+            raise ApiError(status, f"{PLAIN_MESSAGES[code]} ({code})",
+                           headers={"Retry-After": str(self.admission.retry_after(up))})
+        return _Ticket(self.admission)
 
     # -- one generation ---------------------------------------------------------------------------------
     def query(self, fields: dict, params: dict | None = None) -> Query:
@@ -127,17 +230,29 @@ class Gateway:
             message = f"{name} ({str(e)}" .replace(":", "):", 1) if name != e.name else str(e)
             raise ApiError(422, message, name) from None
 
+    async def run(self, fn, *args, **kwargs):
+        """A blocking function (PNG encoding, ...) in the gateway's thread pool."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args, **kwargs))
+
     async def generate(self, request, query: Query) -> DeploymentReply:
+        """The request's deadline, shed or admit, then the call; cancelled when the client disconnects."""
+        seconds = self.deadline(request)
         info = request.state.info
         kw = query.parameters
         info.update(prompts=len(query.prompts), steps=kw.get("num_inference_steps", "default"),
                     size=logs.size(kw.get("width"), kw.get("height")))
-        loop = asyncio.get_running_loop()
-        reply = await loop.run_in_executor(self.pool, self._call, request.state.request_id, query)
+        with self.admit():
+            cancel = threading.Event()
+            watcher = asyncio.ensure_future(_watch_disconnect(request, cancel))
+            try:
+                reply = await self.run(self._call, request.state.request_id, query, seconds, cancel)
+            finally:
+                watcher.cancel()
         info.update(images=len(reply.images), queue_ms=reply.queue_ms, engine_ms=reply.engine_ms)
         return reply
 
-    def _call(self, request_id: str, query: Query) -> DeploymentReply:
+    def _call(self, request_id: str, query: Query, seconds: float, cancel: threading.Event) -> DeploymentReply:
+        end = time.monotonic() + seconds
         images = {"image": query.image, "mask_image": query.mask_image}
         if self.limits.image_url_allow:  # allowed URLs are fetched here, before the request is queued
             try:
@@ -146,7 +261,33 @@ class Gateway:
                 raise invalid(e) from None
         try:  # image-to-image is MII's InpaintingReply without masks
             return self.client.generate(query.prompts, query.negatives, image=images["image"] or None,
-                                        mask_image=images["mask_image"], request_id=request_id, **query.parameters)
+                                        mask_image=images["mask_image"], request_id=request_id,
+                                        timeout=end - time.monotonic(), cancel=cancel, **query.parameters)
         except DeploymentError as e:
-            param = str(e).split(":", 1)[0] if e.code == "INVALID_ARGUMENT" else None
-            raise ApiError(HTTP_STATUS.get(e.code, 500), str(e), param) from None
+            if cancel.is_set():
+                raise ApiError(CLIENT_CLOSED, "the client closed the connection") from None
+            raise from_deployment_error(e, seconds) from None
+
+
+class _Ticket:
+    def __init__(self, admission: Admission):
+        self.admission = admission
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, value, tb):
+        self.admission.release(answered=kind is None)
+        return False
+
+
+async def _watch_disconnect(request, cancel: threading.Event) -> None:
+    """Sets `cancel` when the client goes away (ASGI's http.disconnect, once the body has been read)."""
+    try:
+        while True:
+            message = await request.receive()
+            if message.get("type") == "http.disconnect":
+                cancel.set()
+                return
+    except (asyncio.CancelledError, RuntimeError):
+        return

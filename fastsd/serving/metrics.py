@@ -13,12 +13,14 @@ its own (for a deployment without REST). Both read the deployment's figures from
     fastsd_engine_seconds                         the engine call a request shared (histogram)
     fastsd_in_flight_requests                     requests the load balancer is answering now
     fastsd_failovers_total                        calls sent again to another replica
+    fastsd_shed_total                             calls refused at once (at capacity, or no replica up)
+    fastsd_cancelled_total                        calls whose caller went away before the answer
     fastsd_images_generated_total{replica}        images made by each replica
     fastsd_engine_calls_total{replica}            engine calls (batches) of each replica
     fastsd_merged_batches_total{replica}          engine calls that served more than one request
     fastsd_batch_requests, fastsd_batch_images    requests and images per engine call (histograms)
     fastsd_queue_depth{replica}                   requests waiting for an engine call
-    fastsd_replica_up{replica,host}               1 when the replica is up and the load balancer reaches it
+    fastsd_replica_up{replica,host}               1 when the replica is up and answers the load balancer's health check
     fastsd_replica_restarts_total{replica}        restarts by the supervisor
     fastsd_http_requests_total{path,outcome,code} HTTP requests (REST gateway only), by HTTP status
     fastsd_http_request_duration_seconds{path}    HTTP requests, end to end (histogram)
@@ -106,6 +108,10 @@ class DeploymentCollector:
                                 value=b.get("in_flight") or 0)
         yield CounterMetricFamily("fastsd_failovers", "Calls sent again to another replica",
                                   value=b.get("failovers") or 0)
+        yield CounterMetricFamily("fastsd_shed", "Calls refused at once: at capacity (--max-queue) or no replica up",
+                                  value=b.get("shed") or 0)
+        yield CounterMetricFamily("fastsd_cancelled", "Calls whose caller went away before the answer",
+                                  value=b.get("cancelled") or 0)
         labelled = {
             "images": CounterMetricFamily("fastsd_images_generated", "Images made", labels=["replica"]),
             "batches": CounterMetricFamily("fastsd_engine_calls", "Engine calls (batches)", labels=["replica"]),

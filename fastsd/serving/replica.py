@@ -3,14 +3,22 @@
     python -m fastsd.serving.replica DEPLOYMENT_DIR INDEX
 
 started by the supervisor. It serves MII's `ModelResponse` servicer (the class behind MII's
-`serve_inference`), with three changes made by subclassing, each for a reason:
+`serve_inference`), with these changes made by subclassing, each for a reason:
 - MII runs every pipeline call under one lock; the lock is replaced by a no-op so concurrent
   requests reach the batching pipeline together (batcher.py), which serialises the engine itself;
+- each request has a deadline (its gRPC deadline, set by the load balancer: the client's, capped by
+  `--timeout`) and is cancelled when its call ends early (the caller went away): the batcher drops it
+  while it is queued and stops the engine at the next denoising step once no request of the batch is
+  still wanted;
 - a bad request becomes INVALID_ARGUMENT with the reason (MII would answer UNKNOWN with
-  "Exception calling application"), a timeout DEADLINE_EXCEEDED, other failures INTERNAL; the
-  request is unpacked by schema.py, not by MII (whose unpacking raises on an empty `Value`), and
-  bytes that are not a request message are refused too (wire.py);
+  "Exception calling application"; a broken LoRA file is one, naming the adapter, loras.py), a
+  timeout DEADLINE_EXCEEDED, a cancelled call CANCELLED, other failures INTERNAL with a plain message
+  (the traceback goes to the log with the request id, never to the caller); the request is unpacked
+  by schema.py, not by MII (whose unpacking raises on an empty `Value`), and bytes that are not a
+  request message are refused too (wire.py);
 - the reply's trailing metadata carries its queue wait, engine time and image count (wire.py);
+- it serves the standard gRPC health service (grpc.health.v1), which the load balancer calls to
+  tell a live replica from a stalled one; Terminate is obeyed only with the stop key (control.py);
 - the server binds the deployment's host (MII binds [::], every interface) and sets
   grpc.so_reuseport=0, so a port already in use is an error instead of being silently shared.
 """
@@ -30,9 +38,9 @@ from ..errors import InvalidParameter
 from ..kernels import available_memory_bytes
 from ..backends import load_for_backend
 from ..optimize import OptimizeConfig, optimize
-from . import logs, schema, wire
+from . import control, logs, proto, schema, wire
 from .batch_size import BatchSizer, engine_need, engine_run, release_free_memory, resident_bytes
-from .batcher import BatchingPipeline, RequestTimeout
+from .batcher import BatchingPipeline, RequestCancelled, RequestTimeout
 from .folders import read_json, write_json
 from .loras import LoraCatalog
 from .ports import grpc_address
@@ -58,18 +66,31 @@ def make_servicer(pipeline):
             self.task_methods = GRPC_METHOD_TABLE[TaskType.TEXT2IMG]
 
         def _answer(self, context, reply):
-            """Every RPC maps errors to a gRPC status the same way: the caller gets the reason, the server goes on."""
+            """Every RPC maps errors to a gRPC status the same way: the caller gets a plain reason, the
+            server goes on."""
             try:
                 return reply()
             except InvalidParameter as e:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
             except RequestTimeout as e:
                 context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
+            except RequestCancelled as e:
+                context.abort(grpc.StatusCode.CANCELLED, str(e))
             except Interrupted as e:
                 context.abort(grpc.StatusCode.ABORTED, str(e))  # not CANCELLED: the balancer fails that over
-            except Exception as e:  # noqa: BLE001 - the caller gets the reason; the server goes on
-                log.exception("request failed")
-                context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+            except Exception:  # noqa: BLE001 - the log gets the traceback, the caller a plain reason
+                rid = wire.metadata(context).get(wire.REQUEST_ID, "-")
+                log.exception("request %s failed", rid)
+                context.abort(grpc.StatusCode.INTERNAL, "the replica failed to answer this request; "
+                                                        f"its log has the details (request id {rid})")
+
+        def _deadline(self, context):
+            """The call's deadline on this process's monotonic clock, and an event set when the call
+            ends (finished, cancelled by its caller, or past its deadline)."""
+            ended = threading.Event()
+            context.add_callback(ended.set)
+            left = context.time_remaining()
+            return (time.monotonic() + left if left is not None else None), ended
 
         def Txt2ImgReply(self, request, context):
             return self._answer(context, lambda: self._txt2img(request, context))
@@ -77,21 +98,22 @@ def make_servicer(pipeline):
         def InpaintingReply(self, request, context):
             """MII's inpainting RPC; without masks it is image-to-image. The images are decoded here under the
             deployment's limits (MII's own unpacking would open any size, decompression bombs included)."""
-            return self._answer(context, lambda: self._inpaint(request))
+            return self._answer(context, lambda: self._inpaint(request, context))
 
         def _txt2img(self, request, context):
             meta = wire.metadata(context)
             # unpacked here, not by MII: every field is checked (schema.py) before anything runs
             kwargs = schema.unpack_query_kwargs(request.query_kwargs)
             t0 = time.time()
+            deadline, ended = self._deadline(context)
             reply = self.inference_pipeline.handle(list(request.prompt), list(request.negative_prompt), kwargs,
-                                                   probe=wire.PROBE in meta)
+                                                   probe=wire.PROBE in meta, deadline=deadline, cancelled=ended)
             context.set_trailing_metadata([(wire.QUEUE_MS, f"{reply.queue_seconds * 1000:.3f}"),
                                            (wire.ENGINE_MS, f"{reply.engine_seconds * 1000:.3f}"),
                                            (wire.IMAGES, str(len(reply.images)))])
             return self.task_methods.pack_response_to_proto(reply, time.time() - t0, -1)
 
-        def _inpaint(self, request):
+        def _inpaint(self, request, context):
             limits = self.inference_pipeline.limits
             total = sum(len(b) for b in request.image) + sum(len(b) for b in request.mask_image)
             if total > limits.max_image_bytes:
@@ -102,8 +124,9 @@ def make_servicer(pipeline):
             mask = [imgs.decode(b, "mask_image", mode="L", **lim) for b in request.mask_image]
             kwargs = schema.unpack_query_kwargs(request.query_kwargs)
             start = time.time()
+            deadline, ended = self._deadline(context)
             reply = self.inference_pipeline.handle(list(request.prompt), list(request.negative_prompt), kwargs,
-                                                   image=image, mask_image=mask)
+                                                   image=image, mask_image=mask, deadline=deadline, cancelled=ended)
             return GRPC_METHOD_TABLE[TaskType.INPAINTING].pack_response_to_proto(reply, time.time() - start, -1)
 
         def _unsupported(self, request, context):
@@ -118,19 +141,22 @@ def make_servicer(pipeline):
     return FastSDModelResponse(pipeline)
 
 
-def make_server(servicer, host: str, port: int, workers: int | None = None):
-    """A gRPC server for MII's ModelResponse service on host:port, refusing a port in use."""
+def make_server(servicer, host: str, port: int, workers: int | None = None, stop_key: str | None = None,
+                health=None):
+    """A gRPC server for MII's ModelResponse service on host:port, refusing a port in use; with `health`
+    (grpc_health's HealthServicer) the standard health service too."""
     import grpc
-    from mii.legacy.constants import GRPC_MAX_MSG_SIZE, LB_MAX_WORKER_THREADS
+    from grpc_health.v1 import health_pb2_grpc
+    from mii.legacy.constants import LB_MAX_WORKER_THREADS
     from mii.legacy.grpc_related.proto import legacymodelresponse_pb2_grpc as pb2_grpc
 
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers or LB_MAX_WORKER_THREADS),
-        interceptors=[wire.guard_interceptor()],
-        options=[("grpc.max_send_message_length", GRPC_MAX_MSG_SIZE),
-                 ("grpc.max_receive_message_length", GRPC_MAX_MSG_SIZE),
-                 ("grpc.so_reuseport", 0)])
+        interceptors=[wire.guard_interceptor(lambda meta: control.may_control(meta, stop_key))],
+        options=[*proto.MESSAGE_OPTIONS, ("grpc.so_reuseport", 0)])
     pb2_grpc.add_ModelResponseServicer_to_server(servicer, server)
+    if health is not None:
+        health_pb2_grpc.add_HealthServicer_to_server(health, server)
     try:
         bound = server.add_insecure_port(grpc_address(host, port))
     except RuntimeError:
@@ -202,6 +228,8 @@ def measure_native(sizer, engine, steps: int) -> None:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from grpc_health.v1 import health_pb2
+    from grpc_health.v1.health import HealthServicer
     ddir, index = Path(argv[0]), int(argv[1])
     spec = DeploymentSpec.read(ddir)
     logs.setup(f"replica-{index}", spec.log_format)
@@ -230,6 +258,7 @@ def main(argv=None) -> int:
             write_json(stats_path, {**state, "stats": pipeline.stats.as_dict(), "batching": sizer.describe(),
                                     "queue_depth": pipeline.queue_depth(),
                                     "loras": engine.loras.describe() if engine.loras is not None else None,
+                                    "lora_catalog": catalog.describe() if catalog is not None else None,
                                     "updated_at": time.time()})
 
     pipeline = BatchingPipeline(engine, spec.limits, window=spec.batch_window_ms / 1000.0,
@@ -240,11 +269,16 @@ def main(argv=None) -> int:
         if hasattr(pipeline.stats, k) and isinstance(v, (int, float, dict)):
             setattr(pipeline.stats, k, v)
     servicer = make_servicer(pipeline)
-    server = make_server(servicer, replica.bind, replica.port)
+    # a worker for every call the load balancer may admit (it may send them all here), and room for health
+    health = HealthServicer()
+    server = make_server(servicer, replica.bind, replica.port,
+                         workers=len(spec.replicas) * spec.max_images_per_call + spec.queue_limit + 16,
+                         stop_key=control.read_stop_key(ddir), health=health)
     stop = servicer.get_stop_event()  # set by MII's Terminate RPC
     graceful_signals(stop.set)
     watch_parent(stop.set)
     server.start()
+    health.set("", health_pb2.HealthCheckResponse.SERVING)
     state["ready"] = True
     state["ready_at"] = time.time()
     write_stats()
@@ -257,6 +291,7 @@ def main(argv=None) -> int:
             write_stats()
             last = snap
     log.info("stopping")
+    health.enter_graceful_shutdown()  # the load balancer stops sending calls here
     server.stop(5).wait(10)
     pipeline.close()
     state["ready"] = False

@@ -16,6 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .admission import default_max_queue
 from .errors import ServingError
 from .folders import NAME_RE, read_json, write_json
 from .ports import DEFAULT_PORT
@@ -66,6 +67,9 @@ class DeploymentSpec:
     created_at: float = 0.0
     lora_dir: str | None = None
     loras: list[tuple[str, float]] = field(default_factory=list)  # (path, scale) fused for requests that name none
+    max_queue: int | None = None  # requests allowed to wait beyond those running; None: admission.default_max_queue
+    tls_cert: str | None = None  # PEM files: HTTPS for REST, TLS for gRPC on --host (control.py)
+    tls_key: str | None = None
     vae_tiny: str | None = None  # an AutoencoderTiny folder every replica decodes (and encodes) with
     version: int = SPEC_VERSION
 
@@ -73,6 +77,12 @@ class DeploymentSpec:
     def max_images_per_call(self) -> int:
         """The most images one engine call may take: --max-batch, or with auto its --max-batch-limit."""
         return self.max_batch_limit if self.max_batch == "auto" else self.max_batch
+
+    @property
+    def queue_limit(self) -> int:
+        """--max-queue, or its default (admission.default_max_queue)."""
+        return self.max_queue if self.max_queue is not None else \
+            default_max_queue(len(self.replicas), self.max_images_per_call)
 
     def local_ports(self) -> list[int]:
         """Every port a process of the deployment listens on here."""

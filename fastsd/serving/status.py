@@ -41,7 +41,8 @@ def status(name: str) -> dict:
         else:  # started after its ssh session was
             this_run = (info.get("started_at") or 0) >= (child.get("started_at") or 0) - 5
         lb_up = lb.get("up") or []
-        reachable = bool(lb_up[i]) if i < len(lb_up) else True  # as the load balancer's probe sees it
+        reachable = bool(lb_up[i]) if i < len(lb_up) else True  # as the load balancer's health check sees it
+        health = (lb.get("health") or [])[i] if i < len(lb.get("health") or []) else {}
         up = bool(alive and info.get("ready") and this_run and reachable)
         stats = info.get("stats", {})
         for k, v in stats.items():
@@ -52,8 +53,10 @@ def status(name: str) -> dict:
             elif k.startswith("max_"):
                 totals[k] = max(totals.get(k, 0), v)
         reps.append({"index": i, "host": r.host, "port": r.port, "pid": child.get("pid"),
-                     "state": "up" if up else ("unreachable" if alive and info.get("ready") and this_run
+                     "state": "up" if up else ("stalled" if alive and health.get("state") == "stalled"
+                                               else "unreachable" if alive and info.get("ready") and this_run
                                                else "starting" if alive else "down"),
+                     "health": health.get("why") or None,
                      "restarts": child.get("restarts", 0),
                      "cuda_visible_devices": r.cuda_visible_devices,
                      "uptime_s": round(now - info["ready_at"], 1) if up and info.get("ready_at") else None,
@@ -75,11 +78,15 @@ def status(name: str) -> dict:
             "requests_served": totals.get("requests", 0), "totals": totals, "replicas": reps,
             "balancer": {k: lb.get(k) for k in ("requests", "ok", "failovers", "errors", "forwarded", "up",
                                                 "waited_for_replica", "marked_down", "in_flight", "images",
-                                                "codes", "latency")},
+                                                "codes", "latency", "shed", "cancelled", "health", "admission")},
+            "max_queue": spec.queue_limit,
             "metrics_port": spec.metrics_port, "log_format": spec.log_format,
             "rest": kids.get("rest"), "dir": str(ddir), "mii_cache_path": str(ddir.parent),
             "lora_dir": spec.lora_dir, "lora_default": [list(x) for x in spec.loras],
-            "lora_active": [(read_json(ddir / f"replica-{i}.json") or {}).get("loras") for i in range(len(reps))]}
+            "lora_active": [(read_json(ddir / f"replica-{i}.json") or {}).get("loras") for i in range(len(reps))],
+            "lora_invalid": {k: v for i in range(len(reps)) for k, v in
+                             (((read_json(ddir / f"replica-{i}.json") or {}).get("lora_catalog") or {})
+                              .get("invalid") or {}).items()}}
 
 
 def list_deployments() -> list[str]:
@@ -113,10 +120,16 @@ def format_status(s: dict) -> str:
         active = ["+".join(a["active"]) or "none" if a else "none" for a in s.get("lora_active", [])]
         lines.append(f"  LoRA: {s['lora_dir']}; {n} switches, {secs:.2f} s in all"
                      + (f" ({1000 * secs / n:.0f} ms each)" if n else "") + f"; fused now: {', '.join(active)}")
+        for name, why in (s.get("lora_invalid") or {}).items():
+            lines.append(f"  LoRA {name}: invalid, not offered ({why})")
     b = s["balancer"]
     if b.get("requests") is not None:
         lines.append(f"  load balancer: {b['requests']} requests, {b['ok']} answered, {b['failovers']} failovers, "
+                     f"{b.get('shed') or 0} shed (--max-queue {s['max_queue']}), {b.get('cancelled') or 0} cancelled, "
                      f"errors {b['errors'] or {}}")
+    for r in s["replicas"]:
+        if r.get("health") and r["state"] != "up":
+            lines.append(f"  replica {r['index']} {r['state']}: {r['health']}")
     lines.append(f"  logs: {s['dir']}")
     return "\n".join(lines)
 

@@ -13,6 +13,8 @@ them all down when the deployment is stopped.
   state.json says "stopped".
 - Every child watches that its parent is still this process and ends itself otherwise, so even a
   supervisor killed with SIGKILL leaves no server behind.
+- A replica that the load balancer has seen "stalled" (its port answers, its health check does not:
+  SIGSTOP, a wedged process) for STALL_RESTART seconds is killed (SIGKILL) and so started again.
 """
 from __future__ import annotations
 
@@ -24,11 +26,12 @@ import sys
 import time
 from pathlib import Path
 
-from .folders import write_json
+from .folders import read_json, write_json
 from .processes import PARENT_ENV, WATCH_STDIN_ENV, pid_alive
 from .spec import DeploymentSpec
 
 RESTART_DELAY, MAX_DELAY, QUICK_DEATH = 0.5, 30.0, 10.0
+STALL_RESTART = 15.0  # seconds a replica may stay stalled (balancer.py's health check) before it is killed
 # ssh gives up on a host that stops answering (15 s) instead of hanging, so the replica is restarted
 SSH_OPTIONS = ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10", "-o", "ServerAliveInterval=5",
                "-o", "ServerAliveCountMax=3"]
@@ -86,6 +89,19 @@ class Child:
                 "log": str(self.log_path)}
 
 
+def kill_stalled(ddir: Path, children: list[Child], now: float) -> None:
+    """SIGKILL a local replica the load balancer has seen stalled for STALL_RESTART seconds (restarted then)."""
+    health = (read_json(ddir / "balancer.json") or {}).get("health") or []
+    for i, h in enumerate(health):
+        c = next((c for c in children if c.name == f"replica-{i}"), None)
+        if c is None or c.proc is None or c.proc.poll() is not None or not isinstance(h, dict):
+            continue
+        since = h.get("since") or now
+        if h.get("state") == "stalled" and now - since >= STALL_RESTART and since >= c.started_at:
+            log(f"{c.name}: pid {c.proc.pid} stalled for {now - since:.0f} s ({h.get('why')}); killing it")
+            c.proc.kill()
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ddir = Path(argv[0]).resolve()
@@ -133,7 +149,7 @@ def main(argv=None) -> int:
         c.start()
     save("running")
 
-    last_save = time.time()
+    last_save = last_health = time.time()
     while stopping["why"] is None:
         if (ddir / "stopping").exists():
             stopping["why"] = "stop requested (" + (ddir / "stopping").read_text().strip() + ")"
@@ -162,6 +178,9 @@ def main(argv=None) -> int:
                     c.next_start = now + c.delay
                     log(f"{c.name}: could not start ({e}); trying again in {c.delay:g} s")
                 changed = True
+        if now - last_health >= 1.0:
+            last_health = now
+            kill_stalled(ddir, children, now)
         if changed or now - last_save > 5:
             save("running")
             last_save = now

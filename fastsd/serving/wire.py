@@ -3,7 +3,8 @@
 - Metadata: the request id (`x-request-id`, the same name as the HTTP header; made here when the
   caller sent none), the probe marker (`fastsd-probe`: the deployment's own readiness checks, kept
   out of every request count), and the replica's timings in its trailing metadata (queue wait,
-  engine time, images), which the load balancer reads for its access log and latency histograms.
+  engine time, images), which the load balancer reads for its access log and latency histograms; a
+  refused call's Retry-After (`fastsd-retry-after`), and a control call's stop key (`fastsd-stop-key`).
 - `guarded`: a gRPC handler whose request deserializer never raises. gRPC answers a message that
   does not parse (invalid UTF-8 in a string, a truncated field) with INTERNAL; a raw caller's
   malformed bytes are a bad request, so they become INVALID_ARGUMENT with the reason.
@@ -79,8 +80,10 @@ def guarded(handler_fn, request_deserializer, response_serializer, on_refused=No
                                                response_serializer=response_serializer)
 
 
-def guard_interceptor():
-    """A server interceptor that puts `guarded` around every unary-unary method."""
+def guard_interceptor(may_terminate=None):
+    """A server interceptor that puts `guarded` around every unary-unary method, and obeys MII's
+    Terminate only when `may_terminate(metadata)` says so (the stop key, control.py): PERMISSION_DENIED
+    otherwise, and also when no `may_terminate` is given."""
     import grpc
 
     class Guard(grpc.ServerInterceptor):
@@ -88,6 +91,26 @@ def guard_interceptor():
             h = continuation(handler_call_details)
             if h is None or h.unary_unary is None:
                 return h
-            return guarded(h.unary_unary, h.request_deserializer, h.response_serializer)
+            inner = h.unary_unary
+            if handler_call_details.method.rsplit("/", 1)[-1] == "Terminate":
+                def inner(request, context, _terminate=h.unary_unary):
+                    if may_terminate is None or not may_terminate(metadata(context)):
+                        context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                      "Terminate needs the deployment's stop key: use `fastsd stop NAME`")
+                    return _terminate(request, context)
+            return guarded(inner, h.request_deserializer, h.response_serializer)
 
     return Guard()
+
+
+RETRY_AFTER = "fastsd-retry-after"  # trailing metadata of a refused call: seconds before trying again
+STOP_KEY = "fastsd-stop-key"  # metadata of a control call (Terminate): the deployment's stop key (control.py)
+
+
+def seconds(text):
+    """A Retry-After from the trailing metadata as whole seconds, or None."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return max(1, int(value + 0.999)) if value == value and value < 1e9 else None

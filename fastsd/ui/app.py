@@ -34,7 +34,7 @@ from pathlib import Path
 from ..errors import InvalidParameter
 from ..images import encode_png, read_file
 from ..serving.client import DeploymentClient, running_spec
-from ..serving.errors import DeploymentError, ServingError
+from ..serving.errors import DeploymentError, ServingError, plain_message
 from ..serving.loras import LoraCatalog
 from ..serving.ports import LOOPBACK, port_free
 from ..serving.schema import SCHEDULERS
@@ -56,8 +56,8 @@ ERROR_KINDS = {
 
 def friendly(e: Exception) -> str:
     """One readable line for the page."""
-    if isinstance(e, DeploymentError):
-        return f"{ERROR_KINDS.get(e.code, 'The deployment failed')}: {e}"
+    if isinstance(e, DeploymentError):  # plain: no gRPC text or addresses on the page
+        return f"{ERROR_KINDS.get(e.code, 'The deployment failed')}: {plain_message(e)}"
     if isinstance(e, (ServingError, InvalidParameter)):
         return str(e)
     return f"Unexpected error ({type(e).__name__}): {e}"
@@ -123,6 +123,16 @@ def lora_value(lora, scale) -> str | None:
     return f"{lora}:{float(1.0 if scale is None else scale):g}"
 
 
+def task_label(image, mask_image, strength, kind: str | None = None, noise_level=None) -> str:
+    """What the page says it did: the task (the model's kind for a depth or upscaler model), and the strength
+    or noise level where an image was uploaded."""
+    if image is None:
+        return "text-to-image"
+    task = {"depth": "depth-to-image", "upscale": "x4 upscale"}.get(kind) or \
+        ("image-to-image" if mask_image is None else "inpainting")
+    return f"{task} ({f'noise level {noise_level}' if noise_level is not None else f'strength {float(strength):g}'})"
+
+
 def make_generate(client: DeploymentClient, out_dir: Path):
     """The function behind the button and the /generate endpoint (its parameter names are the API's)."""
     import gradio as gr
@@ -160,17 +170,14 @@ def make_generate(client: DeploymentClient, out_dir: Path):
         _prune(out_dir)
         request_dir = Path(tempfile.mkdtemp(prefix="req-", dir=out_dir))
         paths = []
-        for s, image in zip(seeds, reply.images):
+        for s, out in zip(seeds, reply.images):  # `image` stays the upload: it names the task below
             path = request_dir / f"fastsd-seed{s}.png"
-            image.save(path)
+            out.save(path)
             paths.append(str(path))
         flagged = sum(bool(f) for f in reply.nsfw_content_detected)
         w, h = reply.images[0].size if reply.images else (0, 0)
-        task = "text-to-image" if image is None else "image-to-image" if mask_image is None else "inpainting"
-        task = {"depth": "depth-to-image", "upscale": "x4 upscale"}.get(kind, task) if image is not None else task
         info = (f"**seed {seeds[0]}**" + (f" to {seeds[-1]}" if len(seeds) > 1 else "")
-                + f" · {task}" + ((f" (noise level {images['noise_level']})" if "noise_level" in images else
-                                   f" (strength {float(strength):g})") if image is not None else "")
+                + f" · {task_label(image, mask_image, strength, kind, images.get('noise_level'))}"
                 + (f" · LoRA {lora_value(lora, lora_scale)}" if lora_value(lora, lora_scale) else "")
                 + f" · {len(seeds)} image(s) {w}x{h} in {elapsed:.2f} s · "
                 + describe(client)

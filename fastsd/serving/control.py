@@ -20,6 +20,7 @@ import os
 import secrets
 from pathlib import Path
 
+from ..errors import InvalidParameter
 from . import wire
 
 STOP_KEY_FILE = "stop.key"
@@ -74,7 +75,6 @@ def may_query(metadata: dict, peer: str | None, token: str | None) -> bool:
 
 def check_tls(cert: str | None, key: str | None) -> None:
     """Both files or neither, both readable; InvalidParameter naming the option otherwise."""
-    from ..errors import InvalidParameter
     if (cert is None) != (key is None):
         raise InvalidParameter("--tls-cert" if cert is None else "--tls-key", None,
                                "both --tls-cert and --tls-key (PEM files), or neither")

@@ -16,6 +16,7 @@ import sys
 import threading
 from pathlib import Path
 
+from ..errors import InvalidParameter
 from .errors import ServingError
 
 SERVICE = "legacymodelresponse.ModelResponse"
@@ -80,7 +81,6 @@ def handlers(factory) -> object:
 
 def query_kwargs(kwargs: dict) -> dict:
     """Keyword values -> MII's `Value` messages (str, int, float, bool, as MII's client packs them)."""
-    from ..errors import InvalidParameter
     value = messages().Value
     out = {}
     for k, v in kwargs.items():

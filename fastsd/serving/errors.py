@@ -29,12 +29,15 @@ PLAIN_MESSAGES = {
     "CANCELLED": "the request was cancelled",
     "ABORTED": "the request was interrupted (POST /sdapi/v1/interrupt)",
 }
+# statuses only fastsd's replicas send, with a message of fastsd's own (the parameter refused; where an
+# interrupt stopped the call): passed on as they are
+OWN_MESSAGES = ("INVALID_ARGUMENT", "ABORTED")
 FAILED_MESSAGE = "the deployment failed to answer this request; its logs have the details (request id)"
 
 
 def plain_message(e: DeploymentError) -> str:
     """The caller's message for `e`: fastsd's own reason for a refused value (INVALID_ARGUMENT names the
-    parameter), else a fixed plain message for the status, and the status's name."""
-    if e.code == "INVALID_ARGUMENT":
+    parameter) or an interrupt (ABORTED), else a fixed plain message for the status, and the status's name."""
+    if e.code in OWN_MESSAGES:
         return str(e)
     return f"{PLAIN_MESSAGES.get(e.code, FAILED_MESSAGE)} ({e.code})"

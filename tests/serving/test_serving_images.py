@@ -171,7 +171,7 @@ def test_rest_image_formats():
         doc = {"input_data": {"columns": ["prompt", "image"], "data": [["a", cell]]}}
         with pytest.raises(BadRequest, match=match) as e:
             read_score_body(json.dumps(doc).encode(), with_images=True)
-        assert e.value.status == 422 and e.value.extra["parameter"] == "image"
+        assert e.value.status == 422 and e.value.param == "image"
     with pytest.raises(BadRequest, match="mask_image: .*a mask only together with an image column"):
         read_score_body(b'{"input_data": {"columns": ["prompt", "mask_image"], "data": [["a", "x"]]}}',
                         with_images=True)

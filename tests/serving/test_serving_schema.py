@@ -116,7 +116,7 @@ def test_long_fuzz_of_both_parsers(doc, prompt, negative, kwargs):
 def test_the_reported_holes_are_closed(raw, status, param):
     with pytest.raises(BadRequest) as e:
         read_score_body(raw, LIMITS)
-    assert e.value.status == status and e.value.extra.get("parameter") == param, e.value.message
+    assert e.value.status == status and e.value.param == param, e.value.message
 
 
 def test_object_rows_and_both_parameter_places():

@@ -46,13 +46,26 @@ def _is_local(host: str) -> bool:
     return host in LOCAL_HOSTS or host in (socket.gethostname(), socket.getfqdn())
 
 
+def visible_gpus() -> list[str]:
+    """The GPUs this process sees, named as a child's CUDA_VISIBLE_DEVICES takes them: the entries of this
+    process's own CUDA_VISIBLE_DEVICES when it sets one (so replica placement keeps the operator's mask)."""
+    import torch  # lazy: only `fastsd serve` on CUDA without --gpus asks, never the light processes
+    n = torch.cuda.device_count()
+    mask = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return mask[:n] if mask else [str(i) for i in range(n)]
+
+
 def plan_replicas(name: str, ddir: Path, replicas: int, port: int, host: str, hostfile: str | None,
                   gpus: list[int] | None, model: str, on_gpu: bool = True) -> tuple[list[ReplicaPlacement], object]:
     """Replica hosts and ports as MII lays them out (load balancer on `port`, replica i on port+1+i,
     hosts and slots from MII's hostfile), and MII's deployment record for them. A hostfile's slots
-    are GPU indices only when the engine runs on CUDA (`on_gpu`); on CPU they only count replicas."""
+    are GPU indices only when the engine runs on CUDA (`on_gpu`); on CPU they only count replicas. On CUDA
+    without `gpus` or a hostfile, replica i runs on visible GPU i mod n (the per-device memory budget is
+    shared by the replicas placed on it: replica.build_sizer)."""
     import_mii()
     from mii.legacy.config import MIIConfig, ModelConfig
+    if gpus is None and hostfile is None and on_gpu:
+        gpus = visible_gpus() or None  # spread over every GPU this process sees, not all on GPU 0
     if hostfile is None:
         hostfile = str(ddir / "hostfile")
         Path(hostfile).write_text(f"localhost slots={replicas}\n")

@@ -19,6 +19,7 @@ import argparse
 import copy
 import datetime
 import json
+import resource
 import shlex
 import statistics
 import sys
@@ -43,6 +44,11 @@ def inputs_for(model, side: int) -> dict:
     raise InvalidParameter("model", model.name, "a depth-to-image model or an x4 upscaler")
 
 
+def peak_rss_gb() -> float:
+    """The process's peak resident set so far (Linux ru_maxrss is in KiB), baseline and engine together."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def _median(xs):
     return statistics.median(xs) if xs else None
 
@@ -59,12 +65,12 @@ def bench(args) -> dict:
     ref_images = None
     if args.baseline:
         times = []
-        for i in range(args.repeat + 1):
+        for i in range(args.repeat + args.warmup):
             ref_images, _, secs = run_reference(
                 copy.deepcopy(model), [args.prompt], [""], steps=args.steps, guidance=args.guidance, seeds=[0],
                 scheduler=None, image=inputs["image"], depth_map=inputs.get("depth_map"),
                 **({"noise_level": args.noise_level} if model.kind == "upscale" else {"strength": args.strength}))
-            if i:  # the first run warms up
+            if i >= args.warmup:  # the first --warmup runs warm up
                 times.append(secs)
         w, h = ref_images[0].size
         out["rows"].append({"config": "diffusers fp32 (baseline)", "output": f"{w}x{h}", "s_per_image": _median(times),
@@ -74,11 +80,11 @@ def bench(args) -> dict:
                           vae_tiling=args.vae_tiling)
         totals, steps_ms, vae = [], [], []
         result = None
-        for i in range(args.repeat + 1):
+        for i in range(args.repeat + args.warmup):
             result = engine.generate(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance,
                                      seed=0, progress=False, tile_size=args.tile_size if model.kind == "upscale"
                                      else None, **inputs, **kw)
-            if i:
+            if i >= args.warmup:
                 t = result.timings
                 totals.append(t["total"])
                 steps_ms.append(1000 * t["unet_step"])
@@ -123,13 +129,18 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="fp32", help="comma list of fastsd dtypes (default fp32)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int)
-    p.add_argument("--repeat", type=int, default=2, help="timed runs after one warm-up (default 2)")
+    p.add_argument("--repeat", type=int, default=2, help="timed runs after the warm-up (default 2)")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed runs first (default 1; 0 times the first run, cold, for runs too long to repeat)")
     p.add_argument("--no-baseline", dest="baseline", action="store_false",
                    help="skip the diffusers pipeline (512 -> 2048 untiled does not fit a CPU's memory)")
     p.add_argument("--prompt", default="a red circle on a blue background")
     p.add_argument("--json", help="write the figures to this JSON file")
     p.add_argument("--markdown", help="append the rows, headed by the command, to this file (bench/RESULTS.md)")
     args = p.parse_args(argv)
+    if args.repeat < 1 or args.warmup < 0:
+        p.error(f"--repeat must be at least 1 and --warmup at least 0 (got --repeat {args.repeat}, "
+                f"--warmup {args.warmup})")
     if args.input is None:
         probe = load_model(args.model, random_weights=args.random_weights, safety_checker=False)
         args.input = max(probe.native_size, 64) // (4 if probe.kind == "upscale" else 1)
@@ -141,6 +152,7 @@ def main(argv=None) -> int:
         print(f"fastsd bench kinds: error: {e}", file=sys.stderr)
         return 2
     report["wall_s"] = time.perf_counter() - t0
+    report["peak_rss_gb"] = peak_rss_gb()
     report["command"] = "python -m fastsd.bench.kinds " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     table = format_rows(report)
     print(table)
@@ -150,7 +162,7 @@ def main(argv=None) -> int:
         m = report["machine"]
         when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         with open(args.markdown, "a") as f:
-            f.write(f"\n`{report['command']}` ({when}, {report['wall_s'] / 60:.1f} min wall; "
+            f.write(f"\n`{report['command']}` ({when}, {report['wall_s'] / 60:.1f} min wall, peak RSS {report['peak_rss_gb']:.1f} GiB; "
                     f"{m.get('gpu') or m.get('cpu', '')}, {m.get('torch_threads', '')} torch threads, load "
                     f"{(m.get('load_average') or ['?'])[0]}):\n\n{table}\n")
     return 0

@@ -10,7 +10,10 @@ cache (CACHE_DIR), so a shape compiled before loads from the cache in a later pr
 otherwise pick bf16 by itself), bf16 -> bf16 for the UNet and the VAE decoder, the text encoder kept in
 f32 as in the torch backend's CPU recipe. On a CPU without native bf16 (no AVX512_BF16/AMX) OpenVINO has no
 bf16 kernels: the backend then runs f32, says so in describe(), and is as fast as fp32 there.
-Threads follow torch's thread count (--threads), as the onnxruntime backend's do."""
+Threads follow torch's thread count (--threads), as the onnxruntime backend's do.
+
+Every SD-family kind runs: the depth UNet takes its depth map as a fifth `sample` channel, the x4 upscaler's
+UNet takes the noise level as `class_labels` (int64, one per image, part of the compiled shape)."""
 from __future__ import annotations
 
 import hashlib
@@ -134,13 +137,22 @@ class StaticGraph:
         return req.get_output_tensor(0).data.copy()
 
 
-def run_unet(g: StaticGraph, sample: torch.Tensor, timestep: float, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
-    """One call of a UNet graph (one timestep for the batch), fp32 out on the CPU."""
+UNET_STATIC = ("sample", "encoder_hidden_states", "class_labels")  # the UNet inputs whose shapes key a compile
+
+
+def run_unet(g: StaticGraph, sample: torch.Tensor, timestep: float, encoder_hidden_states: torch.Tensor,
+             class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    """One call of a UNet graph (one timestep for the batch), fp32 out on the CPU. class_labels: the x4
+    upscaler's noise levels, one per image (its export's UNet graph takes them as an int64 input)."""
     ts = np.asarray(float(timestep), dtype=g.dtype("timestep"))
     if g.input_shape("timestep").rank.get_length() == 1:
         ts = ts.reshape(1)
     feed = {"sample": sample.detach().cpu().float().numpy(), "timestep": ts,
             "encoder_hidden_states": encoder_hidden_states.detach().cpu().float().numpy()}
+    if class_labels is not None:
+        if "class_labels" not in g.types:
+            raise ModelLoadError(f"model: the UNet graph {g.path} takes no class_labels (not an x4 upscaler export)")
+        feed["class_labels"] = class_labels.detach().cpu().numpy().astype(g.dtype("class_labels"))
     return torch.from_numpy(g.run(feed))
 
 
@@ -188,9 +200,6 @@ class OpenVINOBackend:
     name = "openvino"
 
     def __init__(self, model, config):
-        if model.kind in ("depth", "upscale"):  # its static-shape graphs and UNet call take neither's inputs yet
-            raise InvalidParameter("backend", "openvino", f"torch or onnxruntime for a {model.kind} model "
-                                   "(depth-to-image and the x4 upscaler are not wired into the openvino backend)")
         ov = import_openvino()
         check_config(config)
         self.converted = None
@@ -236,8 +245,7 @@ class OpenVINOBackend:
             # the text encoder stays in f32 as in the torch CPU recipe: cheap, and its error reaches every step
             "text_encoder": StaticGraph(self.core, "text_encoder", paths["text_encoder"]["cpu"], props("f32"),
                                         ("input_ids",)),
-            "unet": StaticGraph(self.core, "unet", unet_path, props(precision),
-                                ("sample", "encoder_hidden_states")),
+            "unet": StaticGraph(self.core, "unet", unet_path, props(precision), UNET_STATIC),
             "vae_decoder": StaticGraph(self.core, "vae_decoder", paths["vae_decoder"]["cpu"], props(precision),
                                        ("latent_sample",)),
         }
@@ -246,7 +254,7 @@ class OpenVINOBackend:
     def calibration_graph(self, name: str) -> StaticGraph:
         """`name`'s FP32 graph, for int8 calibration (its compiled shapes are dropped with it)."""
         return StaticGraph(self.core, name, self.paths[name]["cpu"], self.props("f32"),
-                           ("input_ids",) if name == "text_encoder" else ("sample", "encoder_hidden_states"))
+                           ("input_ids",) if name == "text_encoder" else UNET_STATIC)
 
     # -- the three calls the engine makes -----------------------------------------------------------
     def prepare(self, batch: int, height: int, width: int, guided: bool) -> None:
@@ -257,9 +265,12 @@ class OpenVINOBackend:
         g = self.graphs["text_encoder"]
         return torch.from_numpy(g.run({"input_ids": input_ids.cpu().numpy().astype(g.dtype("input_ids"))})).float()
 
-    def unet(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def unet(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
+             class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """class_labels: the x4 upscaler's noise levels. A depth UNet needs nothing more: its depth map is
+        its fifth `sample` channel."""
         t = float(timestep.item() if torch.is_tensor(timestep) else timestep)
-        return run_unet(self.graphs["unet"], sample, t, encoder_hidden_states)
+        return run_unet(self.graphs["unet"], sample, t, encoder_hidden_states, class_labels)
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         """Image in [-1, 1] -> latent_parameters [B, 8, h, w] (mean and log-variance) from the export's

@@ -93,12 +93,6 @@ def test_tiled_generation_stays_close_to_whole(model):
     assert jumps.max() <= 3 * np.median(jumps) + 10
 
 
-def test_openvino_says_it_does_not_run_these_kinds(model):
-    with pytest.raises(InvalidParameter, match="backend: got 'openvino'; allowed: torch or onnxruntime for a "
-                                               "upscale model"):
-        optimize(model, backend="openvino", device="cpu")
-
-
 def test_a_diffusers_pipeline_is_taken_as_it_is(model):
     """optimize(pipe) on a user's StableDiffusionUpscalePipeline keeps its low_res_scheduler and noise limit."""
     pipe = copy.deepcopy(model).to_pipeline()

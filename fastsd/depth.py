@@ -5,6 +5,7 @@ scaled to [-1, 1] by each map's own min and max). The scale of the values does n
 and relative spacing survive the per-map scaling (MiDaS gives inverse depth: near is large)."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,8 @@ from .errors import InvalidParameter
 
 SUFFIXES = (".png", ".npy")
 _GRAY_MODES = ("L", "I;16", "I;16B", "I;16L", "I", "F")
+NPY_MAGIC = b"\x93NUMPY"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def read_depth_map(path, name: str = "depth_map") -> np.ndarray:
@@ -24,16 +27,38 @@ def read_depth_map(path, name: str = "depth_map") -> np.ndarray:
         raise InvalidParameter(name, str(path), "a grayscale PNG (8- or 16-bit) or a .npy HxW float array")
     if not p.is_file():
         raise InvalidParameter(name, str(path), "an existing depth map file (PNG or .npy)")
-    if p.suffix.lower() == ".npy":
+    return _decode(p.read_bytes(), name, str(path), npy=p.suffix.lower() == ".npy")
+
+
+def decode_depth_map(data: bytes, name: str = "depth_map", *, max_pixels: int | None = None) -> np.ndarray:
+    """Encoded depth map bytes, as a server receives them -> an HxW float32 array: a grayscale PNG (8- or
+    16-bit) or a .npy file's bytes (told apart by their first bytes), at most `max_pixels` values (checked from
+    the header, before anything is decoded)."""
+    if not isinstance(data, (bytes, bytearray)) or not data:
+        raise InvalidParameter(name, type(data).__name__, "a grayscale PNG (8- or 16-bit) or a .npy HxW array")
+    if bytes(data[:6]) == NPY_MAGIC:
+        return _decode(bytes(data), name, "the .npy data", npy=True, max_pixels=max_pixels)
+    if bytes(data[:8]) == PNG_MAGIC:
+        return _decode(bytes(data), name, "the PNG data", npy=False, max_pixels=max_pixels)
+    raise InvalidParameter(name, "data that is neither a PNG nor a .npy array",
+                           "a grayscale PNG (8- or 16-bit) or a .npy HxW array")
+
+
+def _decode(data: bytes, name: str, shown: str, *, npy: bool, max_pixels: int | None = None) -> np.ndarray:
+    if npy:
         try:
-            arr = np.load(p, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise InvalidParameter(name, str(path), f"a readable .npy array ({str(e).splitlines()[0][:80]})") from None
-        if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.number):
+            arr = np.load(io.BytesIO(data), allow_pickle=False, mmap_mode=None)
+        except (OSError, ValueError, EOFError) as e:
+            raise InvalidParameter(name, shown, f"a readable .npy array ({str(e).splitlines()[0][:80]})") from None
+        if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
             raise InvalidParameter(name, f"a {arr.dtype} array of shape {arr.shape}", "an HxW array of numbers")
+        if max_pixels is not None and arr.size > max_pixels:
+            raise InvalidParameter(name, f"a {arr.shape[1]}x{arr.shape[0]} map", f"at most {max_pixels} values")
         return arr.astype(np.float32)
     try:
-        with Image.open(p, formats=["PNG"]) as im:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
+            if max_pixels is not None and im.width * im.height > max_pixels:  # from the header: not decoded yet
+                raise InvalidParameter(name, f"a {im.width}x{im.height} map", f"at most {max_pixels} pixels")
             im.load()
             if im.mode not in _GRAY_MODES:
                 raise InvalidParameter(name, f"a {im.mode} PNG", "a grayscale PNG (8- or 16-bit), one value a pixel")
@@ -41,7 +66,7 @@ def read_depth_map(path, name: str = "depth_map") -> np.ndarray:
     except InvalidParameter:
         raise
     except Exception as e:  # PIL raises many types for a corrupt file
-        raise InvalidParameter(name, str(path), f"a readable PNG ({type(e).__name__})") from None
+        raise InvalidParameter(name, shown, f"a readable PNG ({type(e).__name__})") from None
 
 
 def as_maps(value, name: str = "depth_map") -> list[torch.Tensor]:

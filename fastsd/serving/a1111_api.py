@@ -5,7 +5,8 @@
                               "sampler_name", "scheduler", "batch_size", "n_iter", ...}
                           -> {"images": [base64 PNG, ...], "parameters": {...}, "info": "<JSON string>"}
     POST /sdapi/v1/img2img   the same with "init_images" (one), "denoising_strength", and for inpainting "mask"
-                             (white = repaint), "inpainting_mask_invert"
+                             (white = repaint), "inpainting_mask_invert"; to an x4 upscaler deployment the
+                             init image comes back 4x, "noise_level" (fastsd's) in place of the strength
     GET  /sdapi/v1/sd-models, /samplers, /schedulers, /loras, /options (POST: sd_model_checkpoint), /progress
          (the running engine call's step and ETA), /scripts, /cmd-flags
     POST /sdapi/v1/interrupt, /skip: every engine call running now stops at its next step (progress.py); an
@@ -110,7 +111,8 @@ def mount(app, gw: Gateway) -> None:
 
     async def generate(request: Request, img2img: bool):
         body = await json_body(request)
-        job = fields.translate(body, gw.limits, model, img2img)
+        kind = (gw.client.engine() or {}).get("kind") if img2img else None  # the replicas' model kind
+        job = fields.translate(body, gw.limits, model, img2img, kind)
         query = gw.query(job.fields, fields.PARAM_NAMES)
         rid = request.state.request_id
         jobs.start(rid, "img2img" if img2img else "txt2img")

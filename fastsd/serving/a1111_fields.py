@@ -118,9 +118,13 @@ class Job:
     denoising_strength: float | None = None
 
 
-def translate(body, limits: Limits, model: str, img2img: bool) -> Job:
+def translate(body, limits: Limits, model: str, img2img: bool, kind: str | None = None) -> Job:
     """A txt2img or img2img body -> the Job. Values are checked here where A1111's meaning differs from
-    fastsd's (seeds, samplers, counts); every other check is parse_query's, named with A1111's fields."""
+    fastsd's (seeds, samplers, counts); every other check is parse_query's, named with A1111's fields.
+    `kind`: the deployment's model kind (fastsd.model_kinds; None when no replica has said yet). An x4
+    upscaler's img2img is init image -> 4x image: no denoising strength and no resize (A1111's clients send
+    both by default, so they are listed in info's fastsd_ignored, not refused); `noise_level` (not an A1111
+    field) is passed on."""
     if not isinstance(body, dict):
         raise ApiError(422, "the body must be a JSON object")
     for name, neutral in REFUSED.items():
@@ -166,11 +170,38 @@ def translate(body, limits: Limits, model: str, img2img: bool) -> Job:
     negative = body.get("negative_prompt")
     fields = {"prompt": prompt, "negative_prompt": None if negative is None else [negative], "parameters": params}
     job = Job(fields, a1111_name, schedule, seed, steps, cfg, n, ignored)
-    if img2img:
+    if img2img and kind == "upscale":
+        if body.get("denoising_strength") is not None:
+            ignored["denoising_strength"] = body["denoising_strength"]
+        if body.get("noise_level") is not None:
+            params["noise_level"] = body["noise_level"]
+        _upscaler_image(body, params, fields, limits, ignored)
+    elif img2img:
         strength = body.get("denoising_strength")
         job.denoising_strength = params["strength"] = DEFAULT_STRENGTH if strength is None else strength
+        if body.get("noise_level") is not None:
+            params["noise_level"] = body["noise_level"]  # refused by the replica: not an upscaler deployment
         _images(body, params, fields, limits)
     return job
+
+
+def _upscaler_image(body: dict, params: dict, fields: dict, limits: Limits, ignored: dict) -> None:
+    """An x4 upscaler's init image, as it is: the output is 4x its size. width/height other than that are
+    ignored (and listed); a mask is refused."""
+    images = body.get("init_images")
+    if not isinstance(images, list) or len(images) != 1:
+        raise ApiError(422, f"init_images: got {_count(images)}; allowed: a list of one base64 image", "init_images")
+    if body.get("mask") is not None:
+        raise ApiError(422, "mask: got a mask; allowed: none (this deployment runs the x4 upscaler)", "mask")
+    try:
+        image = decode_base64(images[0], "init_images", max_bytes=limits.max_image_bytes,
+                              max_pixels=limits.max_pixels)
+    except InvalidParameter as e:
+        raise ApiError(422, str(e), e.name) from None
+    for k, side in (("width", image.width), ("height", image.height)):
+        if params.get(k) is not None and params.pop(k) != 4 * side:
+            ignored[k] = body[k]
+    fields["image"] = [encode_png(image)]
 
 
 def _images(body: dict, params: dict, fields: dict, limits: Limits) -> None:

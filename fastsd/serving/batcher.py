@@ -279,6 +279,8 @@ class BatchingPipeline:
             images = {"image": [im for r in reqs for im in r.images], "strength": first.strength}
             if first.task == "inpaint":
                 images["mask_image"] = [m for r in reqs for m in r.masks]
+            if first.depth_maps is not None:  # depth maps sent or not is in the key: all of the batch or none
+                images["depth_map"] = [m for r in reqs for m in r.depth_maps]
             if first.task == "upscale":  # the output is 4x the image: no height/width; noise_level is in the key
                 images = {"image": images["image"], "noise_level": first.noise_level}
         size = {} if first.task == "upscale" else {"height": first.height, "width": first.width}

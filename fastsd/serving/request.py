@@ -15,6 +15,7 @@ for a body that is not the format at all a `BadBody` (HTTP 400).
 """
 from __future__ import annotations
 
+import base64
 import math
 import random
 import struct
@@ -76,6 +77,7 @@ class Request:
     masks: list | None = None   # per image: PIL masks (inpaint)
     strength: float | None = None
     noise_level: int | None = None  # upscale
+    depth_maps: list | None = None  # depth, per image: HxW float32 arrays the caller sent (None: the estimator's)
     eta: float = 0.0  # DDIM's eta / TCD's gamma (one per engine call: part of the key)
 
     @property
@@ -88,7 +90,7 @@ class Request:
         guidance travel inside the batch). Guidance on/off is part of the key: the engine runs one
         UNet call per step without guidance and two with it, so mixing them would change images."""
         return (self.height, self.width, self.steps, self.scheduler, max(self.guidance) > 1.0, self.loras,
-                self.task, self.strength, self.eta, self.noise_level)
+                self.task, self.strength, self.eta, self.noise_level, self.depth_maps is not None)
 
 
 # -- stage 1: any transport ---------------------------------------------------------------------------
@@ -237,8 +239,10 @@ def parse(prompt, negative_prompt, kwargs: dict, limits: Limits, native_size: in
     if kind in ("depth", "upscale"):  # the model's own task: an image in, strength (depth) or noise_level
         kw.update(_kind_inputs(kind, image, mask_image, kw, len(prompts)))
     else:
-        if "noise_level" in kw:
-            raise InvalidParameter("noise_level", kw["noise_level"], "only with an x4 upscaler deployment")
+        for name, what in (("noise_level", "an x4 upscaler"), ("depth_map", "a depth-to-image")):
+            if name in kw:
+                raise InvalidParameter(name, "a depth map" if name == "depth_map" else kw[name],
+                                       f"only with {what} deployment")
         tasks.check_inputs(image, mask_image, kw.get("strength"), unet_in_channels)
     if image is not None and kind not in ("depth", "upscale"):
         for name, items in (("image", image), ("mask_image", mask_image)):
@@ -272,6 +276,10 @@ def parse(prompt, negative_prompt, kwargs: dict, limits: Limits, native_size: in
                  "masks": per_image(mask_image) if mask_image is not None else None, "strength": strength}
         if kind == "upscale":
             extra.update(strength=None, noise_level=kw.get("noise_level", 20))
+        elif "depth_map" in kw:  # base64 text, checked by the table; decoded here under the pixel limit
+            from .. import depth  # lazy: torch, as tasks above
+            data = base64.b64decode(kw["depth_map"])
+            extra["depth_maps"] = per_image([depth.decode_depth_map(data, max_pixels=limits.max_pixels)])
         elif int(steps * strength) < 1:
             raise InvalidParameter("strength", strength, f"at least 1/{steps} with {steps} steps")
     elif "strength" in kw:
@@ -297,9 +305,14 @@ def _kind_inputs(kind: str, image, mask_image, kw: dict, prompts: int) -> dict:
     if kind == "depth":
         if "noise_level" in kw:
             raise InvalidParameter("noise_level", kw["noise_level"], "only with an x4 upscaler deployment")
+        if "depth_map" in kw and len(image) > 1:
+            raise InvalidParameter("depth_map", "one map for several images", "a depth map with one image (the "
+                                   "image's map); send one request per image")
         tasks.strength_value(kw.get("strength"))
         height, width = tasks.target_size(image, None, kw.get("height"), kw.get("width"), False, 8)
         return {"height": height, "width": width}
+    if "depth_map" in kw:
+        raise InvalidParameter("depth_map", "a depth map", "only with a depth-to-image deployment")
     for name in ("height", "width", "strength"):
         if name in kw:
             raise InvalidParameter(name, kw[name], "nothing with the x4 upscaler: its output is 4x the image")

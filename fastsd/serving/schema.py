@@ -136,6 +136,9 @@ PARAMS = {p.name: p for p in [
     Param("strength", "float", "image-to-image, inpainting and depth-to-image: how much is repainted, in (0, 1]",
           0.0, 1.0),
     Param("noise_level", "int", "x4 upscaler: noise added to the low-res image (default 20)", 0, 350),
+    Param("depth_map", "text", "depth-to-image: the image's depth map, base64 grayscale PNG (8- or 16-bit) or "
+          ".npy HxW array, larger = nearer (default: the model's own estimator)",
+          check=lambda val, lim: depth_map_cell(val, lim)),
 ]}
 # REST only: a negative prompt for every row, as a parameter instead of a column
 REST_ONLY_PARAMS = {"negative_prompt": Param("negative_prompt", "text", "negative prompt for every row")}
@@ -174,6 +177,24 @@ def image_cell(name: str, value, limits=None):
     except (binascii.Error, ValueError):
         raise refuse(name, "text that is not base64", "a base64-encoded PNG, JPEG or WebP image") from None
 REQUIRED_COLUMNS = ("prompt",)
+
+
+def depth_map_cell(value, limits=None) -> str:
+    """A depth map parameter: base64 text (a data: URL's prefix dropped) of at most the deployment's image
+    bytes. It stays text, which MII's query keywords carry as they are; the replica decodes the map
+    (request.parse, fastsd.depth.decode_depth_map) under its pixel limit."""
+    what = "a base64-encoded grayscale PNG (8- or 16-bit) or .npy HxW array"
+    if not isinstance(value, str) or not value:
+        raise refuse("depth_map", value, what)
+    body = value.split(",", 1)[1] if value.startswith("data:") and "," in value else value
+    max_bytes = getattr(limits, "max_image_bytes", None) or 8 << 20
+    if len(body) > 4 * (max_bytes // 3 + 1):
+        raise refuse("depth_map", f"{len(body)} base64 characters", f"a depth map of at most {max_bytes} bytes")
+    try:
+        base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        raise refuse("depth_map", "text that is not base64", what) from None
+    return body
 
 
 def check_param(name, value, limits):

@@ -185,6 +185,7 @@ def cmd_query(args) -> int:
     paths = output_paths(args.out, len(args.prompt) * args.num_images)
     images = {} if image is None else {"image": encode_png(image), "strength": args.strength,
                                        "mask_image": encode_png(mask) if mask is not None else None}
+    images.update(kind_keywords(args, image))
     negatives = [args.negative if args.negative is not None else ""] * len(args.prompt)
     try:  # one request, as user code sends it; image-to-image and inpainting go to the image-task record
         reply = DeploymentClient(args.deployment, timeout=args.timeout).generate(
@@ -198,6 +199,24 @@ def cmd_query(args) -> int:
         image.save(path)
         print(f"{path}" + ("  (flagged by the safety checker: black image)" if flagged else ""))
     return 0
+
+
+def kind_keywords(args, image) -> dict:
+    """--depth-map (the file's bytes as base64 text, read and checked here first) and --noise-level as the
+    deployment's keywords; --tile-size is generate's only (a deployment runs 128-pixel windows)."""
+    import base64
+    from ..depth import read_depth_map  # lazy: numpy and PIL only for a depth map
+    if args.tile_size is not None:
+        raise InvalidParameter("tile_size", args.tile_size, "nothing with query (a deployment runs the x4 upscaler "
+                               "with its default 128-pixel windows); fastsd generate takes it")
+    out = {"noise_level": args.noise_level}
+    if args.depth_map is not None:
+        if image is None:
+            raise InvalidParameter("depth_map", args.depth_map, "only together with --image (depth-to-image)")
+        read_depth_map(args.depth_map)  # a PNG or .npy it can read: one line now rather than from the server
+        with open(args.depth_map, "rb") as f:
+            out["depth_map"] = base64.b64encode(f.read()).decode()
+    return out
 
 
 def cmd_status(args) -> int:

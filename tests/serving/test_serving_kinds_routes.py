@@ -191,3 +191,95 @@ def test_depth_map_over_score_and_the_mii_query_and_a1111_img2img_to_the_upscale
         assert r.status_code == 422 and match in r.json()["detail"], r.text
     r = http.post("/sdapi/v1/img2img", json={**body, "width": 64, "height": 96})  # 4x the input: not ignored
     assert r.status_code == 200 and json.loads(r.json()["info"])["fastsd_ignored"] == {"denoising_strength": 0.75}
+
+
+def test_query_cli_checks_its_kind_options_before_connecting(tmp_path, capsys):
+    from fastsd.cli import main
+    image = tmp_path / "in.png"
+    sample_image((64, 64)).save(image)
+    rgb = tmp_path / "rgb.png"
+    sample_image((8, 8)).save(rgb)
+    for argv, match in [(["--image", str(image), "--depth-map", str(tmp_path / "nosuch.png")],
+                         "depth_map: got '" + str(tmp_path / "nosuch.png") + "'; allowed: an existing depth map"),
+                        (["--image", str(image), "--depth-map", str(rgb)], "depth_map: got 'a RGB PNG'"),
+                        (["--depth-map", str(rgb)], "depth_map: got '" + str(rgb) + "'; allowed: only together"),
+                        (["--image", str(image), "--tile-size", "64"], "tile_size: got 64; allowed: nothing with query")]:
+        assert main(["query", "nosuch-deployment", "a", *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert match in err and err.count("\n") == 0, err
+
+
+# -- live deployments (slow) --------------------------------------------------------------------------
+def _serve(name, folder, cache, rest_port, port):
+    import os
+    import subprocess
+    import sys
+    argv = [sys.executable, "-m", "fastsd.cli", "serve", "--model", str(folder), "--deployment", name, "--port",
+            str(port), "--rest-port", str(rest_port), "--threads", "1", "--startup-timeout", "400", "--timeout", "300"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MII_CACHE_PATH=str(cache))
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=450, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_kinds_live_deployments(tiny_depth_folder, tiny_upscaler_folder, tmp_path, monkeypatch):
+    """The same through real deployments of the saved folders: `fastsd query --depth-map` and /score's depth_map
+    on a depth deployment, `fastsd query --noise-level` and A1111 img2img on an upscaler deployment."""
+    import os
+    import subprocess
+    import sys
+
+    import httpx
+
+    from deployment_cleanup import end_deployment
+    from fastsd.serving import ports
+    cache = tmp_path / "mii"
+    monkeypatch.setenv("MII_CACHE_PATH", str(cache))  # where end_deployment's stop looks
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    image, low = tmp_path / "in.png", tmp_path / "low.png"
+    sample_image((64, 64)).save(image)
+    sample_image((16, 24)).save(low)
+    np.save(tmp_path / "map.npy", ramp())
+
+    def query(name, *argv):
+        return subprocess.run([sys.executable, "-m", "fastsd.cli", "query", name, *argv], capture_output=True,
+                              text=True, timeout=300, env=env)
+    for kind, folder in (("depth", tiny_depth_folder), ("upscale", tiny_upscaler_folder)):
+        name = f"{kind}{os.getpid()}"
+        port, rest_port = ports.free_port_block(2), ports.free_port_block(1)
+        engine = optimize(load_model(str(folder)), dtype="fp32")
+        try:
+            _serve(name, folder, cache, rest_port, port)
+            url = f"http://127.0.0.1:{rest_port}"
+            if kind == "depth":
+                want = engine.generate("a statue", num_inference_steps=STEPS, seed=5, image=Image.open(image),
+                                       depth_map=ramp(), strength=0.8, progress=False).images[0]
+                r = query(name, "a statue", "--image", str(image), "--depth-map", str(tmp_path / "map.npy"),
+                          "--strength", "0.8", "--steps", str(STEPS), "--seed", "5", "--out", str(tmp_path / "d.png"))
+                assert r.returncode == 0, r.stderr
+                assert max_diff(Image.open(tmp_path / "d.png"), want) <= 1
+                doc = {"input_data": {"columns": ["prompt", "image"],
+                                      "data": [["a statue", b64(image.read_bytes())]],
+                                      "parameters": {"depth_map": b64(png16(ramp())), "num_inference_steps": STEPS,
+                                                     "seed": 5, "strength": 0.8}}}
+                assert max_diff(score_image(httpx.post(url + "/score", json=doc, timeout=300)), want) <= 2
+                doc["input_data"]["parameters"]["depth_map"] = b64(b"no map")
+                r = httpx.post(url + "/score", json=doc, timeout=300)
+                assert r.status_code == 422 and "depth_map: got" in r.json()["error"], r.text
+            else:
+                want = engine.generate("a cat", num_inference_steps=STEPS, seed=9, image=Image.open(low),
+                                       noise_level=40, scheduler="euler", guidance_scale=7.0,
+                                       progress=False).images[0]
+                r = query(name, "a cat", "--image", str(low), "--noise-level", "40", "--steps", str(STEPS), "--seed",
+                          "9", "--scheduler", "euler", "--guidance", "7", "--out", str(tmp_path / "u.png"))
+                assert r.returncode == 0, r.stderr
+                assert max_diff(Image.open(tmp_path / "u.png"), want) <= 1
+                body = {"prompt": "a cat", "init_images": [b64(low.read_bytes())], "denoising_strength": 0.75,
+                        "steps": STEPS, "seed": 9, "sampler_name": "Euler", "noise_level": 40}
+                r = httpx.post(url + "/sdapi/v1/img2img", json=body, timeout=300)
+                assert r.status_code == 200, r.text
+                out = Image.open(io.BytesIO(base64.b64decode(r.json()["images"][0])))
+                assert out.size == (64, 96) and max_diff(out, want) <= 1
+        finally:
+            end_deployment(name, cache / name)

@@ -276,16 +276,38 @@ def engine_need(engine, base_bytes: int) -> Callable[[int, int, int, bool], int]
     return need
 
 
+PROBE_TASKS = {"depth": "depth", "upscale": "upscale"}  # model kinds whose calls need an image: their own task
+
+
+def probe_task(model) -> str:
+    """The task of the start-up probe calls: a depth or x4 upscaler model's own, else text-to-image."""
+    return PROBE_TASKS.get(getattr(model, "kind", None), DEFAULT_TASK)
+
+
+def probe_inputs(model, height: int, width: int) -> dict:
+    """What a probe call adds for a model that takes an image: a depth model a (height x width) gradient at its
+    default strength, its own estimator making the map as for a request without one; the x4 upscaler a
+    gradient a quarter of the output's size (the output is 4x, so no height/width)."""
+    task = probe_task(model)
+    if task == DEFAULT_TASK:
+        return {"height": height, "width": width}
+    from PIL import Image
+    scale = 4 if task == "upscale" else 1
+    image = Image.linear_gradient("L").resize((width // scale, height // scale)).convert("RGB")
+    return {"image": image} if task == "upscale" else {"image": image, "height": height, "width": width}
+
+
 def engine_run(engine, height: int, width: int, steps: int, guidance: float, clock=time.perf_counter):
-    """`run(n)` for `BatchSizer.measure`: one engine call of n images with distinct prompts and seeds."""
+    """`run(n)` for `BatchSizer.measure`: one engine call of n images with distinct prompts and seeds (and, for a
+    depth or upscaler model, one input image: probe_inputs)."""
     calls = iter(range(1 << 30))
+    inputs = probe_inputs(engine.model, height, width)
 
     def run(n: int) -> float:
         i = next(calls)
         t = clock()
         engine.generate([f"batch size probe {i}.{k}" for k in range(n)], [""] * n, num_inference_steps=steps,
-                        guidance_scale=guidance, height=height, width=width, seed=[i * 64 + k for k in range(n)],
-                        progress=False)
+                        guidance_scale=guidance, seed=[i * 64 + k for k in range(n)], progress=False, **inputs)
         return clock() - t
     return run
 

@@ -193,6 +193,19 @@ def test_depth_map_over_score_and_the_mii_query_and_a1111_img2img_to_the_upscale
     assert r.status_code == 200 and json.loads(r.json()["info"])["fastsd_ignored"] == {"denoising_strength": 0.75}
 
 
+@pytest.mark.parametrize("preset", ["tiny-depth", "tiny-upscaler"])
+def test_start_up_batch_probe_runs_the_models_own_task(preset):
+    """A replica's start-up measurement (--max-batch auto, the default) calls the engine without a request:
+    a depth or upscaler model needs an image there too (it once failed the deployment's start)."""
+    from fastsd.serving.batch_size import engine_run, probe_task
+    engine = optimize(load_model(preset), dtype="fp32", safety_checker=False)
+    task = probe_task(engine.model)
+    assert task == ("depth" if preset == "tiny-depth" else "upscale")
+    seconds = []
+    run = engine_run(engine, 64, 64, 2, 7.5, clock=lambda: seconds.append(0) or float(len(seconds)))
+    assert run(2) == 1.0  # two images in one call, timed by the given clock
+
+
 def test_query_cli_checks_its_kind_options_before_connecting(tmp_path, capsys):
     from fastsd.cli import main
     image = tmp_path / "in.png"

@@ -284,6 +284,13 @@ def probe_task(model) -> str:
     return PROBE_TASKS.get(getattr(model, "kind", None), DEFAULT_TASK)
 
 
+def probe_size(model) -> int:
+    """The side of the start-up probe's images: the model's native size; for the x4 upscaler at least 64, the
+    smallest output its input limits allow (a tiny folder's native size can be below it)."""
+    size = int(model.native_size)
+    return max(size, 64) if probe_task(model) == "upscale" else size
+
+
 def probe_inputs(model, height: int, width: int) -> dict:
     """What a probe call adds for a model that takes an image: a depth model a (height x width) gradient at its
     default strength, its own estimator making the map as for a request without one; the x4 upscaler a

@@ -39,7 +39,7 @@ from ..kernels import available_memory_bytes
 from ..backends import load_for_backend
 from ..optimize import OptimizeConfig, optimize
 from . import control, logs, proto, schema, wire
-from .batch_size import BatchSizer, engine_need, engine_run, probe_task, release_free_memory, resident_bytes
+from .batch_size import BatchSizer, engine_need, engine_run, probe_size, probe_task, release_free_memory, resident_bytes
 from .batcher import BatchingPipeline, RequestCancelled, RequestTimeout
 from .folders import read_json, write_json
 from .loras import LoraCatalog
@@ -212,7 +212,7 @@ def build_sizer(spec: DeploymentSpec, replica: ReplicaPlacement, engine,
 
 def measure_native(sizer, engine, steps: int) -> None:
     """The start-up warm-up: the batch size for the model's native size, guided, at `steps` steps."""
-    size = engine.model.native_size
+    size = probe_size(engine.model)  # the native size (an upscaler's output at least 64)
     task = probe_task(engine.model)  # a depth or upscaler model's calls are of its own task (bucket)
     probe = Request(prompts=["probe"], negatives=[""], guidance=[7.5], seeds=[0], steps=steps, height=size,
                     width=size, scheduler=None, task=task, strength=0.8 if task == "depth" else None,

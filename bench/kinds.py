@@ -11,7 +11,8 @@ A row: the model and its task, input -> output size, the configuration, seconds 
 (median of --repeat runs after one warm-up), the median UNet step and VAE decode, the speed-up over the
 baseline and the PSNR of the image against it. The upscaler above 128x128 input runs its UNet in tiles
 (fastsd.upscale_tiles) and the VAE decode tiled (--vae-tiling auto), which the untiled diffusers pipeline
-does not: there the PSNR measures the tiling, and --no-baseline skips a baseline that would not fit in memory.
+does not: there the PSNR measures the tiling, and --no-baseline skips the baseline (untiled, one UNet call per
+step over all of the latents: at 512x512 input that was not run on the 2-core machine).
 --markdown FILE appends the rows, headed by the command, to FILE (bench/RESULTS.md)."""
 from __future__ import annotations
 
@@ -66,8 +67,8 @@ def bench(args) -> dict:
     if args.baseline:
         times = []
         for i in range(args.repeat + args.warmup):
-            ref_images, _, secs = run_reference(
-                copy.deepcopy(model), [args.prompt], [""], steps=args.steps, guidance=args.guidance, seeds=[0],
+            ref_images, _, secs = run_reference(  # on the model's own modules: diffusers changes no weight
+                model, [args.prompt], [""], steps=args.steps, guidance=args.guidance, seeds=[0],
                 scheduler=None, image=inputs["image"], depth_map=inputs.get("depth_map"),
                 **({"noise_level": args.noise_level} if model.kind == "upscale" else {"strength": args.strength}))
             if i >= args.warmup:  # the first --warmup runs warm up
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=1,
                    help="untimed runs first (default 1; 0 times the first run, cold, for runs too long to repeat)")
     p.add_argument("--no-baseline", dest="baseline", action="store_false",
-                   help="skip the diffusers pipeline (512 -> 2048 untiled does not fit a CPU's memory)")
+                   help="skip the diffusers pipeline (it runs the upscaler untiled: 512x512 latents in one UNet call)")
     p.add_argument("--prompt", default="a red circle on a blue background")
     p.add_argument("--json", help="write the figures to this JSON file")
     p.add_argument("--markdown", help="append the rows, headed by the command, to this file (bench/RESULTS.md)")
@@ -164,7 +165,8 @@ def main(argv=None) -> int:
         m = report["machine"]
         when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         with open(args.markdown, "a") as f:
-            f.write(f"\n`{report['command']}` ({when}, {report['wall_s'] / 60:.1f} min wall, peak RSS {report['peak_rss_gb']:.1f} GiB; "
+            f.write(f"\n`{report['command']}` ({when}, {report['wall_s'] / 60:.1f} min wall, "
+                    f"peak RSS {report['peak_rss_gb']:.1f} GiB; "
                     f"{m.get('gpu') or m.get('cpu', '')}, {m.get('torch_threads', '')} torch threads, load "
                     f"{(m.get('load_average') or ['?'])[0]}):\n\n{table}\n")
     return 0

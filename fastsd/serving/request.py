@@ -276,12 +276,12 @@ def parse(prompt, negative_prompt, kwargs: dict, limits: Limits, native_size: in
                  "masks": per_image(mask_image) if mask_image is not None else None, "strength": strength}
         if kind == "upscale":
             extra.update(strength=None, noise_level=kw.get("noise_level", 20))
-        elif "depth_map" in kw:  # base64 text, checked by the table; decoded here under the pixel limit
+        elif int(steps * strength) < 1:
+            raise InvalidParameter("strength", strength, f"at least 1/{steps} with {steps} steps")
+        if "depth_map" in kw:  # (a depth deployment's) base64 text, checked by the table; decoded here
             from .. import depth  # lazy: torch, as tasks above
             data = base64.b64decode(kw["depth_map"])
             extra["depth_maps"] = per_image([depth.decode_depth_map(data, max_pixels=limits.max_pixels)])
-        elif int(steps * strength) < 1:
-            raise InvalidParameter("strength", strength, f"at least 1/{steps} with {steps} steps")
     elif "strength" in kw:
         raise InvalidParameter("strength", kw["strength"], "only with an image (image-to-image or inpainting)")
     return Request(prompts=[p for p in prompts for _ in range(n_img)],

@@ -92,6 +92,8 @@ def test_parse_takes_a_depth_map_png_or_npy():
     ({"depth_map": b64(npy(np.zeros((1024, 1024))))}, 5, 1, "depth_map: got 'a 1024x1024 map'; allowed: at most "
                                                              "262144 values"),
     ({"depth_map": b64(png16(ramp()))}, 5, 2, "depth_map: got 'one map for several images'"),
+    ({"depth_map": b64(png16(ramp())), "strength": 0.01, "num_inference_steps": 10}, 5, 1,
+     "strength: got 0.01; allowed: at least 1/10 with 10 steps"),
     ({"depth_map": b64(png16(ramp()))}, 7, 1, "depth_map: got 'a depth map'; allowed: only with a depth-to-image"),
     ({"depth_map": b64(png16(ramp()))}, 4, 1, "depth_map: got 'a depth map'; allowed: only with a depth-to-image"),
 ])

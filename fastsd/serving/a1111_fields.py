@@ -188,16 +188,9 @@ def translate(body, limits: Limits, model: str, img2img: bool, kind: str | None 
 def _upscaler_image(body: dict, params: dict, fields: dict, limits: Limits, ignored: dict) -> None:
     """An x4 upscaler's init image, as it is: the output is 4x its size. width/height other than that are
     ignored (and listed); a mask is refused."""
-    images = body.get("init_images")
-    if not isinstance(images, list) or len(images) != 1:
-        raise ApiError(422, f"init_images: got {_count(images)}; allowed: a list of one base64 image", "init_images")
     if body.get("mask") is not None:
         raise ApiError(422, "mask: got a mask; allowed: none (this deployment runs the x4 upscaler)", "mask")
-    try:
-        image = decode_base64(images[0], "init_images", max_bytes=limits.max_image_bytes,
-                              max_pixels=limits.max_pixels)
-    except InvalidParameter as e:
-        raise ApiError(422, str(e), e.name) from None
+    image = _decoded(body, "init_images", limits)
     for k, side in (("width", image.width), ("height", image.height)):
         if params.get(k) is not None and params.pop(k) != 4 * side:
             ignored[k] = body[k]
@@ -207,15 +200,8 @@ def _upscaler_image(body: dict, params: dict, fields: dict, limits: Limits, igno
 def _images(body: dict, params: dict, fields: dict, limits: Limits) -> None:
     """init_images (one) and the optional mask -> PNG bytes, resized to width x height when those differ
     (A1111's resize_mode 0, "just resize"); inpainting_mask_invert honoured."""
-    images = body.get("init_images")
-    if not isinstance(images, list) or len(images) != 1:
-        raise ApiError(422, f"init_images: got {_count(images)}; allowed: a list of one base64 image", "init_images")
-    lim = {"max_bytes": limits.max_image_bytes, "max_pixels": limits.max_pixels}
-    try:
-        image = decode_base64(images[0], "init_images", **lim)
-        mask = None if body.get("mask") is None else decode_base64(body["mask"], "mask", mode="L", **lim)
-    except InvalidParameter as e:
-        raise ApiError(422, str(e), e.name) from None
+    image = _decoded(body, "init_images", limits)
+    mask = None if body.get("mask") is None else _decoded(body, "mask", limits, mode="L")
     size = (params.get("width", image.width), params.get("height", image.height))
     if image.size != size:
         if body.get("resize_mode", 0) not in (0, None):
@@ -232,6 +218,19 @@ def _images(body: dict, params: dict, fields: dict, limits: Limits) -> None:
     fields["image"] = [encode_png(image)]
     if mask is not None:
         fields["mask_image"] = [encode_png(mask)]
+
+
+def _decoded(body: dict, name: str, limits: Limits, mode: str = "RGB"):
+    """`init_images` (a list of one base64 image) or `mask` (one base64 image), decoded under the limits."""
+    value = body.get(name)
+    if name == "init_images":
+        if not isinstance(value, list) or len(value) != 1:
+            raise ApiError(422, f"init_images: got {_count(value)}; allowed: a list of one base64 image", name)
+        value = value[0]
+    try:
+        return decode_base64(value, name, mode=mode, max_bytes=limits.max_image_bytes, max_pixels=limits.max_pixels)
+    except InvalidParameter as e:
+        raise ApiError(422, str(e), e.name) from None
 
 
 def _count(images) -> str:

@@ -168,7 +168,7 @@ def main(argv=None) -> int:
             f.write(f"\n`{report['command']}` ({when}, {report['wall_s'] / 60:.1f} min wall, "
                     f"peak RSS {report['peak_rss_gb']:.1f} GiB; "
                     f"{m.get('gpu') or m.get('cpu', '')}, {m.get('torch_threads', '')} torch threads, load "
-                    f"{(m.get('load_average') or ['?'])[0]}):\n\n{table}\n")
+                    f"{(m.get('load_average') or [float('nan')])[0]:.1f}):\n\n{table}\n")
     return 0
 
 

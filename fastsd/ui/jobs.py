@@ -63,8 +63,10 @@ def run(call, cancel: threading.Event, folder: Path, replicas: int, on_step) -> 
                     return future.result(timeout=POLL_S)
                 except TimeoutError:
                     pass
+                # from step 1: step 0's count is the requested steps, before the scheduler says how many it
+                # runs (image-to-image runs fewer)
                 r = progress_files.furthest(folder, replicas)
-                if r is not None and (r["step"], r["steps"]) != seen:
+                if r is not None and r["step"] > 0 and (r["step"], r["steps"]) != seen:
                     seen = (r["step"], r["steps"])
                     on_step(*seen)
         finally:

@@ -15,9 +15,9 @@ def test_steps_are_reported_as_the_replica_writes_them(tmp_path):
     def call(cancel):
         replica.begin(3, 1)
         for i in (1, 2, 3):
-            time.sleep(0.3)  # longer than the page's poll: each step is seen
+            time.sleep(0.25)  # longer than the page's poll (0.2 s): each step is seen
             replica.step(i, 3)
-        time.sleep(0.3)
+        time.sleep(0.25)
         replica.end()
         return "images"
     assert run(call, threading.Event(), tmp_path, 1, lambda i, n: seen.append((i, n))) == "images"
@@ -39,7 +39,7 @@ def test_a_cancelled_call_raises_and_an_abandoned_one_is_cancelled(tmp_path):
         assert stop is cancel
         stop.wait(10)
         raise RuntimeError("cancelled by the caller")
-    threading.Timer(0.3, cancel.set).start()
+    threading.Timer(0.1, cancel.set).start()
     t0 = time.monotonic()
     with pytest.raises(RuntimeError, match="cancelled by the caller"):
         run(call, cancel, tmp_path, 1, lambda i, n: None)
@@ -51,6 +51,7 @@ def test_a_cancelled_call_raises_and_an_abandoned_one_is_cancelled(tmp_path):
 
     def long_call(stop):
         replica.begin(10, 1)
+        time.sleep(0.25)  # past progress.WRITE_EVERY_S: step 1 is written
         replica.step(1, 10)
         started.set()
         stop.wait(10)

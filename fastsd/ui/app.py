@@ -3,12 +3,14 @@
 
 The generate action is also Gradio's API endpoint `/generate`; its inputs are named after the parameters
 of `generate` below (prompt, negative_prompt, steps, guidance, seed, width, height, scheduler, num_images,
-image, mask_image, strength, lora, lora_scale, noise_level):
+image, mask_image, strength, lora, lora_scale, noise_level, mask_paint); `/cancel` stops the caller's requests
+(jobs.py), and while one runs Gradio's progress shows "step i of n":
 
     from gradio_client import Client
     Client("http://127.0.0.1:7860/").predict(prompt="a red circle", steps=25, seed=0, api_name="/generate")
 
-An uploaded image makes the request image-to-image, with a mask too (white = repaint) inpainting; both go
+An uploaded image makes the request image-to-image, with a mask too (white = repaint) inpainting: a mask painted
+over the image in the page's editor (masks.py) or an uploaded one; both go
 to the deployment's inpainting record through MII's InpaintingReply. A deployment of a depth model takes the
 image (and strength) as depth-to-image, its depth from the model's own estimator; one of the x4 upscaler takes
 the image and `noise_level` (not strength) and answers 4x the image's size (the page asks the deployment
@@ -32,8 +34,8 @@ from pathlib import Path
 from ..errors import InvalidParameter
 from ..images import encode_png, read_file
 from ..serving.client import DeploymentClient, running_spec
-from ..serving.folders import cache_path
 from ..serving.errors import DeploymentError, ServingError, plain_message
+from ..serving.folders import cache_path
 from ..serving.loras import LoraCatalog
 from ..serving.ports import LOOPBACK, port_free
 from ..serving.schema import SCHEDULERS

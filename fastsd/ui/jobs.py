@@ -51,7 +51,7 @@ class Jobs:
         return len(events)
 
 
-def run(call, cancel: threading.Event, folder: Path, replicas: int, on_step) -> tuple:
+def run(call, cancel: threading.Event, folder: Path, replicas: int, on_step):
     """`call(cancel)` on a worker thread; meanwhile `on_step(step, steps)` each time the deployment's
     progress changes. Returns the call's result; its exception propagates."""
     seen = None

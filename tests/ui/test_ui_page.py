@@ -319,7 +319,7 @@ def _same(a, b) -> bool:
     return np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
 
 
-@pytest.mark.slow  # ~30 s on 2 shared cores; make test-slow
+@pytest.mark.slow  # 17-30 s on 2 shared cores (a 50-step request and the CLI); make test-slow
 def test_browser_painted_mask_gives_the_clis_image_and_shows_progress(browser, page, tmp_path):
     """Upload the start image, paint over its lower right in the editor, generate: the page shows "step i of n"
     while it runs and n of n at the end, offers the painted mask as a download (white where painted), and the
@@ -360,7 +360,6 @@ def test_browser_painted_mask_gives_the_clis_image_and_shows_progress(browser, p
                              "--mask", str(tmp_path / "painted.png"), "--strength", "0.8"))
 
 
-@pytest.mark.slow  # ~15 s on 2 shared cores; make test-slow
 def test_browser_scheduler_lora_weight_and_the_seed_shown_reproduce(browser, page, shapes_deployment, tmp_path):
     """Seed -1, the euler scheduler and LoRA speckle at weight 0.5: the seed the page shows, given to `fastsd
     generate` with the same scheduler and adapter weight, gives the same image, and entered again in the page

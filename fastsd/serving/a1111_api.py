@@ -49,15 +49,14 @@ class Jobs:
         """A1111's /progress: the furthest-along busy replica's step of its steps, and its ETA."""
         with self.lock:
             jobs = sorted(self.running.values(), key=lambda j: j["started"])
-        busy = [r for r in progress_files.read(self.gw.folder, len(self.gw.spec.replicas)) if r.get("busy")]
+        r = progress_files.furthest(self.gw.folder, len(self.gw.spec.replicas))
         now = time.time()
-        if not busy:
+        if r is None:
             return {"progress": 0.0, "eta_relative": 0.0, "state": _state(jobs, 0, 0), "current_image": None,
                     "textinfo": None}
-        r = max(busy, key=lambda r: r.get("step", 0) / max(1, r.get("steps", 1)))
-        step, steps = r.get("step", 0), max(1, r.get("steps", 1))
+        step, steps = r["step"], r["steps"]
         done = step / steps
-        elapsed = max(0.0, now - r.get("started", now))
+        elapsed = max(0.0, now - (r["started"] or now))
         eta = elapsed / done - elapsed if done > 0 else 0.0
         return {"progress": round(done, 4), "eta_relative": round(eta, 3), "state": _state(jobs, step, steps),
                 "current_image": None, "textinfo": f"step {step} of {steps}"}

@@ -23,7 +23,6 @@ import threading
 import time
 
 from . import a1111_fields as fields
-from . import progress as progress_files
 from .gateway import ApiError, Gateway, png_b64
 
 PATHS = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")  # the generation routes, labelled in the gateway's metrics
@@ -49,7 +48,7 @@ class Jobs:
         """A1111's /progress: the furthest-along busy replica's step of its steps, and its ETA."""
         with self.lock:
             jobs = sorted(self.running.values(), key=lambda j: j["started"])
-        r = progress_files.furthest(self.gw.folder, len(self.gw.spec.replicas))
+        r = self.gw.furthest_progress()
         now = time.time()
         if r is None:
             return {"progress": 0.0, "eta_relative": 0.0, "state": _state(jobs, 0, 0), "current_image": None,
@@ -178,12 +177,12 @@ def mount(app, gw: Gateway) -> None:
 
     @route("interrupt", "POST")
     async def interrupt(request: Request):
-        progress_files.interrupt(gw.folder)
+        gw.interrupt()
         return JSONResponse(None)
 
     @route("skip", "POST")
     async def skip(request: Request):  # A1111's skip ends the current image of a batch; here: its engine call
-        progress_files.interrupt(gw.folder)
+        gw.interrupt()
         return JSONResponse(None)
 
     @route("scripts")

@@ -1,7 +1,7 @@
 """The Ray Serve application builder: `build_app(args) -> Application`, two deployments.
 
-    FastSDIngress  the HTTP routes (ingress.py): num_cpus 0, one replica per
-                   engine replica it may have to feed, at most 4; calls the engines through a handle
+    FastSDIngress  the HTTP routes (ingress.py): one replica, num_cpus 0; calls the engines through a
+                   DeploymentHandle
     FastSDEngine   the engines (engine.py): num_replicas or autoscaling, ray_actor_options (num_cpus,
                    num_gpus), max_ongoing_requests, max_queued_requests (Serve's load shedding)
 
@@ -29,7 +29,7 @@ def build_app(args: dict):
     engine = serve.deployment(EngineReplica).options(
         name=ENGINE, **scale, max_ongoing_requests=cfg.ongoing,
         max_queued_requests=-1 if cfg.queued < 0 else cfg.queued,
-        ray_actor_options=dict(cfg.actor_options), health_check_period_s=5, graceful_shutdown_timeout_s=5)
+        ray_actor_options=dict(cfg.actor_options), graceful_shutdown_timeout_s=5)
     top = cfg.num_replicas or cfg.autoscaling["max_replicas"]
     workers = top * cfg.ongoing + max(0, cfg.queued) + 8  # a thread per call in flight or queued
     ingress = serve.deployment(serve.ingress()(Ingress)).options(

@@ -30,6 +30,7 @@ the argument and what it may be (one line). Standard library and fastsd only: no
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 from ...errors import InvalidParameter
@@ -116,6 +117,9 @@ class RayAppConfig:
                 if not isinstance(a[key], str):
                     raise InvalidParameter(key, a[key], "text")
                 setattr(cfg, key, a[key] or None if key in ("dtype", "lora_dir", "token") else a[key])
+        if cfg.lora_dir and not os.path.isdir(os.path.expanduser(cfg.lora_dir)):
+            raise InvalidParameter("lora_dir", cfg.lora_dir, "an existing folder of LoRA .safetensors files (on "
+                                                             "every node, this one included)")
         cfg._replicas(a)
         if "max_batch" in a:
             cfg.max_batch = _int("max_batch", a["max_batch"], 1, 64)
@@ -166,7 +170,7 @@ class RayAppConfig:
             for where, value in ((f"ray_actor_options.{key}", given.get(key)), (key, a.get(key))):
                 if value is not None:
                     opts[key] = _float(where, value, 0.0)
-        self.actor_options = {k: (int(v) if float(v).is_integer() else v) for k, v in opts.items() if v}
+        self.actor_options = {k: (int(v) if float(v).is_integer() else v) for k, v in opts.items()}
 
     # -- what the deployments get ----------------------------------------------------------------------
     @property

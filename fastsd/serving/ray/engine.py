@@ -74,6 +74,8 @@ class EngineReplica:
         self.catalog = LoraCatalog(spec.lora_dir) if spec.lora_dir else None
         self.lock = threading.Lock()  # one engine call at a time
         self.calls = 0
+        self.merged = 0  # engine calls that served more than one request
+        self.stopped = 0  # engine calls stopped between steps: no request of theirs was still wanted
         self._batched.set_max_batch_size(max_batch)
         self._batched.set_batch_wait_timeout_s(batch_wait_s)
         log.info("engine replica for %s loaded in %.1f s (max batch %d, wait %g s)", spec.model,
@@ -84,7 +86,7 @@ class EngineReplica:
         import ray
         ctx = ray.get_runtime_context()
         return {"node_id": ctx.get_node_id(), "pid": os.getpid(), "actor_id": ctx.get_actor_id(),
-                "engine_calls": self.calls}
+                "engine_calls": self.calls, "merged_calls": self.merged, "stopped_calls": self.stopped}
 
     def check_health(self) -> None:
         """Serve's periodic health check: the engine is loaded."""
@@ -178,6 +180,7 @@ class EngineReplica:
                 result = engine_call(self.engine, reqs, on_step)
             except GenerationStopped as e:
                 log.info("engine call for %d request(s) %s: none of them is still wanted", len(jobs), e)
+                self.stopped += 1
                 return [j.unwanted() for j in jobs]
             except LoraError as e:
                 error = self.catalog.broken(e, reqs[0].loras)
@@ -186,6 +189,7 @@ class EngineReplica:
                 return [{"error": "INVALID_ARGUMENT", "message": str(e)}] * len(jobs)
             finally:
                 self.calls += 1
+                self.merged += len(jobs) > 1
         engine_ms = (time.monotonic() - started) * 1000
         answers, i = [], 0
         for j in jobs:

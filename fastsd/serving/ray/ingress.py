@@ -52,8 +52,10 @@ class ServeReply:
 
 
 def _died_errors() -> tuple:
-    from ray.exceptions import RayActorError  # ActorDiedError and ActorUnavailableError are RayActorErrors
-    return (RayActorError,)
+    """A call's replica (or its node, or its process) died: ActorDiedError and ActorUnavailableError are
+    RayActorErrors."""
+    from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
+    return (RayActorError, NodeDiedError, WorkerCrashedError)
 
 
 class ServeCaller:

@@ -15,6 +15,7 @@ import pytest
 
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
 PROMPT, SEED, STEPS = "a red circle on a green square", 7, 4
+os.environ.update(RAY_ENV)  # before anything imports ray: it reads them when imported
 
 
 def score_body(seed: int = SEED, **params) -> bytes:
@@ -23,7 +24,7 @@ def score_body(seed: int = SEED, **params) -> bytes:
                                                      "scheduler": "euler", **params}}}).encode()
 
 
-def post(url: str, body: bytes, headers: dict | None = None, timeout: float = 180):
+def post(url: str, body: bytes, headers: dict | None = None, timeout: float = 400):
     """(status, headers, parsed JSON body) of one POST."""
     req = urllib.request.Request(url, body, {"Content-Type": "application/json", **(headers or {})})
     try:
@@ -59,6 +60,13 @@ def same(a, b) -> bool:
     import numpy as np
     x, y = np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB"))
     return x.shape == y.shape and bool((x == y).all())
+
+
+def max_diff(a, b) -> int:
+    import numpy as np
+    x, y = np.asarray(a.convert("RGB"), np.int16), np.asarray(b.convert("RGB"), np.int16)
+    assert x.shape == y.shape
+    return int(np.abs(x - y).max())
 
 
 def descendants() -> set[int]:

@@ -2,7 +2,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS ?= test,onnx,openvino,int8,bench,triton,serving,lora,ui,docs
+EXTRAS ?= test,onnx,openvino,int8,bench,triton,serving,lora,ui,docs,ray
 
 .PHONY: demo test test-slow setup browser clean netns-deps docs gpu-wheels gpu-wheels-check
 

@@ -184,10 +184,11 @@ class RayAppConfig:
         device = "cuda" if self.gpus and self.device == "auto" else self.device
         flags = {"dtype": self.dtype} if self.dtype else {}
         config = OptimizeConfig.from_profile(self.profile, device=device, **flags)
-        if device == "auto":
-            config.validated()  # the checks; "auto" itself is resolved where the replica runs
-        else:
-            config = config.validated()
+        try:
+            config.validated()  # the flags' checks; the device is resolved and checked where the replica runs
+        except InvalidParameter as e:
+            if e.name != "device" or device == "cpu":  # a GPU the builder's machine does not have is no error
+                raise
         return {**config.__dict__, "device": device}
 
     @property

@@ -15,7 +15,18 @@ PROMPT, STEPS = "a red circle on a green square", 4
 
 
 @pytest.fixture(scope="module")
+def loop():
+    """One event loop for the module: serve.batch's queue lives on the loop of its first call."""
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module")
 def replica():
+    # outside a replica there is no deployment config to compare max_batch with (Serve only warns there)
+    from ray.serve import batching
+    batching._BatchQueue._warn_if_max_batch_size_exceeds_max_ongoing_requests = lambda self: None
     cfg = RayAppConfig.from_args({"model": "fastsd-shapes", "threads": 1, "max_batch": 4})
     return EngineReplica(cfg.spec(), 4, 0.3)
 
@@ -29,11 +40,11 @@ def level_diff(a, b) -> int:
     return int(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max())
 
 
-def test_concurrent_calls_share_an_engine_call(replica, shapes_engine):
+def test_concurrent_calls_share_an_engine_call(loop, replica, shapes_engine):
     async def run():
         return await asyncio.gather(*(replica.generate(call(s)) for s in (1, 2, 3)))
     merged = replica.merged
-    outs = asyncio.run(run())
+    outs = loop.run_until_complete(run())
     assert replica.merged == merged + 1  # one engine call for the three
     for seed, out in zip((1, 2, 3), outs):
         alone = shapes_engine.generate(PROMPT, num_inference_steps=STEPS, seed=seed, scheduler="euler",
@@ -41,7 +52,7 @@ def test_concurrent_calls_share_an_engine_call(replica, shapes_engine):
         assert len(out["images"]) == 1 and level_diff(out["images"][0], alone) <= 1
 
 
-def test_deadline_cancel_and_bad_values(replica):
+def test_deadline_cancel_and_bad_values(loop, replica):
     async def run():
         late = await replica.generate(call(4, seconds=0.0))
         bad = await replica.generate(call(5, steps=0))
@@ -60,7 +71,7 @@ def test_deadline_cancel_and_bad_values(replica):
             await asyncio.sleep(0.05)
         return late, bad, nolora
     stopped = replica.stopped
-    late, bad, nolora = asyncio.run(run())
+    late, bad, nolora = loop.run_until_complete(run())
     assert late["error"] == "DEADLINE_EXCEEDED"
     assert bad["error"] == "INVALID_ARGUMENT" and bad["message"].startswith("num_inference_steps")
     assert nolora["error"] == "INVALID_ARGUMENT" and nolora["message"].startswith("lora")

@@ -1,4 +1,4 @@
-"""fastsd's Ray Serve application on a real two-node cluster (the short test of the default suite; the
+"""fastsd's Ray Serve application on a real two-node cluster (the short cluster test; the
 long one is test_ray_cluster.py, `make test-slow`): two engine replicas of fastsd-shapes land on both nodes,
 /score answers with `fastsd generate`'s image pixel for pixel and refuses a bad value in the REST gateway's
 own error shape, and shutting down leaves no process behind."""
@@ -8,7 +8,8 @@ from conftest import PROMPT, SEED, STEPS, RayApp, image_of, post, same, score_bo
 
 pytest.importorskip("ray.serve")
 pytest.importorskip("fastapi")
-pytestmark = pytest.mark.timeout(600)
+# slow: on this machine (2 shared cores) a two-node cluster and two engine replicas take 90-180 s to start
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 def test_two_nodes_same_image_and_clean_shutdown(short_tmp, tmp_path):

@@ -30,12 +30,11 @@ from dataclasses import dataclass, field
 
 from ray import serve
 
-from ... import images as imgs
 from ...errors import GenerationStopped, InvalidParameter
 from ...lora import LoraError, read_lora
 from ..batcher import engine_call
 from ..loras import LoraCatalog
-from ..replica import build_engine
+from ..replica import build_engine, decode_images
 from ..request import Request, parse
 from ..spec import DeploymentSpec
 
@@ -112,9 +111,7 @@ class EngineReplica:
 
     def _parse(self, call: dict) -> Request:
         limits = self.spec.limits
-        lim = {"max_bytes": limits.max_image_bytes, "max_pixels": limits.max_pixels}
-        image = [imgs.decode(b, "image", **lim) for b in call.get("image") or []]
-        mask = [imgs.decode(b, "mask_image", mode="L", **lim) for b in call.get("mask_image") or []]
+        image, mask = decode_images(limits, call.get("image") or [], call.get("mask_image") or [])
         unet = getattr(self.engine.model, "unet", None)
         channels = int(getattr(getattr(unet, "config", None), "in_channels", 4))
         # from_f32: the same rounding as a value that crossed MII's gRPC, so both runtimes give the same images

@@ -76,3 +76,18 @@ def test_deadline_cancel_and_bad_values(loop, replica):
     assert bad["error"] == "INVALID_ARGUMENT" and bad["message"].startswith("num_inference_steps")
     assert nolora["error"] == "INVALID_ARGUMENT" and nolora["message"].startswith("lora")
     assert replica.stopped == stopped + 1  # the 60-step call stopped at a step: nobody wanted it
+
+
+def test_image_to_image_is_the_engines_image(loop, replica, shapes_engine):
+    import io
+    from PIL import Image, ImageDraw
+    im = Image.new("RGB", (64, 64), (20, 40, 160))
+    ImageDraw.Draw(im).ellipse((16, 16, 48, 48), fill=(200, 30, 30))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    out = loop.run_until_complete(replica.generate({**call(9, strength=0.6), "image": [buf.getvalue()]}))
+    want = shapes_engine.generate(PROMPT, image=im, strength=0.6, num_inference_steps=STEPS, seed=9,
+                                  scheduler="euler", progress=False).images[0]
+    assert level_diff(out["images"][0], want) == 0  # alone in its engine call: exactly the engine's image
+    big = loop.run_until_complete(replica.generate({**call(9, strength=0.6), "image": [b"\x89PNG" + b"0" * 64]}))
+    assert big["error"] == "INVALID_ARGUMENT" and big["message"].startswith("image")

@@ -23,8 +23,8 @@ own error shape; `/score`'s is {"error": "...", "request_id": "...", ...} (`scor
 The runtime behind the routes is the gateway's business, not the routes': `Gateway` talks to an MII
 deployment (its load balancer through `client`, its files for health, progress and interrupts); a subclass
 with another `client` (anything with DeploymentClient.generate's signature, answering DeploymentError) and
-its own `health`, `readiness`, `admit`, `collector`, `interrupt` and `furthest_progress` serves the same
-routes from another runtime (Ray Serve: serving/ray/ingress.py).
+its own `health`, `readiness`, `admit`, `collector`, `interrupt` and `furthest_progress` serves the
+same routes from another runtime (Ray Serve: serving/ray/ingress.py).
 Statuses: 400 not the format, 401 token, 408 body too slow, 409 interrupted (A1111's /interrupt), 413 body
 too large, 422 a value or header out of range, 429 at capacity, 499 the client closed the connection, 500 the
 deployment failed, 501 not served, 503 no replica up or the load balancer gone, 504 the deadline passed.

@@ -164,8 +164,8 @@ class RayGateway(Gateway):
         raise ApiError(501, "interrupt: not served on the Ray runtime (a request's deadline, X-Request-Timeout, "
                             "and closing its connection stop its engine call)")
 
-    def replica_progress(self) -> list[dict]:
-        return []
+    def furthest_progress(self) -> dict | None:
+        return None  # no engine replica's steps are visible here: /sdapi/v1/progress shows none running
 
 
 class Ingress:

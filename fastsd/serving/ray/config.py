@@ -164,7 +164,7 @@ class RayAppConfig:
             raise InvalidParameter("ray_actor_options", given, "a mapping with num_cpus and/or num_gpus")
         unknown = sorted(k for k in given if k not in ACTOR_OPTIONS)
         if unknown:
-            raise InvalidParameter("ray_actor_options", unknown[0], f"num_cpus or num_gpus")
+            raise InvalidParameter("ray_actor_options", unknown[0], "num_cpus or num_gpus")
         opts = dict(self.actor_options)
         for key in ACTOR_OPTIONS:
             for where, value in ((f"ray_actor_options.{key}", given.get(key)), (key, a.get(key))):

@@ -2,7 +2,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS ?= test,onnx,openvino,int8,bench,triton,serving,lora,ui,docs
+EXTRAS ?= test,onnx,openvino,int8,bench,triton,serving,lora,ui,docs,ray
 
 .PHONY: demo test test-slow setup browser clean netns-deps docs gpu-wheels gpu-wheels-check
 
@@ -40,8 +40,11 @@ FRESH = T=$$(mktemp -d "$${TMPDIR:-/tmp}/fastsd-fresh.XXXXXX") && trap 'rm -rf "
 	TORCHINDUCTOR_CACHE_DIR=$$T/inductor MII_CACHE_PATH=$$T/mii FASTSD_OPENVINO_CACHE=$$T/openvino && \
 	mkdir -p $$HOME
 
+# Two workers (pytest-xdist): most tests use one thread and much of the rest waits on deployments, so two
+# workers keep both cores busy. tests/conftest.py keeps a module, and each shared deployment, on one worker.
+TEST_WORKERS ?= 2
 test: $(STAMP) browser
-	$(FRESH) && $(BIN)/python -m pytest -q
+	$(FRESH) && $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 # The multi-host test (network namespaces, an sshd per namespace) needs root and sshd: installed here
 # when this is a Debian-like machine run as root; elsewhere the test skips and says why.

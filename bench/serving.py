@@ -64,9 +64,11 @@ def hardware() -> dict:
             "grpcio": grpc.__version__, "cuda": torch.cuda.is_available()}
 
 
-def load(name: str, concurrency: int, requests: int, kwargs: dict, tag: str) -> dict:
-    """`requests` requests from `concurrency` client threads; latency of each, wall time of all."""
-    deployment = DeploymentClient(name)
+def load(name, concurrency: int, requests: int, kwargs: dict, tag: str) -> dict:
+    """`requests` requests from `concurrency` client threads; latency of each, wall time of all. `name`: a
+    deployment's name (its DeploymentClient), or any client with DeploymentClient.generate's signature
+    (bench/serving_runtimes.py's HTTP client of /score, for MII's REST gateway and Ray Serve alike)."""
+    deployment = DeploymentClient(name) if isinstance(name, str) else name
     latencies, errors = [], []
     lock = threading.Lock()
     counter = iter(range(requests))

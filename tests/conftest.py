@@ -22,6 +22,22 @@ if "FASTSD_OPENVINO_CACHE" not in os.environ:  # removed at exit: each session's
     atexit.register(shutil.rmtree, os.environ["FASTSD_OPENVINO_CACHE"], ignore_errors=True)
 
 
+# The session's live deployments: each starts once per worker process that runs a test needing it.
+SHARED_DEPLOYMENTS = ("shapes_deployment", "shapes_api_deployment")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`make test` runs on two workers (pytest-xdist, --dist loadgroup). Each test module stays on one worker,
+    so a module-scoped deployment starts once, and every test of one shared deployment runs on one worker,
+    so a session-scoped deployment starts once too."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        shared = [name for name in SHARED_DEPLOYMENTS if name in item.fixturenames]
+        group = shared[0] if shared else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def _tiny():
     from fastsd.loading import build_random

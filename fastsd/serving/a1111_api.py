@@ -24,7 +24,6 @@ import threading
 import time
 
 from . import a1111_fields as fields
-from . import progress as progress_files
 from .gateway import ApiError, Gateway, png_b64
 
 PATHS = ("/sdapi/v1/txt2img", "/sdapi/v1/img2img")  # the generation routes, labelled in the gateway's metrics
@@ -50,15 +49,14 @@ class Jobs:
         """A1111's /progress: the furthest-along busy replica's step of its steps, and its ETA."""
         with self.lock:
             jobs = sorted(self.running.values(), key=lambda j: j["started"])
-        busy = [r for r in progress_files.read(self.gw.folder, len(self.gw.spec.replicas)) if r.get("busy")]
+        r = self.gw.furthest_progress()
         now = time.time()
-        if not busy:
+        if r is None:
             return {"progress": 0.0, "eta_relative": 0.0, "state": _state(jobs, 0, 0), "current_image": None,
                     "textinfo": None}
-        r = max(busy, key=lambda r: r.get("step", 0) / max(1, r.get("steps", 1)))
-        step, steps = r.get("step", 0), max(1, r.get("steps", 1))
+        step, steps = r["step"], r["steps"]
         done = step / steps
-        elapsed = max(0.0, now - r.get("started", now))
+        elapsed = max(0.0, now - (r["started"] or now))
         eta = elapsed / done - elapsed if done > 0 else 0.0
         return {"progress": round(done, 4), "eta_relative": round(eta, 3), "state": _state(jobs, step, steps),
                 "current_image": None, "textinfo": f"step {step} of {steps}"}
@@ -181,12 +179,12 @@ def mount(app, gw: Gateway) -> None:
 
     @route("interrupt", "POST")
     async def interrupt(request: Request):
-        progress_files.interrupt(gw.folder)
+        gw.interrupt()
         return JSONResponse(None)
 
     @route("skip", "POST")
     async def skip(request: Request):  # A1111's skip ends the current image of a batch; here: its engine call
-        progress_files.interrupt(gw.folder)
+        gw.interrupt()
         return JSONResponse(None)
 
     @route("scripts")

@@ -107,6 +107,29 @@ class Stats:
             return {k: (copy.deepcopy(v) if isinstance(v, dict) else v) for k, v in vars(self).items() if k != "lock"}
 
 
+def engine_call(engine, reqs: list[Request], on_step=None):
+    """ONE engine call for requests of one batch key (size, steps, scheduler, task, LoRA set: batch_size.py):
+    per-image prompts, negatives, guidance and seeds; the images come back in the requests' order."""
+    first = reqs[0]
+    guidance = [g for r in reqs for g in r.guidance]
+    images = {}
+    if first.task != "text2img":  # one image (and mask) per generated image; task and strength are in the key
+        images = {"image": [im for r in reqs for im in r.images], "strength": first.strength}
+        if first.task == "inpaint":
+            images["mask_image"] = [m for r in reqs for m in r.masks]
+        if first.depth_maps is not None:  # depth maps sent or not is in the key: all of the batch or none
+            images["depth_map"] = [m for r in reqs for m in r.depth_maps]
+        if first.task == "upscale":  # the output is 4x the image: no height/width; noise_level is in the key
+            images = {"image": images["image"], "noise_level": first.noise_level}
+    size = {} if first.task == "upscale" else {"height": first.height, "width": first.width}
+    return engine.generate(
+        [p for r in reqs for p in r.prompts], [n for r in reqs for n in r.negatives],
+        num_images_per_prompt=1, num_inference_steps=first.steps,
+        guidance_scale=guidance[0] if len(set(guidance)) == 1 else guidance,
+        **size, seed=[s for r in reqs for s in r.seeds],
+        scheduler=first.scheduler, progress=False, eta=first.eta, on_step=on_step, **images)
+
+
 class BatchingPipeline:
     def __init__(self, engine, limits: Limits | None = None, max_batch: int = 8, window: float = 0.02,
                  on_batch=None, sizer: BatchSizer | None = None,
@@ -273,17 +296,6 @@ class BatchingPipeline:
     def _execute(self, batch: list[_Job]):
         reqs = [j.request for j in batch]
         first = reqs[0]
-        guidance = [g for r in reqs for g in r.guidance]
-        images = {}
-        if first.task != "text2img":  # one image (and mask) per generated image; task and strength are in the key
-            images = {"image": [im for r in reqs for im in r.images], "strength": first.strength}
-            if first.task == "inpaint":
-                images["mask_image"] = [m for r in reqs for m in r.masks]
-            if first.depth_maps is not None:  # depth maps sent or not is in the key: all of the batch or none
-                images["depth_map"] = [m for r in reqs for m in r.depth_maps]
-            if first.task == "upscale":  # the output is 4x the image: no height/width; noise_level is in the key
-                images = {"image": images["image"], "noise_level": first.noise_level}
-        size = {} if first.task == "upscale" else {"height": first.height, "width": first.width}
         t0, started = self.sizer.clock(), time.monotonic()  # the sizer's clock may be a test's; arrival is monotonic
         try:
             self._use_loras(first.loras)
@@ -296,13 +308,7 @@ class BatchingPipeline:
                     self.progress.step(step, steps)
                 if step < steps and not any(j.wanted(time.monotonic()) for j in batch):
                     raise GenerationStopped(f"stopped after step {step} of {steps}")
-            images["on_step"] = on_step
-            result = self.engine.generate(
-                [p for r in reqs for p in r.prompts], [n for r in reqs for n in r.negatives],
-                num_images_per_prompt=1, num_inference_steps=first.steps,
-                guidance_scale=guidance[0] if len(set(guidance)) == 1 else guidance,
-                **size, seed=[s for r in reqs for s in r.seeds],
-                scheduler=first.scheduler, progress=False, eta=first.eta, **images)
+            result = engine_call(self.engine, reqs, on_step)
         except GenerationStopped as e:  # every caller of the batch left or timed out: none is waiting
             log.info("engine call for %d request(s) %s: none of them is still wanted", len(batch), e)
             with self.stats.lock:

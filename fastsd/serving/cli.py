@@ -46,6 +46,16 @@ def _max_batch(text: str):
     return n
 
 
+def _resources(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        x = -1.0
+    if not 0 <= x <= 1024:
+        raise argparse.ArgumentTypeError(f"expected a number of 0 or more, e.g. 1 or 0.5; got {text!r}")
+    return x
+
+
 def register(subparsers, parents) -> None:
     model_opts, gen_opts = parents
     s = subparsers.add_parser(
@@ -114,6 +124,14 @@ def register(subparsers, parents) -> None:
     s.add_argument("--lora-dir", help="folder of LoRA .safetensors files that requests may name with the `lora` "
                    "keyword (e.g. lora=\"name:0.8\"); --lora sets what requests that name none get")
     s.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for the deployment")
+    r = s.add_argument_group("Ray Serve (docs/ray.md): several machines, autoscaling")
+    r.add_argument("--ray", action="store_true",
+                   help="run on Ray Serve instead of MII: starts a one-machine Ray cluster (or joins --ray-address) "
+                        "and serves the same HTTP routes on --rest-port (default 8000) through Serve's proxy")
+    r.add_argument("--ray-address", help="a running Ray cluster to join (ray start --head prints it), e.g. "
+                                         "10.0.0.5:6379; the application stays deployed there after the command")
+    r.add_argument("--num-cpus", type=_resources, help="CPUs Ray reserves per engine replica (--ray; default 1)")
+    r.add_argument("--num-gpus", type=_resources, help="GPUs per engine replica (--ray; e.g. 1, or 0.5 to share)")
     s.set_defaults(func=cmd_serve)
 
     q = subparsers.add_parser("query", parents=[gen_opts, image_options(resize=False)],
@@ -141,6 +159,13 @@ def register(subparsers, parents) -> None:
 
 
 def cmd_serve(args) -> int:
+    if args.ray or args.ray_address is not None or args.num_cpus is not None or args.num_gpus is not None:
+        if not args.ray:
+            flag, value = next((f, v) for f, v in (("--ray-address", args.ray_address), ("--num-cpus", args.num_cpus),
+                                                   ("--num-gpus", args.num_gpus)) if v is not None)
+            raise InvalidParameter(flag, value, "only with --ray")
+        from .ray.cli import serve_on_ray  # lazy: ray, only with --ray
+        return serve_on_ray(args)
     check_config(args.model, args.config)
     if args.vae_tiny:
         load_tiny_vae(args.vae_tiny)  # checked before any process starts

@@ -19,6 +19,12 @@ access log; the load balancer and the replica stop working on it, the engine at 
 Every failure is an ApiError with the HTTP status and a plain message: no gRPC text, addresses, exception
 text or paths (a refused value's message is fastsd's own, naming the parameter). Each API writes it in its
 own error shape; `/score`'s is {"error": "...", "request_id": "...", ...} (`score_error`).
+
+The runtime behind the routes is the gateway's business, not the routes': `Gateway` talks to an MII
+deployment (its load balancer through `client`, its files for health, progress and interrupts); a subclass
+with another `client` (anything with DeploymentClient.generate's signature, answering DeploymentError) and
+its own `health`, `readiness`, `admit`, `collector`, `interrupt` and `furthest_progress` serves the
+same routes from another runtime (Ray Serve: serving/ray/ingress.py).
 Statuses: 400 not the format, 401 token, 408 body too slow, 409 interrupted (A1111's /interrupt), 413 body
 too large, 422 a value or header out of range, 429 at capacity, 499 the client closed the connection, 500 the
 deployment failed, 501 not served, 503 no replica up or the load balancer gone, 504 the deadline passed.
@@ -40,9 +46,12 @@ from . import logs
 from .admission import Admission
 from .client import DeploymentClient, DeploymentReply
 from .errors import PLAIN_MESSAGES, DeploymentError, plain_message
+from . import progress as progress_files
 from .folders import cache_path, read_json
 from .image_urls import fetch_cells
 from .loras import LoraCatalog
+from .metrics import DeploymentCollector
+from .ports import port_answers
 from .request import Limits, Query, parse_query
 from .spec import DeploymentSpec
 
@@ -151,6 +160,35 @@ class Gateway:
             return LoraCatalog(self.spec.lora_dir)
         except InvalidParameter:
             return None
+
+    # -- the runtime, as the routes ask about it -----------------------------------------------------------
+    def health(self) -> tuple[bool, dict]:
+        """Liveness: the load balancer answers."""
+        ok = port_answers(self.spec.port, self.spec.host, 0.5)
+        return ok, {"status": "ok" if ok else "unavailable", "deployment": self.spec.name}
+
+    def readiness(self) -> tuple[bool, dict]:
+        """Readiness: the load balancer answers and its health checks see at least one replica serving."""
+        n = len(self.spec.replicas)
+        lb = port_answers(self.spec.port, self.spec.host, 0.5)
+        seen = read_json(self.folder / "balancer.json") or {}
+        health = seen.get("health") or [{"state": "unknown"}] * n
+        up = [bool(u) for u in (seen.get("up") or [False] * n)]
+        ok = lb and any(up)
+        return ok, {"status": "ready" if ok else "not ready", "deployment": self.spec.name, "load_balancer": lb,
+                    "replicas_up": sum(up), "replicas": len(up), "replica_states": [h.get("state") for h in health]}
+
+    def collector(self):
+        """The deployment's own figures for /metrics (a prometheus_client collector), or None."""
+        return DeploymentCollector(self.spec.name)
+
+    def interrupt(self) -> None:
+        """Every engine call running now stops at its next step (A1111's /interrupt)."""
+        progress_files.interrupt(self.folder)
+
+    def furthest_progress(self) -> dict | None:
+        """The busy replica furthest along ({"step", "steps", "started"}; progress.furthest), or None."""
+        return progress_files.furthest(self.folder, len(self.spec.replicas))
 
     # -- the door -------------------------------------------------------------------------------------
     def check_token(self, request) -> None:

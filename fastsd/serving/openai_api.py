@@ -2,7 +2,7 @@
 client, Open WebUI's "openai" image engine, scripts written against OpenAI.
 
     POST /v1/images/generations  JSON {"model", "prompt", "n", "size": "WxH", "response_format": "b64_json" | "url",
-                                  "quality", "style", "user"} -> {"created": ..., "data": [{"b64_json": ...}]}
+                                  "quality", "style", "user", "background"} -> {"created": ..., "data": [{"b64_json": ...}]}
     POST /v1/images/edits        multipart: image, optional mask, prompt, n, size, response_format: with a mask
                                  inpainting (transparent = repaint, OpenAI's convention; a mask without
                                  transparency: white = repaint), without one image-to-image
@@ -12,7 +12,8 @@ client, Open WebUI's "openai" image engine, scripts written against OpenAI.
 fastsd's own fields are accepted beside OpenAI's (the `openai` client sends them with `extra_body`): `seed`,
 `num_inference_steps`, `guidance_scale`, `negative_prompt`, `scheduler`, `strength`, `lora` (NAME or
 NAME:WEIGHT), `noise_level` (an x4 upscaler deployment's /v1/images/edits). Without a seed one is drawn here; each image of the answer carries its `seed`.
-`quality`, `style` and `user` are accepted and change nothing. Any other field is a 400.
+`quality`, `style` and `user` are accepted and change nothing, as is `background` "auto" or "opaque" (GPT-image's;
+"transparent" is a 400: these images have none). Any other field is a 400.
 
 The body becomes request.parse_query's fields and goes through the same client as `/score`
 (gateway.py). Errors are OpenAI's shape {"error": {"message", "type", "param", "code"}}, with 400 for a
@@ -35,7 +36,8 @@ from .image_store import DEFAULT_TTL_S, ImageStore
 PATHS = ("/v1/images/generations", "/v1/images/edits")  # the generation routes, labelled in the gateway's metrics
 IMAGE_TTL_S = DEFAULT_TTL_S
 FILES = "/files/images/"
-OPENAI_FIELDS = ("model", "prompt", "n", "size", "response_format", "quality", "style", "user")
+OPENAI_FIELDS = ("model", "prompt", "n", "size", "response_format", "quality", "style", "user", "background")
+BACKGROUNDS = ("auto", "opaque")  # GPT-image's `background` (Open WebUI's edits pass it on): fastsd's are opaque
 EXTENSIONS = ("seed", "num_inference_steps", "guidance_scale", "negative_prompt", "scheduler", "strength", "lora",
               "noise_level")
 EDIT_FILES = ("image", "image[]", "mask")
@@ -78,6 +80,9 @@ def translate(body: dict, gw: Gateway, multipart: bool = False) -> tuple[dict, s
     for k in ("quality", "style", "user"):
         if body.get(k) is not None and not isinstance(body[k], str):
             raise ApiError(400, f"{k}: expected a string", k)
+    if body.get("background") is not None and body["background"] not in BACKGROUNDS:
+        raise ApiError(400, f"background: got {body['background']!r}; allowed: {', '.join(BACKGROUNDS)} (fastsd's "
+                            "images have no transparency)", "background")
     fmt = body.get("response_format") or "b64_json"
     if fmt not in RESPONSE_FORMATS:
         raise ApiError(400, f"response_format: got {fmt!r}; allowed: {', '.join(RESPONSE_FORMATS)}",

@@ -45,6 +45,16 @@ def read(ddir: Path, replicas: int) -> list[dict]:
     return [read_json(progress_path(ddir, i)) or {} for i in range(replicas)]
 
 
+def furthest(ddir: Path, replicas: int) -> dict | None:
+    """The busy replica whose engine call is furthest along, as {"step", "steps", "started"} (steps >= 1);
+    None when no replica is busy. What A1111's /progress and the web page's "step i of n" show."""
+    busy = [r for r in read(ddir, replicas) if r.get("busy")]
+    if not busy:
+        return None
+    r = max(busy, key=lambda r: r.get("step", 0) / max(1, r.get("steps", 1)))
+    return {"step": r.get("step", 0), "steps": max(1, r.get("steps", 1)), "started": r.get("started")}
+
+
 class ReplicaProgress:
     def __init__(self, ddir: Path, index: int, clock=time.time):
         self.path = progress_path(ddir, index)

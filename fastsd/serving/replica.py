@@ -53,6 +53,18 @@ log = logging.getLogger("fastsd.serving.replica")
 HEADROOM = 0.9  # of the memory a replica may plan for (kernels.plan_memory's default)
 
 
+def decode_images(limits, image: list[bytes], mask_image: list[bytes]) -> tuple[list, list]:
+    """A request's encoded images and masks -> PIL images, under the deployment's limits (bytes in all, each
+    image's bytes and pixels, read from the header before decoding)."""
+    total = sum(len(b) for b in image) + sum(len(b) for b in mask_image)
+    if total > limits.max_image_bytes:
+        raise InvalidParameter("image", f"{total} bytes of images", f"at most {limits.max_image_bytes} "
+                               "bytes of images and masks in one request")
+    lim = {"max_bytes": limits.max_image_bytes, "max_pixels": limits.max_pixels}
+    return ([imgs.decode(b, "image", **lim) for b in image],
+            [imgs.decode(b, "mask_image", mode="L", **lim) for b in mask_image])
+
+
 def make_servicer(pipeline):
     import grpc
     from mii.legacy.constants import TaskType
@@ -114,14 +126,7 @@ def make_servicer(pipeline):
             return self.task_methods.pack_response_to_proto(reply, time.time() - t0, -1)
 
         def _inpaint(self, request, context):
-            limits = self.inference_pipeline.limits
-            total = sum(len(b) for b in request.image) + sum(len(b) for b in request.mask_image)
-            if total > limits.max_image_bytes:
-                raise InvalidParameter("image", f"{total} bytes of images", f"at most {limits.max_image_bytes} "
-                                       "bytes of images and masks in one request")
-            lim = {"max_bytes": limits.max_image_bytes, "max_pixels": limits.max_pixels}
-            image = [imgs.decode(b, "image", **lim) for b in request.image]
-            mask = [imgs.decode(b, "mask_image", mode="L", **lim) for b in request.mask_image]
+            image, mask = decode_images(self.inference_pipeline.limits, request.image, request.mask_image)
             kwargs = schema.unpack_query_kwargs(request.query_kwargs)
             start = time.time()
             deadline, ended = self._deadline(context)

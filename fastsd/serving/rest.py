@@ -34,11 +34,10 @@ from pathlib import Path
 from ..errors import InvalidParameter
 from . import a1111_api, logs, openai_api, slowloris, wire
 from .client import DeploymentClient
-from .folders import cache_path, read_json, use_cache_path
+from .folders import use_cache_path
 from .gateway import ApiError, Gateway, png_b64, score_error
 from .histograms import LATENCY_BOUNDS
-from .metrics import DeploymentCollector, http_outcome
-from .ports import port_answers
+from .metrics import http_outcome
 from .processes import TOKEN_ENV, graceful_signals, watch_parent
 from .request import BadBody, Limits, Query, parse_score_body
 from .spec import DeploymentSpec
@@ -77,7 +76,9 @@ def create_app(spec: DeploymentSpec, token: str | None, gateway: Gateway | None 
     app.state.gateway = gw  # other routes mounted on this app use the same layer
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DeploymentCollector(name))  # the deployment's figures, as `fastsd status` reads them
+    collector = gw.collector()  # the deployment's figures (MII: as `fastsd status` reads them)
+    if collector is not None:
+        registry.register(collector)
     http_requests = Counter("fastsd_http_requests", "HTTP requests, by path, outcome and status code",
                             ["path", "outcome", "code"], registry=registry)
     http_seconds = Histogram("fastsd_http_request_duration_seconds", "HTTP requests end to end", ["path"],
@@ -121,23 +122,15 @@ def create_app(spec: DeploymentSpec, token: str | None, gateway: Gateway | None 
 
     @app.get("/health")
     def health():
-        """The process is alive and the load balancer answers (liveness)."""
-        ok = port_answers(spec.port, spec.host, 0.5)
-        return JSONResponse({"status": "ok" if ok else "unavailable", "deployment": name},
-                            status_code=200 if ok else 503)
+        """The process is alive and the runtime behind it answers (liveness; Gateway.health)."""
+        ok, body = gw.health()
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/ready")
     def ready():
-        """The load balancer answers and its health checks see at least one replica serving (readiness)."""
-        lb = port_answers(spec.port, spec.host, 0.5)
-        seen = (read_json(cache_path() / name / "balancer.json") or {})
-        health = seen.get("health") or [{"state": "unknown"}] * len(spec.replicas)
-        up = [bool(u) for u in (seen.get("up") or [False] * len(spec.replicas))]
-        ok = lb and any(up)
-        return JSONResponse({"status": "ready" if ok else "not ready", "deployment": name,
-                             "load_balancer": lb, "replicas_up": sum(up), "replicas": len(up),
-                             "replica_states": [h.get("state") for h in health]},
-                            status_code=200 if ok else 503)
+        """At least one replica is serving (readiness; Gateway.readiness)."""
+        ok, body = gw.readiness()
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     def metrics():

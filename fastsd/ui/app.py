@@ -3,12 +3,14 @@
 
 The generate action is also Gradio's API endpoint `/generate`; its inputs are named after the parameters
 of `generate` below (prompt, negative_prompt, steps, guidance, seed, width, height, scheduler, num_images,
-image, mask_image, strength, lora, lora_scale, noise_level):
+image, mask_image, strength, lora, lora_scale, noise_level, mask_paint); `/cancel` stops the caller's requests
+(jobs.py), and while one runs Gradio's progress shows "step i of n":
 
     from gradio_client import Client
     Client("http://127.0.0.1:7860/").predict(prompt="a red circle", steps=25, seed=0, api_name="/generate")
 
-An uploaded image makes the request image-to-image, with a mask too (white = repaint) inpainting; both go
+An uploaded image makes the request image-to-image, with a mask too (white = repaint) inpainting: a mask painted
+over the image in the page's editor (masks.py) or an uploaded one; both go
 to the deployment's inpainting record through MII's InpaintingReply. A deployment of a depth model takes the
 image (and strength) as depth-to-image, its depth from the model's own estimator; one of the x4 upscaler takes
 the image and `noise_level` (not strength) and answers 4x the image's size (the page asks the deployment
@@ -22,8 +24,6 @@ The form's components are listed once (`inputs` in build_app), in the order of `
 every value reaches the deployment as a query keyword: image-to-image, inpainting and LoRA add a component
 there, a keyword parameter to `generate` and its keyword in the request, not a second page.
 """
-from __future__ import annotations
-
 import logging
 import os
 import random
@@ -35,9 +35,12 @@ from ..errors import InvalidParameter
 from ..images import encode_png, read_file
 from ..serving.client import DeploymentClient, running_spec
 from ..serving.errors import DeploymentError, ServingError, plain_message
+from ..serving.folders import cache_path
 from ..serving.loras import LoraCatalog
 from ..serving.ports import LOOPBACK, port_free
 from ..serving.schema import SCHEDULERS
+from .jobs import Jobs, run as run_job
+from .masks import painted_mask
 
 log = logging.getLogger("fastsd.ui")
 MODEL_DEFAULT = "the model's"
@@ -133,18 +136,46 @@ def task_label(image, mask_image, strength, kind: str | None = None, noise_level
     return f"{task} ({f'noise level {noise_level}' if noise_level is not None else f'strength {float(strength):g}'})"
 
 
-def make_generate(client: DeploymentClient, out_dir: Path):
+def scheduler_choices(client: DeploymentClient) -> list[tuple[str, str]]:
+    """The dropdown's (label, value) pairs: the model's own scheduler (named once a replica says which), then
+    every scheduler fastsd has (fastsd.schedulers, as the request schema lists them)."""
+    own = (client.engine() or {}).get("scheduler")
+    return [(f"{MODEL_DEFAULT} ({own})" if own else MODEL_DEFAULT, MODEL_DEFAULT), *((s, s) for s in SCHEDULERS)]
+
+
+def session_of(request) -> str:
+    """The page (browser tab, or gradio_client) a request comes from: Cancel stops that page's requests."""
+    return getattr(request, "session_hash", None) or "-"
+
+
+def _stopped(seen, steps) -> str:
+    where = f"at step {seen[0]} of {seen[1]}" if seen else f"before its first step (of {steps})"
+    return f"**cancelled** {where}: the deployment stops the request at its next step; nothing was made"
+
+
+def make_generate(client: DeploymentClient, out_dir: Path, jobs: Jobs | None = None):
     """The function behind the button and the /generate endpoint (its parameter names are the API's)."""
     import gradio as gr
+    jobs = jobs or Jobs()
+    folder = cache_path() / client.name
 
     def generate(prompt: str, negative_prompt: str = "", steps: int = 25, guidance: float = 7.5, seed: int = -1,
                  width: int = 0, height: int = 0, scheduler: str = MODEL_DEFAULT, num_images: int = 1,
                  image=None, mask_image=None, strength: float = 0.8, lora: str = NO_LORA, lora_scale: float = 1.0,
-                 noise_level: int = 20):
+                 noise_level: int = 20, mask_paint=None, request: gr.Request = None, progress=gr.Progress()):
+        session = session_of(request)
+        cancel = jobs.start(session)
         try:
             if seed is None or seed < 0:
                 seed = random.randrange(MAX_SEED)  # drawn here, so the page can say which seed it used
             n = _int_or_none(num_images) or 1
+            if image is None and isinstance(mask_paint, dict):  # the start image uploaded into the editor itself
+                image = mask_paint.get("background")
+            painted = painted_mask(mask_paint, getattr(image, "size", None))
+            if painted is not None and mask_image is not None:
+                raise InvalidParameter("mask_paint", "a painted mask and an uploaded mask_image",
+                                       "one of them (clear the painting, or remove the uploaded mask)")
+            mask_image = painted if painted is not None else mask_image
             if mask_image is not None and image is None:
                 raise InvalidParameter("mask_image", "a mask", "a mask only together with an image (upload one)")
             images, kind = {}, (client.engine() or {}).get("kind")
@@ -154,18 +185,31 @@ def make_generate(client: DeploymentClient, out_dir: Path):
                 images = {"image": [_png(image, "image", "RGB")], "strength": float(strength)}
                 if mask_image is not None:
                     images["mask_image"] = [_png(mask_image, "mask_image", "L")]
+            query = dict(num_inference_steps=_int_or_none(steps), guidance_scale=float(guidance),
+                         seed=_int_or_none(seed), width=_int_or_none(width, True), height=_int_or_none(height, True),
+                         scheduler=None if scheduler in (None, "", MODEL_DEFAULT) else scheduler,
+                         num_images_per_prompt=n if n != 1 else None, lora=lora_value(lora, lora_scale), **images)
+            seen: list[int] = []  # the last (step, steps) the deployment reported
+
+            def on_step(i: int, of: int) -> None:
+                seen[:] = [i, of]
+                progress((i, of), desc=f"step {i} of {of}", unit="steps")
             t0 = time.perf_counter()
-            reply = client.generate([prompt or ""], [negative_prompt or ""], num_inference_steps=_int_or_none(steps),
-                                    guidance_scale=float(guidance), seed=_int_or_none(seed),
-                                    width=_int_or_none(width, True), height=_int_or_none(height, True),
-                                    scheduler=None if scheduler in (None, "", MODEL_DEFAULT) else scheduler,
-                                    num_images_per_prompt=n if n != 1 else None, lora=lora_value(lora, lora_scale),
-                                    **images)
+            try:
+                reply = run_job(lambda stop: client.generate([prompt or ""], [negative_prompt or ""], cancel=stop,
+                                                             **query),
+                                cancel, folder, len(client.spec.replicas), on_step)
+            except DeploymentError as e:
+                if e.code != "CANCELLED" or not cancel.is_set():
+                    raise
+                return gr.skip(), _stopped(seen, steps), gr.skip()
             elapsed = time.perf_counter() - t0
         except Exception as e:  # noqa: BLE001 - every failure becomes a message on the page
             if not isinstance(e, (DeploymentError, ServingError, InvalidParameter)):
                 log.exception("generate failed")
             raise gr.Error(friendly(e), duration=None, print_exception=False) from None
+        finally:
+            jobs.end(session, cancel)
         seeds = [int(seed) + i for i in range(len(reply.images))]
         _prune(out_dir)
         request_dir = Path(tempfile.mkdtemp(prefix="req-", dir=out_dir))
@@ -174,15 +218,20 @@ def make_generate(client: DeploymentClient, out_dir: Path):
             path = request_dir / f"fastsd-seed{s}.png"
             out.save(path)
             paths.append(str(path))
+        if painted is not None:  # the painted mask as sent, so `fastsd generate --mask` can repeat the request
+            painted.save(request_dir / "mask.png")
+            paths.append(str(request_dir / "mask.png"))
         flagged = sum(bool(f) for f in reply.nsfw_content_detected)
         w, h = reply.images[0].size if reply.images else (0, 0)
         info = (f"**seed {seeds[0]}**" + (f" to {seeds[-1]}" if len(seeds) > 1 else "")
                 + f" · {task_label(image, mask_image, strength, kind, images.get('noise_level'))}"
                 + (f" · LoRA {lora_value(lora, lora_scale)}" if lora_value(lora, lora_scale) else "")
+                + (f" · {seen[1]} of {seen[1]} steps" if seen else "")
+                + (" · painted mask" if painted is not None else "")
                 + f" · {len(seeds)} image(s) {w}x{h} in {elapsed:.2f} s · "
                 + describe(client)
                 + (f" · {flagged} flagged by the safety checker (black)" if flagged else ""))
-        gallery = [(p, f"seed {s}") for p, s in zip(paths, seeds)]
+        gallery = [(p, f"seed {s}") for p, s in zip(paths, seeds)]  # the images, not the mask
         return gallery, info, paths
 
     return generate
@@ -193,7 +242,8 @@ def build_app(client: DeploymentClient, out_dir: Path | None = None):
     limits = client.spec.limits
     out_dir = Path(out_dir or tempfile.mkdtemp(prefix="fastsd-ui-"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    generate = make_generate(client, out_dir)
+    jobs = Jobs()
+    generate = make_generate(client, out_dir, jobs)
     with gr.Blocks(title=f"{TITLE}: {client.name}", analytics_enabled=False, delete_cache=(600, 3600)) as demo:
         header = gr.Markdown(_header(client), elem_id="engine")
         with gr.Row():
@@ -210,7 +260,7 @@ def build_app(client: DeploymentClient, out_dir: Path | None = None):
                 with gr.Row():
                     width = gr.Number(value=0, precision=0, label="width (0: the model's)", elem_id="width")
                     height = gr.Number(value=0, precision=0, label="height (0: the model's)", elem_id="height")
-                scheduler = gr.Dropdown([MODEL_DEFAULT, *SCHEDULERS], value=MODEL_DEFAULT, label="scheduler",
+                scheduler = gr.Dropdown(scheduler_choices(client), value=MODEL_DEFAULT, label="scheduler",
                                         elem_id="scheduler")
                 num_images = gr.Slider(1, max(1, min(8, limits.max_images)), value=1, step=1,
                                        label="number of images", elem_id="num_images")
@@ -219,8 +269,14 @@ def build_app(client: DeploymentClient, out_dir: Path | None = None):
                         image = gr.Image(type="pil", image_mode="RGB", sources=["upload", "clipboard"],
                                          label="start image (image-to-image)", elem_id="image")
                         mask_image = gr.Image(type="pil", image_mode="L", sources=["upload", "clipboard"],
-                                              label="mask, the image's size (inpainting: white = repaint)",
+                                              label="or upload a mask, the image's size (white = repaint)",
                                               elem_id="mask_image")
+                    # the start image again, to paint the region to repaint over it (inpainting)
+                    mask_paint = gr.ImageEditor(type="pil", image_mode="RGBA", sources=["upload", "clipboard"],
+                                                label="inpainting: paint over the start image where to repaint",
+                                                elem_id="mask_paint", format="png", transforms=[], layers=False,
+                                                brush=gr.Brush(colors=["#ff00ff"], color_mode="fixed"),
+                                                canvas_size=(512, 512))
                     strength = gr.Slider(0.05, 1.0, value=0.8, step=0.05, label="strength (how much is repainted)",
                                          elem_id="strength")
                     noise_level = gr.Slider(0, 350, value=20, step=1, elem_id="noise_level",
@@ -229,8 +285,10 @@ def build_app(client: DeploymentClient, out_dir: Path | None = None):
                 with gr.Row():
                     lora = gr.Dropdown([NO_LORA, *loras], value=NO_LORA, label="LoRA (the deployment's --lora-dir)",
                                        elem_id="lora", allow_custom_value=True)
-                    lora_scale = gr.Slider(-2.0, 2.0, value=1.0, step=0.05, label="LoRA scale", elem_id="lora_scale")
-                button = gr.Button("Generate", variant="primary", elem_id="generate")
+                    lora_scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="LoRA weight", elem_id="lora_scale")
+                with gr.Row():
+                    button = gr.Button("Generate", variant="primary", elem_id="generate")
+                    stop = gr.Button("Cancel", variant="stop", elem_id="cancel")
             with gr.Column(scale=1):
                 gallery = gr.Gallery(label="images", format="png", columns=2, elem_id="gallery",
                                      buttons=["download", "fullscreen"])
@@ -239,14 +297,22 @@ def build_app(client: DeploymentClient, out_dir: Path | None = None):
         # read again when a page opens: a page started with its deployment may be up before the replicas say
         # which engine they run
         demo.load(lambda: _header(client), None, header, api_name=False, queue=False)
+        demo.load(lambda: gr.Dropdown(choices=scheduler_choices(client)), None, scheduler, api_name=False, queue=False)
         # the adapters the deployment offers now (files added to --lora-dir since the page started included)
         demo.load(lambda: gr.Dropdown(choices=[NO_LORA, *lora_names(client)]), None, lora, api_name=False,
                   queue=False)
         random_seed.click(lambda: -1, None, seed, api_name=False, queue=False)
+        # the start image is the editor's background: a new one clears what was painted over the old one
+        image.change(lambda im: None if im is None else {"background": im, "layers": [], "composite": im}, image,
+                     mask_paint, api_name=False, queue=False)
         inputs = [prompt, negative, steps, guidance, seed, width, height, scheduler, num_images, image, mask_image,
-                  strength, lora, lora_scale, noise_level]
+                  strength, lora, lora_scale, noise_level, mask_paint]
         button.click(generate, inputs, [gallery, result, files], api_name="generate")
         prompt.submit(generate, inputs, [gallery, result, files], api_name=False)
+        # stops this page's requests (not other users'): the deployment ends the engine call at its next step
+        def cancel(request: gr.Request = None) -> None:
+            jobs.cancel(session_of(request))
+        stop.click(cancel, None, None, api_name="cancel", queue=False)
     return demo
 
 

@@ -86,6 +86,7 @@ def test_local_batch_matches_generate(straight, tmp_path):
         assert np.abs(a - b).max() <= 1  # a batch of 4 rounds its GEMMs a little differently from 1
 
 
+@pytest.mark.slow  # kills and restarts a batch: about a minute on 2 shared cores
 def test_killed_batch_resumes_to_the_same_files(twenty, straight, tmp_path):
     out = tmp_path / "out"
     argv = [sys.executable, "-m", "fastsd.cli", "batch", str(twenty), "--out", str(out), "--batch-size", "4", *ARGS]

@@ -15,7 +15,9 @@ pytest.importorskip("mii")  # the serving extra (see README: Serve through DeepS
 from deployment_cleanup import end_deployment  # noqa: E402
 from fastsd.serving import ports  # noqa: E402
 
-pytestmark = pytest.mark.timeout(300)
+# slow: the start-up measurement alone takes about a minute on 2 cores (the unit tests of the choice are in
+# test_batch_size.py, in the default suite)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 

@@ -150,6 +150,7 @@ print("top", len(top.query({{"prompt": ["a red cube"], "negative_prompt": [""]}}
     assert max_diff(Image.open(out), direct(engine, "a red cube", 1)) <= 1
 
 
+@pytest.mark.slow  # a CLI process of its own: tens of seconds on 2 cores
 def test_fastsd_query(deployment, engine, tmp_path):
     proc = run_cli("query", deployment["name"], "a red cube", "--steps", str(STEPS), "--seed", "1",
                    "--out", str(tmp_path / "q.png"))
@@ -233,6 +234,7 @@ def test_grpc_bad_requests(deployment):
     assert len(client.query({"prompt": ["a"], "negative_prompt": [""]}, num_inference_steps=2).images) == 1
 
 
+@pytest.mark.slow  # a CLI process of its own: tens of seconds on 2 cores
 def test_second_serve_refused(deployment):
     p = run_cli("serve", "--model", "tiny", "--deployment", deployment["name"], "--port", str(deployment["port"] + 10),
                 check=False, timeout=60)
@@ -247,6 +249,7 @@ def test_second_serve_refused(deployment):
     assert not (deployment["cache"] / (deployment["name"] + "b") / "state.json").exists()
 
 
+@pytest.mark.slow  # a replica restart: tens of seconds on 2 cores
 def test_killed_replica_loses_nothing_and_recovers(deployment, engine):
     name = deployment["name"]
     victim = status(name)["replicas"][1]

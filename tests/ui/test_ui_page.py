@@ -96,7 +96,7 @@ def _scene(tmp_path):
 def test_api_names_the_task_inputs(api):
     params = [p["parameter_name"] for p in
               api.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate"]["parameters"]]
-    assert params[9:] == ["image", "mask_image", "strength", "lora", "lora_scale", "noise_level"]
+    assert params[9:] == ["image", "mask_image", "strength", "lora", "lora_scale", "noise_level", "mask_paint"]
 
 
 def test_api_image_to_image_recolours_the_uploaded_shape(api, tmp_path):
@@ -259,3 +259,163 @@ def test_browser_image_to_image_from_an_uploaded_file(browser, page, tmp_path):
     browser.save_screenshot(str(OUT / "ui-page-img2img.png"))
     verdict = judge(_gallery_image(browser, page), prompt)
     assert verdict.ok, f"{verdict} (screenshot: {OUT / 'ui-page-img2img.png'})"
+
+
+# -- painting the mask, progress, cancel, scheduler, LoRA weight and the seed, in the browser ----------------
+def _cli(tmp_path, prompt, seed, steps, *argv) -> Image.Image:
+    """`fastsd generate` with the page's settings (its defaults: guidance 7.5, the model's size)."""
+    from fastsd.cli import main
+    out = tmp_path / f"cli-{seed}-{len(argv)}.png"
+    assert main(["generate", prompt, "--model", "fastsd-shapes", "--quiet", "--steps", str(steps), "--seed", str(seed),
+                 "--guidance", "7.5", "--out", str(out), *argv]) == 0
+    return Image.open(out)
+
+
+def _download(driver, name: str) -> Image.Image:
+    """A file of the page's "PNG downloads" list, by its name."""
+    from selenium.webdriver.common.by import By
+    href = next(a.get_attribute("href") for a in driver.find_elements(By.CSS_SELECTOR, "#files a")
+                if a.get_attribute("href").endswith("/" + name))
+    with urllib.request.urlopen(href, timeout=30) as r:
+        return Image.open(io.BytesIO(r.read()))
+
+
+def _pick(driver, css, choice):
+    """Choose a Gradio dropdown's option by its label."""
+    from selenium.webdriver.common.by import By
+    driver.find_element(By.CSS_SELECTOR, f"{css} input").click()
+    _wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, f"[role=option][aria-label='{choice}']"), 30)[0].click()
+
+
+def _progress_texts(driver) -> list[str]:
+    """The progress lines Gradio shows over the outputs ("step 3 of 20 - 15.0%"), read in one script (the
+    elements come and go as the page updates)."""
+    return driver.execute_script(r"""
+        const re = /step \d+ of \d+/, out = [];
+        document.querySelectorAll('body *').forEach(e => {
+            if (re.test(e.innerText || '') && ![...e.children].some(c => re.test(c.innerText || '')))
+                out.push(e.innerText);
+        });
+        return out;""")
+
+
+def _watch_progress(driver, done, timeout=300) -> list[str]:
+    """Every progress line seen until `done(driver)`."""
+    seen = []
+
+    def look(d):
+        seen.extend(_progress_texts(d))
+        return done(d)
+    _wait(driver, look, timeout)
+    return seen
+
+
+def _seed_shown(driver) -> int:
+    import re
+    return int(re.search(r"seed (\d+)", _result_text(driver)).group(1))
+
+
+def _same(a, b) -> bool:
+    return np.array_equal(np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
+
+
+@pytest.mark.slow  # 17-30 s on 2 shared cores (a 50-step request and the CLI); make test-slow
+def test_browser_painted_mask_gives_the_clis_image_and_shows_progress(browser, page, tmp_path):
+    """Upload the start image, paint over its lower right in the editor, generate: the page shows "step i of n"
+    while it runs and n of n at the end, offers the painted mask as a download (white where painted), and the
+    image equals `fastsd generate --image --mask` with that mask, pixel for pixel."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    _scene(tmp_path)
+    _open(browser, page)
+    browser.find_element(By.XPATH, "//*[@id='image_inputs']//button[contains(., 'image-to-image')]").click()
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#image input[type=file]"), 30)[0].send_keys(
+        str(tmp_path / "circle.png"))
+    _wait(browser, lambda d: "%" in d.find_element(By.CSS_SELECTOR, "#mask_paint").text, 60)  # the editor shows it
+    browser.find_element(By.CSS_SELECTOR, "#mask_paint button[aria-label='Brush']").click()
+    canvas = browser.find_element(By.CSS_SELECTOR, "#mask_paint canvas")
+    ActionChains(browser).move_to_element_with_offset(canvas, 20, 20).click_and_hold().move_by_offset(50, 0) \
+        .move_by_offset(0, 50).release().perform()  # from the image's centre, right and down (CSS pixels)
+    prompt = "a yellow square in the bottom right on a blue background"
+    browser.find_element(By.CSS_SELECTOR, "#prompt textarea").send_keys(prompt)
+    _set(browser, "#steps input[type=number]", 50)  # long enough for the page to see steps go by
+    _set(browser, "#seed input", 5)
+    browser.find_element(By.CSS_SELECTOR, "#generate").click()
+    progress = _watch_progress(browser, lambda d: "seed 5" in _result_text(d) and d.find_elements(By.CSS_SELECTOR,
+                                                                                               "#files a"))
+    OUT.mkdir(exist_ok=True)
+    browser.save_screenshot(str(OUT / "ui-page-paint.png"))
+    text = _result_text(browser)
+    assert "inpainting (strength 0.8)" in text and "painted mask" in text
+    import re
+    steps = int(re.search(r"(\d+) of \1 steps", text).group(1))  # img2img runs int(50 x 0.8) = 40 of the 50 (pndm: 41)
+    assert re.findall(rf"step \d+ of {steps}\b", " ".join(progress)), progress
+    mask = _download(browser, "mask.png")
+    m = np.asarray(mask.convert("L"))
+    assert mask.size == (64, 64) and set(np.unique(m)) == {0, 255}
+    assert m[40, 40] == 255 and m[0, 0] == 0  # painted from the centre towards the lower right, not the corner
+    mask.save(tmp_path / "painted.png")
+    shown = _download(browser, "fastsd-seed5.png")
+    assert _same(shown, _cli(tmp_path, prompt, 5, 50, "--image", str(tmp_path / "circle.png"),
+                             "--mask", str(tmp_path / "painted.png"), "--strength", "0.8"))
+
+
+def test_browser_scheduler_lora_weight_and_the_seed_shown_reproduce(browser, page, shapes_deployment, tmp_path):
+    """Seed -1, the euler scheduler and LoRA speckle at weight 0.5: the seed the page shows, given to `fastsd
+    generate` with the same scheduler and adapter weight, gives the same image, and entered again in the page
+    too; the default scheduler or no adapter gives another image."""
+    from selenium.webdriver.common.by import By
+    _open(browser, page)
+    browser.find_element(By.CSS_SELECTOR, "#prompt textarea").send_keys(PROMPT)
+    _set(browser, "#steps input[type=number]", 4)
+    _set(browser, "#seed input", -1)
+    _pick(browser, "#scheduler", "euler")
+    _pick(browser, "#lora", "speckle")
+    _set(browser, "#lora_scale input[type=number]", 0.5)
+    browser.find_element(By.CSS_SELECTOR, "#generate").click()
+    _wait(browser, lambda d: "LoRA speckle:0.5" in _result_text(d) and d.find_elements(By.CSS_SELECTOR, "#files a"))
+    seed = _seed_shown(browser)
+    first = _download(browser, f"fastsd-seed{seed}.png")
+    lora = str(Path(shapes_deployment["lora_dir"]) / "speckle.safetensors")
+    assert _same(first, _cli(tmp_path, PROMPT, seed, 4, "--scheduler", "euler", "--lora", f"{lora}:0.5"))
+    assert not _same(first, _cli(tmp_path, PROMPT, seed, 4, "--lora", f"{lora}:0.5"))  # the model's scheduler
+    assert not _same(first, _cli(tmp_path, PROMPT, seed, 4, "--scheduler", "euler", "--lora", f"{lora}:1"))
+    _set(browser, "#seed input", seed)
+    browser.find_element(By.CSS_SELECTOR, "#generate").click()
+    _wait(browser, lambda d: f"seed {seed}" in _result_text(d) and
+          d.find_elements(By.XPATH, f"//*[@id='files']//a[contains(@href, 'seed{seed}')]"))
+    _wait(browser, lambda d: _same(_download(d, f"fastsd-seed{seed}.png"), first), 60)
+
+
+def test_browser_cancel_stops_a_long_job_at_its_next_step(browser, page, shapes_deployment):
+    """150 steps, Cancel once the page shows a step: the page says where it stopped, the replica's engine call
+    ends long before its 150 steps (its stats count an engine call stopped between steps), and the page
+    generates again right after."""
+    import json
+    import time
+
+    from selenium.webdriver.common.by import By
+    stats = shapes_deployment["dir"] / "replica-0.json"
+
+    def stopped() -> int:
+        return json.loads(stats.read_text()).get("stats", {}).get("stopped_batches", 0)
+    before = stopped()
+    _open(browser, page)
+    browser.find_element(By.CSS_SELECTOR, "#prompt textarea").send_keys(PROMPT)
+    _set(browser, "#steps input[type=number]", 150)
+    _set(browser, "#seed input", 7)
+    browser.find_element(By.CSS_SELECTOR, "#generate").click()
+    import re
+    _wait(browser, lambda d: [t for t in _progress_texts(d) if re.search(r"step [1-9]\d* of 15\d", t)], 120)  # pndm: 151
+    browser.find_element(By.CSS_SELECTOR, "#cancel").click()
+    t0 = time.monotonic()
+    _wait(browser, lambda d: "cancelled" in _result_text(d), 30)
+    assert re.search(r"cancelled at step \d+ of 15\d", _result_text(browser))
+    assert not browser.find_elements(By.CSS_SELECTOR, "#gallery img")  # nothing made
+    _wait(browser, lambda d: stopped() > before, 30)  # the engine call stopped between steps
+    assert time.monotonic() - t0 < 30
+    record = json.loads((shapes_deployment["dir"] / "progress-0.json").read_text())
+    assert not record.get("busy"), record
+    _set(browser, "#steps input[type=number]", 2)
+    browser.find_element(By.CSS_SELECTOR, "#generate").click()
+    _wait(browser, lambda d: "seed 7" in _result_text(d) and d.find_elements(By.CSS_SELECTOR, "#gallery img"), 120)

@@ -206,8 +206,7 @@ def test_peft_trained_adapter_fuses_as_peft_merges_it(tiny, tmp_path, keys):
     """A LoRA trained with PEFT on the UNet (LCM-LoRA targets) and saved by diffusers' save_lora_weights: fastsd's
     fused weights equal PEFT's own merge of the trained layers, layer by layer. "peft" keys are what
     get_peft_model_state_dict gives (training/train_lcm_lora.py writes these), with PEFT's config (alpha 2 of rank 4)
-    in the file's metadata: diffusers' load_lora_weights + fuse_lora
-    gives the same weights. "mixed" is that state dict passed through convert_state_dict_to_diffusers, which renames
+    in the file's metadata: diffusers' load_lora_weights + fuse_lora gives the same weights. "mixed" is that state dict passed through convert_state_dict_to_diffusers, which renames
     only the attention projections (to_k.lora.down) and leaves the rest (proj_in.lora_A): fastsd still fuses every
     layer, while diffusers 0.42's loader keeps only the keys of the first key's format (PEFT warns of the rest)."""
     from diffusers import StableDiffusionPipeline
@@ -238,7 +237,7 @@ def test_peft_trained_adapter_fuses_as_peft_merges_it(tiny, tmp_path, keys):
     merged = {n.replace(".base_layer", ""): p for n, p in trained.named_parameters() if "lora_" not in n}
 
     base = {n: p.detach().clone() for n, p in tiny.unet.named_parameters()}
-    ref = copy.deepcopy(tiny).to_pipeline()
+    ref = copy.deepcopy(tiny).to_pipeline()  # copied before fastsd fuses into `tiny` in place
     LoraSwitcher(ModuleWeights({"unet": tiny.unet, "text_encoder": tiny.text_encoder}),
                  unet_config=tiny.unet.config).set([(tmp_path / "l.safetensors", 1.0)])
     fused = dict(tiny.unet.named_parameters())

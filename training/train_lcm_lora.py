@@ -17,8 +17,8 @@ The LoRA is saved with diffusers' own `save_lora_weights` in PEFT's key names (`
 is, PEFT's config in the metadata), so diffusers and fastsd both load every layer of it. (Passed through
 `convert_state_dict_to_diffusers` first, only the attention keys get renamed (`to_k.lora.down`), and diffusers
 0.42's loader then drops those 56 layers with a PEFT warning; fastsd fuses them all, as PEFT merges them:
-tests/test_lora.py.) With
-`LCMScheduler` (fastsd: `--scheduler lcm`) and guidance 1 it draws in 2-8 steps.
+tests/test_lora.py.) It runs with `LCMScheduler` (fastsd: `--scheduler lcm`) at guidance 1 in 2-8 steps; how
+well the runs so far draw is in docs/few-step.md (none met the bar yet).
 
 Judged on the model's 60 held-out evaluation prompts (prompt i, seed i, 64x64) by fastsd.judge: the base
 model at 50 PNDM steps, guidance 7.5 (its default), against the LoRA at 4 LCM steps, guidance 1 (one UNet

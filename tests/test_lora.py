@@ -194,3 +194,59 @@ def test_adapters_reach_attention_under_fused_qkv(files, tiny):
     base = _gen(plain)
     fused.set_loras([(files["b"], 1.0)])
     assert (_gen(fused) - base).abs().max() > 0.05  # the attention-only adapter changes the output
+
+
+# the layers diffusers' LCM-LoRA script adapts (training/train_lcm_lora.py): linear, 1x1/3x3 convs, time embedding
+LCM_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+               "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj"]
+
+
+@pytest.mark.parametrize("keys", ["peft", "mixed"])
+def test_peft_trained_adapter_fuses_as_peft_merges_it(tiny, tmp_path, keys):
+    """A LoRA trained with PEFT on the UNet (LCM-LoRA targets) and saved by diffusers' save_lora_weights: fastsd's
+    fused weights equal PEFT's own merge of the trained layers, layer by layer. "peft" keys are what
+    get_peft_model_state_dict gives (training/train_lcm_lora.py writes these), with PEFT's config (alpha 2 of rank 4)
+    in the file's metadata: diffusers' load_lora_weights + fuse_lora gives the same weights. "mixed" is that state dict passed through convert_state_dict_to_diffusers, which renames
+    only the attention projections (to_k.lora.down) and leaves the rest (proj_in.lora_A): fastsd still fuses every
+    layer, while diffusers 0.42's loader keeps only the keys of the first key's format (PEFT warns of the rest)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import LoraLayer
+    from peft.utils import get_peft_model_state_dict
+
+    from fastsd.lora import LoraSwitcher, ModuleWeights
+    trained = copy.deepcopy(tiny.unet)
+    trained.add_adapter(LoraConfig(r=4, lora_alpha=2, target_modules=LCM_TARGETS))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    sd = get_peft_model_state_dict(trained)
+    StableDiffusionPipeline.save_lora_weights(str(tmp_path), weight_name="l.safetensors", safe_serialization=True,
+                                              unet_lora_layers=sd if keys == "peft" else
+                                              convert_state_dict_to_diffusers(sd),
+                                              unet_lora_adapter_metadata=trained.peft_config["default"].to_dict())
+    adapted = [n for n, m in trained.named_modules() if isinstance(m, LoraLayer)]
+    kinds = {type(m.get_base_layer()).__name__ for n, m in trained.named_modules() if isinstance(m, LoraLayer)}
+    assert kinds == {"Linear", "Conv2d"} and any(n.endswith("time_emb_proj") for n in adapted)
+    for m in trained.modules():
+        if isinstance(m, LoraLayer):
+            m.merge()
+    merged = {n.replace(".base_layer", ""): p for n, p in trained.named_parameters() if "lora_" not in n}
+
+    base = {n: p.detach().clone() for n, p in tiny.unet.named_parameters()}
+    ref = copy.deepcopy(tiny).to_pipeline()  # copied before fastsd fuses into `tiny` in place
+    LoraSwitcher(ModuleWeights({"unet": tiny.unet, "text_encoder": tiny.text_encoder}),
+                 unet_config=tiny.unet.config).set([(tmp_path / "l.safetensors", 1.0)])
+    fused = dict(tiny.unet.named_parameters())
+    changed = {n.rsplit(".", 1)[0] for n in base if not torch.equal(base[n], fused[n])}
+    assert changed == set(adapted)  # every adapted layer's weight moved, and nothing else
+    assert max((fused[n] - merged[n]).abs().max().item() for n in base) < 1e-6
+    if keys == "peft":
+        ref.load_lora_weights(str(tmp_path), weight_name="l.safetensors")
+        ref.fuse_lora()
+        ref.unload_lora_weights()  # keeps the fused weights, drops PEFT's layers (plain parameter names again)
+        theirs = dict(ref.unet.named_parameters())
+        assert max((fused[n] - theirs[n]).abs().max().item() for n in base) < 1e-6

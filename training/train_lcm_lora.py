@@ -13,8 +13,12 @@ written out here for the shapes model (same maths, no accelerate/webdataset):
   - target: the student itself (no gradient) at the teacher's DDIM step t - k from x_t;
   - loss: pseudo-Huber (c = 0.001) between the two, on latents of scenes drawn by training/shapes_data.py and
     encoded once by the frozen VAE (never the held-out (colour, shape, position) combinations).
-The LoRA is saved with diffusers' own `save_lora_weights`, so diffusers and fastsd both load it; with
-`LCMScheduler` (fastsd: `--scheduler lcm`) and guidance 1 it draws in 2-8 steps.
+The LoRA is saved with diffusers' own `save_lora_weights` in PEFT's key names (`get_peft_model_state_dict` as it
+is, PEFT's config in the metadata), so diffusers and fastsd both load every layer of it. (Passed through
+`convert_state_dict_to_diffusers` first, only the attention keys get renamed (`to_k.lora.down`), and diffusers
+0.42's loader then drops those 56 layers with a PEFT warning; fastsd fuses them all, as PEFT merges them:
+tests/test_lora.py.) It runs with `LCMScheduler` (fastsd: `--scheduler lcm`) at guidance 1 in 2-8 steps; how
+well the runs so far draw is in docs/few-step.md (none met the bar yet).
 
 Judged on the model's 60 held-out evaluation prompts (prompt i, seed i, 64x64) by fastsd.judge: the base
 model at 50 PNDM steps, guidance 7.5 (its default), against the LoRA at 4 LCM steps, guidance 1 (one UNet
@@ -230,7 +234,6 @@ def main(argv=None):
         return
 
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -254,7 +257,8 @@ def main(argv=None):
     name = f"{NAME}.safetensors"
     StableDiffusionPipeline.save_lora_weights(
         str(args.out), weight_name=name, safe_serialization=True,
-        unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+        unet_lora_layers=get_peft_model_state_dict(unet),
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
     res = evaluate(args.base, args.out / name, prompts)
     stats = {"command": "python training/train_lcm_lora.py " + " ".join(argv if argv is not None else sys.argv[1:]),
              "args": {k: str(v) for k, v in vars(args).items()}, "unet_targets": UNET_TARGETS,

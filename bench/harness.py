@@ -199,8 +199,10 @@ def run_bench(settings: BenchSettings, model=None, log=print) -> dict:
                 runner = EngineRunner(onnx_models[export_dtype][0], spec, settings)
             elif spec.backend in PEERS:  # what a user runs instead of fastsd (bench/peer.py)
                 t0 = time.perf_counter()
-                runner = PeerRunner(model if model is not None else fresh_model(), settings, settings.peer_python,
-                                    height, width, log)
+                given_model, model = model, None
+                runner = PeerRunner(lambda: given_model if given_model is not None else fresh_model(), settings,
+                                    settings.peer_python, height, width, log)
+                del given_model
                 entry["export_s"] = runner.export["seconds"]
                 gc.collect()
             else:

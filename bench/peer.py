@@ -13,6 +13,7 @@ process. The image parity is the whole image: GenAI's `TorchGenerator` draws the
 torch's CPU generator with the same seed, so the peer's final image is compared with diffusers' FP32 one."""
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -129,13 +130,16 @@ def save_for_export(model, folder: Path) -> None:
                       metadata={"format": "pt"})
 
 
-def export(model, python: str, log=print) -> dict:
-    """The optimum-intel export of `model` (cached): {"path", "seconds", "cached", "versions", "command"}."""
+def export(load_model, python: str, log=print) -> dict:
+    """The optimum-intel export (cached) of the model `load_model()` returns: {"path", "seconds", "cached",
+    "versions", "command"}. The model is written as a diffusers folder and dropped before the export runs,
+    so that the two processes do not hold a full-size model each."""
     versions = export_versions(python)
     missing = [n for n in ("optimum-intel", "openvino", "openvino-tokenizers") if not versions.get(n)]
     if missing:
         raise PeerMissing(f"{', '.join(missing)} not installed in the export environment {python} "
                           "(make peer-env, or --peer-python)")
+    model = load_model()
     folder = cache_root() / f"{model.name}-{model_key(model, versions)}"
     command = ["optimum-cli", "export", "openvino", "--model", "MODEL_DIR", "--task", "text-to-image", str(folder)]
     info = {"path": str(folder), "versions": versions, "python": python, "command": " ".join(command)}
@@ -146,7 +150,9 @@ def export(model, python: str, log=print) -> dict:
     try:
         t0 = time.perf_counter()
         save_for_export(model, tmp / "diffusers")
-        log(f"peer: exporting {model.name} with optimum-intel {versions['optimum-intel']} into {folder}")
+        name, model = model.name, None
+        gc.collect()
+        log(f"peer: exporting {name} with optimum-intel {versions['optimum-intel']} into {folder}")
         argv = [python, "-c", "from optimum.commands.optimum_cli import main; main()", "export", "openvino",
                 "--model", str(tmp / "diffusers"), "--task", "text-to-image", str(tmp / "ov")]
         r = subprocess.run(argv, capture_output=True, text=True)
@@ -172,7 +178,7 @@ class PeerRunner:
     unet_calls_per_timing = 1
     has_safety_checker = False  # GenAI's pipeline has no safety checker
 
-    def __init__(self, model, settings: BenchSettings, python: str, height: int, width: int, log=print):
+    def __init__(self, load_model, settings: BenchSettings, python: str, height: int, width: int, log=print):
         if settings.task != "text2img":
             raise PeerMissing("the peer runs text-to-image only (Text2ImagePipeline)")
         if settings.loras or settings.vae_tiny:
@@ -186,8 +192,7 @@ class PeerRunner:
         self.genai_version = runtime_version()
         import openvino as ov
         import openvino_genai as genai
-        self.export = export(model, python, log)
-        del model
+        self.export = export(load_model, python, log)
         self.batch, self.height, self.width, self.guidance = settings.batches[0], height, width, settings.guidance
         d = Path(self.export["path"])
         t0 = time.perf_counter()

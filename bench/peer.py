@@ -104,13 +104,19 @@ def cache_root() -> Path:
     return Path(base) / "fastsd" / "peer"
 
 
+def _settings(config) -> dict:
+    """A module's config without its private entries (diffusers' `_use_default_values` is a list in set order,
+    which differs between processes)."""
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return {k: v for k, v in d.items() if not k.startswith("_")}
+
+
 def model_key(model, versions: dict) -> str:
     """What the export depends on: the model (its source, and for random weights the seeded architecture)
-    and the export environment's versions."""
-    what = {"name": model.name, "source": str(model.source),
-            "configs": {k: dict(getattr(model, k).config) for k in ("unet", "vae") if getattr(model, k, None)},
-            "text_encoder": getattr(getattr(model, "text_encoder", None), "config", None) is not None
-            and model.text_encoder.config.to_dict(), "versions": versions}
+    and the export environment's versions. The same in every process."""
+    what = {"name": model.name, "source": str(model.source), "versions": versions,
+            "configs": {k: _settings(getattr(model, k).config) for k in ("unet", "vae", "text_encoder")
+                        if getattr(model, k, None) is not None}}
     src = Path(str(model.source))
     if src.exists():
         what["mtime"] = src.stat().st_mtime

@@ -82,3 +82,16 @@ def test_peer_end_to_end_against_diffusers(tmp_path, monkeypatch):
     # the export is cached: a second run builds from it
     rc, out, err, report = _bench(tmp_path, "--peer", "openvino-genai")
     assert rc == 0 and report["configs"][1]["describe"]["export_cached"] is True
+
+
+def test_the_export_cache_key_is_the_same_in_every_process(tiny):
+    from diffusers.configuration_utils import FrozenDict
+    from fastsd.bench.peer import model_key
+    key = model_key(tiny, {"optimum-intel": "2.2.0"})
+    # diffusers lists the defaulted entries in set order, which differs from one process to the next
+    order = list(tiny.unet.config["_use_default_values"])
+    tiny.unet._internal_dict = FrozenDict({**tiny.unet.config, "_use_default_values": order[::-1]})
+    assert model_key(tiny, {"optimum-intel": "2.2.0"}) == key
+    assert model_key(tiny, {"optimum-intel": "2.1.0"}) != key  # another exporter: another export
+    tiny.unet._internal_dict = FrozenDict({**tiny.unet.config, "sample_size": tiny.unet.config["sample_size"] * 2})
+    assert model_key(tiny, {"optimum-intel": "2.2.0"}) != key

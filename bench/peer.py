@@ -136,6 +136,15 @@ def save_for_export(model, folder: Path) -> None:
                       metadata={"format": "pt"})
 
 
+def export_folder(model, versions: dict) -> Path:
+    """Where the export of `model` by the environment with `versions` is cached."""
+    return cache_root() / f"{model.name}-{model_key(model, versions)}"
+
+
+def is_exported(folder: Path) -> bool:
+    return (folder / "model_index.json").is_file() and (folder / "unet" / "openvino_model.xml").is_file()
+
+
 def export(load_model, python: str, log=print) -> dict:
     """The optimum-intel export (cached) of the model `load_model()` returns: {"path", "seconds", "cached",
     "versions", "command"}. The model is written as a diffusers folder and dropped before the export runs,
@@ -146,10 +155,10 @@ def export(load_model, python: str, log=print) -> dict:
         raise PeerMissing(f"{', '.join(missing)} not installed in the export environment {python} "
                           "(make peer-env, or --peer-python)")
     model = load_model()
-    folder = cache_root() / f"{model.name}-{model_key(model, versions)}"
+    folder = export_folder(model, versions)
     command = ["optimum-cli", "export", "openvino", "--model", "MODEL_DIR", "--task", "text-to-image", str(folder)]
     info = {"path": str(folder), "versions": versions, "python": python, "command": " ".join(command)}
-    if (folder / "model_index.json").is_file() and (folder / "unet" / "openvino_model.xml").is_file():
+    if is_exported(folder):
         return {**info, "seconds": 0.0, "cached": True}
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="fastsd-peer-", dir=folder.parent))

@@ -95,3 +95,10 @@ def test_the_export_cache_key_is_the_same_in_every_process(tiny):
     assert model_key(tiny, {"optimum-intel": "2.1.0"}) != key  # another exporter: another export
     tiny.unet._internal_dict = FrozenDict({**tiny.unet.config, "sample_size": tiny.unet.config["sample_size"] * 2})
     assert model_key(tiny, {"optimum-intel": "2.2.0"}) != key
+
+
+def test_peer_alone_bad_value_is_one_line_exit_2(capsys):
+    from fastsd.bench.peer_alone import main as alone
+    assert alone(["--repeat", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "repeat" in err[0] and "1 or more" in err[0]

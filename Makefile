@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 EXTRAS ?= test,onnx,openvino,int8,bench,triton,serving,lora,ui,docs,ray
 
-.PHONY: demo test test-slow setup browser clean netns-deps docs gpu-wheels gpu-wheels-check
+.PHONY: demo test test-slow setup browser clean netns-deps docs gpu-wheels gpu-wheels-check peer-env
 
 # Creates .venv when missing and reuses it when present; reinstalls when the project files change.
 $(STAMP): pyproject.toml constraints.txt
@@ -72,5 +72,20 @@ gpu-wheels: $(STAMP)
 gpu-wheels-check: gpu-wheels
 	$(BIN)/python -m fastsd.bench.gpu_wheels --check out/gpu-wheels --venv out/gpu-wheels-check
 
+# The environment of the CPU peer's export (`fastsd bench --peer openvino-genai`, docs/benchmarks.md): optimum-intel
+# with the transformers and diffusers it supports (constraints-peer.txt), apart from fastsd's. torch first, from the
+# pinned CPU build. PyPI's torchvision (optimum-intel declares it) is a CUDA build whose ops fail to load beside the
+# CPU torch and break transformers' imports; the SD export does not use it, so it is removed.
+PEER_VENV ?= .venv-peer
+$(PEER_VENV)/.installed: constraints-peer.txt
+	test -x $(PEER_VENV)/bin/python || $(PY) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/pip install -q -c constraints-peer.txt torch
+	$(PEER_VENV)/bin/pip install -q -c constraints-peer.txt "optimum-intel[openvino,diffusers]"
+	$(PEER_VENV)/bin/pip uninstall -q -y torchvision
+	touch $@
+
+peer-env: $(PEER_VENV)/.installed $(STAMP)
+	$(BIN)/pip install -q -c constraints.txt -e ".[peer]"
+
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) $(PEER_VENV) out

@@ -16,6 +16,7 @@ from fastsd.tasks import TASKS, strength_value
 from fastsd.tiny_vae import load_tiny_vae
 
 from .harness import run_bench
+from .peer import PEERS, check_peer_python, peer_names, peer_python
 from .report import format_report, write_markdown, write_plot
 from .settings import ACCELERATE, BASELINE, BenchSettings, ConfigSpec
 
@@ -59,6 +60,13 @@ def register(subparsers, parents):
                         "its own: openvino:int8=hybrid (default: diffusers,torch)")
     b.add_argument("--profile", default="", help="comma list of speed profiles (fast, fastest, exact) to measure as "
                                               "they resolve on this machine, beside the --backends x --dtype items")
+    b.add_argument("--peer", default="", help="what a CPU user would run instead, measured beside fastsd: "
+                                           + ", ".join(PEERS) + " (optimum-intel's export, cached, and "
+                                           "openvino_genai.Text2ImagePipeline with its defaults, static shapes); "
+                                           "skipped with the reason when its packages are missing")
+    b.add_argument("--peer-python", help="the Python of the environment that has optimum-intel, for the peer's "
+                                         "export (default: $FASTSD_PEER_PYTHON, else ./.venv-peer/bin/python "
+                                         "(make peer-env), else this Python)")
     b.add_argument("--accelerate", action="store_true",
                    help="add the drop-in: fastsd.accelerate(pipe) on the diffusers pipeline, per --dtype, measured "
                         "beside the plain pipeline and fastsd's engine (same as adding accelerate to --backends), "
@@ -183,6 +191,8 @@ def settings_from_args(args):
             own_flags = parse_flags(own, "backends")
             configs += [ConfigSpec(backend, d, tuple(sorted({**dict(f), **own_flags}.items()))) for d, f in dtypes]
     configs += profile_specs(_csv(args.profile), args.device, configs)
+    configs += [ConfigSpec(name, "defaults") for name in peer_names(args.peer)]
+    python = check_peer_python(args.peer_python) if args.peer_python else peer_python()
     return BenchSettings(
         model=args.model, random_weights=args.random_weights, model_config=args.config,
         allow_pickle=args.allow_pickle, device=args.device, attention=args.attention, configs=configs,
@@ -191,7 +201,7 @@ def settings_from_args(args):
         prompt=args.prompt, negative=args.negative, estimate_steps=args.estimate_steps,
         safety_checker=not args.no_safety_checker, threads=args.threads, onnx_dir=args.onnx_dir,
         progress=not args.quiet, loras=lora_refs(args), task=args.task, strength=args.strength,
-        few_step=args.few_step, vae_tiny=args.vae_tiny)
+        few_step=args.few_step, vae_tiny=args.vae_tiny, peer_python=python)
 
 
 def profile_specs(names: list[str], device: str, existing: list) -> list:
@@ -238,6 +248,8 @@ def command_line(args) -> str:
         parts += ["--set", item]
     if args.profile:
         parts += ["--profile", args.profile]
+    if args.peer:
+        parts += ["--peer", args.peer] + (["--peer-python", args.peer_python] if args.peer_python else [])
     parts += ["--no-safety-checker"] if args.no_safety_checker else []
     parts += ["--few-step"] if args.few_step else []
     for name in ("json", "plot", "markdown"):

@@ -28,6 +28,7 @@ from . import fewstep
 from .inputs import make_inputs, task_inputs, unet_calls, vae_encodes
 from .machine import machine_info, versions
 from .measurement import PeakMemory, summarize, timed_call
+from .peer import PEERS, PeerRunner
 from .runners import (AccelerateRunner, CannotRunHere, DiffusersRunner, EngineRunner, component_call, first_line,
                       onnx_engine_model)
 from .settings import BASELINE, LABELS, PIPELINES, BenchSettings, ConfigSpec, components_for, dropin_runner
@@ -196,6 +197,14 @@ def run_bench(settings: BenchSettings, model=None, log=print) -> dict:
                     entry["export_s"] = onnx_models[export_dtype][1]
                 t0 = time.perf_counter()
                 runner = EngineRunner(onnx_models[export_dtype][0], spec, settings)
+            elif spec.backend in PEERS:  # what a user runs instead of fastsd (bench/peer.py)
+                t0 = time.perf_counter()
+                given_model, model = model, None
+                runner = PeerRunner(lambda: given_model if given_model is not None else fresh_model(), settings,
+                                    settings.peer_python, height, width, log)
+                del given_model
+                entry["export_s"] = runner.export["seconds"]
+                gc.collect()
             else:
                 if model is None:
                     t0 = time.perf_counter()
@@ -301,6 +310,8 @@ def run_bench(settings: BenchSettings, model=None, log=print) -> dict:
                                  "unet_calls": n_calls, "cpu_s": cpu, "cpu_median_s": statistics.median(cpu)}
             med = row["end_to_end"]["median_s"]
             row["images_per_s"] = b / med if med else None
+            if hasattr(runner, "own_metrics"):  # the peer's pipeline times itself too
+                row["own_metrics"] = runner.own_metrics()
             c = row["components"]
             parts = [c[k].get("median_s") or 0.0 for k in ("text_encoder", "vae_decode", "safety_checker")]
             n_enc = encodes[spec.is_baseline]

@@ -186,6 +186,40 @@ def dropin_lines(report: dict) -> list[str]:
     return out
 
 
+def peer_lines(report: dict) -> list[str]:
+    """--peer: how the peer ran (its export, precision, its own pipeline metrics), and each configuration
+    against it, same run: peer median / configuration median (above 1.00x the configuration is faster)."""
+    peers = [c for c in report["configs"] if any("own_metrics" in r for r in c["batches"].values())]
+    out = []
+    for p in peers:
+        d = p["describe"]
+        out += ["", f"peer {p['name']}: {d['pipeline']} {d['openvino_genai']}, inference precision "
+                f"{d['inference_precision']} (CPU capabilities {' '.join(d['cpu_capabilities'])}), compile "
+                f"{_s(d['compile_s'])} s; export `{d['export']}` "
+                + ("(cached)" if d["export_cached"] else f"({_s(p.get('export_s'))} s)") + " with "
+                + ", ".join(f"{k} {v}" for k, v in d["export_versions"].items() if v)]
+        for b, row in p["batches"].items():
+            own = row["own_metrics"]
+            out.append(f"  its own perf metrics (batch {b}): UNet call median {_ms(own['unet_call_median_s'])} ms, "
+                       f"generate median {_s(own['generate_median_s'])} s")
+            rows = [["config", "UNet step", "VAE decode", "end to end", "PSNR dB"]]
+            for c in report["configs"]:
+                if c is p or b not in c["batches"]:
+                    continue
+                r = c["batches"][b]
+
+                def ratio(get):
+                    a, x = get(row), get(r)
+                    return f"{a / x:.2f}x" if a and x else "n/a"
+                rows.append([c["name"], ratio(lambda q: q["components"]["unet_step"].get("median_s")),
+                             ratio(lambda q: q["components"]["vae_decode"].get("median_s")),
+                             ratio(lambda q: q["end_to_end"].get("median_s")),
+                             "ref" if c["baseline"] else _psnr(r["parity"]["psnr_db"])])
+            out += [f"  against the peer (batch {b}): peer median / configuration median"] + \
+                _grid(rows, right={1, 2, 3, 4}, indent="    ")
+    return out
+
+
 def few_step_lines(report: dict) -> list[str]:
     """--few-step: time per image of the run's generation and of LCM, 4 steps, guidance 1, per configuration."""
     s, few = report["settings"], report["settings"].get("few_step")
@@ -216,7 +250,7 @@ def few_step_lines(report: dict) -> list[str]:
 
 def format_report(report: dict) -> str:
     return "\n".join(["fastsd bench"] + ["  " + line for line in header_lines(report)] + table_lines(report)
-                     + few_step_lines(report) + dropin_lines(report))
+                     + few_step_lines(report) + dropin_lines(report) + peer_lines(report))
 
 
 def write_markdown(report: dict, path, command: str):

@@ -80,4 +80,5 @@ class BenchSettings:
     strength: float | None = None  # img2img / inpaint; None: diffusers' default (0.8 / 1.0)
     task_inputs: dict = field(default_factory=dict)  # set by run_bench: task_inputs() at the bench's size
     vae_tiny: str | None = None  # an AutoencoderTiny folder in place of the model's VAE (every configuration)
+    peer_python: str | None = None  # the optimum-intel export's interpreter (bench/peer.py)
     few_step: bool = False  # also time LCM, 4 steps, guidance 1 per configuration (bench/fewstep.py)

@@ -1,6 +1,7 @@
-"""The machine and the package versions a bench ran on, for its report."""
+"""The machine and the package versions a bench ran on, for its report; the threads it runs on."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -9,6 +10,7 @@ from importlib import metadata
 import torch
 
 import fastsd
+from fastsd.errors import InvalidParameter
 
 _FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
           "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "asimd", "sve")
@@ -55,3 +57,19 @@ def versions() -> dict:
             out[name] = None
     out["fastsd"] = fastsd.__version__
     return out
+
+
+def set_threads(threads: int | None) -> None:
+    """torch's thread count for a bench script's --threads (None: leave torch's default)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise InvalidParameter("threads", threads, "1 or more")
+    torch.set_num_threads(threads)
+
+
+def write_json(path: str | None, info: dict) -> None:
+    """A bench script's figures as JSON (--json), when a path was given."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(info, f, indent=2, default=str)

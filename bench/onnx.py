@@ -12,7 +12,6 @@ of the two outputs (the export's parity)."""
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -24,7 +23,7 @@ from fastsd.export.parity import session
 from fastsd.loading import load_model
 from fastsd.presets import get_preset
 
-from .machine import machine_info, versions
+from .machine import machine_info, versions, write_json
 
 
 def _time_pair(fns: dict, repeat: int, warmup: int) -> dict:
@@ -132,9 +131,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the figures to this JSON file")
     args = ap.parse_args(argv)
     info = run(args.preset, args.threads, args.repeat, args.warmup, args.keep)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(info, f, indent=2, default=str)
+    write_json(args.json, info)
     return 0
 
 

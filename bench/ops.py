@@ -9,7 +9,6 @@ resolves to it on CPUs without AMX); for an OpenVINO configuration it says so an
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -22,7 +21,7 @@ from fastsd.optimize import OptimizeConfig, optimize
 from fastsd.profiles import PROFILE_NAMES, profile_flags
 
 from .inputs import make_inputs
-from .machine import machine_info, versions
+from .machine import machine_info, set_threads, versions, write_json
 from .settings import BenchSettings
 
 
@@ -79,17 +78,12 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the figures to this JSON file")
     args = ap.parse_args(argv)
     try:
-        if args.threads is not None:
-            if args.threads < 1:
-                raise InvalidParameter("threads", args.threads, "1 or more")
-            torch.set_num_threads(args.threads)
+        set_threads(args.threads)
         info = profile_step(args.model, args.random_weights, args.profile, args.resolution, args.warmup, args.top)
     except InvalidParameter as e:
         print(f"python -m fastsd.bench.ops: error: {e}", file=sys.stderr)
         return 2
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(info, f, indent=2, default=str)
+    write_json(args.json, info)
     return 0
 
 

@@ -22,7 +22,7 @@ import torch
 from fastsd.errors import InvalidParameter
 from fastsd.loading import load_model
 
-from .machine import machine_info, versions
+from .machine import machine_info, set_threads, versions, write_json
 from .measurement import timed_call
 from .peer import PeerRunner, export_folder, export_versions, is_exported, peer_python
 from .settings import BenchSettings
@@ -90,10 +90,7 @@ def main(argv=None) -> int:
         for name in ("steps", "repeat"):
             if getattr(args, name) < 1:
                 raise InvalidParameter(name, getattr(args, name), "1 or more")
-        if args.threads is not None:
-            if args.threads < 1:
-                raise InvalidParameter("threads", args.threads, "1 or more")
-            torch.set_num_threads(args.threads)
+        set_threads(args.threads)
         info = measure(args.model, args.random_weights, args.steps, args.repeat, args.warmup,
                        peer_python(args.peer_python))
     except InvalidParameter as e:
@@ -103,9 +100,7 @@ def main(argv=None) -> int:
     print(json.dumps({k: info[k] for k in keys}, indent=1))
     print(f"own metrics: UNet call median {info['own_metrics']['unet_call_median_s']:.3f} s, generate "
           f"{info['own_metrics']['generate_median_s']:.2f} s; load average {info['load_average_end'][0]:.1f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(info, f, indent=2, default=str)
+    write_json(args.json, info)
     return 0
 
 

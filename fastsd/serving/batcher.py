@@ -205,20 +205,25 @@ class BatchingPipeline:
                 return job.future.result(timeout=max(0.0, min(left, WAIT_POLL)))
             except FutureTimeout:
                 pass
+            except (RequestTimeout, RequestCancelled) as e:  # the worker stopped the batch before we looked
+                raise self._unwanted(e) from None
             if job.wanted(time.monotonic()):
                 continue
-            error = job.unwanted_error()
             job.cancelled.set()  # the engine stops at its next step if no request of its batch is still wanted
             job.future.cancel()  # the worker skips it if it has not started
-            with self.stats.lock:
-                if isinstance(error, RequestTimeout):
-                    self.stats.timeouts += 1
-                else:
-                    self.stats.cancelled += 1
+            raise self._unwanted(job.unwanted_error()) from None
+
+    def _unwanted(self, error: Exception) -> Exception:
+        """Count a request nobody waits for any more, once, whichever side saw it first."""
+        with self.stats.lock:
             if isinstance(error, RequestTimeout):
-                raise RequestTimeout(f"the request did not finish within its deadline (the deployment's timeout is "
-                                     f"{self.limits.timeout:g} s)") from None
-            raise error
+                self.stats.timeouts += 1
+            else:
+                self.stats.cancelled += 1
+        if isinstance(error, RequestTimeout):
+            return RequestTimeout(f"the request did not finish within its deadline (the deployment's timeout is "
+                                  f"{self.limits.timeout:g} s)")
+        return error
 
     def queue_depth(self) -> int:
         """Requests queued, not yet in an engine call."""

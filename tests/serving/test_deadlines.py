@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fastsd.errors import GenerationStopped
+from fastsd.serving import batcher
 from fastsd.serving.batcher import BatchingPipeline, RequestCancelled, RequestTimeout
 from fastsd.serving.request import Limits
 
@@ -79,6 +80,24 @@ def test_cancelled_caller_is_answered_and_its_batch_stopped(engine):
             assert time.monotonic() - t < 0.8
             assert _wait(lambda: pipe.stats.stopped_batches == 1) and c.calls < 30
         assert pipe.stats.cancelled == 1
+    finally:
+        pipe.close()
+
+
+def test_a_stop_the_worker_sees_first_is_counted_once(engine, monkeypatch):
+    """The caller looks at its cancel event every WAIT_POLL s; with a long poll the worker stops the batch and
+    answers first. The caller still hears RequestCancelled at once and the stats count it once."""
+    monkeypatch.setattr(batcher, "WAIT_POLL", 5.0)
+    pipe = BatchingPipeline(engine, Limits(timeout=30), max_batch=1, window=0.0)
+    gone = threading.Event()
+    try:
+        with Counting(engine, delay=0.05):
+            threading.Timer(0.3, gone.set).start()
+            t = time.monotonic()
+            with pytest.raises(RequestCancelled):
+                pipe.handle(["a"], [""], {"num_inference_steps": 100}, cancelled=gone)
+            assert time.monotonic() - t < 2.0
+        assert (pipe.stats.cancelled, pipe.stats.timeouts, pipe.stats.stopped_batches) == (1, 0, 1)
     finally:
         pipe.close()
 

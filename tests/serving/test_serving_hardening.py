@@ -108,9 +108,16 @@ def wait_until(check, timeout=30.0, step=0.1):
 
 
 def assert_free_again(dep):
-    """The engine was stopped: a small request right after is answered at once, not after ~20 s."""
-    code, _, _, took = score(dep, SHORT)
-    assert code == 200 and took < 4.0, took
+    """The engine was stopped: a small request right after is answered within 4 s, not after ~20 s. The balancer
+    may still count the stopped call for a moment after its caller got 504 (then it says 429): ask again."""
+    t = time.monotonic()
+    code = 429
+    while code == 429 and time.monotonic() - t < 4.0:
+        code, _, _, _ = score(dep, SHORT)
+        if code == 429:
+            time.sleep(0.1)
+    took = time.monotonic() - t
+    assert code == 200 and took < 4.0, (code, took)
 
 
 # -- item 11 ------------------------------------------------------------------------------------------

@@ -29,28 +29,21 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, TimeoutError as FutureTimeout
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from queue import Empty, Queue
 
-from ..errors import FastSDError, GenerationStopped, InvalidParameter
-from ..lora import LoraError
+from ..errors import GenerationStopped, InvalidParameter
 from ..schedulers import check_steps, make_scheduler, scheduler_name, takes_eta
 from .batch_size import BatchSizer
+from .engine_jobs import (Job, RequestCancelled, RequestTimeout, engine_call,  # noqa: F401 - re-exported
+                          stop_unless_wanted, switch_loras)
 from .histograms import BATCH_BOUNDS, hist_new, hist_observe
 from .progress import Interrupted
 from .request import Limits, Request, parse
 
 log = logging.getLogger("fastsd.serving")
 WAIT_POLL = 0.05  # seconds between a waiting caller's looks at its cancel event
-
-
-class RequestTimeout(FastSDError, TimeoutError):
-    """A request that did not finish within its deadline (the deployment's per-request timeout at most)."""
-
-
-class RequestCancelled(FastSDError):
-    """A request whose caller went away before it was answered."""
 
 
 @dataclass
@@ -62,23 +55,6 @@ class Reply:
     batch_requests: int = 1  # how many requests shared the engine call
     queue_seconds: float = 0.0   # from arrival to the start of its engine call
     engine_seconds: float = 0.0  # the engine call it shared
-
-
-@dataclass
-class _Job:
-    request: Request
-    arrival: float
-    deadline: float
-    future: Future = field(default_factory=Future)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-    def wanted(self, now: float) -> bool:
-        return not self.cancelled.is_set() and now < self.deadline
-
-    def unwanted_error(self) -> Exception:
-        if self.cancelled.is_set() and time.monotonic() < self.deadline:
-            return RequestCancelled("the caller went away before the request was answered")
-        return RequestTimeout("the request's deadline passed before it was answered")
 
 
 class Stats:
@@ -107,29 +83,6 @@ class Stats:
             return {k: (copy.deepcopy(v) if isinstance(v, dict) else v) for k, v in vars(self).items() if k != "lock"}
 
 
-def engine_call(engine, reqs: list[Request], on_step=None):
-    """ONE engine call for requests of one batch key (size, steps, scheduler, task, LoRA set: batch_size.py):
-    per-image prompts, negatives, guidance and seeds; the images come back in the requests' order."""
-    first = reqs[0]
-    guidance = [g for r in reqs for g in r.guidance]
-    images = {}
-    if first.task != "text2img":  # one image (and mask) per generated image; task and strength are in the key
-        images = {"image": [im for r in reqs for im in r.images], "strength": first.strength}
-        if first.task == "inpaint":
-            images["mask_image"] = [m for r in reqs for m in r.masks]
-        if first.depth_maps is not None:  # depth maps sent or not is in the key: all of the batch or none
-            images["depth_map"] = [m for r in reqs for m in r.depth_maps]
-        if first.task == "upscale":  # the output is 4x the image: no height/width; noise_level is in the key
-            images = {"image": images["image"], "noise_level": first.noise_level}
-    size = {} if first.task == "upscale" else {"height": first.height, "width": first.width}
-    return engine.generate(
-        [p for r in reqs for p in r.prompts], [n for r in reqs for n in r.negatives],
-        num_images_per_prompt=1, num_inference_steps=first.steps,
-        guidance_scale=guidance[0] if len(set(guidance)) == 1 else guidance,
-        **size, seed=[s for r in reqs for s in r.seeds],
-        scheduler=first.scheduler, progress=False, eta=first.eta, on_step=on_step, **images)
-
-
 class BatchingPipeline:
     def __init__(self, engine, limits: Limits | None = None, max_batch: int = 8, window: float = 0.02,
                  on_batch=None, sizer: BatchSizer | None = None,
@@ -145,8 +98,8 @@ class BatchingPipeline:
         # names none gets. The last batch's set stays fused, so a run of requests for one set pays no switch.
         self.loras = loras
         self.default_loras = list(default_loras)
-        self._queue: Queue[_Job] = Queue()
-        self._waiting: deque[_Job] = deque()
+        self._queue: Queue[Job] = Queue()
+        self._waiting: deque[Job] = deque()
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._run, name="batcher", daemon=True)
         self._worker.start()
@@ -195,7 +148,7 @@ class BatchingPipeline:
                cancelled: threading.Event | None = None) -> Reply:
         now = time.monotonic()
         cap = now + self.limits.timeout
-        job = _Job(request, now, cap if deadline is None else min(deadline, cap))
+        job = Job(request, cap if deadline is None else min(deadline, cap), arrival=now)
         if cancelled is not None:
             job.cancelled = cancelled
         self._queue.put(job)
@@ -234,7 +187,7 @@ class BatchingPipeline:
         self._worker.join(timeout=5)
 
     # -- the worker ----------------------------------------------------------------------------
-    def _next_batch(self) -> list[_Job] | None:
+    def _next_batch(self) -> list[Job] | None:
         while not self._waiting:
             try:
                 self._waiting.append(self._queue.get(timeout=0.2))
@@ -283,22 +236,13 @@ class BatchingPipeline:
                 self._execute(live)
 
     def _use_loras(self, wanted) -> None:
-        """Fuse the batch's LoRA set (every request of a batch has the same one: it is in the batch key)."""
-        refs = self.default_loras if wanted is None else self.loras.refs(wanted)
-        if getattr(self.engine, "loras", None) is None and not refs:
-            return  # no LoRA was ever fused: nothing to restore
-        try:
-            sw = self.engine.set_loras(refs)
-        except LoraError as e:  # a file that reads but does not load: invalid from now on, named, no path
-            if wanted is None:
-                raise
-            raise self.loras.broken(e, wanted) from None
-        if sw.changed:
+        sw = switch_loras(self.engine, self.loras, wanted, self.default_loras)
+        if sw is not None and sw.changed:
             with self.stats.lock:
                 self.stats.lora_switches += 1
                 self.stats.lora_switch_seconds += sw.seconds
 
-    def _execute(self, batch: list[_Job]):
+    def _execute(self, batch: list[Job]):
         reqs = [j.request for j in batch]
         first = reqs[0]
         t0, started = self.sizer.clock(), time.monotonic()  # the sizer's clock may be a test's; arrival is monotonic
@@ -311,8 +255,7 @@ class BatchingPipeline:
                 """After each denoising step: the progress file (and A1111's interrupt), then the deadlines."""
                 if self.progress is not None:
                     self.progress.step(step, steps)
-                if step < steps and not any(j.wanted(time.monotonic()) for j in batch):
-                    raise GenerationStopped(f"stopped after step {step} of {steps}")
+                stop_unless_wanted(batch, step, steps)
             result = engine_call(self.engine, reqs, on_step)
         except GenerationStopped as e:  # every caller of the batch left or timed out: none is waiting
             log.info("engine call for %d request(s) %s: none of them is still wanted", len(batch), e)

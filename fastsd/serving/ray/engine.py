@@ -26,13 +26,12 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass, field
 
 from ray import serve
 
 from ...errors import GenerationStopped, InvalidParameter
 from ...lora import LoraError, read_lora
-from ..batcher import engine_call
+from ..engine_jobs import Job, RequestCancelled, engine_call, stop_unless_wanted, switch_loras
 from ..loras import LoraCatalog
 from ..replica import build_engine, decode_images
 from ..request import Request, parse
@@ -42,20 +41,11 @@ log = logging.getLogger("fastsd.serving.ray")
 MAX_ADAPTER_SETS = 3  # LoRA sets (multiplexed model ids) a replica keeps checked and ready
 
 
-@dataclass
-class Job:
-    request: Request
-    deadline: float  # time.monotonic()
-    arrival: float = field(default_factory=time.monotonic)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-    def wanted(self) -> bool:
-        return not self.cancelled.is_set() and time.monotonic() < self.deadline
-
-    def unwanted(self) -> dict:
-        if self.cancelled.is_set():
-            return {"error": "CANCELLED", "message": "the caller went away before the request was answered"}
-        return {"error": "DEADLINE_EXCEEDED", "message": "the request's deadline passed before it was answered"}
+def _unwanted(job: Job) -> dict:
+    """A dropped or stopped request's answer, as data (errors do not cross Ray as pickled exceptions)."""
+    error = job.unwanted_error()
+    return {"error": "CANCELLED" if isinstance(error, RequestCancelled) else "DEADLINE_EXCEEDED",
+            "message": str(error)}
 
 
 def _images(jobs: list[Job]) -> int:
@@ -156,7 +146,7 @@ class EngineReplica:
 
     def _run(self, jobs: list[Job]) -> list[dict]:
         live = [j for j in jobs if j.wanted()]
-        answers = {id(j): j.unwanted() for j in jobs if j not in live}
+        answers = {id(j): _unwanted(j) for j in jobs if j not in live}
         if live:
             answers.update(zip(map(id, live), self._engine_call(live)))
         return [answers[id(j)] for j in jobs]
@@ -166,22 +156,15 @@ class EngineReplica:
         started = time.monotonic()
 
         def on_step(step: int, steps: int) -> None:
-            if step < steps and not any(j.wanted() for j in jobs):
-                raise GenerationStopped(f"stopped after step {step} of {steps}")
+            stop_unless_wanted(jobs, step, steps)
         with self.lock:
             try:
-                wanted = reqs[0].loras
-                refs = self.catalog.refs(wanted) if wanted else []
-                if refs or self.engine.loras is not None:
-                    self.engine.set_loras(refs)
+                switch_loras(self.engine, self.catalog, reqs[0].loras or None)
                 result = engine_call(self.engine, reqs, on_step)
             except GenerationStopped as e:
                 log.info("engine call for %d request(s) %s: none of them is still wanted", len(jobs), e)
                 self.stopped += 1
-                return [j.unwanted() for j in jobs]
-            except LoraError as e:
-                error = self.catalog.broken(e, reqs[0].loras)
-                return [{"error": "INVALID_ARGUMENT", "message": str(error)}] * len(jobs)
+                return [_unwanted(j) for j in jobs]
             except InvalidParameter as e:
                 return [{"error": "INVALID_ARGUMENT", "message": str(e)}] * len(jobs)
             finally:

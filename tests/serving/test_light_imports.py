@@ -1,6 +1,6 @@
 """Processes that run no model import neither torch nor diffusers nor MII's package (issue 24, item 11):
-the supervisor, the load balancer, the REST gateway, the metrics exporter, `fastsd status`/`stop` and the
-deployment client. Each module is imported in a fresh interpreter and its import set checked; the live
+the supervisor, the load balancer, the REST gateway, the metrics exporter, `fastsd status`/`stop`, the
+deployment client and the Ray ingress. Each module is imported in a fresh interpreter and its import set checked; the live
 deployment tests (test_serving_hardening.py) check their resident memory. MII's message classes, loaded
 without MII's package (proto.py), are MII's own, and its constants agree."""
 import json
@@ -10,7 +10,8 @@ import sys
 HEAVY = ("torch", "diffusers", "transformers", "mii", "deepspeed")
 LIGHT = ["fastsd.serving.supervisor", "fastsd.serving.balancer", "fastsd.serving.rest", "fastsd.serving.gateway",
          "fastsd.serving.metrics", "fastsd.serving.status", "fastsd.serving.deploy", "fastsd.serving.client",
-         "fastsd.serving.control", "fastsd.serving.admission", "fastsd.serving.slowloris"]
+         "fastsd.serving.control", "fastsd.serving.admission", "fastsd.serving.slowloris",
+         "fastsd.serving.ray.ingress", "fastsd.serving.ray.config"]  # the Ray ingress replica: no engine
 
 
 def imported_after(code: str) -> set[str]:

@@ -5,7 +5,7 @@ application builder `serve run`, `serve build` and `serve.run(build_app({...}))`
 def build_app(args: dict):
     """Ray Serve's application builder (app.py). Imported when called, so a process that only unpickles the
     ingress (which imports this package first) loads no torch: the engine module stays out of it."""
-    from .app import build_app as build
+    from .app import build_app as build  # lazy: the engine module (torch), which the ingress does without
     return build(args)
 
 

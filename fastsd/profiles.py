@@ -21,8 +21,9 @@ DEVICE_CLASSES = ("cpu-amx", "cpu-avx512-bf16", "cpu", "cuda")
 # Measured side by side in one `fastsd bench` run (bench/RESULTS.md of 2026-12-02, SD 1.4 at 512, AMX Xeon, 2
 # threads): UNet step diffusers FP32 8.93 s, torch bf16 recipe 2.42 s, OpenVINO bf16 static 2.09 s (45.0 dB), so
 # `fast` runs the openvino backend there (torch bf16 where openvino is not installed). On Zen 4 (AVX-512 BF16,
-# no AMX) the bf16 recipe gave 1.76x at 46.6 dB (bench of 2026-11-24). On a CPU without native bf16, bf16 is
-# emulated and not measured faster, so `fast` stays FP32 there.
+# no AMX), one run of 2026-12-07 (SD 1.4 at 512, 1 thread): UNet step diffusers FP32 22.3 s, openvino bf16
+# static 8.9 s (2.50x, 46.7 dB), torch bf16 recipe 12.6 s (1.77x, 47.9 dB), so openvino there too. On a CPU
+# without native bf16, bf16 is emulated and not measured faster, so `fast` stays FP32 there.
 # `fastest` adds step caching every 3rd step (fastsd/step_cache.py) on the torch backend, the only one that
 # can cut the UNet: 1.28 s per step averaged over a cycle on the AMX Xeon (1.63x OpenVINO's step, 32.8 dB),
 # judged at the APPROXIMATE tolerance.
@@ -31,7 +32,7 @@ PROFILES: dict[str, dict[str, dict]] = {
     "exact": {c: {} for c in DEVICE_CLASSES},
     "fast": {
         "cpu-amx": {"backend": "openvino", "dtype": "bf16"},
-        "cpu-avx512-bf16": {"dtype": "bf16"},
+        "cpu-avx512-bf16": {"backend": "openvino", "dtype": "bf16"},
         "cpu": {},
         "cuda": {"dtype": "fp16"},
     },

@@ -58,8 +58,9 @@ def test_optimize_takes_a_profile(monkeypatch):
         optimize("tiny", OptimizeConfig(), profile="fast")
 
 
-def test_fast_on_amx_runs_openvino_where_installed(monkeypatch):
-    monkeypatch.setattr(profiles, "cpu_flags", lambda: frozenset({"amx_bf16", "avx512_bf16"}))
+@pytest.mark.parametrize("flags", [{"amx_bf16", "avx512_bf16"}, {"avx512_bf16"}])
+def test_fast_on_a_native_bf16_cpu_runs_openvino_where_installed(monkeypatch, flags):
+    monkeypatch.setattr(profiles, "cpu_flags", lambda: frozenset(flags))
     monkeypatch.setattr(profiles, "backend_installed", lambda name: True)
     assert profiles.profile_flags("fast", "cpu") == {"device": "cpu", "backend": "openvino", "dtype": "bf16"}
     monkeypatch.setattr(profiles, "backend_installed", lambda name: name != "openvino")

@@ -49,6 +49,33 @@ def test_export_without_vae_encoder_says_what_to_do(_tiny, tmp_path):
         eng.generate("a cat", image=image, num_inference_steps=2, progress=False)
 
 
+def test_concurrent_callers_export_a_model_once(tiny, tmp_path, monkeypatch):
+    """Two callers asking for one model's export at once (replicas or test workers sharing the cache): one
+    writes it, the other waits and finds it, never two exports overwriting one folder."""
+    import threading
+    import time
+
+    import fastsd.export
+    monkeypatch.setenv("FASTSD_OPENVINO_CACHE", str(tmp_path / "ov-cache"))
+    active, calls = [0, 0], []
+
+    def slow_export(model, folder, components, **kw):
+        active[0] += 1
+        active[1] = max(active[1], active[0])
+        calls.append(components)
+        time.sleep(0.5)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "fastsd_export.json").write_text(json.dumps({"components": components.split(",")}))
+        active[0] -= 1
+    monkeypatch.setattr(fastsd.export, "export_model", slow_export)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(ov_backend.export_for_openvino(tiny))) for _ in range(2)]
+    [t.start() for t in threads]
+    [t.join(30) for t in threads]
+    assert len(got) == 2 and got[0] == got[1]
+    assert active[1] == 1 and len(calls) == 1, (active, calls)
+
+
 def test_on_the_fly_export_adds_the_encoder_to_an_older_cache(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("FASTSD_OPENVINO_CACHE", str(tmp_path / "ov-cache"))  # not the suite's: others export tiny whole
     folder = ov_backend.export_for_openvino(tiny)  # the graphs text-to-image needs, as cached before image tasks

@@ -182,17 +182,23 @@ def export_for_openvino(model, components: tuple[str, ...] = ("text_encoder", "u
     """The ONNX export of a PyTorch SDModel in the cache folder, written now when it is not there yet or
     lacks one of `components` (the exporter checks every graph against PyTorch before it writes anything)."""
     import json
-    from fastsd.export import export_model  # lazy: the exporter (onnx) only for an export
+
+    from filelock import FileLock
     folder = cache_root() / "exports" / f"{model.name.replace('/', '--')}-{weights_fingerprint(model)}"
     info = folder / "fastsd_export.json"
-    if info.is_file():
-        have = json.loads(info.read_text()).get("components", [])
-        if set(components) <= set(have):
-            return folder
-        components = tuple(dict.fromkeys([*have, *components]))  # keep what an earlier caller needed
-    log.info("openvino: exporting %s of %s to ONNX in %s (once per model)", ", ".join(components), model.name, folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    export_model(model, folder, components=",".join(components), overwrite=True, progress=False, echo=None)
+    # Processes sharing the cache (replicas of one deployment, test workers) may ask for one model at once: the
+    # export overwrites the folder, so one of them writes it and the others wait, then find it there.
+    with FileLock(str(folder) + ".lock"):
+        if info.is_file():
+            have = json.loads(info.read_text()).get("components", [])
+            if set(components) <= set(have):
+                return folder
+            components = tuple(dict.fromkeys([*have, *components]))  # keep what an earlier caller needed
+        from fastsd.export import export_model  # lazy: the exporter (onnx) only for an export
+        log.info("openvino: exporting %s of %s to ONNX in %s (once per model)", ", ".join(components), model.name,
+                 folder)
+        export_model(model, folder, components=",".join(components), overwrite=True, progress=False, echo=None)
     return folder
 
 

@@ -13,6 +13,12 @@ written out here for the shapes model (same maths, no accelerate/webdataset):
   - target: the student itself (no gradient) at the teacher's DDIM step t - k from x_t;
   - loss: pseudo-Huber (c = 0.001) between the two, on latents of scenes drawn by training/shapes_data.py and
     encoded once by the frozen VAE (never the held-out (colour, shape, position) combinations).
+With `--target ode` (the runs in docs/few-step.md) the targets are the teacher's own ODE ends instead: every
+state of a 50-step guided trajectory from pure noise maps to where it ends. `--visit-steps 4` adds the states
+the LCM sampler itself visits at 4 steps (759, 499, 259): after its first step the sampler never sits on such
+a trajectory, it noises its clean prediction again with fresh noise, so those states are made the same way
+(from the teacher's end, and with `--student-visits-at` from the student's own predictions) and the teacher
+solves each to its end. `--cache` keeps the trajectories between runs; `--init-lora` goes on from a run.
 The LoRA is saved with diffusers' own `save_lora_weights` in PEFT's key names (`get_peft_model_state_dict` as it
 is, PEFT's config in the metadata), so diffusers and fastsd both load every layer of it. (Passed through
 `convert_state_dict_to_diffusers` first, only the attention keys get renamed (`to_k.lora.down`), and diffusers
@@ -157,12 +163,43 @@ def cached_trajectories(teacher, text_encoder, tok, prompts, empty, setup, args)
     return out
 
 
+@torch.no_grad()
+def student_visits(unet, teacher, text_encoder, tok, prompts, starts, empty, setup, args):
+    """The states the LCM sampler reaches with the student as it is now (its own prediction noised again, not the
+    teacher's end), each with the teacher's end from there: the sampler's states once the student is close,
+    which the teacher's own ends only approximate."""
+    g = torch.Generator().manual_seed(args.seed + 2)
+    visited, targets = [], []
+    for i in range(0, len(prompts), args.ode_batch):
+        cond = text_encoder(tok(prompts[i:i + args.ode_batch], padding="max_length", max_length=MAX_LEN,
+                                truncation=True, return_tensors="pt").input_ids).last_hidden_state
+        first = starts[i:i + args.ode_batch]
+        vis, tgt = [], []
+        for chain in setup.chains:
+            d = setup.consistency(unet, first, setup.grid[-1].repeat(len(first)), cond)
+            for t in chain:
+                a = setup.alpha_bar[t]
+                x = a.sqrt() * d + (1 - a).sqrt() * torch.randn(d.shape, generator=g)
+                vis.append(x)
+                tgt.append(solve(teacher, x, int(t + 1) // setup.k - 1, cond, empty, setup, args.guidance))
+                d = setup.consistency(unet, x, torch.full((len(x),), t), cond)
+        visited.append(torch.stack(vis, 1))
+        targets.append(torch.stack(tgt, 1))
+        print(f"student's sampler states {i + len(first)}/{len(prompts)}", flush=True)
+    return torch.cat(visited), torch.cat(targets)
+
+
 def train(unet, text_encoder, tok, prompts, means, stds, scale, args):
     setup = Setup(args)
     grid, k = setup.grid, setup.k
     teacher = copy.deepcopy(unet).eval().requires_grad_(False)
     from peft import LoraConfig
     unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=UNET_TARGETS))
+    if args.init_lora:  # go on from an earlier run's adapter (same rank), e.g. with its own sampler states
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+        state = {name.removeprefix("unet."): w for name, w in load_file(args.init_lora).items()}
+        assert not set_peft_model_state_dict(unet, state).unexpected_keys
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     ema = [p.detach().clone() for p in params]
@@ -175,6 +212,10 @@ def train(unet, text_encoder, tok, prompts, means, stds, scale, args):
     g = torch.Generator().manual_seed(args.seed)
     ema_loss, t0 = None, time.time()
     for step in range(args.steps):
+        if args.target == "ode" and visited is not None and step == args.student_visits_at:
+            v, tg = student_visits(unet, teacher, text_encoder, tok, prompts, states[:, -1], empty, setup, args)
+            visited, targets = torch.cat([visited, v], 1), torch.cat([targets, tg], 1)
+            setup.visit_t = torch.cat([setup.visit_t, setup.visit_t])
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         idx = torch.randint(0, len(prompts), (args.batch,), generator=g)
@@ -285,6 +326,10 @@ def main(argv=None):
     ap.add_argument("--visit-steps", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
                     help="ode: comma list of LCM step counts whose sampler states (a clean end noised again to each "
                          "timestep the sampler visits) are solved by the teacher and trained on, e.g. 4 or 2,4,8")
+    ap.add_argument("--student-visits-at", type=int, default=-1,
+                    help="ode, with --visit-steps: at this training step, add the states the sampler reaches with "
+                         "the student as it is then (its prediction noised again), each solved by the teacher")
+    ap.add_argument("--init-lora", type=Path, help="start from this adapter (this script's output, same --rank)")
     ap.add_argument("--cache", type=Path, help="ode: file that keeps the teacher's trajectories between runs")
     ap.add_argument("--visit-frac", type=float, default=0.5, help="ode: share of each batch on those states")
     ap.add_argument("--eval-lora-only", action="store_true",
@@ -297,8 +342,8 @@ def main(argv=None):
     prompts = json.loads((args.base / "eval_prompts.json").read_text())
     prompts = prompts[:args.eval_n] if args.eval_n else prompts
     if args.eval_only:
-        print(json.dumps({k: {m: v for m, v in r.items() if m != "found_colours"}
-                          for k, r in evaluate(args.base, args.lora, prompts, base_runs=not args.eval_lora_only).items()}, indent=1))
+        res = evaluate(args.base, args.lora, prompts, base_runs=not args.eval_lora_only)
+        print(json.dumps({k: {m: v for m, v in r.items() if m != "found_colours"} for k, r in res.items()}, indent=1))
         return
 
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel

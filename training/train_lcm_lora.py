@@ -18,7 +18,8 @@ state of a 50-step guided trajectory from pure noise maps to where it ends. `--v
 the LCM sampler itself visits at 4 steps (759, 499, 259): after its first step the sampler never sits on such
 a trajectory, it noises its clean prediction again with fresh noise, so those states are made the same way
 (from the teacher's end, and with `--student-visits-at` from the student's own predictions) and the teacher
-solves each to its end. `--cache` keeps the trajectories between runs; `--init-lora` goes on from a run.
+solves each to its end. `--cache` keeps the trajectories between runs; `--init-lora` goes on from a run;
+`--pixel-loss` adds an L1 loss on the decoded pixels of part of each batch.
 The LoRA is saved with diffusers' own `save_lora_weights` in PEFT's key names (`get_peft_model_state_dict` as it
 is, PEFT's config in the metadata), so diffusers and fastsd both load every layer of it. (Passed through
 `convert_state_dict_to_diffusers` first, only the attention keys get renamed (`to_k.lora.down`), and diffusers
@@ -189,7 +190,7 @@ def student_visits(unet, teacher, text_encoder, tok, prompts, starts, empty, set
     return torch.cat(visited), torch.cat(targets)
 
 
-def train(unet, text_encoder, tok, prompts, means, stds, scale, args):
+def train(unet, text_encoder, tok, prompts, means, stds, scale, args, vae=None):
     setup = Setup(args)
     grid, k = setup.grid, setup.k
     teacher = copy.deepcopy(unet).eval().requires_grad_(False)
@@ -243,7 +244,14 @@ def train(unet, text_encoder, tok, prompts, means, stds, scale, args):
             with torch.no_grad():
                 x_prev, _ = setup.ddim_step(teacher, x_t, t, t_prev, cond, empty, args.guidance)
                 target = setup.consistency(unet, x_prev, t_prev, cond)
-        loss = pseudo_huber(setup.consistency(unet, x_t, t, cond), target)
+        pred = setup.consistency(unet, x_t, t, cond)
+        loss = pseudo_huber(pred, target)
+        if args.pixel_loss:
+            # the same distance on the decoded pixels of the first --pixel-n of the batch (the frozen VAE): a
+            # latent error on a small shape is a few latent pixels but a whole shape's colour in the image
+            n_px = args.pixel_n
+            dec = vae.decode(torch.cat([pred[:n_px], target[:n_px]]) / scale).sample
+            loss = loss + args.pixel_loss * (dec[:n_px] - dec[n_px:].detach()).abs().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -329,6 +337,9 @@ def main(argv=None):
     ap.add_argument("--student-visits-at", type=int, default=-1,
                     help="ode, with --visit-steps: at this training step, add the states the sampler reaches with "
                          "the student as it is then (its prediction noised again), each solved by the teacher")
+    ap.add_argument("--pixel-loss", type=float, default=0.0,
+                    help="weight of an L1 loss on decoded pixels (the frozen VAE) added to the latent loss")
+    ap.add_argument("--pixel-n", type=int, default=8, help="with --pixel-loss: how many of each batch are decoded")
     ap.add_argument("--init-lora", type=Path, help="start from this adapter (this script's output, same --rank)")
     ap.add_argument("--cache", type=Path, help="ode: file that keeps the teacher's trajectories between runs")
     ap.add_argument("--visit-frac", type=float, default=0.5, help="ode: share of each batch on those states")
@@ -364,7 +375,7 @@ def main(argv=None):
     else:
         train_prompts, means, stds = encode_dataset(vae, rng, held_out_triples(), args.scenes)
     t_enc = time.time() - t0
-    loss = train(unet, text_encoder, tok, train_prompts, means, stds, vae.config.scaling_factor, args)
+    loss = train(unet, text_encoder, tok, train_prompts, means, stds, vae.config.scaling_factor, args, vae)
     t_train = time.time() - t0 - t_enc
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"{NAME}.safetensors"

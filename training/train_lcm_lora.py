@@ -13,6 +13,13 @@ written out here for the shapes model (same maths, no accelerate/webdataset):
   - target: the student itself (no gradient) at the teacher's DDIM step t - k from x_t;
   - loss: pseudo-Huber (c = 0.001) between the two, on latents of scenes drawn by training/shapes_data.py and
     encoded once by the frozen VAE (never the held-out (colour, shape, position) combinations).
+With `--target ode` (the runs in docs/few-step.md) the targets are the teacher's own ODE ends instead: every
+state of a 50-step guided trajectory from pure noise maps to where it ends. `--visit-steps 4` adds the states
+the LCM sampler itself visits at 4 steps (759, 499, 259): after its first step the sampler never sits on such
+a trajectory, it noises its clean prediction again with fresh noise, so those states are made the same way
+(from the teacher's end, and with `--student-visits-at` from the student's own predictions) and the teacher
+solves each to its end. `--cache` keeps the trajectories between runs; `--init-lora` goes on from a run;
+`--pixel-loss` adds an L1 loss on the decoded pixels of part of each batch.
 The LoRA is saved with diffusers' own `save_lora_weights` in PEFT's key names (`get_peft_model_state_dict` as it
 is, PEFT's config in the metadata), so diffusers and fastsd both load every layer of it. (Passed through
 `convert_state_dict_to_diffusers` first, only the attention keys get renamed (`to_k.lora.down`), and diffusers
@@ -68,6 +75,14 @@ class Setup:
         self.alpha_bar = self.sched.alphas_cumprod
         self.k = SCHEDULE["num_train_timesteps"] // args.ddim_steps
         self.grid = torch.arange(1, args.ddim_steps + 1) * self.k - 1  # 19, 39, ..., 999: LCM's original timesteps
+        # the timesteps LCMScheduler visits after its first at each of --visit-steps (4: 759, 499, 259), taken
+        # from the scheduler itself so that training sees exactly the states the sampler will
+        self.chains = []
+        for n in args.visit_steps:
+            s = LCMScheduler(**SCHEDULE, original_inference_steps=args.ddim_steps)
+            s.set_timesteps(n)
+            self.chains.append([int(t) for t in s.timesteps[1:]])
+        self.visit_t = torch.tensor([t for c in self.chains for t in c], dtype=torch.long)
 
     def consistency(self, unet, x, t, cond):
         """f(x_t, t) = c_skip(t) x_t + c_out(t) x0(x_t, t): the LCM sampler's `denoised`."""
@@ -85,11 +100,26 @@ class Setup:
 
 
 @torch.no_grad()
+def solve(teacher, x, j, cond, empty, setup, guidance, path=None):
+    """The teacher's probability-flow ODE (guided DDIM over the 50-point grid) from x at grid index j down to
+    t = 0; appends every state it passes (x included) to `path` when given. Returns where it ends."""
+    for jj in range(j, -1, -1):
+        t = setup.grid[jj].repeat(len(x))
+        if path is not None:
+            path.append(x)
+        x, _ = setup.ddim_step(teacher, x, t, (t - setup.k).clamp(min=0), cond, empty, guidance)
+    return x
+
+
+@torch.no_grad()
 def teacher_trajectories(teacher, text_encoder, tok, prompts, empty, setup, args):
-    """The teacher's probability-flow ODE (guided DDIM over the 50-point grid, 999 -> 0) from pure noise, one per
-    prompt: the state at every grid timestep and where the trajectory ends. Every state's target is its end."""
+    """The teacher's ODE from pure noise, one per prompt: the state at every grid timestep and where it ends
+    (every state's target is its end). Then, for the LCM sampler's own states (`setup.visits`), the chain the
+    sampler walks: the previous end noised again to the next visited timestep with fresh noise, as
+    LCMScheduler.step does, and solved from there. The sampler never sees a state on the first ODE path after
+    its first step: it sees a clean prediction noised again, so those states are trained on what they are."""
     g = torch.Generator().manual_seed(args.seed + 1)
-    states, ends = [], []
+    states, ends, visited, targets = [], [], [], []
     t0 = time.time()
     for i in range(0, len(prompts), args.ode_batch):
         ids = tok(prompts[i:i + args.ode_batch], padding="max_length", max_length=MAX_LEN, truncation=True,
@@ -97,23 +127,80 @@ def teacher_trajectories(teacher, text_encoder, tok, prompts, empty, setup, args
         cond = text_encoder(ids).last_hidden_state
         x = torch.randn((len(ids), 4, 8, 8), generator=g)  # LCMScheduler's start: init_noise_sigma 1 at t=999
         path = []
-        for j in range(len(setup.grid) - 1, -1, -1):
-            t = setup.grid[j].repeat(len(ids))
-            t_prev = (t - setup.k).clamp(min=0)
-            path.append(x)
-            x, _ = setup.ddim_step(teacher, x, t, t_prev, cond, empty, args.guidance)
+        end = solve(teacher, x, len(setup.grid) - 1, cond, empty, setup, args.guidance, path)
         states.append(torch.stack(path[::-1], 1))  # [b, grid, 4, 8, 8], grid ascending
-        ends.append(x)
+        ends.append(end)
+        vis, tgt = [], []
+        for chain in setup.chains:  # one per sampler step count; 999 left out: its states are the paths' starts
+            prev = end
+            for t in chain:
+                a = setup.alpha_bar[t]
+                x = a.sqrt() * prev + (1 - a).sqrt() * torch.randn(prev.shape, generator=g)
+                prev = solve(teacher, x, int(t + 1) // setup.k - 1, cond, empty, setup, args.guidance)
+                vis.append(x)
+                tgt.append(prev)
+        if vis:
+            visited.append(torch.stack(vis, 1))
+            targets.append(torch.stack(tgt, 1))
         print(f"trajectories {i + len(ids)}/{len(prompts)} {time.time() - t0:.0f} s", flush=True)
-    return torch.cat(states), torch.cat(ends)
+    cat = (lambda xs: torch.cat(xs) if xs else None)
+    return torch.cat(states), torch.cat(ends), cat(visited), cat(targets)
 
 
-def train(unet, text_encoder, tok, prompts, means, stds, scale, args):
+def cached_trajectories(teacher, text_encoder, tok, prompts, empty, setup, args):
+    """teacher_trajectories, kept in --cache: they depend only on the prompts, the seed, the guidance and the
+    grids, and take most of a run's time, so runs that change only the student's training reuse them."""
+    key = {"prompts": prompts, "seed": args.seed, "guidance": args.guidance, "ddim_steps": args.ddim_steps,
+           "visit_steps": args.visit_steps, "ode_batch": args.ode_batch}
+    if args.cache and args.cache.exists():
+        saved = torch.load(args.cache)
+        if saved["key"] == key:
+            print(f"trajectories from {args.cache}", flush=True)
+            return saved["states"], saved["ends"], saved["visited"], saved["targets"]
+    out = teacher_trajectories(teacher, text_encoder, tok, prompts, empty, setup, args)
+    if args.cache:
+        args.cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(dict(zip(("states", "ends", "visited", "targets"), out), key=key), args.cache)
+    return out
+
+
+@torch.no_grad()
+def student_visits(unet, teacher, text_encoder, tok, prompts, starts, empty, setup, args):
+    """The states the LCM sampler reaches with the student as it is now (its own prediction noised again, not the
+    teacher's end), each with the teacher's end from there: the sampler's states once the student is close,
+    which the teacher's own ends only approximate."""
+    g = torch.Generator().manual_seed(args.seed + 2)
+    visited, targets = [], []
+    for i in range(0, len(prompts), args.ode_batch):
+        cond = text_encoder(tok(prompts[i:i + args.ode_batch], padding="max_length", max_length=MAX_LEN,
+                                truncation=True, return_tensors="pt").input_ids).last_hidden_state
+        first = starts[i:i + args.ode_batch]
+        vis, tgt = [], []
+        for chain in setup.chains:
+            d = setup.consistency(unet, first, setup.grid[-1].repeat(len(first)), cond)
+            for t in chain:
+                a = setup.alpha_bar[t]
+                x = a.sqrt() * d + (1 - a).sqrt() * torch.randn(d.shape, generator=g)
+                vis.append(x)
+                tgt.append(solve(teacher, x, int(t + 1) // setup.k - 1, cond, empty, setup, args.guidance))
+                d = setup.consistency(unet, x, torch.full((len(x),), t), cond)
+        visited.append(torch.stack(vis, 1))
+        targets.append(torch.stack(tgt, 1))
+        print(f"student's sampler states {i + len(first)}/{len(prompts)}", flush=True)
+    return torch.cat(visited), torch.cat(targets)
+
+
+def train(unet, text_encoder, tok, prompts, means, stds, scale, args, vae=None):
     setup = Setup(args)
     grid, k = setup.grid, setup.k
     teacher = copy.deepcopy(unet).eval().requires_grad_(False)
     from peft import LoraConfig
     unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=UNET_TARGETS))
+    if args.init_lora:  # go on from an earlier run's adapter (same rank), e.g. with its own sampler states
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+        state = {name.removeprefix("unet."): w for name, w in load_file(args.init_lora).items()}
+        assert not set_peft_model_state_dict(unet, state).unexpected_keys
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     ema = [p.detach().clone() for p in params]
@@ -122,10 +209,14 @@ def train(unet, text_encoder, tok, prompts, means, stds, scale, args):
         empty = text_encoder(tok([""], padding="max_length", max_length=MAX_LEN,
                                  return_tensors="pt").input_ids).last_hidden_state
     if args.target == "ode":
-        states, ends = teacher_trajectories(teacher, text_encoder, tok, prompts, empty, setup, args)
+        states, ends, visited, targets = cached_trajectories(teacher, text_encoder, tok, prompts, empty, setup, args)
     g = torch.Generator().manual_seed(args.seed)
     ema_loss, t0 = None, time.time()
     for step in range(args.steps):
+        if args.target == "ode" and visited is not None and step == args.student_visits_at:
+            v, tg = student_visits(unet, teacher, text_encoder, tok, prompts, states[:, -1], empty, setup, args)
+            visited, targets = torch.cat([visited, v], 1), torch.cat([targets, tg], 1)
+            setup.visit_t = torch.cat([setup.visit_t, setup.visit_t])
         for grp in opt.param_groups:
             grp["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
         idx = torch.randint(0, len(prompts), (args.batch,), generator=g)
@@ -136,13 +227,31 @@ def train(unet, text_encoder, tok, prompts, means, stds, scale, args):
         if args.target == "ode":
             # the consistency function's definition: every state of a trajectory maps to where it ends
             x_t, target = states[idx, n], ends[idx]
+            if visited is not None and args.visit_frac > 0:
+                # a share of the batch on the sampler's own states: its start (999, the path's first state, m = 0)
+                # or a clean end noised again to a timestep it visits, each with the teacher's end from there
+                on = torch.rand(args.batch, generator=g) < args.visit_frac
+                m = torch.randint(0, len(setup.visit_t) + 1, (args.batch,), generator=g)
+                n = torch.where(on & (m == 0), len(grid) - 1, n)
+                x_t, t = states[idx, n], grid[n]
+                sel, mm = (on & (m > 0)), (m - 1).clamp(min=0)
+                x_t = torch.where(sel.view(-1, 1, 1, 1), visited[idx, mm], x_t)
+                target = torch.where(sel.view(-1, 1, 1, 1), targets[idx, mm], target)
+                t = torch.where(sel, setup.visit_t[mm], t)
         else:  # diffusers' LCM-LoRA recipe: one guided DDIM step of the teacher, the student's own output there
             z = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)) * scale
             x_t = setup.sched.add_noise(z, torch.randn(z.shape, generator=g), t)
             with torch.no_grad():
                 x_prev, _ = setup.ddim_step(teacher, x_t, t, t_prev, cond, empty, args.guidance)
                 target = setup.consistency(unet, x_prev, t_prev, cond)
-        loss = pseudo_huber(setup.consistency(unet, x_t, t, cond), target)
+        pred = setup.consistency(unet, x_t, t, cond)
+        loss = pseudo_huber(pred, target)
+        if args.pixel_loss:
+            # the same distance on the decoded pixels of the first --pixel-n of the batch (the frozen VAE): a
+            # latent error on a small shape is a few latent pixels but a whole shape's colour in the image
+            n_px = args.pixel_n
+            dec = vae.decode(torch.cat([pred[:n_px], target[:n_px]]) / scale).sample
+            loss = loss + args.pixel_loss * (dec[:n_px] - dec[n_px:].detach()).abs().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -178,13 +287,14 @@ def generate(base: Path, prompts, *, lora: Path | None, scheduler: str | None, s
     return images
 
 
-def evaluate(base: Path, lora: Path | None, prompts: list[str], few_steps=(2, 4, 8)) -> dict:
+def evaluate(base: Path, lora: Path | None, prompts: list[str], few_steps=(2, 4, 8), base_runs=True) -> dict:
     """The judge's accuracy of the base model (50 PNDM steps, guidance 7.5) and of the LoRA (LCM, guidance 1)."""
     from eval_shapes import score
-    runs = {"base 50 steps pndm guidance 7.5": dict(lora=None, scheduler=None, steps=50, guidance=7.5),
-            "base 50 steps ddim guidance 7.5": dict(lora=None, scheduler="ddim", steps=50, guidance=7.5),
-            "base 4 steps pndm guidance 7.5": dict(lora=None, scheduler=None, steps=4, guidance=7.5),
-            "base 4 steps lcm guidance 1": dict(lora=None, scheduler="lcm", steps=4, guidance=1.0)}
+    runs = {} if not base_runs else {
+        "base 50 steps pndm guidance 7.5": dict(lora=None, scheduler=None, steps=50, guidance=7.5),
+        "base 50 steps ddim guidance 7.5": dict(lora=None, scheduler="ddim", steps=50, guidance=7.5),
+        "base 4 steps pndm guidance 7.5": dict(lora=None, scheduler=None, steps=4, guidance=7.5),
+        "base 4 steps lcm guidance 1": dict(lora=None, scheduler="lcm", steps=4, guidance=1.0)}
     if lora is not None:
         runs.update({f"lcm-lora {n} steps lcm guidance 1": dict(lora=lora, scheduler="lcm", steps=n, guidance=1.0)
                      for n in few_steps})
@@ -221,6 +331,20 @@ def main(argv=None):
     ap.add_argument("--ema", type=float, default=0.995, help="EMA decay of the saved LoRA weights")
     ap.add_argument("--guidance", type=float, default=7.5, help="the teacher's classifier-free guidance")
     ap.add_argument("--ddim-steps", type=int, default=50, help="the teacher's DDIM grid (LCM's original_inference_steps)")
+    ap.add_argument("--visit-steps", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
+                    help="ode: comma list of LCM step counts whose sampler states (a clean end noised again to each "
+                         "timestep the sampler visits) are solved by the teacher and trained on, e.g. 4 or 2,4,8")
+    ap.add_argument("--student-visits-at", type=int, default=-1,
+                    help="ode, with --visit-steps: at this training step, add the states the sampler reaches with "
+                         "the student as it is then (its prediction noised again), each solved by the teacher")
+    ap.add_argument("--pixel-loss", type=float, default=0.0,
+                    help="weight of an L1 loss on decoded pixels (the frozen VAE) added to the latent loss")
+    ap.add_argument("--pixel-n", type=int, default=8, help="with --pixel-loss: how many of each batch are decoded")
+    ap.add_argument("--init-lora", type=Path, help="start from this adapter (this script's output, same --rank)")
+    ap.add_argument("--cache", type=Path, help="ode: file that keeps the teacher's trajectories between runs")
+    ap.add_argument("--visit-frac", type=float, default=0.5, help="ode: share of each batch on those states")
+    ap.add_argument("--eval-lora-only", action="store_true",
+                    help="judge only the adapter (the base model's rows are in docs/few-step.md)")
     ap.add_argument("--eval-only", action="store_true")
     ap.add_argument("--lora", type=Path, help="with --eval-only: the adapter to score")
     ap.add_argument("--eval-n", type=int, default=0, help="judge the first N evaluation prompts only (0: all 60)")
@@ -229,8 +353,8 @@ def main(argv=None):
     prompts = json.loads((args.base / "eval_prompts.json").read_text())
     prompts = prompts[:args.eval_n] if args.eval_n else prompts
     if args.eval_only:
-        print(json.dumps({k: {m: v for m, v in r.items() if m != "found_colours"}
-                          for k, r in evaluate(args.base, args.lora, prompts).items()}, indent=1))
+        res = evaluate(args.base, args.lora, prompts, base_runs=not args.eval_lora_only)
+        print(json.dumps({k: {m: v for m, v in r.items() if m != "found_colours"} for k, r in res.items()}, indent=1))
         return
 
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
@@ -251,7 +375,7 @@ def main(argv=None):
     else:
         train_prompts, means, stds = encode_dataset(vae, rng, held_out_triples(), args.scenes)
     t_enc = time.time() - t0
-    loss = train(unet, text_encoder, tok, train_prompts, means, stds, vae.config.scaling_factor, args)
+    loss = train(unet, text_encoder, tok, train_prompts, means, stds, vae.config.scaling_factor, args, vae)
     t_train = time.time() - t0 - t_enc
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"{NAME}.safetensors"
@@ -259,7 +383,7 @@ def main(argv=None):
         str(args.out), weight_name=name, safe_serialization=True,
         unet_lora_layers=get_peft_model_state_dict(unet),
         unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
-    res = evaluate(args.base, args.out / name, prompts)
+    res = evaluate(args.base, args.out / name, prompts, base_runs=not args.eval_lora_only)
     stats = {"command": "python training/train_lcm_lora.py " + " ".join(argv if argv is not None else sys.argv[1:]),
              "args": {k: str(v) for k, v in vars(args).items()}, "unet_targets": UNET_TARGETS,
              "final_loss": round(loss, 6), "bytes": (args.out / name).stat().st_size,

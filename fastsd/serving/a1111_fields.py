@@ -170,17 +170,15 @@ def translate(body, limits: Limits, model: str, img2img: bool, kind: str | None 
     negative = body.get("negative_prompt")
     fields = {"prompt": prompt, "negative_prompt": None if negative is None else [negative], "parameters": params}
     job = Job(fields, a1111_name, schedule, seed, steps, cfg, n, ignored)
+    if img2img and body.get("noise_level") is not None:
+        params["noise_level"] = body["noise_level"]  # an upscaler's; the replica refuses it to any other model
     if img2img and kind == "upscale":
         if body.get("denoising_strength") is not None:
             ignored["denoising_strength"] = body["denoising_strength"]
-        if body.get("noise_level") is not None:
-            params["noise_level"] = body["noise_level"]
         _upscaler_image(body, params, fields, limits, ignored)
     elif img2img:
         strength = body.get("denoising_strength")
         job.denoising_strength = params["strength"] = DEFAULT_STRENGTH if strength is None else strength
-        if body.get("noise_level") is not None:
-            params["noise_level"] = body["noise_level"]  # refused by the replica: not an upscaler deployment
         _images(body, params, fields, limits)
     return job
 

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 from ray import serve
 
-from .config import RayAppConfig
+from .config import ENGINE, INGRESS, RayAppConfig
 from .engine import EngineReplica
 from .ingress import Ingress
-
-ENGINE, INGRESS = "FastSDEngine", "FastSDIngress"
 
 
 def build_app(args: dict):

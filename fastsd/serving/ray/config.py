@@ -38,6 +38,8 @@ from ..folders import NAME_RE
 from ..request import Limits
 from ..spec import DeploymentSpec
 
+ENGINE, INGRESS = "FastSDEngine", "FastSDIngress"  # the application's two deployments (app.py)
+
 REPLICA_ARGS = ("num_replicas", "min_replicas", "max_replicas", "target_ongoing_requests")
 ARGS = ("model", "name", "profile", "dtype", "device", "lora_dir", *REPLICA_ARGS, "max_batch", "batch_wait_ms",
         "max_ongoing_requests", "max_queued_requests", "ray_actor_options", "num_cpus", "num_gpus", "threads",

@@ -33,6 +33,7 @@ from ..gateway import ApiError, Gateway
 from ..processes import TOKEN_ENV
 from ..rest import create_app
 from ..spec import DeploymentSpec
+from .config import ENGINE
 
 log = logging.getLogger("fastsd.serving.ray")
 RETRY_AFTER_S = 2      # told on a 503 when no engine replica answered
@@ -137,7 +138,7 @@ class RayGateway(Gateway):
             from ray import serve
             try:
                 app = serve.status().applications.get(self.app_name)
-                dep = app.deployments.get("FastSDEngine") if app else None
+                dep = app.deployments.get(ENGINE) if app else None
                 states = {str(getattr(k, "value", k)): v for k, v in (dep.replica_states if dep else {}).items()}
             except Exception:  # noqa: BLE001 - the controller not answering is "unknown", not a failed probe
                 log.exception("serve.status() failed")

@@ -78,6 +78,7 @@ def summarise(records: list[dict], offered: float, seconds: float) -> dict:
             "other": sum(1 for r in records if r["status"] not in (200, 429, 503) and r["status"]),
             "other_5xx": sum(1 for r in records if r["status"] >= 500 and r["status"] != 503),
             "lost": sum(1 for r in records if not r["status"]),
+            "lost_errors": sorted({r.get("error") or "?" for r in records if not r["status"]})[:3],  # the client's
             "accepted_rps": round(len(ok) / seconds, 2),
             "p50_s": percentile(ok, 50), "p99_s": percentile(ok, 99), "max_s": max(ok) if ok else None}
 
@@ -117,7 +118,7 @@ def check(summary: dict) -> list[str]:
     if summary["shed"] != summary["shed_with_retry_after"]:
         bad.append(f"{summary['shed'] - summary['shed_with_retry_after']} refusals without Retry-After")
     if summary["lost"]:
-        bad.append(f"{summary['lost']} requests lost (no HTTP answer)")
+        bad.append(f"{summary['lost']} requests lost (no HTTP answer: {'; '.join(summary.get('lost_errors') or [])})")
     if summary["p99_s"] is not None and summary["p99_s"] >= summary["timeout_s"]:
         bad.append(f"p99 of the accepted {summary['p99_s']:.2f} s is not under --timeout {summary['timeout_s']:g} s")
     if not summary["accepted"]:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from fastsd.serving.client import running_spec
 from fastsd.serving.processes import TOKEN_ENV
+from fastsd.serving.slowloris import KEEP_ALIVE_S
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 PACING = 2.0  # mean seconds a user waits between an answer and its next request
@@ -95,7 +96,8 @@ def run(name: str, factor: float = 2.0, seconds: float = 60.0, steps: int = 4, p
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "records.json"
         env = dict(os.environ, FASTSD_LOAD_PACING=str(users / offered), FASTSD_LOAD_STEPS=str(steps),
-                   FASTSD_LOAD_OUT=str(out), **({"FASTSD_LOAD_TOKEN": token} if token else {}))
+                   FASTSD_LOAD_OUT=str(out),
+                   FASTSD_LOAD_REOPEN_AFTER=str(KEEP_ALIVE_S - 1), **({"FASTSD_LOAD_TOKEN": token} if token else {}))
         argv = [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "-u", str(users), "-r",
                 f"{offered:.3f}", "--run-time", f"{seconds:g}s", "--stop-timeout", f"{spec.limits.timeout + 10:g}",
                 "--host", f"http://127.0.0.1:{spec.rest_port}", "--only-summary", "--loglevel", "WARNING"]

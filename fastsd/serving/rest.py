@@ -20,7 +20,7 @@ capped by --timeout), load shedding (429/503 with Retry-After), body limits and 
 when the client goes away (499 in the access log), and the one error body
 {"error": "<plain message>", "request_id": "...", ...}; the statuses are listed there.
 The HTTP server (uvicorn) closes a connection whose headers do not arrive within HEADER_TIMEOUT seconds
-and takes at most MAX_CONNECTIONS at once (slowloris.py).
+and takes at most MAX_CONNECTIONS at once; an idle kept-alive connection closes after KEEP_ALIVE_S (slowloris.py).
 """
 
 import json
@@ -169,9 +169,7 @@ def main(argv=None) -> int:
     slowloris.install_log_limits()
     slowloris.GuardedH11Protocol.limit = slowloris.max_connections()
     tls = {"ssl_certfile": spec.tls_cert, "ssl_keyfile": spec.tls_key} if spec.tls_cert else {}
-    config = uvicorn.Config(app, host=spec.host, port=spec.rest_port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=5, http=slowloris.GuardedH11Protocol, **tls)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(slowloris.server_config(app, spec.host, spec.rest_port, **tls))
 
     def stop():
         server.should_exit = True

@@ -10,6 +10,7 @@ asyncio logs an accept error in a loop. So the gateway runs uvicorn with `Guarde
   its hard limit at start); at the limit a new connection closes the oldest one still waiting for its
   headers (a slow client, not a request in progress), or is itself closed when there is none, so a
   health check still gets in while slow clients hold every slot;
+- an idle kept-alive connection is closed after KEEP_ALIVE_S (`server_config` sets both for the gateway);
 - every such refusal is logged at most once per second (`RateLimited`, with a count of the lines left
   out), and so are asyncio's and uvicorn's own error lines.
 """
@@ -22,6 +23,11 @@ import time
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 HEADER_TIMEOUT = 10.0
+# An idle kept-alive connection is closed after this many seconds (uvicorn's default, named so clients and the
+# load test can see it). Keep it under HEADER_TIMEOUT: the header timer also runs while a connection idles.
+# A client that sends just as the server closes gets a reset (the HTTP/1.1 keep-alive race): clients that
+# idle longer than KEEP_ALIVE_S - 1 should open a new connection, or retry a reset once.
+KEEP_ALIVE_S = 5.0
 MAX_CONNECTIONS = 1024
 log = logging.getLogger("fastsd.serving.slowloris")
 
@@ -64,6 +70,13 @@ def install_log_limits() -> None:
     limit = RateLimited()
     for name in ("asyncio", "uvicorn.error", log.name):
         logging.getLogger(name).addFilter(limit)
+
+
+def server_config(app, host: str, port: int, **kw):
+    """The gateway's uvicorn settings: this module's protocol and keep-alive, a 5 s graceful shutdown."""
+    import uvicorn
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                          timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE_S, http=GuardedH11Protocol, **kw)
 
 
 class GuardedH11Protocol(H11Protocol):

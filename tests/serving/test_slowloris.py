@@ -55,8 +55,8 @@ def server(monkeypatch):
     def health():
         return {"status": "ok"}
     slowloris.install_log_limits()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                        http=slowloris.GuardedH11Protocol))
+    monkeypatch.setattr(slowloris, "KEEP_ALIVE_S", 0.5)
+    srv = uvicorn.Server(slowloris.server_config(app, "127.0.0.1", port))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     assert _wait(lambda: ports.port_answers(port))
@@ -69,6 +69,19 @@ def get(port, path="/health", timeout=3.0):
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
         return s.recv(4096).split(b"\r\n", 1)[0]
+
+
+def read_response(sock) -> bytes:
+    """One whole response (headers and a Content-Length body), so that nothing of it is left on the socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(4096)
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = int(next(v for k, _, v in (h.partition(b":") for h in head.split(b"\r\n")[1:])
+                      if k.strip().lower() == b"content-length"))
+    while len(body) < length:
+        body += sock.recv(4096)
+    return data
 
 
 def closed(sock) -> bool:
@@ -105,6 +118,19 @@ def test_trickling_headers_are_closed_and_health_answers(server, caplog):
     assert 0 < len(refusals) <= 2 * 3 + 2, [r.getMessage() for r in refusals]  # at most ~1 a second per kind
     for s in slow:
         s.close()
+
+
+def test_idle_kept_alive_connection_closes_after_keep_alive(server, monkeypatch):
+    """The keep-alive the gateway names (KEEP_ALIVE_S, 0.5 s here) is the one its server applies: a connection
+    idle for less is reused, one idle for longer is closed by the server (clients reopen; locustfile.py)."""
+    monkeypatch.setattr(slowloris, "HEADER_TIMEOUT", 5.0)  # so that the header timer cannot be what closes it
+    with socket.create_connection(("127.0.0.1", server["port"]), timeout=3) as s:
+        for _ in range(2):
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_response(s).startswith(b"HTTP/1.1 200")
+            time.sleep(0.2)
+            assert not closed(s)
+        assert _wait(lambda: closed(s), timeout=3)
 
 
 def test_trickling_body_gets_408(server):

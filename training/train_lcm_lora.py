@@ -83,6 +83,28 @@ class Setup:
             s.set_timesteps(n)
             self.chains.append([int(t) for t in s.timesteps[1:]])
         self.visit_t = torch.tensor([t for c in self.chains for t in c], dtype=torch.long)
+        s = LCMScheduler(**SCHEDULE, original_inference_steps=args.ddim_steps)
+        s.set_timesteps(max(args.unroll_steps, 1))
+        self.unroll_chain = [int(t) for t in s.timesteps[1:]]
+
+    def sample(self, unet, x, cond, g, sampler="lcm"):
+        """The sampler itself, differentiable. lcm: f at 999, then its prediction noised again to each timestep
+        of `unroll_chain` with fresh noise and predicted again (LCMScheduler.step); returns the last prediction.
+        tcd: TCDScheduler.step at gamma (eta) 0, deterministic: each step's x0 and eps put together again at the
+        next timestep (at the end, at t = 0), no fresh noise, so the output is a function of the start noise."""
+        if sampler == "tcd":
+            ts = [int(self.grid[-1])] + self.unroll_chain
+            for t, s in zip(ts, ts[1:] + [0]):
+                eps = unet(x, torch.full((len(x),), t), cond).sample
+                x0 = x0_from_eps(x, eps, self.alpha_bar[t].repeat(len(x)))
+                x = self.alpha_bar[s].sqrt() * x0 + (1 - self.alpha_bar[s]).sqrt() * eps
+            return x
+        d = self.consistency(unet, x, self.grid[-1].repeat(len(x)), cond)
+        for t in self.unroll_chain:
+            a = self.alpha_bar[t]
+            d = self.consistency(unet, a.sqrt() * d + (1 - a).sqrt() * torch.randn(d.shape, generator=g),
+                                 torch.full((len(x),), t), cond)
+        return d
 
     def consistency(self, unet, x, t, cond):
         """f(x_t, t) = c_skip(t) x_t + c_out(t) x0(x_t, t): the LCM sampler's `denoised`."""
@@ -252,6 +274,18 @@ def train(unet, text_encoder, tok, prompts, means, stds, scale, args, vae=None):
             n_px = args.pixel_n
             dec = vae.decode(torch.cat([pred[:n_px], target[:n_px]]) / scale).sample
             loss = loss + args.pixel_loss * (dec[:n_px] - dec[n_px:].detach()).abs().mean()
+        if args.unroll_n and args.target == "ode":
+            # the sampler end to end: --unroll-steps LCM steps from a trajectory's start noise, its image against
+            # the teacher's end from the same noise (what the judge looks at: the sampler's output, not one step)
+            ui = torch.randint(0, len(prompts), (args.unroll_n,), generator=g)
+            with torch.no_grad():
+                ucond = text_encoder(ids[ui]).last_hidden_state
+            out = setup.sample(unet, states[ui, -1], ucond, g, args.unroll_sampler)
+            uloss = pseudo_huber(out, ends[ui])
+            if args.pixel_loss:
+                dec = vae.decode(torch.cat([out, ends[ui]]) / scale).sample
+                uloss = uloss + args.pixel_loss * (dec[:len(ui)] - dec[len(ui):].detach()).abs().mean()
+            loss = loss + args.unroll_weight * uloss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -268,7 +302,8 @@ def train(unet, text_encoder, tok, prompts, means, stds, scale, args, vae=None):
     return ema_loss
 
 
-def generate(base: Path, prompts, *, lora: Path | None, scheduler: str | None, steps: int, guidance: float):
+def generate(base: Path, prompts, *, lora: Path | None, scheduler: str | None, steps: int, guidance: float,
+             eta: float = 0.0):
     """diffusers FP32, prompt i with seed i, 64x64; a named scheduler (fastsd's names) from the folder's config."""
     from diffusers import StableDiffusionPipeline
 
@@ -283,11 +318,12 @@ def generate(base: Path, prompts, *, lora: Path | None, scheduler: str | None, s
     for i in range(0, len(prompts), 20):
         gens = [torch.Generator().manual_seed(s) for s in range(i, min(i + 20, len(prompts)))]
         images += pipe(prompts[i:i + 20], num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                       height=64, width=64).images
+                       height=64, width=64, eta=eta).images
     return images
 
 
-def evaluate(base: Path, lora: Path | None, prompts: list[str], few_steps=(2, 4, 8), base_runs=True) -> dict:
+def evaluate(base: Path, lora: Path | None, prompts: list[str], few_steps=(2, 4, 8), base_runs=True,
+             scheduler="lcm", guidance=1.0, eta=0.0) -> dict:
     """The judge's accuracy of the base model (50 PNDM steps, guidance 7.5) and of the LoRA (LCM, guidance 1)."""
     from eval_shapes import score
     runs = {} if not base_runs else {
@@ -296,8 +332,8 @@ def evaluate(base: Path, lora: Path | None, prompts: list[str], few_steps=(2, 4,
         "base 4 steps pndm guidance 7.5": dict(lora=None, scheduler=None, steps=4, guidance=7.5),
         "base 4 steps lcm guidance 1": dict(lora=None, scheduler="lcm", steps=4, guidance=1.0)}
     if lora is not None:
-        runs.update({f"lcm-lora {n} steps lcm guidance 1": dict(lora=lora, scheduler="lcm", steps=n, guidance=1.0)
-                     for n in few_steps})
+        runs.update({f"lcm-lora {n} steps {scheduler} guidance {guidance:g}" + (f" eta {eta:g}" if eta else ""):
+                     dict(lora=lora, scheduler=scheduler, steps=n, guidance=guidance, eta=eta) for n in few_steps})
     out = {}
     for name, kw in runs.items():
         t0 = time.perf_counter()
@@ -340,6 +376,13 @@ def main(argv=None):
     ap.add_argument("--pixel-loss", type=float, default=0.0,
                     help="weight of an L1 loss on decoded pixels (the frozen VAE) added to the latent loss")
     ap.add_argument("--pixel-n", type=int, default=8, help="with --pixel-loss: how many of each batch are decoded")
+    ap.add_argument("--unroll-steps", type=int, default=4, help="ode: the LCM step count --unroll-n samples with")
+    ap.add_argument("--unroll-n", type=int, default=0,
+                    help="ode: per training step, run the whole LCM sampler (differentiably) on this many start noises "
+                         "and add a loss between its output and the teacher's end from the same noise")
+    ap.add_argument("--unroll-sampler", choices=("lcm", "tcd"), default="lcm",
+                    help="the sampler unrolled: lcm (LCMScheduler) or tcd (TCDScheduler at eta 0, deterministic)")
+    ap.add_argument("--unroll-weight", type=float, default=1.0, help="weight of that loss")
     ap.add_argument("--init-lora", type=Path, help="start from this adapter (this script's output, same --rank)")
     ap.add_argument("--cache", type=Path, help="ode: file that keeps the teacher's trajectories between runs")
     ap.add_argument("--visit-frac", type=float, default=0.5, help="ode: share of each batch on those states")
@@ -347,13 +390,17 @@ def main(argv=None):
                     help="judge only the adapter (the base model's rows are in docs/few-step.md)")
     ap.add_argument("--eval-only", action="store_true")
     ap.add_argument("--lora", type=Path, help="with --eval-only: the adapter to score")
+    ap.add_argument("--eval-scheduler", default="lcm", help="with --eval-only: the adapter's sampler (lcm, tcd)")
+    ap.add_argument("--eval-guidance", type=float, default=1.0, help="with --eval-only: the adapter's guidance")
+    ap.add_argument("--eval-eta", type=float, default=0.0, help="with --eval-only: eta (TCD's gamma)")
     ap.add_argument("--eval-n", type=int, default=0, help="judge the first N evaluation prompts only (0: all 60)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     prompts = json.loads((args.base / "eval_prompts.json").read_text())
     prompts = prompts[:args.eval_n] if args.eval_n else prompts
     if args.eval_only:
-        res = evaluate(args.base, args.lora, prompts, base_runs=not args.eval_lora_only)
+        res = evaluate(args.base, args.lora, prompts, base_runs=not args.eval_lora_only,
+                       scheduler=args.eval_scheduler, guidance=args.eval_guidance, eta=args.eval_eta)
         print(json.dumps({k: {m: v for m, v in r.items() if m != "found_colours"} for k, r in res.items()}, indent=1))
         return
 

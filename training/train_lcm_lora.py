@@ -390,9 +390,9 @@ def main(argv=None):
                     help="judge only the adapter (the base model's rows are in docs/few-step.md)")
     ap.add_argument("--eval-only", action="store_true")
     ap.add_argument("--lora", type=Path, help="with --eval-only: the adapter to score")
-    ap.add_argument("--eval-scheduler", default="lcm", help="with --eval-only: the adapter's sampler (lcm, tcd)")
-    ap.add_argument("--eval-guidance", type=float, default=1.0, help="with --eval-only: the adapter's guidance")
-    ap.add_argument("--eval-eta", type=float, default=0.0, help="with --eval-only: eta (TCD's gamma)")
+    ap.add_argument("--eval-scheduler", default="lcm", help="the evaluation's sampler for the adapter (lcm, tcd)")
+    ap.add_argument("--eval-guidance", type=float, default=1.0, help="the evaluation's guidance for the adapter")
+    ap.add_argument("--eval-eta", type=float, default=0.0, help="the evaluation's eta (TCD's gamma)")
     ap.add_argument("--eval-n", type=int, default=0, help="judge the first N evaluation prompts only (0: all 60)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -430,7 +430,8 @@ def main(argv=None):
         str(args.out), weight_name=name, safe_serialization=True,
         unet_lora_layers=get_peft_model_state_dict(unet),
         unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
-    res = evaluate(args.base, args.out / name, prompts, base_runs=not args.eval_lora_only)
+    res = evaluate(args.base, args.out / name, prompts, base_runs=not args.eval_lora_only,
+                   scheduler=args.eval_scheduler, guidance=args.eval_guidance, eta=args.eval_eta)
     stats = {"command": "python training/train_lcm_lora.py " + " ".join(argv if argv is not None else sys.argv[1:]),
              "args": {k: str(v) for k, v in vars(args).items()}, "unet_targets": UNET_TARGETS,
              "final_loss": round(loss, 6), "bytes": (args.out / name).stat().st_size,

@@ -103,11 +103,12 @@ def register(subparsers, parents):
                         "only, with its inpainting UNet; a 4-channel model inpaints the diffusers way")
     b.add_argument("--strength", type=float,
                    help="img2img / inpaint: how much is repainted, in (0, 1] (default 0.8 for img2img, 1.0 for inpaint)")
-    b.add_argument("--few-step", action="store_true",
-                   help="also time every configuration at LCM, 4 steps, guidance 1 (one UNet call per step, no "
-                        "classifier-free guidance), end to end, and report the time per image beside the run's "
-                        "own generation (--steps, --scheduler, --guidance; by default 50 steps at 7.5); with an "
-                        "LCM-LoRA (--lora) the few-step images are the ones to look at")
+    b.add_argument("--few-step", nargs="?", const="lcm,4,1", metavar="SCHEDULER,STEPS,GUIDANCE",
+                   help="also time every configuration at a few-step recipe (alone: lcm,4,1, i.e. LCM, 4 steps, "
+                        "guidance 1: one UNet call per step, no classifier-free guidance), end to end, and report "
+                        "the time per image beside the run's own generation (--steps, --scheduler, --guidance; by "
+                        "default 50 steps at 7.5); with an LCM-LoRA (--lora) the few-step images are the ones to "
+                        "look at, e.g. --lora fastsd/models/loras/lcm-shapes.safetensors --few-step tcd,4,1.5")
     b.add_argument("--prompt", default="a red circle on a blue background", help="the prompt")
     b.add_argument("--negative", default="", help="negative prompt (default empty)")
     o = p.add_argument_group("output")
@@ -251,7 +252,7 @@ def command_line(args) -> str:
     if args.peer:
         parts += ["--peer", args.peer] + (["--peer-python", args.peer_python] if args.peer_python else [])
     parts += ["--no-safety-checker"] if args.no_safety_checker else []
-    parts += ["--few-step"] if args.few_step else []
+    parts += ["--few-step", args.few_step] if args.few_step else []
     for name in ("json", "plot", "markdown"):
         if getattr(args, name):
             parts += ["--" + name, getattr(args, name)]

@@ -1,22 +1,38 @@
-"""`fastsd bench --few-step`: each configuration's time per image for a few-step generation (LCM, 4 steps,
-guidance 1: one UNet call per step, no classifier-free guidance) beside the run's own generation (by default
-50 steps of the model's scheduler at guidance 7.5), measured in the same run on the same built configurations,
-with its parity against the diffusers baseline's own few-step images (same scheduler, steps and seeds)."""
+"""`fastsd bench --few-step`: each configuration's time per image for a few-step generation (by default LCM, 4
+steps, guidance 1: one UNet call per step, no classifier-free guidance; `--few-step tcd,4,1.5` times the
+shipped few-step adapter's recipe) beside the run's own generation (by default 50 steps of the model's scheduler
+at guidance 7.5), measured in the same run on the same built configurations, with its parity against the
+diffusers baseline's own few-step images (same scheduler, steps and seeds)."""
 from __future__ import annotations
 
 import statistics
 from dataclasses import asdict, replace
 
+from fastsd.errors import InvalidParameter
 from fastsd.reference import compare, tolerance_for
+from fastsd.schedulers import SCHEDULERS
 
 from .measurement import summarize, timed_call
 
-FEW_STEP = {"scheduler": "lcm", "steps": 4, "guidance": 1.0}
+DEFAULT = "lcm,4,1"
 WARMUP = 1  # untimed: the first call without guidance is a new UNet shape (openvino compiles it)
 
 
+def recipe(settings) -> dict:
+    """settings.few_step ("SCHEDULER,STEPS,GUIDANCE") as the generation settings it names."""
+    parts = str(settings.few_step).split(",")
+    allowed = "SCHEDULER,STEPS,GUIDANCE, e.g. lcm,4,1 or tcd,4,1.5 (scheduler one of " + ", ".join(SCHEDULERS) + ")"
+    try:
+        scheduler, steps, guidance = parts[0].strip(), int(parts[1]), float(parts[2])
+    except (IndexError, ValueError):
+        raise InvalidParameter("--few-step", settings.few_step, allowed) from None
+    if len(parts) != 3 or scheduler not in SCHEDULERS or steps < 1 or guidance < 0:
+        raise InvalidParameter("--few-step", settings.few_step, allowed)
+    return {"scheduler": scheduler, "steps": steps, "guidance": guidance}
+
+
 def few_step_settings(settings):
-    return replace(settings, **FEW_STEP)
+    return replace(settings, **recipe(settings))
 
 
 def calls(settings) -> int:
@@ -55,10 +71,10 @@ def measure(built: list, settings, batch: int, height: int, width: int, device, 
     for spec, entry, runner in built:
         row = entry["batches"][str(batch)]
         if id(runner) in failed:
-            row["few_step"] = {**FEW_STEP, "failed": failed[id(runner)]}
+            row["few_step"] = {**recipe(settings), "failed": failed[id(runner)]}
             continue
         warm, timed, cpu, outs = runs[id(runner)]
-        stats = {**FEW_STEP, **summarize(timed), "warmup_s": warm, "cpu_s": cpu, "cpu_median_s": statistics.median(cpu),
+        stats = {**recipe(settings), **summarize(timed), "warmup_s": warm, "cpu_s": cpu, "cpu_median_s": statistics.median(cpu),
                  "unet_calls": unet_calls}
         stats["per_image_s"] = stats["median_s"] / batch if stats.get("median_s") else None
         default = row["end_to_end"]["median_s"]

@@ -148,7 +148,7 @@ def run_bench(settings: BenchSettings, model=None, log=print) -> dict:
     strength = settings.task_inputs.get("strength")
     n_calls, sched_name, _ = unet_calls(model, settings.steps, settings.scheduler, settings.task, strength)
     est_calls, _, _ = unet_calls(model, settings.estimate_steps, settings.scheduler, settings.task, strength)
-    few = fewstep.FEW_STEP
+    few = fewstep.recipe(settings) if settings.few_step else None
     few_calls = unet_calls(model, few["steps"], few["scheduler"], settings.task, strength)[0] if settings.few_step else 0
     has_safety = settings.safety_checker and model.safety_checker is not None
     all_comps = components_for(settings.task)
@@ -340,7 +340,7 @@ def run_bench(settings: BenchSettings, model=None, log=print) -> dict:
                                  "max_abs": max(r.max_abs for r in rows),
                                  "passed": all(r.passed for r in rows), "tolerance": asdict(tol),
                                  "images": [asdict(r) for r in rows]}
-        if settings.few_step:  # the same configurations at LCM, 4 steps, guidance 1, beside this run's generation
+        if settings.few_step:  # the same configurations at the few-step recipe, beside this run's generation
             fewstep.measure(built, settings, b, height, width, device, few_calls, progress, log)
     peak = mem.stop()
     for spec, entry, runner in built:

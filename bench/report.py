@@ -221,17 +221,18 @@ def peer_lines(report: dict) -> list[str]:
 
 
 def few_step_lines(report: dict) -> list[str]:
-    """--few-step: time per image of the run's generation and of LCM, 4 steps, guidance 1, per configuration."""
+    """--few-step: time per image of the run's generation and of the few-step recipe, per configuration."""
     s, few = report["settings"], report["settings"].get("few_step")
     if not few:
         return []
     out = ["", f"time per image: this run's generation ({s['steps']} steps {s['scheduler']}, guidance {s['guidance']:g}, "
            f"{s['unet_calls']} UNet calls) against few-step ({few['scheduler']}, {few['steps']} steps, guidance "
-           f"{few['guidance']:g}: {few['unet_calls']} UNet calls, no classifier-free guidance), end to end, medians of "
-           f"{s['repeat']} runs; gain = {s['steps']}-step time / {few['steps']}-step time of the configuration, vs baseline = "
-           f"diffusers' {few['steps']}-step time / the configuration's; parity against the baseline's own "
+           f"{few['guidance']:g}: {few['unet_calls']} UNet calls"
+           f"{', no classifier-free guidance' if few['guidance'] <= 1 else ''}), end to end, medians of "
+           f"{s['repeat']} runs; gain = the run's time / the few-step time of the configuration, vs baseline = "
+           f"diffusers' few-step time / the configuration's; parity against the baseline's own "
            f"{few['scheduler']} images"]
-    rows = [["config", "batch", f"{s['steps']} steps s/img", f"{few['steps']} steps s/img", "gain",
+    rows = [["config", "batch", f"{s['steps']} steps s/img", f"few-step {few['steps']} s/img", "gain",
              "vs baseline", "PSNR dB", "parity"]]
     for c in report["configs"]:
         for b, row in c["batches"].items():

@@ -45,3 +45,27 @@ def test_the_table_shows_time_per_image(few_step_run):
     assert "few-step (lcm, 4 steps, guidance 1: 4 UNet calls, no classifier-free guidance)" in stdout
     lines = [ln for ln in stdout.splitlines() if ln.strip().startswith("torch fp32") and " s/img" not in ln]
     assert any("pass" in ln for ln in lines), stdout
+
+
+def test_a_named_recipe_is_timed_with_guidance(tmp_path):
+    """`--few-step tcd,2,1.5` (the shipped adapter's kind of recipe): TCD, 2 steps, guidance 1.5, checked against
+    the baseline's own TCD images."""
+    out = tmp_path / "bench.json"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(io.StringIO()):
+        rc = main(["bench", "--model", "tiny", "--steps", "3", "--repeat", "1", "--warmup", "0", "--threads", "1",
+                   "--backends", "diffusers,torch", "--few-step", "tcd,2,1.5", "--no-safety-checker",
+                   "--json", str(out), "--quiet"])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["few_step"] == {"scheduler": "tcd", "steps": 2, "guidance": 1.5, "unet_calls": 2}
+    st = next(c for c in report["configs"] if c["name"] == "torch fp32")["batches"]["1"]["few_step"]
+    assert st["parity"]["passed"] and st["guidance"] == 1.5
+    assert "few-step (tcd, 2 steps, guidance 1.5: 2 UNet calls)" in stdout.getvalue()
+
+
+@pytest.mark.parametrize("bad", ["tcd,x,1", "euler-ish,4,1", "lcm,0,1", "lcm,4"])
+def test_a_bad_recipe_is_one_line_naming_the_option(bad, capsys):
+    assert main(["bench", "--model", "tiny", "--backends", "diffusers", "--few-step", bad, "--quiet"]) != 0
+    err = capsys.readouterr().err
+    assert "--few-step" in err and "SCHEDULER,STEPS,GUIDANCE" in err and "Traceback" not in err, err

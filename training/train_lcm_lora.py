@@ -303,8 +303,8 @@ def train(unet, text_encoder, tok, prompts, means, stds, scale, args, vae=None):
 
 
 def generate(base: Path, prompts, *, lora: Path | None, scheduler: str | None, steps: int, guidance: float,
-             eta: float = 0.0):
-    """diffusers FP32, prompt i with seed i, 64x64; a named scheduler (fastsd's names) from the folder's config."""
+             eta: float = 0.0, seed_offset: int = 0):
+    """diffusers FP32, prompt i with seed i (+ seed_offset), 64x64; a named scheduler (fastsd's names) from the folder's config."""
     from diffusers import StableDiffusionPipeline
 
     from fastsd.schedulers import make_scheduler
@@ -316,14 +316,14 @@ def generate(base: Path, prompts, *, lora: Path | None, scheduler: str | None, s
         pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
     images = []
     for i in range(0, len(prompts), 20):
-        gens = [torch.Generator().manual_seed(s) for s in range(i, min(i + 20, len(prompts)))]
+        gens = [torch.Generator().manual_seed(seed_offset + s) for s in range(i, min(i + 20, len(prompts)))]
         images += pipe(prompts[i:i + 20], num_inference_steps=steps, guidance_scale=guidance, generator=gens,
                        height=64, width=64, eta=eta).images
     return images
 
 
 def evaluate(base: Path, lora: Path | None, prompts: list[str], few_steps=(2, 4, 8), base_runs=True,
-             scheduler="lcm", guidance=1.0, eta=0.0) -> dict:
+             scheduler="lcm", guidance=1.0, eta=0.0, seed_offset=0) -> dict:
     """The judge's accuracy of the base model (50 PNDM steps, guidance 7.5) and of the LoRA (LCM, guidance 1)."""
     from eval_shapes import score
     runs = {} if not base_runs else {
@@ -337,7 +337,7 @@ def evaluate(base: Path, lora: Path | None, prompts: list[str], few_steps=(2, 4,
     out = {}
     for name, kw in runs.items():
         t0 = time.perf_counter()
-        res = score(generate(base, prompts, **kw), prompts)
+        res = score(generate(base, prompts, **kw, seed_offset=seed_offset), prompts)
         verdicts = res.pop("verdicts")
         res["found_colours"] = [str(v.found_colour) for v in verdicts]
         out[name] = dict(res, seconds=round(time.perf_counter() - t0, 1))
@@ -393,6 +393,8 @@ def main(argv=None):
     ap.add_argument("--eval-scheduler", default="lcm", help="the evaluation's sampler for the adapter (lcm, tcd)")
     ap.add_argument("--eval-guidance", type=float, default=1.0, help="the evaluation's guidance for the adapter")
     ap.add_argument("--eval-eta", type=float, default=0.0, help="the evaluation's eta (TCD's gamma)")
+    ap.add_argument("--eval-seed-offset", type=int, default=0,
+                    help="with --eval-only: prompt i with seed N + i instead of i (the same prompts, other images)")
     ap.add_argument("--eval-n", type=int, default=0, help="judge the first N evaluation prompts only (0: all 60)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -400,7 +402,8 @@ def main(argv=None):
     prompts = prompts[:args.eval_n] if args.eval_n else prompts
     if args.eval_only:
         res = evaluate(args.base, args.lora, prompts, base_runs=not args.eval_lora_only,
-                       scheduler=args.eval_scheduler, guidance=args.eval_guidance, eta=args.eval_eta)
+                       scheduler=args.eval_scheduler, guidance=args.eval_guidance, eta=args.eval_eta,
+                       seed_offset=args.eval_seed_offset)
         print(json.dumps({k: {m: v for m, v in r.items() if m != "found_colours"} for k, r in res.items()}, indent=1))
         return
 

@@ -47,6 +47,8 @@ def cmd_generate(args) -> int:
                              resize=args.resize, eta=args.eta, **extra)
     judge = None if args.upscale else _judge_for(engine)
     images, described = result.images, engine.describe()
+    if args.scheduler:  # the request's scheduler ran, not the model's default that describe() names
+        described["scheduler"] = args.scheduler
     if args.upscale:  # the chain: the x4 upscaler over each image, the base image kept beside it
         from .upscale_chain import upscale_images  # lazy: torch after parsing
         for path, base in zip(paths, images):

@@ -24,6 +24,13 @@ def test_generate_writes_images(capsys, tmp_path):
     assert "seed=7" in stdout and "seed=10" in stdout
 
 
+def test_generate_names_the_scheduler_that_ran(capsys, tmp_path):
+    argv = ("generate", "a cat", "--model", "tiny", "--steps", "2", "--out", str(tmp_path / "i.png"))
+    _, _, default = run(capsys, *argv)
+    _, _, named = run(capsys, *argv, "--scheduler", "tcd")
+    assert "'scheduler': 'pndm'" in default and "'scheduler': 'tcd'" in named, (default, named)
+
+
 def test_verify_passes_and_writes_json(capsys, tmp_path):
     report = tmp_path / "v.json"
     code, stdout, _ = run(capsys, "verify", "--model", "tiny", "--steps", "3", "--json", str(report), "--quiet")

@@ -241,7 +241,7 @@ class Engine:
         if not getattr(self.backend, "takes_timestep_cond", False):
             raise InvalidParameter("model", "an LCM-distilled UNet (time_cond_proj_dim)",
                                    f"a UNet without a guidance embedding on the {self.backend.name} backend "
-                                   "(LCM-distilled models run on the torch backend; LCM-LoRAs on every backend)")
+                                   "(LCM-distilled models run on the torch backend; LCM-LoRAs on torch and onnxruntime)")
         from diffusers import StableDiffusionPipeline
         emb = StableDiffusionPipeline.get_guidance_scale_embedding(None, w.float().cpu(), embedding_dim=int(dim))
         return {"timestep_cond": emb.to(self.backend.device)}

@@ -66,8 +66,8 @@ class Engine:
             if not as_refs(loras):
                 return None
             raise InvalidParameter("lora", [str(r) for r in as_refs(loras)],
-                                   f"none on the {self.backend.name} backend (LoRAs are fused on the torch and "
-                                   "onnxruntime backends)")
+                                   f"none on the {self.backend.name} backend (LoRAs are fused on the torch, "
+                                   "onnxruntime and openvino backends)")
         if self.loras is None:
             self.loras = LoraSwitcher(self.backend.lora_weights(), unet_config=self.model.unet.config)
         stats = self.loras.set(loras, allow_pickle=allow_pickle)
@@ -241,7 +241,7 @@ class Engine:
         if not getattr(self.backend, "takes_timestep_cond", False):
             raise InvalidParameter("model", "an LCM-distilled UNet (time_cond_proj_dim)",
                                    f"a UNet without a guidance embedding on the {self.backend.name} backend "
-                                   "(LCM-distilled models run on the torch backend; LCM-LoRAs on torch and onnxruntime)")
+                                   "(LCM-distilled models run on the torch backend; LCM-LoRAs on every backend)")
         from diffusers import StableDiffusionPipeline
         emb = StableDiffusionPipeline.get_guidance_scale_embedding(None, w.float().cpu(), embedding_dim=int(dim))
         return {"timestep_cond": emb.to(self.backend.device)}

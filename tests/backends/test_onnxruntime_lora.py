@@ -132,7 +132,7 @@ def test_optimize_export_is_refused(_tiny, files, tmp_path):
 
 def test_initializer_map_layouts(export_dir, _tiny):
     """Each touched torch weight maps to its initializer, transposed where the exporter stored W^T."""
-    from fastsd.backends.onnxruntime.lora import InitializerMap
+    from fastsd.backends.onnx_lora import InitializerMap
     m = InitializerMap("unet", export_dir / "unet" / "model.onnx")
     for module, transposed in (("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", True),
                                ("down_blocks.0.resnets.0.time_emb_proj", False), ("conv_in", False)):

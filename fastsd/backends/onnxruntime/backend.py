@@ -287,10 +287,13 @@ class OnnxRuntimeBackend:
 
     def lora_weights(self):
         """The weights LoRA sets are fused into (fastsd.lora): the export's initializers, replaced per session."""
-        from .lora import OnnxLoraWeights, SessionCache  # lazy: onnx graph surgery only for a LoRA set
+        from ..onnx_lora import OnnxLoraWeights, SessionCache  # lazy: onnx graph surgery only for a LoRA set
         if self.lora_sessions is None:
             self.lora_sessions = SessionCache(self.LORA_SESSION_SETS)
         return OnnxLoraWeights(self, self.configs)
+
+    def lora_graph_path(self, comp: str):
+        return self.base_graphs[comp].path
 
     def use_lora_sessions(self, key: tuple, initializers: dict[str, dict[str, np.ndarray]], model_bytes) -> None:
         """Run the graphs of one LoRA set: sessions with `initializers` ({graph: {name: array}}) in place of the

@@ -83,11 +83,15 @@ def compile_properties(cache_dir: Path, precision: str, threads: int) -> dict:
 
 class StaticGraph:
     """One ONNX graph, compiled by OpenVINO per input shape. The source model is read once; each new shape
-    compiles a reshaped clone of it (an LRU of MAX_SHAPES compiled models)."""
+    compiles a reshaped clone of it (an LRU of MAX_SHAPES compiled models). `constants` ({initializer name:
+    array}, a LoRA set's fused weights) replace the Constant nodes OpenVINO's ONNX reader made of those
+    initializers; such a graph is compiled without the disk cache (a blob must never stand for other weights)."""
 
     def __init__(self, core, name: str, path: Path, properties: dict, static: tuple[str, ...],
-                 max_shapes: int | None = None):
-        self.core, self.name, self.path, self.properties = core, name, Path(path), properties
+                 max_shapes: int | None = None, constants: dict[str, np.ndarray] | None = None):
+        self.core, self.name, self.path = core, name, Path(path)
+        self.constants = constants or {}
+        self.properties = {k: v for k, v in properties.items() if k != "CACHE_DIR"} if constants else properties
         self.static = static  # the inputs whose shape defines a compiled model (timestep keeps its own)
         self.max_shapes = max_shapes or MAX_SHAPES
         self.source = None
@@ -102,6 +106,8 @@ class StaticGraph:
                 raise ModelLoadError(f"model: openvino cannot read {self.path}: {type(e).__name__}: "
                                      f"{str(e).strip().splitlines()[0][:300]}") from e
             self.types = {i.get_any_name(): i.get_element_type().to_dtype() for i in self.source.inputs}
+            if self.constants:
+                replace_constants(self.source, self.constants, self.path)
         return self.source
 
     def dtype(self, name: str):
@@ -138,6 +144,28 @@ class StaticGraph:
 
 
 UNET_STATIC = ("sample", "encoder_hidden_states", "class_labels")  # the UNet inputs whose shapes key a compile
+STATIC = {"text_encoder": ("input_ids",), "unet": UNET_STATIC}
+
+
+def replace_constants(model, constants: dict[str, np.ndarray], path) -> None:
+    """Put `constants` in place of the model's Constant nodes of those names (their ONNX initializers)."""
+    from openvino import opset13
+    found = {}
+    for op in model.get_ops():
+        if op.get_type_name() == "Constant":
+            for name in (op.get_friendly_name(), *op.output(0).get_names()):
+                if name in constants:
+                    found[name] = op
+    missing = sorted(set(constants) - set(found))
+    if missing:  # the map reads the same ONNX file, so this is an exporter or reader change, said plainly
+        raise ModelLoadError(f"model: openvino read no Constant for initializer(s) {missing[:3]} of {path}")
+    for name, op in found.items():
+        arr = constants[name]
+        if tuple(op.get_output_shape(0)) != arr.shape:
+            raise ModelLoadError(f"model: {path}: {name} holds {list(op.get_output_shape(0))}, the LoRA gave "
+                                 f"{list(arr.shape)}")
+        op.output(0).replace(opset13.constant(arr.astype(op.get_output_element_type(0).to_dtype())).output(0))
+    model.validate_nodes_and_infer_types()
 
 
 def run_unet(g: StaticGraph, sample: torch.Tensor, timestep: float, encoder_hidden_states: torch.Tensor,
@@ -256,6 +284,35 @@ class OpenVINOBackend:
                                        ("latent_sample",)),
         }
         self.ov_version = ov.__version__
+        self.base_graphs = {c: self.graphs[c] for c in STATIC}  # what a LoRA set replaces, and "none" restores
+        self.configs = {c: dict(vars(getattr(model, c).config)) for c in STATIC}
+        self.lora_sets = None  # onnx_lora.SessionCache, made on the first LoRA set
+
+    # -- LoRA sets (backends/onnx_lora.py) ------------------------------------------------------------------
+    LORA_SETS = 2  # LoRA sets whose compiled graphs are kept (each holds its own copy of a UNet's weights)
+
+    def lora_weights(self):
+        """The weights LoRA sets are fused into (fastsd.lora): the export's initializers, replaced per set."""
+        if self.int8 != "off":
+            raise InvalidParameter("lora", "with --int8", "LoRAs on the fp32/bf16 graphs of the openvino backend "
+                                   "(the int8 UNet is calibrated for the export's own weights)")
+        from ..onnx_lora import OnnxLoraWeights, SessionCache  # lazy: onnx graph reading only for a LoRA set
+        if self.lora_sets is None:
+            self.lora_sets = SessionCache(self.LORA_SETS)
+        return OnnxLoraWeights(self, self.configs)
+
+    def lora_graph_path(self, comp: str) -> Path:
+        return Path(self.paths[comp]["cpu"])
+
+    def use_lora_sessions(self, key: tuple, initializers: dict[str, dict[str, np.ndarray]], model_bytes=None):
+        """Run the graphs of one LoRA set: models with `initializers` ({graph: {name: array}}) in place of the
+        export's Constants, made on first use and cached by `key`; an empty set runs the export's own graphs."""
+        def make():
+            return {comp: StaticGraph(self.core, comp, self.lora_graph_path(comp), self.base_graphs[comp].properties,
+                                      STATIC[comp], constants=arrays) for comp, arrays in initializers.items()}
+        made = self.lora_sets.get(key, make) if initializers else {}
+        for comp, g in self.base_graphs.items():
+            self.graphs[comp] = made.get(comp, g)
 
     def calibration_graph(self, name: str) -> StaticGraph:
         """`name`'s FP32 graph, for int8 calibration (its compiled shapes are dropped with it)."""
@@ -301,6 +358,8 @@ class OpenVINOBackend:
              "openvino": self.ov_version, "cache_dir": str(self.cache_dir)}
         if self.converted:
             d["converted"] = self.converted
+        if self.lora_sets is not None:
+            d["lora_sets"] = self.lora_sets.describe()
         if self.int8 != "off":
             d["int8"] = self.int8
             d["inference_precision"]["unet"] = f"int8 ({self.int8}) + {self.precision}"

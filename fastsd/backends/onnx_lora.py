@@ -1,4 +1,5 @@
-"""LoRA on the ONNX Runtime backend: the fused weights replace the touched initializers when a session is made.
+"""LoRA on an ONNX export's graphs, for the onnxruntime and openvino backends: the fused weights replace the
+touched initializers when a session (onnxruntime) or a model (openvino) is made.
 
 An export is never rewritten. For each torch weight a LoRA set touches, `InitializerMap` finds the graph
 initializer that holds it and how it is stored: torch's TorchScript exporter keeps Conv weights and Gemm B
@@ -12,6 +13,8 @@ NCHWc layout pass copies Conv weights into new constants before those are applie
 only initializers the model keeps in external data, so the session is made from the graph's bytes with
 the touched initializers marked external (the export's files stay as they are). Each LoRA set gets
 sessions of its own, kept in a small LRU cache; the set "none" runs the export's own sessions.
+The openvino backend reads the same ONNX graphs: its ONNX reader makes each initializer a Constant node of
+the same name, and a LoRA set's models have those Constants replaced (backends/openvino/backend.py).
 
 ONNX Runtime's LoRA adapter API (`.onnx_adapter` files, RunOptions.add_active_adapter) needs graphs
 that take the A/B matrices as inputs, which a plain export of SD does not have; hence initializers.
@@ -29,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ...lora import LoraError, LoraRef
+from ..lora import LoraError, LoraRef
 
 log = logging.getLogger("fastsd")
 
@@ -220,8 +223,9 @@ def set_key(refs: tuple[LoraRef, ...]) -> tuple:
 
 
 class OnnxLoraWeights:
-    """fastsd.lora's view of an ONNX Runtime backend's weights: read from the export's initializers, written
-    as new sessions with those initializers replaced (`write_set`, the whole set at once)."""
+    """fastsd.lora's view of an ONNX backend's weights: read from the export's initializers, written as new
+    sessions (or compiled models) with those initializers replaced (`write_set`, the whole set at once). The
+    backend gives `lora_graph_path(graph)` and `use_lora_sessions(key, initializers, model_bytes)`."""
 
     def __init__(self, backend, configs: dict[str, dict]):
         self.backend = backend
@@ -230,7 +234,7 @@ class OnnxLoraWeights:
 
     def _map(self, comp: str) -> InitializerMap:
         if comp not in self._maps:
-            self._maps[comp] = InitializerMap(comp, self.backend.base_graphs[comp].path, self.configs.get(comp))
+            self._maps[comp] = InitializerMap(comp, self.backend.lora_graph_path(comp), self.configs.get(comp))
         return self._maps[comp]
 
     def resolve(self, layer: str) -> str | None:

@@ -15,6 +15,7 @@ from fastsd.profiles import PROFILE_NAMES, profile_flags
 from fastsd.tasks import TASKS, strength_value
 from fastsd.tiny_vae import load_tiny_vae
 
+from . import fewstep
 from .harness import run_bench
 from .peer import PEERS, check_peer_python, peer_names, peer_python
 from .report import format_report, write_markdown, write_plot
@@ -103,7 +104,7 @@ def register(subparsers, parents):
                         "only, with its inpainting UNet; a 4-channel model inpaints the diffusers way")
     b.add_argument("--strength", type=float,
                    help="img2img / inpaint: how much is repainted, in (0, 1] (default 0.8 for img2img, 1.0 for inpaint)")
-    b.add_argument("--few-step", nargs="?", const="lcm,4,1", metavar="SCHEDULER,STEPS,GUIDANCE",
+    b.add_argument("--few-step", nargs="?", const=fewstep.DEFAULT, metavar="SCHEDULER,STEPS,GUIDANCE",
                    help="also time every configuration at a few-step recipe (alone: lcm,4,1, i.e. LCM, 4 steps, "
                         "guidance 1: one UNet call per step, no classifier-free guidance), end to end, and report "
                         "the time per image beside the run's own generation (--steps, --scheduler, --guidance; by "
@@ -182,6 +183,8 @@ def settings_from_args(args):
         if args.task == "text2img":
             raise InvalidParameter("strength", args.strength, "only with --task img2img or inpaint")
         strength_value(args.strength)
+    if args.few_step:
+        fewstep.recipe(args.few_step)  # checked before any model is loaded
     if height is not None:
         check.size("height", height)
     if width is not None:

@@ -18,21 +18,17 @@ DEFAULT = "lcm,4,1"
 WARMUP = 1  # untimed: the first call without guidance is a new UNet shape (openvino compiles it)
 
 
-def recipe(settings) -> dict:
-    """settings.few_step ("SCHEDULER,STEPS,GUIDANCE") as the generation settings it names."""
-    parts = str(settings.few_step).split(",")
+def recipe(value: str) -> dict:
+    """--few-step's value ("SCHEDULER,STEPS,GUIDANCE") as the generation settings it names."""
+    parts = str(value).split(",")
     allowed = "SCHEDULER,STEPS,GUIDANCE, e.g. lcm,4,1 or tcd,4,1.5 (scheduler one of " + ", ".join(SCHEDULERS) + ")"
     try:
         scheduler, steps, guidance = parts[0].strip(), int(parts[1]), float(parts[2])
     except (IndexError, ValueError):
-        raise InvalidParameter("--few-step", settings.few_step, allowed) from None
+        raise InvalidParameter("--few-step", value, allowed) from None
     if len(parts) != 3 or scheduler not in SCHEDULERS or steps < 1 or guidance < 0:
-        raise InvalidParameter("--few-step", settings.few_step, allowed)
+        raise InvalidParameter("--few-step", value, allowed)
     return {"scheduler": scheduler, "steps": steps, "guidance": guidance}
-
-
-def few_step_settings(settings):
-    return replace(settings, **recipe(settings))
 
 
 def calls(settings) -> int:
@@ -45,7 +41,8 @@ def measure(built: list, settings, batch: int, height: int, width: int, device, 
     """Time the few-step generation of every built configuration (repeats interleaved, as the harness does) and
     put it in each entry's batch row as `few_step`; a configuration that fails gets the reason instead (the
     baseline's failure is raised)."""
-    s = few_step_settings(settings)
+    few = recipe(settings.few_step)
+    s = replace(settings, **few)
     runs = {id(r): ([], [], [], []) for _, _, r in built}  # warm-up, runs, cpu, outputs
     failed = {}
     for i in range(WARMUP + settings.repeat):
@@ -71,10 +68,10 @@ def measure(built: list, settings, batch: int, height: int, width: int, device, 
     for spec, entry, runner in built:
         row = entry["batches"][str(batch)]
         if id(runner) in failed:
-            row["few_step"] = {**recipe(settings), "failed": failed[id(runner)]}
+            row["few_step"] = {**few, "failed": failed[id(runner)]}
             continue
         warm, timed, cpu, outs = runs[id(runner)]
-        stats = {**recipe(settings), **summarize(timed), "warmup_s": warm, "cpu_s": cpu, "cpu_median_s": statistics.median(cpu),
+        stats = {**few, **summarize(timed), "warmup_s": warm, "cpu_s": cpu, "cpu_median_s": statistics.median(cpu),
                  "unet_calls": unet_calls}
         stats["per_image_s"] = stats["median_s"] / batch if stats.get("median_s") else None
         default = row["end_to_end"]["median_s"]

@@ -148,7 +148,7 @@ def run_bench(settings: BenchSettings, model=None, log=print) -> dict:
     strength = settings.task_inputs.get("strength")
     n_calls, sched_name, _ = unet_calls(model, settings.steps, settings.scheduler, settings.task, strength)
     est_calls, _, _ = unet_calls(model, settings.estimate_steps, settings.scheduler, settings.task, strength)
-    few = fewstep.recipe(settings) if settings.few_step else None
+    few = fewstep.recipe(settings.few_step) if settings.few_step else None
     few_calls = unet_calls(model, few["steps"], few["scheduler"], settings.task, strength)[0] if settings.few_step else 0
     has_safety = settings.safety_checker and model.safety_checker is not None
     all_comps = components_for(settings.task)

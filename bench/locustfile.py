@@ -26,7 +26,8 @@ RECORDS = []
 
 
 class ScoreUser(HttpUser):
-    last_answer = None
+    last_answer = None  # monotonic time of this user's last answer
+
     def wait_time(self):
         """Random waits of mean PACING (Poisson arrivals): locust spawns users in bursts, and a fixed pace
         would keep each burst together for the whole run."""

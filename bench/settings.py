@@ -81,4 +81,5 @@ class BenchSettings:
     task_inputs: dict = field(default_factory=dict)  # set by run_bench: task_inputs() at the bench's size
     vae_tiny: str | None = None  # an AutoencoderTiny folder in place of the model's VAE (every configuration)
     peer_python: str | None = None  # the optimum-intel export's interpreter (bench/peer.py)
-    few_step: str | None = None  # "SCHEDULER,STEPS,GUIDANCE" ("lcm,4,1"): also time that per configuration (bench/fewstep.py)
+    # "SCHEDULER,STEPS,GUIDANCE" (e.g. "lcm,4,1"): also time that recipe per configuration (bench/fewstep.py)
+    few_step: str | None = None

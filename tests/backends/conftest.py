@@ -1,4 +1,5 @@
-"""Fixtures for the backend tests: an onnxruntime that pretends to have GPU providers."""
+"""Fixtures for the backend tests: an onnxruntime that pretends to have GPU providers, and a random LoRA on
+every weight layout an ONNX export stores (for the onnxruntime and openvino LoRA tests)."""
 import os
 
 import pytest
@@ -56,3 +57,16 @@ def pretend_gpu(monkeypatch):
                         lambda: ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"])
     monkeypatch.setattr(ort, "InferenceSession", _PretendGpuSession)
     return _PretendGpuSession
+
+
+# linear (MatMul, weight transposed), Gemm (time_emb_proj), 1x1 and 3x3 conv, and text-encoder layers
+LORA_UNET = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1", "time_emb_proj", "ff.net.2")
+LORA_TEXT = ("q_proj", "out_proj", "fc1")
+
+
+@pytest.fixture(scope="session")
+def every_layout_lora(_tiny, tmp_path_factory):
+    """A rank-4 random LoRA (alpha 2, seed 1) in diffusers' layout on the tiny model's LORA_UNET/LORA_TEXT layers."""
+    from fastsd.lora_files import random_factors, save_diffusers_layout
+    return save_diffusers_layout(random_factors(_tiny, rank=4, seed=1, unet_targets=LORA_UNET, text_targets=LORA_TEXT),
+                                 tmp_path_factory.mktemp("layout-lora") / "a.safetensors", alpha=2.0)

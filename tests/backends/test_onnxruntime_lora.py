@@ -12,14 +12,11 @@ from fastsd import optimize
 from fastsd.cli import main
 from fastsd.export import export_model, load_onnx_model
 from fastsd.lora import LoraError
-from fastsd.lora_files import random_factors, save_diffusers_layout, save_kohya_layout
+from fastsd.lora_files import random_factors, save_kohya_layout
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("peft")  # diffusers' load_lora_weights (verify's reference) needs PEFT
 
-# linear (MatMul, weight transposed), Gemm (time_emb_proj), 1x1 and 3x3 conv, and text-encoder layers
-UNET = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1", "time_emb_proj", "ff.net.2")
-TEXT = ("q_proj", "out_proj", "fc1")
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +27,9 @@ def export_dir(_tiny, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def files(_tiny, tmp_path_factory):
+def files(_tiny, tmp_path_factory, every_layout_lora):
     d = tmp_path_factory.mktemp("ort-loras")
-    return {"a": save_diffusers_layout(random_factors(_tiny, rank=4, seed=1, unet_targets=UNET, text_targets=TEXT),
-                                       d / "a.safetensors", alpha=2.0),
+    return {"a": every_layout_lora,
             "b": save_kohya_layout(random_factors(_tiny, rank=8, seed=2, unet_targets=("to_k",)), d / "b.safetensors")}
 
 

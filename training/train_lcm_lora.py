@@ -1,7 +1,8 @@
 """Distill fastsd-shapes into a few-step model: an LCM-LoRA (latent consistency distillation into a LoRA).
 
     python training/train_lcm_lora.py --threads 1 --out out/loras          # writes out/loras/lcm-shapes.safetensors
-    python training/train_lcm_lora.py --eval-only --lora fastsd/models/loras/lcm-shapes.safetensors
+    python training/train_lcm_lora.py --eval-only --lora fastsd/models/loras/lcm-shapes.safetensors \
+        --eval-scheduler tcd --eval-guidance 1.5      # the shipped adapter at its recipe
 
 The recipe is diffusers' `examples/consistency_distillation/train_lcm_distill_lora_sd_wds.py` at toy scale,
 written out here for the shapes model (same maths, no accelerate/webdataset):
@@ -19,17 +20,20 @@ the LCM sampler itself visits at 4 steps (759, 499, 259): after its first step t
 a trajectory, it noises its clean prediction again with fresh noise, so those states are made the same way
 (from the teacher's end, and with `--student-visits-at` from the student's own predictions) and the teacher
 solves each to its end. `--cache` keeps the trajectories between runs; `--init-lora` goes on from a run;
-`--pixel-loss` adds an L1 loss on the decoded pixels of part of each batch.
+`--pixel-loss` adds an L1 loss on the decoded pixels of part of each batch. `--unroll-n` runs the whole
+few-step sampler (`--unroll-sampler tcd`: TCD at eta 0, deterministic) from trajectories' start noise, with
+gradients, against the teacher's ends (the shipped adapter's run, K0 in docs/few-step.md).
 The LoRA is saved with diffusers' own `save_lora_weights` in PEFT's key names (`get_peft_model_state_dict` as it
 is, PEFT's config in the metadata), so diffusers and fastsd both load every layer of it. (Passed through
 `convert_state_dict_to_diffusers` first, only the attention keys get renamed (`to_k.lora.down`), and diffusers
 0.42's loader then drops those 56 layers with a PEFT warning; fastsd fuses them all, as PEFT merges them:
-tests/test_lora.py.) It runs with `LCMScheduler` (fastsd: `--scheduler lcm`) at guidance 1 in 2-8 steps; how
-well the runs so far draw is in docs/few-step.md (none met the bar yet).
+tests/test_lora.py.) It runs with `LCMScheduler` or `TCDScheduler` (fastsd: `--scheduler lcm|tcd`) in 2-8
+steps; the shipped one at 4 TCD steps, guidance 1.5; every run's figures are in docs/few-step.md.
 
 Judged on the model's 60 held-out evaluation prompts (prompt i, seed i, 64x64) by fastsd.judge: the base
-model at 50 PNDM steps, guidance 7.5 (its default), against the LoRA at 4 LCM steps, guidance 1 (one UNet
-call per step instead of two), both in diffusers FP32.
+model at 50 PNDM steps, guidance 7.5 (its default), against the LoRA at 2, 4 and 8 steps of
+`--eval-scheduler` at `--eval-guidance` (by default LCM at guidance 1: one UNet call per step instead of
+two), both in diffusers FP32.
 """
 from __future__ import annotations
 
@@ -324,7 +328,8 @@ def generate(base: Path, prompts, *, lora: Path | None, scheduler: str | None, s
 
 def evaluate(base: Path, lora: Path | None, prompts: list[str], few_steps=(2, 4, 8), base_runs=True,
              scheduler="lcm", guidance=1.0, eta=0.0, seed_offset=0) -> dict:
-    """The judge's accuracy of the base model (50 PNDM steps, guidance 7.5) and of the LoRA (LCM, guidance 1)."""
+    """The judge's accuracy of the base model (50 PNDM steps, guidance 7.5) and of the LoRA (by default LCM,
+    guidance 1) at each of `few_steps`."""
     from eval_shapes import score
     runs = {} if not base_runs else {
         "base 50 steps pndm guidance 7.5": dict(lora=None, scheduler=None, steps=50, guidance=7.5),
@@ -376,10 +381,10 @@ def main(argv=None):
     ap.add_argument("--pixel-loss", type=float, default=0.0,
                     help="weight of an L1 loss on decoded pixels (the frozen VAE) added to the latent loss")
     ap.add_argument("--pixel-n", type=int, default=8, help="with --pixel-loss: how many of each batch are decoded")
-    ap.add_argument("--unroll-steps", type=int, default=4, help="ode: the LCM step count --unroll-n samples with")
+    ap.add_argument("--unroll-steps", type=int, default=4, help="ode: the step count --unroll-n samples with")
     ap.add_argument("--unroll-n", type=int, default=0,
-                    help="ode: per training step, run the whole LCM sampler (differentiably) on this many start noises "
-                         "and add a loss between its output and the teacher's end from the same noise")
+                    help="ode: per training step, run the whole --unroll-sampler (differentiably) on this many start "
+                         "noises and add a loss between its output and the teacher's end from the same noise")
     ap.add_argument("--unroll-sampler", choices=("lcm", "tcd"), default="lcm",
                     help="the sampler unrolled: lcm (LCMScheduler) or tcd (TCDScheduler at eta 0, deterministic)")
     ap.add_argument("--unroll-weight", type=float, default=1.0, help="weight of that loss")
@@ -390,20 +395,23 @@ def main(argv=None):
                     help="judge only the adapter (the base model's rows are in docs/few-step.md)")
     ap.add_argument("--eval-only", action="store_true")
     ap.add_argument("--lora", type=Path, help="with --eval-only: the adapter to score")
-    ap.add_argument("--eval-scheduler", default="lcm", help="the evaluation's sampler for the adapter (lcm, tcd)")
+    ap.add_argument("--eval-scheduler", choices=("lcm", "tcd"), default="lcm",
+                    help="the evaluation's sampler for the adapter")
     ap.add_argument("--eval-guidance", type=float, default=1.0, help="the evaluation's guidance for the adapter")
     ap.add_argument("--eval-eta", type=float, default=0.0, help="the evaluation's eta (TCD's gamma)")
     ap.add_argument("--eval-seed-offset", type=int, default=0,
-                    help="with --eval-only: prompt i with seed N + i instead of i (the same prompts, other images)")
+                    help="the evaluation: prompt i with seed N + i instead of i (the same prompts, other images)")
     ap.add_argument("--eval-n", type=int, default=0, help="judge the first N evaluation prompts only (0: all 60)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     prompts = json.loads((args.base / "eval_prompts.json").read_text())
     prompts = prompts[:args.eval_n] if args.eval_n else prompts
+
+    def judge(lora):
+        return evaluate(args.base, lora, prompts, base_runs=not args.eval_lora_only, scheduler=args.eval_scheduler,
+                        guidance=args.eval_guidance, eta=args.eval_eta, seed_offset=args.eval_seed_offset)
     if args.eval_only:
-        res = evaluate(args.base, args.lora, prompts, base_runs=not args.eval_lora_only,
-                       scheduler=args.eval_scheduler, guidance=args.eval_guidance, eta=args.eval_eta,
-                       seed_offset=args.eval_seed_offset)
+        res = judge(args.lora)
         print(json.dumps({k: {m: v for m, v in r.items() if m != "found_colours"} for k, r in res.items()}, indent=1))
         return
 
@@ -433,8 +441,7 @@ def main(argv=None):
         str(args.out), weight_name=name, safe_serialization=True,
         unet_lora_layers=get_peft_model_state_dict(unet),
         unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
-    res = evaluate(args.base, args.out / name, prompts, base_runs=not args.eval_lora_only,
-                   scheduler=args.eval_scheduler, guidance=args.eval_guidance, eta=args.eval_eta)
+    res = judge(args.out / name)
     stats = {"command": "python training/train_lcm_lora.py " + " ".join(argv if argv is not None else sys.argv[1:]),
              "args": {k: str(v) for k, v in vars(args).items()}, "unet_targets": UNET_TARGETS,
              "final_loss": round(loss, 6), "bytes": (args.out / name).stat().st_size,

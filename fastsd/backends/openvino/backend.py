@@ -308,8 +308,11 @@ class OpenVINOBackend:
         """Run the graphs of one LoRA set: models with `initializers` ({graph: {name: array}}) in place of the
         export's Constants, made on first use and cached by `key`; an empty set runs the export's own graphs."""
         def make():
-            return {comp: StaticGraph(self.core, comp, self.lora_graph_path(comp), self.base_graphs[comp].properties,
-                                      STATIC[comp], constants=arrays) for comp, arrays in initializers.items()}
+            graphs = {comp: StaticGraph(self.core, comp, self.lora_graph_path(comp), self.base_graphs[comp].properties,
+                                        STATIC[comp], constants=arrays) for comp, arrays in initializers.items()}
+            for g in graphs.values():
+                g._source()  # read and replace now: a failure belongs to set_loras, not to the next generation
+            return graphs
         made = self.lora_sets.get(key, make) if initializers else {}
         for comp, g in self.base_graphs.items():
             self.graphs[comp] = made.get(comp, g)

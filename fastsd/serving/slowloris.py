@@ -20,6 +20,7 @@ import logging
 import resource
 import time
 
+import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 HEADER_TIMEOUT = 10.0
@@ -74,7 +75,6 @@ def install_log_limits() -> None:
 
 def server_config(app, host: str, port: int, **kw):
     """The gateway's uvicorn settings: this module's protocol and keep-alive, a 5 s graceful shutdown."""
-    import uvicorn
     return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                           timeout_graceful_shutdown=5, timeout_keep_alive=KEEP_ALIVE_S, http=GuardedH11Protocol, **kw)
 
